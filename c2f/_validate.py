@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def describe(t: torch.Tensor) -> str:
@@ -14,7 +14,7 @@ def check_float(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {describe(t)}")
+        raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), got {describe(t)}")
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:

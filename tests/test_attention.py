@@ -1,0 +1,176 @@
+"""Parity of the fused part attention (c2f.nn.PartAttention) with the reference, on both paths.
+
+Ground truth is the reference module in float64. The rule (flash-attention's): the fused module's
+error against the truth is at most twice the reference module's own error in the same dtype, plus
+a small atol relative to the magnitude of the quantity.
+"""
+import pytest
+import torch
+
+from c2f import reference
+from c2f.attention import PartAttention, part_attention, pick_formulation
+from tests.parity import assert_within_reference_error
+
+# (dtype, relative atol): fp32 runs exact-fp32 arithmetic in a different order; halves round inputs
+# and outputs only (everything is computed in fp32).
+DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3)]
+BACKENDS = ["torch", "triton"]
+
+
+def make_pair(dim, parts, heads, qkv_bias=True, backend="torch", formulation="auto"):
+    ref = reference.PartAttention(dim, parts, heads, qkv_bias=qkv_bias)
+    with torch.no_grad():  # non-trivial affine and queries, so every term of the algebra matters
+        ref.norm.weight.uniform_(0.5, 1.5)
+        ref.norm.bias.normal_(0, 0.5)
+        ref.queries.normal_(0, 1.0)
+    fused = PartAttention(dim, parts, heads, qkv_bias=qkv_bias, backend=backend, formulation=formulation)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def run(module, x, grads, x_grad):
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(x_grad)
+    parts, attn = module(x)
+    torch.autograd.backward((parts, attn), (grads[0].to(parts.dtype), grads[1].to(attn.dtype)))
+    out = {"parts": parts.detach(), "attn": attn.detach()}
+    out.update({name: p.grad.detach() for name, p in module.named_parameters()})
+    if x_grad:
+        out["x"] = x.grad.detach()
+    return out
+
+
+def check_parity(ref, fused, x, dtype, atol, x_grad=False):
+    """Runs truth (reference, float64), reference and fused in ``dtype``; compares everything."""
+    truth_module = reference.PartAttention(ref.dim, ref.num_parts, ref.num_heads, qkv_bias=ref.k.bias is not None)
+    truth_module.load_state_dict(ref.state_dict())
+    truth_module.double()
+    with torch.no_grad():
+        parts, attn = truth_module(x.double())
+    gen = torch.Generator().manual_seed(1)
+    grads = (torch.randn(parts.shape, generator=gen, dtype=torch.float64),
+             torch.randn(attn.shape, generator=gen, dtype=torch.float64))
+    truth = run(truth_module, x.double(), grads, x_grad)
+    # the reference in the tested dtype: parameters in that dtype too (its LayerNorm needs it)
+    ref_lp = reference.PartAttention(ref.dim, ref.num_parts, ref.num_heads, qkv_bias=ref.k.bias is not None)
+    ref_lp.load_state_dict(ref.state_dict())
+    ref_lp.to(dtype)
+    baseline = run(ref_lp, x.to(dtype), grads, x_grad)
+    got = run(fused, x.to(dtype), grads, x_grad)
+    assert got["parts"].dtype == dtype and got["attn"].dtype == dtype
+    assert set(got) == set(truth)
+    for name in truth:
+        if name == "k.bias":  # exactly zero in exact arithmetic: the softmax cancels the key bias
+            assert torch.count_nonzero(got[name]) == 0
+            assert truth[name].abs().max() < 1e-10
+            continue
+        assert_within_reference_error(name, got[name], baseline[name], truth[name], atol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("heads", [1, 16])
+def test_real_shape(backend, heads):
+    ref, fused = make_pair(2048, 312, heads, backend=backend)
+    x = torch.randn(2, 2048, 14, 14)
+    check_parity(ref, fused, x, torch.float32, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+@pytest.mark.parametrize("dim,parts,heads,hw", [
+    (64, 7, 1, (7, 7)),       # N = 49
+    (200, 7, 4, (7, 7)),      # C not a power of two (nor a multiple of a block)
+    (96, 1, 2, (5, 3)),       # one part, odd token count
+    (128, 16, 8, (14, 14)),   # many heads: the unfolded formulation on the torch path
+])
+def test_shapes_and_dtypes(backend, dtype, atol, dim, parts, heads, hw):
+    ref, fused = make_pair(dim, parts, heads, backend=backend)
+    x = torch.randn(3, dim, *hw)
+    check_parity(ref, fused, x, dtype, atol, x_grad=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["channels_last", "tokens"])
+def test_strided_inputs(backend, layout):
+    ref, fused = make_pair(64, 7, 2, backend=backend)
+    x = torch.randn(2, 64, 7, 7)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        assert not x.is_contiguous()
+    else:
+        x = x.flatten(2).transpose(1, 2).contiguous()          # tokens [B, N, C]
+    check_parity(ref, fused, x, torch.float32, 1e-5, x_grad=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_offset_and_constant_tokens(backend):
+    ref, fused = make_pair(128, 7, 1, backend=backend)
+    x = torch.randn(2, 128, 7, 7) + 1000.0
+    x[1, :, 0, :] = 3.0                                        # constant tokens: zero variance
+    check_parity(ref, fused, x, torch.float32, 1e-5, x_grad=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16(backend):
+    ref, fused = make_pair(64, 7, 1, backend=backend)
+    check_parity(ref, fused, torch.randn(2, 64, 7, 7), torch.bfloat16, 1e-2)
+
+
+@pytest.mark.parametrize("formulation", ["folded", "unfolded"])
+def test_formulations_agree(formulation):
+    ref, fused = make_pair(96, 7, 3, formulation=formulation)
+    check_parity(ref, fused, torch.randn(2, 96, 5, 5), torch.float32, 1e-5, x_grad=True)
+
+
+def test_formulation_choice():
+    assert pick_formulation("auto", 1, 2048, 312) == "folded"
+    assert pick_formulation("auto", 7, 2048, 312) == "folded"
+    assert pick_formulation("auto", 8, 2048, 312) == "unfolded"
+    assert pick_formulation("auto", 16, 2048, 312) == "unfolded"
+    with pytest.raises(ValueError, match="formulation"):
+        pick_formulation("bogus", 1, 2048, 312)
+
+
+def test_frozen_features_get_no_gradient_work():
+    ref, fused = make_pair(64, 7, 1)
+    x = torch.randn(2, 64, 7, 7)
+    parts, attn = fused(x)
+    assert parts.requires_grad and not x.requires_grad
+    (parts.sum() + attn.sum()).backward()
+    assert x.grad is None and fused.queries.grad is not None
+
+
+def test_state_dict_round_trip():
+    ref, fused = make_pair(64, 7, 2)
+    assert list(ref.state_dict()) == list(fused.state_dict())
+    back = reference.PartAttention(64, 7, 2, qkv_bias=True)
+    back.load_state_dict(fused.state_dict())
+
+
+def test_empty_batch():
+    _, fused = make_pair(64, 7, 1)
+    parts, attn = fused(torch.randn(0, 64, 7, 7))
+    assert parts.shape == (0, 7, 64) and attn.shape == (0, 7, 49)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.randn(2, 64), "feature map"),
+    (torch.randn(2, 32, 7, 7), "expected dim=64"),
+    (torch.randn(2, 64, 7, 7).long(), "floating"),
+    (torch.randn(2, 64, 0, 7), "no tokens"),
+])
+def test_bad_input_errors(bad, match):
+    _, fused = make_pair(64, 7, 1)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fused(bad)
+
+
+def test_functional_checks_parameter_shapes():
+    x = torch.randn(1, 8, 2, 2)
+    q = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="k_weight"):
+        part_attention(x, q, torch.randn(8, 4), torch.ones(8), torch.zeros(8))
+    with pytest.raises(ValueError, match="num_heads"):
+        part_attention(x, q, torch.randn(8, 8), torch.ones(8), torch.zeros(8), num_heads=3)
+    with pytest.raises(ValueError, match="backend"):
+        part_attention(x, q, torch.randn(8, 8), torch.ones(8), torch.zeros(8), backend="cuda")
