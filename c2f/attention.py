@@ -27,11 +27,6 @@ from . import reference
 from ._backend import load_kernels, resolve_backend
 from ._validate import check_float, check_same_device, describe, feature_map_as_channels
 
-# Samples per chunk on the torch-op path: temporaries are a few [chunk, C, N] and [chunk, h*P, N]
-# buffers (about 6 MiB each at C=2048, N=196, chunk=4) while each GEMM is still large enough to
-# run at full speed on a CPU.
-TORCH_CHUNK = 4
-
 FORMULATIONS = ("auto", "folded", "unfolded")
 
 
@@ -44,152 +39,151 @@ def pick_formulation(formulation: str, num_heads: int, dim: int, num_parts: int)
     return "folded" if num_heads * num_parts < dim + num_parts else "unfolded"
 
 
-def _centred_stats(x: torch.Tensor, b0: int, b1: int, eps: float, dtype: torch.dtype):
-    """Centred map ``x[b0:b1] - mean`` ``[b, C, N]`` and the token mean and rstd ``[b, N]``.
+# ---------------------------------------------------------------------------------------------
+# torch-op path: one sample at a time, so every temporary is [C, N] or [h, P, N] sized (about
+# 1.5 MiB at C=2048, N=196) while each GEMM ([P, C] x [C, N]) is still large enough for a CPU.
+# ---------------------------------------------------------------------------------------------
+
+def _centred_stats(xb: torch.Tensor, eps: float, dtype: torch.dtype):
+    """Centred map ``xb - mean`` ``[C, N]`` and the token mean and rstd ``[N]`` of one sample.
 
     Two passes (mean, then the centred sum of squares): exact with a large common offset, and
     much faster on a CPU than ``var_mean`` reducing over the strided channel axis.
     """
-    xb = x[b0:b1]
-    mean = xb.mean(1, dtype=dtype)
-    xc = torch.sub(xb, mean[:, None, :])
-    var = torch.linalg.vector_norm(xc, dim=1).square_().div_(xc.shape[1])
+    mean = xb.mean(0, dtype=dtype)
+    xc = torch.sub(xb, mean)
+    var = torch.linalg.vector_norm(xc, dim=0).square_().div_(xc.shape[0])
     return xc, mean, var.add_(eps).rsqrt_()
 
 
-def _centred(x: torch.Tensor, b0: int, b1: int, mean: torch.Tensor) -> torch.Tensor:
-    """``x[b0:b1] - mean`` ``[b, C, N]`` in the compute dtype, from the saved token means."""
-    return torch.sub(x[b0:b1], mean[b0:b1, None, :])
+def _softmax_(s: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim, in place."""
+    s.sub_(s.amax(-1, keepdim=True)).exp_()
+    return s.div_(s.sum(-1, keepdim=True))
 
 
-def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
-    """``[b, C, N]`` -> ``[b, h, d, N]`` (a view)."""
-    b, c, n = t.shape
-    return t.view(b, h, c // h, n)
+def _scores(weights, xc, rstd, h, formulation, key_out=None):
+    """Scores ``[h, P, N]`` of one sample; the unfolded formulation writes its keys to ``key_out``."""
+    c, n = xc.shape
+    if formulation == "folded":
+        return torch.mm(weights.flatten(0, 1), xc).mul_(rstd).view(h, -1, n)
+    q, wg = weights
+    keys = torch.mm(wg, xc, out=key_out).mul_(rstd)                             # [C, N]
+    return torch.bmm(q, keys.view(h, c // h, n))
 
-
-def _parts_from_probs(probs_r: torch.Tensor, xc: torch.Tensor, h: int) -> torch.Tensor:
-    """``(P_j * rstd) @ Xc_jᵀ`` for every head: ``[b, h, P, N]`` x ``[b, C, N]`` -> ``[b, P, C]``."""
-    b, _, p, _ = probs_r.shape
-    if h == 1:
-        return torch.bmm(probs_r[:, 0], xc.transpose(1, 2))
-    out = torch.matmul(probs_r, _heads(xc, h).transpose(-1, -2))           # [b, h, P, d]
-    return out.transpose(1, 2).reshape(b, p, -1)
-
-
-def _part_head_view(t: torch.Tensor, h: int) -> torch.Tensor:
-    """``[b, P, C]`` -> ``[b, h, P, d]`` (a view)."""
-    b, p, c = t.shape
-    return t.view(b, p, h, c // h).transpose(1, 2)
-
-
-# ---------------------------------------------------------------------------------------------
-# torch-op path
-# ---------------------------------------------------------------------------------------------
 
 def _torch_fwd(x, weights, gamma, beta, h, eps, formulation, out_dtype):
-    """Returns parts [B, P, C], probs [B, h, P, N] fp32, mean, rstd [B, N] fp32, keys or None.
+    """Returns parts [B, P, C], attn [B, P, N], saved probabilities, mean, rstd [B, N], keys.
 
     ``weights`` is G [h, P, C] (folded) or (scale * Q_h [h, P, d], Wk * gamma [C, C]) (unfolded).
+    The folded formulation saves the probabilities [B, h, P, N] (with one head: the attn output
+    itself); the unfolded one saves its keys [B, C, N] and the logsumexp [B, h, P] instead, since
+    recomputing the scores from the keys is cheap.
     """
     b_total, c, n = x.shape
     p = weights.shape[1] if formulation == "folded" else weights[0].shape[1]
+    dt = gamma.dtype
     parts = torch.empty(b_total, p, c, dtype=out_dtype, device=x.device)
-    probs = torch.empty(b_total, h, p, n, dtype=gamma.dtype, device=x.device)
-    mean = torch.empty(b_total, n, dtype=gamma.dtype, device=x.device)
+    mean = torch.empty(b_total, n, dtype=dt, device=x.device)
     rstd = torch.empty_like(mean)
-    keys = None if formulation == "folded" else torch.empty(b_total, c, n, dtype=gamma.dtype, device=x.device)
-    for b0 in range(0, b_total, TORCH_CHUNK):
-        b1 = min(b0 + TORCH_CHUNK, b_total)
-        xc, mean[b0:b1], rstd[b0:b1] = _centred_stats(x, b0, b1, eps, gamma.dtype)
-        r = rstd[b0:b1, None, None, :]
+    if formulation == "folded":
+        saved = torch.empty(b_total, h, p, n, dtype=dt, device=x.device)
+        keys = None
+    else:
+        saved = torch.empty(b_total, h, p, dtype=dt, device=x.device)
+        keys = torch.empty(b_total, c, n, dtype=dt, device=x.device)
+    attn = saved[:, 0] if formulation == "folded" and h == 1 else torch.empty(b_total, p, n, dtype=dt,
+                                                                             device=x.device)
+    for b in range(b_total):
+        xc, mean[b], rstd[b] = _centred_stats(x[b], eps, dt)
+        s = _scores(weights, xc, rstd[b], h, formulation, None if keys is None else keys[b])
         if formulation == "folded":
-            scores = torch.matmul(weights.flatten(0, 1), xc).view(b1 - b0, h, p, n).mul_(r)
+            saved[b] = s
+            probs = _softmax_(saved[b])
         else:
-            q, wg = weights
-            k = torch.matmul(wg, xc).mul_(rstd[b0:b1, None, :])              # [b, C, N]
-            keys[b0:b1] = k
-            scores = torch.matmul(q, _heads(k, h))                           # [b, h, P, N]
-        pb = torch.softmax(scores, dim=-1)
-        probs[b0:b1] = pb
-        raw = _parts_from_probs(pb.mul_(r), xc, h)
-        if parts.dtype == raw.dtype:
-            torch.addcmul(beta, raw, gamma, out=parts[b0:b1])
+            saved[b] = torch.logsumexp(s, -1)
+            probs = s.sub_(saved[b, :, :, None]).exp_()
+        if h > 1:
+            torch.mean(probs, 0, out=attn[b])
+        pr = probs * rstd[b]
+        out = parts[b]
+        if h == 1 and out.dtype == dt:
+            torch.mm(pr[0], xc.T, out=out)
         else:
-            parts[b0:b1] = torch.addcmul(beta, raw, gamma)
-    return parts, probs, mean, rstd, keys
+            out.view(p, h, c // h).copy_(torch.bmm(pr, xc.view(h, c // h, n).transpose(1, 2)).transpose(0, 1))
+        out.mul_(gamma).add_(beta)
+    return parts, attn.to(out_dtype), saved, mean, rstd, keys
 
 
-def _torch_bwd(x, weights, gamma, beta, probs, mean, rstd, keys, dparts, dattn, h, formulation, needs_dx):
+def _torch_bwd(x, weights, gamma, beta, saved, mean, rstd, keys, dparts, dattn, h, formulation, needs_dx):
     """Returns (dweights, dgamma through the values, dbeta, dx or None).
 
     dweights is dG [h, P, C] (folded) or (dq [h, P, d], dWg [C, C]) (unfolded).
     """
     b_total, c, n = x.shape
-    p = probs.shape[2]
+    d = c // h
+    dt = gamma.dtype
     if formulation == "folded":
-        dw = torch.zeros(h * p, c, dtype=gamma.dtype, device=x.device)
+        p = saved.shape[2]
+        dw = torch.zeros(h * p, c, dtype=dt, device=x.device)
     else:
         q, wg = weights
+        p = q.shape[1]
         dq = torch.zeros_like(q)
-        dwg = torch.zeros(c, c, dtype=gamma.dtype, device=x.device)
-    dgamma = torch.zeros(c, dtype=gamma.dtype, device=x.device)
-    dbeta = torch.zeros(c, dtype=gamma.dtype, device=x.device)
+        dwg = torch.zeros(c, c, dtype=dt, device=x.device)
+    dgamma = torch.zeros(c, dtype=dt, device=x.device)
+    dbeta = torch.zeros(c, dtype=dt, device=x.device)
     dx = torch.empty_like(x) if needs_dx else None
-    for b0 in range(0, b_total, TORCH_CHUNK):
-        b1 = min(b0 + TORCH_CHUNK, b_total)
-        bc = b1 - b0
-        xc = _centred(x, b0, b1, mean)
-        r = rstd[b0:b1, None, None, :]
-        df = dparts[b0:b1].to(gamma.dtype)
-        dbeta += df.sum((0, 1))
-        pb = probs[b0:b1]
-        # dP_j = (dF_j * gamma_j) @ Xc_j * rstd; beta adds a per-row constant that the softmax cancels.
-        dfg = _part_head_view(df * gamma, h)                                  # [b, h, P, d]
-        dp = torch.matmul(dfg, _heads(xc, h)).mul_(r)                          # [b, h, P, N]
-        if dattn is not None:
-            dp.add_(dattn[b0:b1, None].to(gamma.dtype), alpha=1.0 / h)
-        ds = dp.sub_((pb * dp).sum(-1, keepdim=True)).mul_(pb)                # dS, in place of dP
-        pr = pb * r
-        # gamma's gradient through the values: sum_p dF * (P_j * rstd @ Xc_jᵀ).
-        dgamma += (_parts_from_probs(pr, xc, h) * df).sum((0, 1))
+    for b in range(b_total):
+        xc = torch.sub(x[b], mean[b])                                              # [C, N]
+        r = rstd[b]
+        df = dparts[b].to(dt)                                                       # [P, C]
+        dfh = df.view(p, h, d).transpose(0, 1)                                      # [h, P, d]
+        dbeta += df.sum(0)
         if formulation == "folded":
-            dsr = ds.mul(r).view(bc, h * p, n)
-            for i in range(bc):
-                dw.addmm_(dsr[i], xc[i].T)
+            probs = saved[b]
         else:
-            k = keys[b0:b1]
-            dq += torch.matmul(ds, _heads(k, h).transpose(-1, -2)).sum(0)
-            dk = torch.matmul(q.transpose(-1, -2), ds).view(bc, c, n)          # [b, C, N]
-            dk.mul_(rstd[b0:b1, None, :])
-            for i in range(bc):
-                dwg.addmm_(dk[i], xc[i].T)
+            k = keys[b]
+            probs = torch.bmm(q, k.view(h, d, n)).sub_(saved[b, :, :, None]).exp_()
+        # dP_j = dF_j @ (gamma * Xc * rstd)_j; beta adds a per-row constant that the softmax cancels.
+        xg = (xc * gamma[:, None]).view(h, d, n)
+        dp = torch.bmm(dfh, xg).mul_(r)                                            # [h, P, N]
+        if dattn is not None:
+            dp.add_(dattn[b].to(dt), alpha=1.0 / h)
+        ds = dp.sub_((probs * dp).sum(-1, keepdim=True)).mul_(probs)               # dS, in place of dP
+        # dF_jᵀ P_j [C, N]: gamma's gradient through the values is sum_n of it * Xc * rstd.
+        values = torch.bmm(dfh.transpose(1, 2), probs).view(c, n)
+        dgamma += torch.mv(values * xc, r)
+        if formulation == "folded":
+            dw.addmm_(ds.view(h * p, n) * r, xc.T)
+        else:
+            dq.baddbmm_(ds, k.view(h, d, n).transpose(1, 2))
+            dk = torch.bmm(q.transpose(1, 2), ds).view(c, n)                       # dK' [C, N]
+            dwg.addmm_(dk * r, xc.T)
         if needs_dx:
-            dx[b0:b1] = _layer_norm_dx(xc, rstd[b0:b1], weights, gamma, ds, pb, df, h, formulation)
+            if formulation == "folded":
+                dxhat = torch.mm(weights.flatten(0, 1).T, ds.view(h * p, n))
+            else:  # K' = Wg @ (Xc * rstd): d xhat = Wgᵀ dK'
+                dxhat = torch.mm(wg.T, dk)
+            dxhat.add_(values * gamma[:, None])
+            xhat = xc.mul_(r)
+            dxb = dxhat - dxhat.mean(0) - xhat * (dxhat * xhat).mean(0)
+            dx[b] = dxb.mul_(r)
     dweights = dw.view(h, p, c) if formulation == "folded" else (dq, dwg)
     return dweights, dgamma, dbeta, dx
-
-
-def _layer_norm_dx(xc, rstd, weights, gamma, ds, pb, df, h, formulation):
-    """dX of one chunk: the gradient w.r.t. the normalised tokens, then LayerNorm's backward."""
-    bc, c, n = xc.shape
-    p = pb.shape[2]
-    if formulation == "folded":
-        dxhat = torch.matmul(weights.flatten(0, 1).T, ds.reshape(bc, h * p, n))          # [b, C, N]
-    else:
-        q, wg = weights
-        # K' = Wg @ (Xc * rstd) = Wg @ xhat, so d xhat = Wgᵀ dK' with dK'_j = q_jᵀ dS_j.
-        dxhat = torch.matmul(wg.T, torch.matmul(q.transpose(-1, -2), ds).view(bc, c, n))
-    values = torch.matmul(_part_head_view(df, h).transpose(-1, -2), pb)                  # [b, h, d, N]
-    dxhat += values.reshape(bc, c, n) * gamma[None, :, None]
-    xhat = xc * rstd[:, None, :]
-    dx = dxhat - dxhat.mean(1, keepdim=True) - xhat * (dxhat * xhat).mean(1, keepdim=True)
-    return dx * rstd[:, None, :]
 
 
 # ---------------------------------------------------------------------------------------------
 # autograd Function
 # ---------------------------------------------------------------------------------------------
+
+def _column_dot(a: torch.Tensor, b: torch.Tensor, rows: int = 64) -> torch.Tensor:
+    """``(a * b).sum(0)`` for ``[C, C]`` matrices, a block of rows at a time (no [C, C] temporary)."""
+    out = torch.zeros(a.shape[1], dtype=a.dtype, device=a.device)
+    for r0 in range(0, a.shape[0], rows):
+        out += (a[r0:r0 + rows] * b[r0:r0 + rows]).sum(0)
+    return out
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """fp32 whatever the storage dtype; float64 inputs (tests, gradcheck) stay float64."""
@@ -221,10 +215,10 @@ class _PartAttention(torch.autograd.Function):
             parts, probs, mean, rstd = kern.part_attention_fwd(x, weights, gamma32, beta32, h, eps,
                                                                out_dtype=x.dtype)
             keys = None
+            attn = (probs[:, 0] if h == 1 else probs.mean(1)).to(x.dtype)
         else:
-            parts, probs, mean, rstd, keys = _torch_fwd(x, weights, gamma32, beta32, h, eps, formulation, x.dtype)
-        attn = probs[:, 0] if h == 1 else probs.mean(1)
-        attn = attn.to(x.dtype) if x.dtype != torch.float32 else attn
+            parts, attn, probs, mean, rstd, keys = _torch_fwd(x, weights, gamma32, beta32, h, eps, formulation,
+                                                              x.dtype)
         # Saved: x (the caller's, not a copy), the probabilities (h == 1 in fp32: the attn output
         # itself), the token statistics, the keys of the unfolded formulation; G and Wk * gamma
         # are recomputed from the parameters in backward.
@@ -263,14 +257,14 @@ class _PartAttention(torch.autograd.Function):
         if formulation == "folded":
             # G_j = scale * Q_j Wk_j * gamma: M_j = scale * Q_jᵀ dG_j gives dWk_j = M_j * gamma and
             # gamma's gradient through G as the column sums of Wk * M.
-            dqprime = dw * gamma32                                                # [h, P, C]
-            dq = torch.bmm(dqprime, wkh.transpose(1, 2)).mul_(scale)               # [h, P, d]
             m = torch.bmm(qh.transpose(1, 2), dw).mul_(scale)                      # [h, d, C]
+            dq = torch.bmm(dw.mul_(gamma32), wkh.transpose(1, 2)).mul_(scale)      # [h, P, d]
+            del dw  # peak memory: dG is dead once dQ and M exist
         else:
             dqs, m = dw                                                           # dWg = dWk * gamma
             dq = dqs * scale
             m = m.view(h, c // h, c)
-        dgamma += (wkh * m).sum((0, 1))
+        dgamma += _column_dot(wk, m.view(c, c))
         dwk = m.mul_(gamma32).view(c, c)
         dq = dq.transpose(0, 1).reshape(p, c)
         # The key bias adds a constant to each query's scores: the softmax cancels it exactly.
