@@ -1,0 +1,203 @@
+"""Parity of the part-attention Triton launchers (run under the interpreter) against float64 autograd.
+
+The reference is the contract's math written plainly in float64 (LayerNorm, logits through the folded
+queries g, softmax, weighted sum of the normalised tokens) and differentiated by autograd, with g,
+gamma, beta and x as independent leaves: so dgamma is the gradient through the values only, as the
+launcher promises. Each case checks parts, probs, mean, rstd and every gradient with one shared
+upstream gradient.
+"""
+import pytest
+import torch
+
+from c2f._backend import load_kernels
+
+K = load_kernels("part_attention")
+from kernels import config as cfg  # noqa: E402  (after load_kernels: it sets the interpreter flag)
+
+EPS = 1e-5
+
+
+def reference(x, g, gamma, beta, num_heads, dparts, dattn, eps=EPS):
+    """float64: (parts, probs, mean, rstd, dg, dgamma, dbeta, dx) of the contract's math."""
+    bsz, c, n = x.shape
+    p, d = g.shape[1], c // num_heads
+    x64, g64, gamma64, beta64 = (t.detach().double().requires_grad_(True) for t in (x, g, gamma, beta))
+    mean = x64.mean(1, keepdim=True)
+    rstd = torch.rsqrt(x64.var(1, unbiased=False, keepdim=True) + eps)
+    xhat = (x64 - mean) * rstd                                               # [B, C, N]
+    probs = torch.einsum("jpc,bcn->bjpn", g64, xhat).softmax(-1)             # [B, h, P, N]
+    t = (gamma64[:, None] * xhat + beta64[:, None]).view(bsz, num_heads, d, n)
+    parts = torch.einsum("bjpn,bjdn->bpjd", probs, t).reshape(bsz, p, c)
+    loss = (parts * dparts.double()).sum()
+    if dattn is not None:
+        loss = loss + (probs.mean(1) * dattn.double()).sum()
+    loss.backward()
+    return (parts.detach(), probs.detach(), mean[:, 0].detach(), rstd[:, 0].detach(),
+            g64.grad, gamma64.grad, beta64.grad, x64.grad)
+
+
+def assert_close(name, actual, expected, atol, rtol):
+    """|actual - expected| <= atol * scale + rtol * |expected|, scale = max|expected| (at least 1)."""
+    actual = actual.detach().double()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual - expected).abs()
+    scale = max(1.0, expected.abs().max().item())
+    bad = err > atol * scale + rtol * expected.abs()
+    assert not bad.any(), (f"{name}: {int(bad.sum())} of {err.numel()} elements out of tolerance "
+                           f"(atol={atol} x scale {scale:.3g}, rtol={rtol}); max abs diff {err.max().item():.3g}, "
+                           f"mean abs diff {err.mean().item():.3g}")
+
+
+def make_inputs(bsz, c, n, p, num_heads, dtype=torch.float32, layout="nchw", offset=0.0, with_dattn=True):
+    """x [B, C, N] in the requested layout (a view, as the module passes it), folded queries g scaled so
+    the logits spread over a few units (a non-trivial softmax), and upstream gradients."""
+    if layout == "nchw":
+        x = torch.randn(bsz, c, n)
+    elif layout == "channels_last":      # x4d.flatten(2) of a channels_last map: channel stride 1
+        side = int(round(n ** 0.5))
+        assert side * side == n
+        x = torch.randn(bsz, c, side, side).contiguous(memory_format=torch.channels_last).flatten(2)
+    elif layout == "tokens":             # tokens [B, N, C].transpose(1, 2)
+        x = torch.randn(bsz, n, c).transpose(1, 2)
+    else:
+        raise ValueError(layout)
+    x = (x + offset).to(dtype)
+    g = torch.randn(num_heads, p, c) * (2.0 / c ** 0.5)
+    gamma = 1.0 + 0.2 * torch.randn(c)
+    beta = 0.2 * torch.randn(c)
+    dparts = torch.randn(bsz, p, c)
+    dattn = torch.randn(bsz, p, n) if with_dattn else None
+    return x, g, gamma, beta, dparts, dattn
+
+
+def run_and_compare(x, g, gamma, beta, dparts, dattn, num_heads, atol, rtol, needs_dx=True, fp32_tol=None):
+    """Launch forward and backward, compare with ``reference``: (atol, rtol) for the outputs stored in
+    x's dtype (parts, dx), ``fp32_tol`` (default FP32_TOL) for the fp32 ones."""
+    fp32_tol = FP32_TOL if fp32_tol is None else fp32_tol
+    parts, probs, mean, rstd = K.part_attention_fwd(x, g, gamma, beta, num_heads, EPS)
+    dg, dgamma, dbeta, dx = K.part_attention_bwd(x, g, gamma, beta, probs, mean, rstd, dparts, dattn,
+                                                 num_heads, needs_dx)
+    assert parts.dtype == x.dtype and probs.dtype == torch.float32
+    assert dg.dtype == dgamma.dtype == dbeta.dtype == torch.float32
+    ref = reference(x, g, gamma, beta, num_heads, dparts, dattn)
+    names = ("parts", "probs", "mean", "rstd", "dg", "dgamma", "dbeta")
+    for name, actual, expected in zip(names, (parts, probs, mean, rstd, dg, dgamma, dbeta), ref[:7]):
+        # fp32 statistics and gradients: the storage dtype only rounds x (already in the reference) and parts.
+        assert_close(name, actual, expected, *((atol, rtol) if name == "parts" else fp32_tol))
+    if needs_dx:
+        assert dx.dtype == x.dtype and dx.stride() == x.stride(), (dx.dtype, dx.stride(), x.stride())
+        assert_close("dx", dx, ref[7], atol, rtol)
+    else:
+        assert dx is None
+
+
+# Interpreter fp32 dots are exact fp32: errors seen are ~1e-6 of scale; fp16 / bf16 only round the
+# stored parts and dx (bf16 stores round toward zero in the interpreter: up to one bf16 ulp, 2^-7).
+FP32_TOL = (2e-5, 1e-4)
+DTYPE_TOLS = [
+    pytest.param(torch.float32, *FP32_TOL, id="fp32"),
+    pytest.param(torch.float16, 2e-3, 2e-3, id="fp16"),
+    pytest.param(torch.bfloat16, 1e-2, 1e-2, id="bf16"),
+]
+
+
+@pytest.mark.parametrize("bsz, num_heads, needs_dx", [(2, 1, True), (1, 16, False)])
+def test_real_shape(bsz, num_heads, needs_dx):
+    """C=2048, 14x14, P=312: 1 head with dx (B=2), 16 heads without dx (the frozen-backbone case; B=1
+    because the interpreter runs 16x the programs; batch handling is covered by every other case)."""
+    inputs = make_inputs(bsz, 2048, 196, 312, num_heads)
+    run_and_compare(*inputs, num_heads, *FP32_TOL, needs_dx=needs_dx)
+
+
+@pytest.mark.parametrize("bsz, c, n, p, num_heads", [
+    (2, 256, 49, 40, 4),     # N = 49, several heads, dx through every head
+    (2, 200, 49, 7, 1),      # C not a power of two nor a multiple of any block; P = 7
+    (2, 200, 20, 7, 8),      # head width 25: channel blocks end mid-block at every head
+    (3, 64, 16, 1, 2),       # P = 1, N = 16
+    (1, 48, 5, 3, 1),        # N = 5: a mostly padded token block
+])
+def test_odd_shapes(bsz, c, n, p, num_heads):
+    run_and_compare(*make_inputs(bsz, c, n, p, num_heads), num_heads, *FP32_TOL)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "tokens"])
+def test_strided_x_read_in_place(layout):
+    x, g, gamma, beta, dparts, dattn = make_inputs(2, 256, 49, 40, 2, layout=layout)
+    assert not x.is_contiguous()
+    run_and_compare(x, g, gamma, beta, dparts, dattn, 2, *FP32_TOL)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLS)
+def test_dtypes(dtype, atol, rtol):
+    run_and_compare(*make_inputs(2, 256, 49, 40, 2, dtype=dtype), 2, atol, rtol)
+
+
+def test_large_common_offset():
+    """x + 1000: fp32 itself resolves x only to 6e-5 there, and the mean stored in fp32 is off by up
+    to half that; a sum-of-squares variance would lose everything."""
+    x, g, gamma, beta, dparts, dattn = make_inputs(2, 512, 49, 40, 1, offset=1000.0)
+    run_and_compare(x, g, gamma, beta, dparts, dattn, 1, 2e-3, 2e-3, fp32_tol=(2e-4, 2e-3))
+
+
+def test_constant_tokens():
+    """Zero-variance tokens: rstd = 1/sqrt(eps), normalised values 0, no NaN anywhere."""
+    x, g, gamma, beta, dparts, dattn = make_inputs(2, 256, 49, 40, 2)
+    x[:, :, 3] = 0.5
+    x[1, :, 10] = -2.0
+    run_and_compare(x, g, gamma, beta, dparts, dattn, 2, *FP32_TOL)
+
+
+def test_without_dattn():
+    x, g, gamma, beta, dparts, _ = make_inputs(2, 128, 49, 7, 1, with_dattn=False)
+    run_and_compare(x, g, gamma, beta, dparts, None, 1, *FP32_TOL)
+
+
+def test_gpu_block_sizes(monkeypatch):
+    """The production (GPU) tile sizes, several chunks per loop, on a small shape."""
+    monkeypatch.setattr(cfg, "pa_blocks", lambda: cfg.PA_GPU_BLOCKS)
+    run_and_compare(*make_inputs(2, 200, 49, 70, 2), 2, *FP32_TOL)
+    run_and_compare(*make_inputs(1, 96, 36, 7, 1, layout="channels_last"), 1, *FP32_TOL)
+
+
+def test_non_contiguous_upstream_gradients():
+    x, g, gamma, beta, dparts, dattn = make_inputs(2, 64, 16, 7, 2)
+    run_and_compare(x, g, gamma, beta, dparts.transpose(0, 1).contiguous().transpose(0, 1),
+                    dattn.half()[:, :, :].transpose(1, 2).contiguous().transpose(1, 2), 2, *FP32_TOL)
+
+
+def test_bad_inputs_are_named():
+    x, g, gamma, beta, dparts, dattn = make_inputs(1, 64, 16, 7, 2)
+    with pytest.raises(ValueError, match="x must be a \\[B, C, N\\]"):
+        K.part_attention_fwd(x[0], g, gamma, beta, 2, EPS)
+    with pytest.raises(TypeError, match="x must be float32"):
+        K.part_attention_fwd(x.double(), g, gamma, beta, 2, EPS)
+    with pytest.raises(ValueError, match="g must have shape"):
+        K.part_attention_fwd(x, g[:, :, :32].contiguous(), gamma, beta, 2, EPS)
+    with pytest.raises(ValueError, match="num_heads"):
+        K.part_attention_fwd(x, g, gamma, beta, 3, EPS)
+    with pytest.raises(TypeError, match="gamma must have dtype"):
+        K.part_attention_fwd(x, g, gamma.half(), beta, 2, EPS)
+    with pytest.raises(ValueError, match="x has N=2000 tokens"):
+        K.part_attention_fwd(torch.randn(1, 64, 2000), g, gamma, beta, 2, EPS)
+    parts, probs, mean, rstd = K.part_attention_fwd(x, g, gamma, beta, 2, EPS)
+    with pytest.raises(ValueError, match="dparts must have shape"):
+        K.part_attention_bwd(x, g, gamma, beta, probs, mean, rstd, dparts[:, :3], dattn, 2, False)
+    with pytest.raises(ValueError, match="dattn must have shape"):
+        K.part_attention_bwd(x, g, gamma, beta, probs, mean, rstd, dparts, dattn[:, :, :4], 2, False)
+    with pytest.raises(ValueError, match="probs must have shape"):
+        K.part_attention_bwd(x, g, gamma, beta, probs[:, :1], mean, rstd, dparts, dattn, 2, False)
+
+
+def test_compile_specs_cover_every_kernel():
+    specs = K.compile_specs()
+    kernels = {s.fn for s in specs}
+    for fn in (K._part_attention_stats_kernel, K._part_attention_fwd_kernel, K._part_attention_bwd_kernel,
+               K._part_attention_bwd_dg_kernel, K._part_attention_bwd_dxhat_kernel,
+               K._part_attention_bwd_dx_kernel):
+        assert fn in kernels, fn
+    for s in specs:
+        params = list(s.fn.arg_names)
+        assert list(s.signature) == params, (s.name, params)
+        for name, kind in s.signature.items():
+            assert (kind == "constexpr") == (name in s.constexprs), (s.name, name)
+        assert set(s.aligned) <= set(params), s.name
