@@ -1,2 +1,11 @@
-"""Modules users build models from. (Placeholder aliases to the reference until the fused modules land.)"""
-from .reference import C2FHead, PartAttention  # noqa: F401
+"""Modules users build models from: the fused counterparts of ``c2f.reference``.
+
+Each has the reference's constructor (plus ``backend`` and path options) and ``state_dict`` keys,
+so checkpoints load either way.
+"""
+from .attention import PartAttention
+from .head import C2FHead
+from .mixup import MixupOutput, PartMixup
+from .reference import C2FOutput, PartRegressor
+
+__all__ = ["PartAttention", "C2FHead", "C2FOutput", "PartMixup", "MixupOutput", "PartRegressor"]

@@ -1,0 +1,337 @@
+"""Part-wise mixup kernels: in place on the part features, and fused with the mean over parts.
+
+Mixed sample b takes part p as ``m[b,p] * F[b,p] + (1 - m[b,p]) * F[perm[b],p]`` (DESIGN.md, "The algebra"
+items 5 and 6).
+
+- In place (``perm`` an involution): one program per (pair, part block, channel block) owns both rows of
+  the pair ``b < perm[b]``, reads each once and writes each once; ``b == perm[b]`` is a no-op and
+  ``b > perm[b]`` is its partner's job, so no program reads a row another program writes. The backward
+  is the transposed 2 x 2 mix on the incoming gradient, in place:
+  ``dF[b] = m[b] dY[b] + (1 - m[perm b]) dY[perm b]``.
+- Pooled (any permutation):
+  ``pooled[k,b] = (1/P) sum_p m[k,b,p] F[b,p] + (1 - m[k,b,p]) F[perm b,p]``, one program per (sample,
+  channel block, view block) contracting the masks with part chunks of both samples, so ``[K, B, P, C]``
+  never exists. The backward writes ``d parts`` once from ``d pooled`` and the inverse permutation:
+  ``dF[j,p] = (1/P) sum_k m[k,j,p] G[k,j] + (1 - m[k,i,p]) G[k,i]`` with ``i = perm^-1[j]``.
+
+The launchers check shapes and layouts; the semantic checks (involution, mask range) live in
+``c2f.mixup``, shared with the torch-op path.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import config
+from .config import KernelSpec
+
+
+@triton.jit
+def _mix_pair_tile(
+    X_ptr,                      # [B, P, C] parts (forward) or their gradient (backward), mixed in place
+    Perm_ptr,                   # [B] int64 involution
+    M_ptr,                      # [B, P] fp32 mask
+    P, C,
+    stride_xb, stride_xp,
+    stride_mb,
+    BACKWARD: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    a = tl.program_id(0).to(tl.int64)
+    c = tl.load(Perm_ptr + a)
+    if a < c:
+        offs_p = (tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+        offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        p_ok = offs_p < P
+        tile_ok = p_ok[:, None] & (offs_c[None, :] < C)
+        m_a = tl.load(M_ptr + a * stride_mb + offs_p, mask=p_ok, other=0.0)[:, None]
+        m_c = tl.load(M_ptr + c * stride_mb + offs_p, mask=p_ok, other=0.0)[:, None]
+        tile = offs_p[:, None] * stride_xp + offs_c[None, :]
+        xa_ptrs = X_ptr + a * stride_xb + tile
+        xc_ptrs = X_ptr + c * stride_xb + tile
+        x_a = tl.load(xa_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+        x_c = tl.load(xc_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+        # Forward rows of the pair's 2 x 2 mix: [[m_a, 1 - m_a], [1 - m_c, m_c]]; backward is its transpose.
+        if BACKWARD:
+            y_a = m_a * x_a + (1.0 - m_c) * x_c
+            y_c = (1.0 - m_a) * x_a + m_c * x_c
+        else:
+            y_a = m_a * x_a + (1.0 - m_a) * x_c
+            y_c = (1.0 - m_c) * x_a + m_c * x_c
+        tl.store(xa_ptrs, y_a.to(X_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(xc_ptrs, y_c.to(X_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _part_mixup_fwd_kernel(
+    X_ptr,                      # [B, P, C] parts, mixed in place
+    Perm_ptr,                   # [B] int64 involution
+    M_ptr,                      # [B, P] fp32 mask
+    P, C,
+    stride_xb, stride_xp,
+    stride_mb,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    _mix_pair_tile(X_ptr, Perm_ptr, M_ptr, P, C, stride_xb, stride_xp, stride_mb,
+                   False, BLOCK_P, BLOCK_C)
+
+
+@triton.jit
+def _part_mixup_bwd_kernel(
+    DY_ptr,                     # [B, P, C] gradient of the mixed parts, turned into d parts in place
+    Perm_ptr,                   # [B] int64 involution
+    M_ptr,                      # [B, P] fp32 mask
+    P, C,
+    stride_db, stride_dp,
+    stride_mb,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    _mix_pair_tile(DY_ptr, Perm_ptr, M_ptr, P, C, stride_db, stride_dp, stride_mb,
+                   True, BLOCK_P, BLOCK_C)
+
+
+@triton.jit
+def _part_mixup_pool_fwd_kernel(
+    F_ptr,                      # [B, P, C] parts
+    Perm_ptr,                   # [B] int64 permutation
+    M_ptr,                      # [K, B, P] fp32 masks
+    Out_ptr,                    # [K, B, C] pooled mixed features
+    K, P, C,
+    stride_fb, stride_fp, stride_fc,
+    stride_mk, stride_mb,
+    stride_ok, stride_ob,
+    inv_P,                      # 1 / P
+    UPCAST: tl.constexpr,       # contract in fp32 (fp32 storage, or bf16 under the interpreter)
+    PRECISION: tl.constexpr,    # tl.dot input_precision of fp32 operands
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_k = (tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    pb = tl.load(Perm_ptr + b)
+    c_ok = offs_c < C
+    k_ok = offs_k < K
+    dot_dtype = tl.float32 if UPCAST else F_ptr.dtype.element_ty
+    f_cols = offs_c[None, :].to(tl.int64) * stride_fc
+    acc = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
+        p_ok = offs_p < P
+        tile_ok = p_ok[:, None] & c_ok[None, :]
+        rows = offs_p[:, None] * stride_fp + f_cols
+        f_b = tl.load(F_ptr + b * stride_fb + rows, mask=tile_ok, other=0.0).to(dot_dtype)
+        f_pb = tl.load(F_ptr + pb * stride_fb + rows, mask=tile_ok, other=0.0).to(dot_dtype)
+        m = tl.load(M_ptr + offs_k[:, None] * stride_mk + b * stride_mb + offs_p[None, :],
+                    mask=k_ok[:, None] & p_ok[None, :], other=0.0)
+        # Two products of stored values (not one of F[b] - F[perm b]): 16-bit operands stay exact and
+        # the contraction runs on tensor cores with an fp32 accumulator.
+        acc = tl.dot(m.to(dot_dtype), f_b, acc, input_precision=PRECISION)
+        acc = tl.dot((1.0 - m).to(dot_dtype), f_pb, acc, input_precision=PRECISION)
+    out_ptrs = Out_ptr + offs_k[:, None] * stride_ok + b * stride_ob + offs_c[None, :]
+    tl.store(out_ptrs, (acc * inv_P).to(Out_ptr.dtype.element_ty), mask=k_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _part_mixup_pool_bwd_kernel(
+    G_ptr,                      # [K, B, C] gradient of the pooled features
+    Inv_ptr,                    # [B] int64 inverse permutation
+    M_ptr,                      # [K, B, P] fp32 masks
+    DF_ptr,                     # [B, P, C] gradient of the parts
+    K, P, C,
+    stride_gk, stride_gb, stride_gc,
+    stride_mk, stride_mb,
+    stride_db, stride_dp,
+    inv_P,                      # 1 / P
+    UPCAST: tl.constexpr,       # contract in fp32 (fp32 storage, or bf16 under the interpreter)
+    PRECISION: tl.constexpr,    # tl.dot input_precision of fp32 operands
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    j = tl.program_id(0).to(tl.int64)
+    offs_p = (tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    i = tl.load(Inv_ptr + j)    # the sample paired with j: its views took (1 - m) of F[j]
+    p_ok = offs_p < P
+    c_ok = offs_c < C
+    dot_dtype = tl.float32 if UPCAST else G_ptr.dtype.element_ty
+    g_cols = offs_c[None, :].to(tl.int64) * stride_gc
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_ok = offs_k < K
+        m_rows = offs_k[None, :] * stride_mk + offs_p[:, None]
+        m_ok = p_ok[:, None] & k_ok[None, :]
+        m_j = tl.load(M_ptr + j * stride_mb + m_rows, mask=m_ok, other=0.0)
+        m_i = tl.load(M_ptr + i * stride_mb + m_rows, mask=m_ok, other=1.0)
+        g_rows = offs_k[:, None] * stride_gk + g_cols
+        g_ok = k_ok[:, None] & c_ok[None, :]
+        g_j = tl.load(G_ptr + j * stride_gb + g_rows, mask=g_ok, other=0.0).to(dot_dtype)
+        g_i = tl.load(G_ptr + i * stride_gb + g_rows, mask=g_ok, other=0.0).to(dot_dtype)
+        acc = tl.dot(m_j.to(dot_dtype), g_j, acc, input_precision=PRECISION)
+        acc = tl.dot((1.0 - m_i).to(dot_dtype), g_i, acc, input_precision=PRECISION)
+    df_ptrs = DF_ptr + j * stride_db + offs_p[:, None] * stride_dp + offs_c[None, :]
+    tl.store(df_ptrs, (acc * inv_P).to(DF_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+def _check_pair_args(name: str, x: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> None:
+    if x.dim() != 3 or not x.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous [B, P, C] tensor to be mixed in place, "
+                         f"got shape {tuple(x.shape)}, stride {x.stride()}")
+    b, p, _ = x.shape
+    if perm.shape != (b,) or perm.dtype != torch.int64:
+        raise ValueError(f"perm must be int64 of shape ({b},), got {perm.dtype} {tuple(perm.shape)}")
+    if mask.shape != (b, p) or mask.dtype != torch.float32 or mask.stride(-1) != 1:
+        raise ValueError(f"mask must be float32 [B={b}, P={p}] with unit stride along P, "
+                         f"got {mask.dtype} {tuple(mask.shape)} stride {mask.stride()}")
+
+
+def _launch_pairs(kernel, x: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    b, p, c = x.shape
+    if x.numel() == 0:
+        return x
+    block_p, block_c = config.pm_pair_blocks(p, c)
+    grid = (b, triton.cdiv(p, block_p), triton.cdiv(c, block_c))
+    kernel[grid](x, perm, mask, p, c, x.stride(0), x.stride(1), mask.stride(0),
+                 BLOCK_P=block_p, BLOCK_C=block_c, num_warps=config.PM_PAIR_NUM_WARPS)
+    return x
+
+
+def part_mixup_fwd_(parts: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mixes ``parts [B, P, C]`` in place by the involution ``perm [B]`` and ``mask [B, P]`` (fp32); returns it."""
+    _check_pair_args("parts", parts, perm, mask)
+    return _launch_pairs(_part_mixup_fwd_kernel, parts, perm, mask)
+
+
+def part_mixup_bwd_(grad: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Turns ``grad [B, P, C]`` of the mixed parts into the gradient of the parts, in place; returns it."""
+    _check_pair_args("grad", grad, perm, mask)
+    return _launch_pairs(_part_mixup_bwd_kernel, grad, perm, mask)
+
+
+def _dot_mode(dtype: torch.dtype) -> dict:
+    """Constexprs of the pooled kernels: 16-bit operands go to tl.dot as stored (exact, tensor cores),
+    fp32 ones at ``PM_FP32_DOT_PRECISION``; the interpreter's bf16 dot is broken, so there bf16 is upcast."""
+    upcast = dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+    return {"UPCAST": upcast, "PRECISION": config.PM_FP32_DOT_PRECISION}
+
+
+def _check_pool_mask(mask: torch.Tensor, b: int, p: int) -> None:
+    if mask.dim() != 3 or mask.shape[1:] != (b, p) or mask.dtype != torch.float32 or mask.stride(-1) != 1:
+        raise ValueError(f"mask must be float32 [K, B={b}, P={p}] with unit stride along P, "
+                         f"got {mask.dtype} {tuple(mask.shape)} stride {mask.stride()}")
+
+
+def part_mixup_pool_fwd(parts: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over parts of the K mixed views: ``parts [B, P, C]`` (any strides), ``perm [B]`` a permutation,
+    ``mask [K, B, P]`` fp32; returns ``[K, B, C]`` in the dtype of ``parts``."""
+    if parts.dim() != 3:
+        raise ValueError(f"parts must be [B, P, C], got shape {tuple(parts.shape)}")
+    b, p, c = parts.shape
+    if perm.shape != (b,) or perm.dtype != torch.int64:
+        raise ValueError(f"perm must be int64 of shape ({b},), got {perm.dtype} {tuple(perm.shape)}")
+    _check_pool_mask(mask, b, p)
+    k = mask.shape[0]
+    out = torch.empty((k, b, c), device=parts.device, dtype=parts.dtype)
+    if out.numel() == 0 or p == 0:
+        return out.zero_() if p == 0 else out
+    block_k, block_p, block_c = config.pm_pool_blocks(k, p, c)
+    grid = (b, triton.cdiv(c, block_c), triton.cdiv(k, block_k))
+    _part_mixup_pool_fwd_kernel[grid](
+        parts, perm, mask, out, k, p, c,
+        parts.stride(0), parts.stride(1), parts.stride(2),
+        mask.stride(0), mask.stride(1), out.stride(0), out.stride(1), 1.0 / p,
+        **_dot_mode(parts.dtype), BLOCK_K=block_k, BLOCK_P=block_p, BLOCK_C=block_c,
+        num_warps=config.PM_POOL_NUM_WARPS, num_stages=config.PM_POOL_FWD_NUM_STAGES)
+    return out
+
+
+def part_mixup_pool_bwd(grad: torch.Tensor, inv_perm: torch.Tensor, mask: torch.Tensor,
+                        dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Gradient of the parts ``[B, P, C]`` from ``grad [K, B, C]`` (any strides, expanded included),
+    the inverse permutation ``inv_perm [B]`` and ``mask [K, B, P]`` fp32; in ``dtype`` (default grad's)."""
+    if grad.dim() != 3:
+        raise ValueError(f"grad must be [K, B, C], got shape {tuple(grad.shape)}")
+    k, b, c = grad.shape
+    if inv_perm.shape != (b,) or inv_perm.dtype != torch.int64:
+        raise ValueError(f"inv_perm must be int64 of shape ({b},), got {inv_perm.dtype} {tuple(inv_perm.shape)}")
+    if mask.dim() != 3 or mask.shape[:2] != (k, b):
+        raise ValueError(f"mask must be [K={k}, B={b}, P], got {tuple(mask.shape)}")
+    p = mask.shape[2]
+    _check_pool_mask(mask, b, p)
+    out = torch.empty((b, p, c), device=grad.device, dtype=dtype or grad.dtype)
+    if out.numel() == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    block_k, block_p, block_c = config.pm_pool_blocks(k, p, c, backward=True)
+    grid = (b, triton.cdiv(p, block_p), triton.cdiv(c, block_c))
+    _part_mixup_pool_bwd_kernel[grid](
+        grad, inv_perm, mask, out, k, p, c,
+        grad.stride(0), grad.stride(1), grad.stride(2),
+        mask.stride(0), mask.stride(1), out.stride(0), out.stride(1), 1.0 / p,
+        **_dot_mode(grad.dtype), BLOCK_K=block_k, BLOCK_P=block_p, BLOCK_C=block_c,
+        num_warps=config.PM_POOL_NUM_WARPS, num_stages=config.PM_POOL_BWD_NUM_STAGES)
+    return out
+
+
+_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def compile_specs() -> list[KernelSpec]:
+    """Every kernel at production shapes (B=64, P=312, C=2048; K=4 and 32; fp32 and bf16), for AOT compiles."""
+    p, c = 312, 2048
+    specs = []
+    block_p, block_c = config.pm_pair_blocks(p, c)
+    for dtype in (torch.float32, torch.bfloat16):
+        ty = "*" + _TRITON_DTYPES[dtype]
+        for kernel, x in ((_part_mixup_fwd_kernel, "X_ptr"), (_part_mixup_bwd_kernel, "DY_ptr")):
+            stride_b, stride_p = ("stride_xb", "stride_xp") if x == "X_ptr" else ("stride_db", "stride_dp")
+            specs.append(KernelSpec(
+                name=f"{kernel.__name__}_{_TRITON_DTYPES[dtype]}", fn=kernel,
+                signature={x: ty, "Perm_ptr": "*i64", "M_ptr": "*fp32", "P": "i32", "C": "i32",
+                           stride_b: "i32", stride_p: "i32", "stride_mb": "i32",
+                           "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"},
+                constexprs={"BLOCK_P": block_p, "BLOCK_C": block_c},
+                num_warps=config.PM_PAIR_NUM_WARPS, num_stages=1,
+                aligned=(x, "Perm_ptr", "M_ptr", "C", stride_b, stride_p)))
+        gpu_dot = {"UPCAST": dtype == torch.float32, "PRECISION": config.PM_FP32_DOT_PRECISION}
+        for k in (4, 32):
+            suffix = f"{_TRITON_DTYPES[dtype]}_K{k}"
+            block_k, block_p, block_c = config.pm_pool_blocks(k, p, c)
+            specs.append(KernelSpec(
+                name=f"_part_mixup_pool_fwd_kernel_{suffix}", fn=_part_mixup_pool_fwd_kernel,
+                signature={"F_ptr": ty, "Perm_ptr": "*i64", "M_ptr": "*fp32", "Out_ptr": ty,
+                           "K": "i32", "P": "i32", "C": "i32",
+                           "stride_fb": "i32", "stride_fp": "i32", "stride_fc": "constexpr",
+                           "stride_mk": "i32", "stride_mb": "i32", "stride_ok": "i32", "stride_ob": "i32",
+                           "inv_P": "fp32", "UPCAST": "constexpr", "PRECISION": "constexpr",
+                           "BLOCK_K": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"},
+                constexprs={"stride_fc": 1, **gpu_dot, "BLOCK_K": block_k, "BLOCK_P": block_p,
+                            "BLOCK_C": block_c},
+                num_warps=config.PM_POOL_NUM_WARPS, num_stages=config.PM_POOL_FWD_NUM_STAGES,
+                aligned=("F_ptr", "Perm_ptr", "M_ptr", "Out_ptr", "C", "stride_fb", "stride_fp",
+                         "stride_ob")))
+            block_k, block_p, block_c = config.pm_pool_blocks(k, p, c, backward=True)
+            specs.append(KernelSpec(
+                name=f"_part_mixup_pool_bwd_kernel_{suffix}", fn=_part_mixup_pool_bwd_kernel,
+                signature={"G_ptr": ty, "Inv_ptr": "*i64", "M_ptr": "*fp32", "DF_ptr": ty,
+                           "K": "i32", "P": "i32", "C": "i32",
+                           "stride_gk": "i32", "stride_gb": "i32", "stride_gc": "constexpr",
+                           "stride_mk": "i32", "stride_mb": "i32", "stride_db": "i32", "stride_dp": "i32",
+                           "inv_P": "fp32", "UPCAST": "constexpr", "PRECISION": "constexpr",
+                           "BLOCK_K": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"},
+                constexprs={"stride_gc": 1, **gpu_dot, "BLOCK_K": block_k, "BLOCK_P": block_p,
+                            "BLOCK_C": block_c},
+                num_warps=config.PM_POOL_NUM_WARPS, num_stages=config.PM_POOL_BWD_NUM_STAGES,
+                aligned=("G_ptr", "Inv_ptr", "M_ptr", "DF_ptr", "C", "stride_gb", "stride_db",
+                         "stride_dp")))
+    return specs
