@@ -1,0 +1,250 @@
+"""On-disk feature cache: memory-mapped ``.npy`` shards plus a JSON manifest.
+
+Layout of a cache directory::
+
+    manifest.json            what made the cache, shapes, dtype, per-file sha256, completion state
+    features-00000.npy ...   [count, C, H, W] shards (fp16 by default), read with np.load(mmap_mode="r")
+    labels.npy, is_train.npy, attributes.npy, certainty.npy, [class_attributes.npy]
+
+Every file is written to a temporary name and moved into place with ``os.replace``, and the manifest is
+rewritten after each shard, so a killed writer leaves a cache that resumes from its last whole shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+FORMAT = "c2f-feature-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+META_FILES = ("labels", "is_train", "attributes", "certainty", "class_attributes", "image_ids")
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+class CacheError(RuntimeError):
+    """A cache that is incomplete, corrupted, or was made with other settings than the ones asked for."""
+
+
+def sha256_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _atomic_write_bytes(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_npy_atomic(path: str, array: np.ndarray) -> str:
+    """Writes ``array`` as ``.npy`` via a temporary file and returns its sha256."""
+    _atomic_write_bytes(path, lambda f: np.save(f, array, allow_pickle=False))
+    return sha256_file(path)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    _atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def read_manifest(directory: str) -> dict:
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        raise CacheError(f"{path} not found: {directory} is not a c2f feature cache "
+                         "(make one with `c2f extract` or `c2f synth`)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{path} is not valid JSON ({e}): the cache is corrupted") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CacheError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
+                         f"expected {FORMAT!r} version {VERSION}")
+    return manifest
+
+
+class CacheWriter:
+    """Creates a cache, or reopens a partial one made with the same ``config``, and fills it shard by shard.
+
+    ``config`` (backbone, image size, preprocessing, split, source list, ...) identifies what the cache
+    holds: reopening with a different one raises ``CacheError`` instead of mixing two caches.
+    ``meta`` holds the per-image arrays (``labels`` [n], ``is_train`` [n], ``attributes`` [n, A],
+    ``certainty`` [n, A], optionally ``class_attributes`` [K, A]).
+    """
+
+    def __init__(self, directory: str, config: dict, feature_shape: Sequence[int], meta: dict,
+                 attribute_names: Sequence[str], class_names: Sequence[str], dtype: str = "float16",
+                 shard_size: int = 256, overwrite: bool = False):
+        if dtype not in DTYPES or dtype == "bfloat16":
+            raise ValueError(f"dtype must be 'float16' or 'float32' (numpy has no bfloat16), got {dtype!r}")
+        if shard_size <= 0:
+            raise ValueError(f"shard_size must be positive, got {shard_size}")
+        missing = [k for k in ("labels", "is_train", "attributes", "certainty") if k not in meta]
+        if missing:
+            raise ValueError(f"meta lacks {missing}")
+        self.directory = directory
+        n = len(meta["labels"])
+        self.num_images = n
+        self.shard_size = shard_size
+        self.dtype = np.dtype(dtype)
+        self.feature_shape = tuple(int(s) for s in feature_shape)
+        num_shards = (n + shard_size - 1) // shard_size
+        # What must match for a partial cache to be resumed.
+        identity = dict(config=config, num_images=n, feature_shape=list(self.feature_shape),
+                        dtype=dtype, shard_size=shard_size)
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, MANIFEST)
+        if os.path.exists(path) and not overwrite:
+            old = read_manifest(directory)
+            diffs = [k for k in identity if old.get(k) != identity[k]]
+            if diffs:
+                details = "; ".join(f"{k}: cache has {old.get(k)!r}, asked for {identity[k]!r}" for k in diffs)
+                raise CacheError(f"{directory} holds a different cache ({details}). "
+                                 "Use another directory or pass overwrite=True (--overwrite).")
+            self.manifest = old
+            self._verify_done_shards()
+        else:
+            self.manifest = dict(format=FORMAT, version=VERSION, complete=False, **identity,
+                                 attribute_names=list(attribute_names), class_names=list(class_names),
+                                 meta={}, shards=[None] * num_shards)
+            for name in META_FILES:
+                if meta.get(name) is not None:
+                    self.manifest["meta"][name] = save_npy_atomic(os.path.join(directory, f"{name}.npy"),
+                                                                  np.ascontiguousarray(meta[name]))
+            self._save()
+
+    def _verify_done_shards(self) -> None:
+        """Drops shards whose file is missing or fails its checksum, so they are written again."""
+        for i, entry in enumerate(self.manifest["shards"]):
+            if entry is None:
+                continue
+            path = os.path.join(self.directory, entry["file"])
+            if not os.path.isfile(path) or sha256_file(path) != entry["sha256"]:
+                self.manifest["shards"][i] = None
+        self.manifest["complete"] = all(s is not None for s in self.manifest["shards"])
+
+    def _save(self) -> None:
+        write_json_atomic(os.path.join(self.directory, MANIFEST), self.manifest)
+
+    def shard_range(self, i: int) -> range:
+        start = i * self.shard_size
+        return range(start, min(start + self.shard_size, self.num_images))
+
+    def missing_shards(self) -> list:
+        return [i for i, s in enumerate(self.manifest["shards"]) if s is None]
+
+    def write_shard(self, i: int, features: np.ndarray) -> None:
+        """Writes shard ``i`` (``[len(shard_range(i)), C, H, W]``) atomically and records it in the manifest."""
+        rows = self.shard_range(i)
+        expected = (len(rows), *self.feature_shape)
+        if tuple(features.shape) != expected:
+            raise ValueError(f"shard {i} must have shape {expected}, got {tuple(features.shape)}")
+        name = f"features-{i:05d}.npy"
+        digest = save_npy_atomic(os.path.join(self.directory, name),
+                                 np.ascontiguousarray(features, dtype=self.dtype))
+        self.manifest["shards"][i] = dict(file=name, start=rows.start, count=len(rows), sha256=digest)
+        self.manifest["complete"] = not self.missing_shards()
+        self._save()
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+
+class FeatureCache:
+    """Read side of a finished cache: labels and attributes in RAM, features memory-mapped per shard.
+
+    ``verify``: "full" checks every file's sha256 (reads the whole cache once), "size" checks shapes and
+    dtypes from the ``.npy`` headers only. Either way an incomplete or mismatched cache raises ``CacheError``.
+    """
+
+    def __init__(self, directory: str, verify: str = "full", preload: bool = False):
+        if verify not in ("full", "size"):
+            raise ValueError(f"verify must be 'full' or 'size', got {verify!r}")
+        self.directory = directory
+        m = self.manifest = read_manifest(directory)
+        if not m.get("complete") or any(s is None for s in m["shards"]):
+            done = sum(s is not None for s in m["shards"])
+            raise CacheError(f"{directory} is incomplete ({done} of {len(m['shards'])} shards): "
+                             "rerun the same `c2f extract` command to finish it")
+        self.num_images = int(m["num_images"])
+        self.feature_shape = tuple(m["feature_shape"])
+        self.dtype = np.dtype(m["dtype"])
+        self.attribute_names, self.class_names = m["attribute_names"], m["class_names"]
+        for name, digest in m["meta"].items():
+            self._check_file(f"{name}.npy", digest, verify)
+        meta = {name: np.load(os.path.join(directory, f"{name}.npy")) for name in m["meta"]}
+        self.labels = meta["labels"].astype(np.int64)
+        self.is_train = meta["is_train"].astype(bool)
+        self.attributes = meta["attributes"].astype(np.float32)
+        self.certainty = meta["certainty"].astype(np.int64)
+        self.class_attributes = meta.get("class_attributes")
+        self.image_ids = meta.get("image_ids")
+        n, a = self.num_images, len(self.attribute_names)
+        for name, arr, shape in (("labels", self.labels, (n,)), ("is_train", self.is_train, (n,)),
+                                 ("attributes", self.attributes, (n, a)), ("certainty", self.certainty, (n, a))):
+            if arr.shape != shape:
+                raise CacheError(f"{directory}/{name}.npy has shape {arr.shape}, manifest says {shape}")
+        self.starts = np.array([s["start"] for s in m["shards"]], dtype=np.int64)
+        expected = 0
+        for s in m["shards"]:
+            if s["start"] != expected:
+                raise CacheError(f"{directory}/{s['file']} starts at row {s['start']}, expected {expected}")
+            expected += s["count"]
+            self._check_file(s["file"], s["sha256"], verify, (s["count"], *self.feature_shape))
+        if expected != n:
+            raise CacheError(f"{directory}: shards hold {expected} rows, manifest says {n} images")
+        self._maps = None
+        if preload:
+            self._maps = [np.load(os.path.join(directory, s["file"])) for s in m["shards"]]
+
+    def _check_file(self, name: str, digest: str, verify: str, shape=None) -> None:
+        path = os.path.join(self.directory, name)
+        if not os.path.isfile(path):
+            raise CacheError(f"{path} is missing: the cache is corrupted")
+        if verify == "full" and sha256_file(path) != digest:
+            raise CacheError(f"{path} fails its sha256 checksum: the cache is corrupted; delete it and "
+                             "rebuild, or rerun `c2f extract` with the same arguments to rewrite bad shards")
+        if shape is not None:
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except ValueError as e:
+                raise CacheError(f"{path} is not a readable .npy file ({e}): the cache is corrupted") from None
+            if arr.shape != shape or arr.dtype != self.dtype:
+                raise CacheError(f"{path} holds {arr.shape} {arr.dtype}, manifest says {shape} {self.dtype}")
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if state["_maps"] is not None and isinstance(state["_maps"][0], np.memmap):
+            state["_maps"] = None   # reopened lazily in each worker process
+        return state
+
+    def _shards(self) -> list:
+        if self._maps is None:
+            self._maps = [np.load(os.path.join(self.directory, s["file"]), mmap_mode="r")
+                          for s in self.manifest["shards"]]
+        return self._maps
+
+    def read(self, indices: Optional[Sequence[int]]) -> np.ndarray:
+        """Features of ``indices`` in the order given: ``[len(indices), C, H, W]`` in the cache dtype."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_images):
+            raise IndexError(f"indices must lie in [0, {self.num_images}), got min {idx.min()}, max {idx.max()}")
+        out = np.empty((len(idx), *self.feature_shape), dtype=self.dtype)
+        shard_of = np.searchsorted(self.starts, idx, side="right") - 1
+        shards = self._shards()
+        for s in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == s)
+            local = idx[where] - self.starts[s]
+            order = np.argsort(local, kind="stable")   # ascending reads are sequential on disk
+            out[where[order]] = shards[s][local[order]]
+        return out

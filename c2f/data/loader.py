@@ -1,0 +1,81 @@
+"""Disk-backed training data: batches read straight from the memory-mapped cache by worker processes."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .cache import FeatureCache
+
+
+class CachedFeatures(torch.utils.data.Dataset):
+    """Indexed by a *batch* of row indices: returns one batch, read with one sorted pass per shard.
+
+    Items: ``x`` ``[b, C, H, W]`` (the cache dtype), ``labels`` ``[b]`` int64, ``attr_target`` ``[b, A]``
+    float32, ``index`` ``[b]`` int64 (cache rows).
+    """
+
+    def __init__(self, cache: FeatureCache, targets: np.ndarray):
+        if targets.shape[0] != len(cache):
+            raise ValueError(f"targets must have one row per cached image ({len(cache)}), got {targets.shape}")
+        self.cache, self.targets = cache, np.asarray(targets, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, rows: Sequence[int]) -> dict:
+        rows = np.asarray(rows, dtype=np.int64)
+        return dict(x=torch.from_numpy(self.cache.read(rows)),
+                    labels=torch.from_numpy(self.cache.labels[rows]),
+                    attr_target=torch.from_numpy(self.targets[rows]),
+                    index=torch.from_numpy(rows))
+
+
+class BatchPlan(torch.utils.data.Sampler):
+    """Batches of cache rows for one process of ``world``.
+
+    Training (``shuffle``): each epoch a permutation seeded by ``(seed, epoch)`` is cut into global
+    batches of ``batch_size``; process ``rank`` takes its contiguous slice of ``batch_size // world``, so
+    N processes see exactly the batches one process would. Evaluation: rows ``rank::world`` in order.
+    """
+
+    def __init__(self, rows: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0,
+                 rank: int = 0, world: int = 1, drop_last: bool = False):
+        if batch_size <= 0 or (shuffle and batch_size % world):
+            raise ValueError(f"batch_size must be a positive multiple of the world size {world}, got {batch_size}")
+        self.rows, self.batch_size, self.shuffle = np.asarray(rows, dtype=np.int64), batch_size, shuffle
+        self.seed, self.rank, self.world, self.drop_last = seed, rank, world, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self):
+        if not self.shuffle:
+            mine = self.rows[self.rank::self.world]
+            return [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+        order = self.rows[np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows))]
+        local = self.batch_size // self.world
+        full = len(order) // self.batch_size
+        batches = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(full)]
+        tail = order[full * self.batch_size:]
+        if not self.drop_last and len(tail) >= self.world:
+            batches.append(tail[:len(tail) // self.world * self.world])
+        return [b[self.rank * (len(b) // self.world):(self.rank + 1) * (len(b) // self.world)] for b in batches]
+
+    def __iter__(self):
+        return iter([b.tolist() for b in self._batches()])
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def make_loader(cache: FeatureCache, rows: Sequence[int], targets: np.ndarray, batch_size: int,
+                shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1, drop_last: bool = False,
+                num_workers: int = 2, pin_memory: bool = False, prefetch: int = 4) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``rows`` of the cache; call ``loader.batch_sampler``'s ``set_epoch`` via ``loader.sampler``."""
+    plan = BatchPlan(rows, batch_size, shuffle, seed, rank, world, drop_last)
+    extra = dict(persistent_workers=True, prefetch_factor=prefetch) if num_workers > 0 else {}
+    return torch.utils.data.DataLoader(CachedFeatures(cache, targets), sampler=plan, batch_size=None,
+                                       num_workers=num_workers, pin_memory=pin_memory, **extra)

@@ -1,0 +1,65 @@
+"""PNG plots of a run: learning curves and attention maps on the feature grid (matplotlib, Agg)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def learning_curves(records: list, path: str) -> None:
+    """Losses, accuracies and the attribute metric per epoch, from ``metrics.jsonl`` records."""
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in records]
+    panels = (("regression loss", ("train_reg", "val_reg")), ("classification loss", ("train_ce", "val_ce")),
+              ("accuracy (val)", ("val_top1", "val_top5", "val_mean_class_acc")),
+              ("attributes (val)", ("val_attr_map", "val_attr_acc")))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            ys = [r.get(key) for r in records]
+            if any(y is not None for y in ys):
+                ax.plot(epochs, [np.nan if y is None else y for y in ys], marker="o", label=key)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def pick_attributes(num_parts: int, count: int = 4) -> np.ndarray:
+    return np.unique(np.linspace(0, num_parts - 1, count).round().astype(int))
+
+
+def attention_maps(attn: np.ndarray, grid: tuple, attribute_names: list, labels, class_names: list,
+                   path: str, attributes=None) -> None:
+    """``attn [S, P, N]``: one row per sample, one column per attribute, maps on the ``grid`` (H, W)."""
+    plt = _pyplot()
+    attributes = pick_attributes(attn.shape[1]) if attributes is None else np.asarray(attributes)
+    s, k = attn.shape[0], len(attributes)
+    fig, axes = plt.subplots(s, k, figsize=(2.2 * k, 2.2 * s), squeeze=False)
+    for i in range(s):
+        for j, a in enumerate(attributes):
+            ax = axes[i, j]
+            ax.imshow(attn[i, a].reshape(grid), cmap="viridis")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(attribute_names[a][:28], fontsize=7)
+            if j == 0:
+                ax.set_ylabel(class_names[int(labels[i])][:20], fontsize=7)
+    _save(fig, path)
+    plt.close(fig)

@@ -1,0 +1,302 @@
+"""CUB reader, feature cache, extract (tiny TorchScript backbone, interrupted and resumed), synth, loader."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from c2f.data import (BatchPlan, CacheError, CacheWriter, CUBFormatError, FeatureCache, attribute_targets,
+                      extract, load_backbone, make_loader, read_cub, read_manifest, synthesize)
+from c2f.data.extract import ImageFolderDataset
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+
+N_IMAGES, N_CLASSES, N_ATTRS, SIDE = 10, 3, 5, 16
+
+
+def write_cub(root, attributes_under_dir=False, continuous=True, seed=0):
+    """A CUB-format tree with the real files' quirks; returns the ground truth it wrote."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    os.makedirs(root / "images", exist_ok=True)
+    labels = np.arange(N_IMAGES) % N_CLASSES
+    is_train = (np.arange(N_IMAGES) % 3) != 0
+    present = rng.integers(0, 2, (N_IMAGES, N_ATTRS))
+    certainty = rng.integers(1, 5, (N_IMAGES, N_ATTRS))
+    lines = {k: [] for k in ("images", "labels", "split")}
+    for i in range(N_IMAGES):
+        rel = f"{labels[i] + 1:03d}.Class_{labels[i] + 1}/img_{i}.png"
+        os.makedirs(root / "images" / os.path.dirname(rel), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (SIDE + i % 3, SIDE, 3), dtype=np.uint8)).save(root / "images" / rel)
+        lines["images"].append(f"{i + 1} {rel}")
+        lines["labels"].append(f"{i + 1} {labels[i] + 1}")
+        lines["split"].append(f"{i + 1} {int(is_train[i])}")
+    (root / "images.txt").write_text("\n".join(lines["images"]) + "\n")
+    (root / "image_class_labels.txt").write_text("\n".join(lines["labels"]) + "\n")
+    (root / "train_test_split.txt").write_text("\n".join(lines["split"]) + "\n")
+    (root / "classes.txt").write_text("".join(f"{k + 1} {k + 1:03d}.Class_{k + 1}\n" for k in range(N_CLASSES)))
+    attr_dir = root / "attributes" if attributes_under_dir else root
+    os.makedirs(attr_dir, exist_ok=True)
+    (attr_dir / "attributes.txt").write_text("".join(f"{a + 1} has_thing::value_{a}\n" for a in range(N_ATTRS)))
+    rows = []
+    for i in range(N_IMAGES):
+        for a in range(N_ATTRS):
+            extra = " 0 12.5" if (i + a) % 4 == 0 else (" 3.1" if (i + a) % 7 == 0 else " 2.0")
+            rows.append(f"{i + 1} {a + 1} {present[i, a]} {certainty[i, a]}{extra}")
+    (attr_dir / "image_attribute_labels.txt").write_text("\n".join(rows) + "\n")
+    cont = rng.uniform(0, 100, (N_CLASSES, N_ATTRS))
+    if continuous:
+        (attr_dir / "class_attribute_labels_continuous.txt").write_text(
+            "".join(" ".join(f"{v:.6f}" for v in row) + "\n" for row in cont))
+    return dict(labels=labels, is_train=is_train, present=present, certainty=certainty, continuous=cont / 100)
+
+
+@pytest.mark.parametrize("under_dir", [False, True])
+def test_read_cub_quirks(tmp_path, under_dir):
+    truth = write_cub(tmp_path, attributes_under_dir=under_dir)
+    rec = read_cub(str(tmp_path))
+    assert len(rec) == N_IMAGES and rec.image_ids.tolist() == list(range(1, N_IMAGES + 1))
+    np.testing.assert_array_equal(rec.labels, truth["labels"])
+    np.testing.assert_array_equal(rec.is_train, truth["is_train"])
+    np.testing.assert_array_equal(rec.attributes, truth["present"])     # extra-field lines were kept
+    np.testing.assert_array_equal(rec.certainty, truth["certainty"])
+    np.testing.assert_allclose(rec.class_attributes, truth["continuous"], atol=1e-6)
+    assert rec.attribute_names[1] == "has_thing::value_1" and rec.class_names[2] == "003.Class_3"
+    assert all(os.path.isfile(p) for p in rec.image_paths)
+
+
+def test_read_cub_errors_name_file_and_line(tmp_path):
+    write_cub(tmp_path)
+    path = tmp_path / "image_attribute_labels.txt"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(CUBFormatError, match=r"image_attribute_labels.txt.*missing.*image 10, attribute 5"):
+        read_cub(str(tmp_path))
+    lines[6] = "7 2 yes 3"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CUBFormatError, match=r"image_attribute_labels.txt:7: is_present must be an integer"):
+        read_cub(str(tmp_path))
+    lines[6] = lines[5]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CUBFormatError, match=r"image_attribute_labels.txt:7: second label"):
+        read_cub(str(tmp_path))
+    write_cub(tmp_path)
+    (tmp_path / "image_class_labels.txt").write_text("1 1\n")
+    with pytest.raises(CUBFormatError, match=r"image_class_labels.txt: no class id for 9 image"):
+        read_cub(str(tmp_path))
+
+
+def test_attribute_targets():
+    present = np.array([[1, 0, 1, 0]], dtype=np.float32)
+    certainty = np.array([[4, 4, 1, 2]])
+    np.testing.assert_array_equal(attribute_targets("binary", present, certainty, [0]), present)
+    np.testing.assert_allclose(attribute_targets("calibrated", present, certainty, [0]), [[1.0, 0.0, 0.5, 0.25]])
+    cls = np.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]], dtype=np.float32)
+    np.testing.assert_array_equal(attribute_targets("class", present, certainty, np.array([1]), cls), cls[[1]])
+    with pytest.raises(ValueError, match="class_attribute_labels_continuous"):
+        attribute_targets("class", present, certainty, [0], None)
+    with pytest.raises(ValueError, match="must be one of"):
+        attribute_targets("soft", present, certainty, [0])
+
+
+class TinyBackbone(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 4, stride=4)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+@pytest.fixture
+def cub_and_backbone(tmp_path):
+    write_cub(tmp_path / "cub")
+    torch.manual_seed(0)
+    path = str(tmp_path / "backbone.pt")
+    torch.jit.script(TinyBackbone()).save(path)
+    return str(tmp_path / "cub"), path
+
+
+EXTRACT = dict(image_size=SIDE, batch_size=3, shard_size=4, num_workers=0, progress=False)
+
+
+def test_extract_matches_backbone_and_resumes(tmp_path, cub_and_backbone, monkeypatch):
+    cub, backbone = cub_and_backbone
+    full = extract(cub, str(tmp_path / "full"), backbone, **EXTRACT)
+    cache = FeatureCache(full)
+    rec = read_cub(cub)
+    images = torch.stack([ImageFolderDataset(rec.image_paths, SIDE)[i] for i in range(N_IMAGES)])
+    with torch.inference_mode():
+        expected = torch.jit.load(backbone)(images).numpy()
+    got = cache.read(np.arange(N_IMAGES)).astype(np.float32)
+    assert got.shape == (N_IMAGES, 6, 4, 4) and cache.dtype == np.float16
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(cache.labels, rec.labels)
+    m = read_manifest(full)
+    assert m["config"]["backbone"] == backbone and m["config"]["image_size"] == SIDE
+    assert m["config"]["preprocessing"]["mean"] and len(m["shards"]) == 3 and m["complete"]
+
+    # Interrupt after the first shard: the cache is refused until the same command completes it.
+    calls = []
+    real = CacheWriter.write_shard
+
+    def crash_on_second(self, i, features):
+        calls.append(i)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, i, features)
+
+    monkeypatch.setattr(CacheWriter, "write_shard", crash_on_second)
+    part = str(tmp_path / "part")
+    with pytest.raises(KeyboardInterrupt):
+        extract(cub, part, backbone, **EXTRACT)
+    with pytest.raises(CacheError, match="incomplete.*1 of 3 shards"):
+        FeatureCache(part)
+    monkeypatch.setattr(CacheWriter, "write_shard", lambda self, i, f: (calls.append(i), real(self, i, f)))
+    calls.clear()
+    extract(cub, part, backbone, **EXTRACT)
+    assert calls == [1, 2]                                   # only the missing shards were computed
+    np.testing.assert_array_equal(FeatureCache(part).read(np.arange(N_IMAGES)), cache.read(np.arange(N_IMAGES)))
+    assert not [f for f in os.listdir(part) if ".tmp" in f]
+    calls.clear()
+    extract(cub, part, backbone, **EXTRACT)                  # a finished cache is left alone
+    assert calls == []
+
+
+def test_cache_refuses_mismatch_and_corruption(tmp_path, cub_and_backbone):
+    cub, backbone = cub_and_backbone
+    out = extract(cub, str(tmp_path / "c"), backbone, **EXTRACT)
+    with pytest.raises(CacheError, match="different cache.*image_size"):
+        extract(cub, out, backbone, **{**EXTRACT, "image_size": 2 * SIDE})
+    with pytest.raises(CacheError, match="different cache.*split"):
+        extract(cub, out, backbone, **{**EXTRACT, "split": "train"})
+    shard = os.path.join(out, "features-00001.npy")
+    data = bytearray(open(shard, "rb").read())
+    data[-3] ^= 0xFF
+    open(shard, "wb").write(bytes(data))
+    with pytest.raises(CacheError, match="features-00001.npy fails its sha256"):
+        FeatureCache(out)
+    open(shard, "wb").write(bytes(data[:-40]))
+    with pytest.raises(CacheError, match="features-00001.npy"):
+        FeatureCache(out, verify="size")
+    extract(cub, out, backbone, **EXTRACT)                   # rerunning rewrites the bad shard
+    FeatureCache(out)
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(CacheError, match="not valid JSON"):
+        FeatureCache(out)
+
+
+def test_extract_split_and_bad_backbone(tmp_path, cub_and_backbone):
+    cub, backbone = cub_and_backbone
+    train = FeatureCache(extract(cub, str(tmp_path / "t"), backbone, split="train", **EXTRACT))
+    assert len(train) == int(read_cub(cub).is_train.sum()) and train.is_train.all()
+    flat = str(tmp_path / "flat.pt")
+    torch.jit.script(torch.nn.Flatten()).save(flat)
+    with pytest.raises(ValueError, match="expected a feature map"):
+        extract(cub, str(tmp_path / "f"), flat, **EXTRACT)
+    with pytest.raises(ValueError, match="neither a file"):
+        extract(cub, str(tmp_path / "g"), "no_such_backbone", **EXTRACT)
+
+
+TINY = dict(num_classes=5, images_per_class=8, num_attributes=12, dim=32, grid=7, num_locations=4,
+            test_fraction=0.25, classes_per_genus=1, shard_size=16, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    return synthesize(str(tmp_path_factory.mktemp("synth") / "cache"), **TINY)
+
+
+def test_synth_deterministic_and_resumable(tmp_path, tiny_cache, monkeypatch):
+    cache = FeatureCache(tiny_cache)
+    assert cache.feature_shape == (32, 7, 7) and len(cache) == 40 and len(cache.attribute_names) == 12
+    assert cache.is_train.sum() == 30 and np.bincount(cache.labels).tolist() == [8] * 5
+    again = str(tmp_path / "again")
+    os.makedirs(again)
+    real = CacheWriter.write_shard
+
+    def crash_on_shard_1(self, i, features):
+        if i == 1:
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, i, features)
+
+    monkeypatch.setattr(CacheWriter, "write_shard", crash_on_shard_1)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(again, **TINY)
+    monkeypatch.setattr(CacheWriter, "write_shard", real)
+    synthesize(again, **TINY)
+    np.testing.assert_array_equal(FeatureCache(again).read(range(40)), cache.read(range(40)))
+    with pytest.raises(CacheError, match="seed"):
+        synthesize(again, **{**TINY, "seed": 1})
+
+
+def test_loader_reads_batches_from_the_cache(tiny_cache):
+    cache = FeatureCache(tiny_cache)
+    targets = np.random.default_rng(0).random((len(cache), 12)).astype(np.float32)
+    rows = np.arange(3, 37)
+    loader = make_loader(cache, rows, targets, batch_size=8, shuffle=True, seed=5, num_workers=2)
+    seen = []
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        epoch_rows = []
+        for batch in loader:
+            idx = batch["index"].numpy()
+            np.testing.assert_array_equal(batch["x"].numpy(), cache.read(idx))
+            np.testing.assert_array_equal(batch["labels"].numpy(), cache.labels[idx])
+            np.testing.assert_array_equal(batch["attr_target"].numpy(), targets[idx])
+            assert batch["x"].dtype == torch.float16
+            epoch_rows.extend(idx.tolist())
+        assert sorted(epoch_rows) == rows.tolist()          # each row once, the tail batch kept
+        seen.append(epoch_rows)
+    assert seen[0] != seen[1]                               # reshuffled per epoch
+    preload = FeatureCache(tiny_cache, preload=True)
+    assert not isinstance(preload._shards()[0], np.memmap)
+    np.testing.assert_array_equal(preload.read([39, 0, 17]), cache.read([39, 0, 17]))
+    with pytest.raises(IndexError, match="indices must lie in"):
+        cache.read([40])
+
+
+def test_batch_plan_shards_global_batches_over_processes():
+    rows = np.arange(50)
+    one = list(BatchPlan(rows, 8, shuffle=True, seed=3, drop_last=True))
+    two = [list(BatchPlan(rows, 8, shuffle=True, seed=3, rank=r, world=2, drop_last=True)) for r in range(2)]
+    assert len(one) == 6 and all(len(b) == 8 for b in one)
+    for i, batch in enumerate(one):
+        assert two[0][i] + two[1][i] == batch
+    ev = [list(BatchPlan(rows, 8, shuffle=False, rank=r, world=2)) for r in range(2)]
+    assert sorted(sum(ev[0] + ev[1], [])) == rows.tolist()
+    with pytest.raises(ValueError, match="multiple of the world size"):
+        BatchPlan(rows, 7, shuffle=True, world=2)
+
+
+def test_backbone_from_factory_and_missing_torchvision(tmp_path, cub_and_backbone, monkeypatch):
+    cub, _ = cub_and_backbone
+    (tmp_path / "tiny_backbone_mod.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    torch.manual_seed(1)\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 5, 8, stride=8), torch.nn.ReLU())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cache = FeatureCache(extract(cub, str(tmp_path / "f"), "tiny_backbone_mod:make", **EXTRACT))
+    assert cache.feature_shape == (5, 2, 2)
+    assert read_manifest(str(tmp_path / "f"))["config"]["backbone"] == "tiny_backbone_mod:make"
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="needs torchvision"):
+            extract(cub, str(tmp_path / "tv"), "torchvision:resnet50", **EXTRACT)
+    else:   # random weights: nothing is downloaded; cut before pooling
+        with torch.inference_mode():
+            assert load_backbone("torchvision:resnet18")(torch.zeros(1, 3, 64, 64)).shape == (1, 512, 2, 2)
+
+
+def test_extracted_cub_cache_trains(tmp_path, cub_and_backbone):
+    """CUB tree -> extract -> train: names, calibrated targets and splits flow through."""
+    from c2f.train import TrainConfig, train
+    cub, backbone = cub_and_backbone
+    cache = extract(cub, str(tmp_path / "c"), backbone, **EXTRACT)
+    result = train(TrainConfig(features=cache, run_dir=str(tmp_path / "run"), epochs=1, batch_size=2,
+                               num_workers=0, progress=False, plots=False, head="reference",
+                               attr_target="calibrated"))
+    assert result["test"]["n"] == int((~read_cub(cub).is_train).sum()) and result["num_classes"] == N_CLASSES
