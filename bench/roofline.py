@@ -1,0 +1,216 @@
+"""Roofline model: compulsory bytes and FLOPs of each op, and the time they imply on an H100 SXM.
+
+A model, not a measurement. Each kernel (fused op, or one op of the unfused reference) must at least
+move its compulsory bytes (every input read once, every output written once) and do its matmul FLOPs;
+its time is at least ``max(bytes / bandwidth, flops / peak)``. The unfused reference pays that per op,
+with every intermediate written and read back. Elementwise FLOPs (softmax, LayerNorm, mixing) are left
+out: every op here is far from compute-bound on them.
+
+Shapes: ``x [B, C, N]``, ``P`` queries, ``h`` heads with the key projection folded into ``G [h, P, C]``
+(DESIGN.md: S_j = G_j Xc is ``2 P C N`` FLOPs per head and sample, parts ``2 P N C`` per sample).
+Statistics, probabilities and folded queries are fp32 whatever the storage dtype ``s``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+H100_BW = 3.35e12            # bytes/s, H100 SXM HBM3
+H100_PEAK = {"bf16": 990e12, "fp32": 495e12}  # dense tensor-core FLOP/s (fp32 runs as TF32)
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+F32 = 4
+
+
+@dataclass(frozen=True)
+class Shape:
+    B: int = 64
+    C: int = 2048
+    N: int = 196
+    P: int = 312
+    h: int = 1
+    K: int = 4
+
+
+@dataclass
+class OpCost:
+    op: str          # what runs
+    impl: str        # "fused" or "reference"
+    dtype: str
+    bytes: float
+    flops: float
+
+    def time_s(self) -> float:
+        return max(self.bytes / H100_BW, self.flops / H100_PEAK[self.dtype])
+
+    def bound(self) -> str:
+        return "memory" if self.bytes / H100_BW >= self.flops / H100_PEAK[self.dtype] else "compute"
+
+
+def attention_fwd(sh: Shape, dtype: str) -> list[OpCost]:
+    """Fused: stats + S = G Xc + softmax + parts in one pass over X (the stats pass re-reads X: not counted)."""
+    s = DTYPE_BYTES[dtype]
+    B, C, N, P, h = sh.B, sh.C, sh.N, sh.P, sh.h
+    fold = OpCost(f"query fold Q' = Q Wk (h={h})", "fused", dtype,
+                  bytes=(P * C + C * C) * s + h * P * C * F32, flops=2 * P * C * C)
+    main = OpCost(f"attention fwd (h={h})", "fused", dtype,
+                  bytes=B * C * N * s + h * P * C * F32 + 2 * C * F32        # x, G, gamma/beta
+                  + B * P * C * s + B * h * P * N * F32 + 2 * B * N * F32,    # parts, probs, mean/rstd
+                  flops=B * (2 * h * P * C * N + 2 * P * N * C))
+    return [fold, main]
+
+
+def attention_bwd(sh: Shape, dtype: str, needs_dx: bool = False) -> list[OpCost]:
+    """Fused backward: dprobs = dparts Xc (2PCN), values recomputed for dgamma (2PNC), dG = dS Xc^T (2hPNC)."""
+    s = DTYPE_BYTES[dtype]
+    B, C, N, P, h = sh.B, sh.C, sh.N, sh.P, sh.h
+    nbytes = (B * C * N * s + B * h * P * N * F32 + 2 * B * N * F32        # x, probs, mean/rstd
+              + B * P * C * s + B * P * N * s + 2 * C * F32                 # dparts, dattn, gamma/beta
+              + h * P * C * F32 + 2 * C * F32)                               # dG, dgamma/dbeta
+    flops = B * (2 * P * C * N + 2 * P * N * C + 2 * h * P * N * C)
+    if needs_dx:
+        nbytes += B * C * N * s + h * P * C * F32
+        flops += B * (2 * h * P * C * N + 2 * P * N * C)
+    return [OpCost(f"attention bwd (h={h}{', dx' if needs_dx else ''})", "fused", dtype, nbytes, flops)]
+
+
+def reference_attention_fwd(sh: Shape, dtype: str) -> list[OpCost]:
+    """c2f.reference.PartAttention, one kernel per op, every intermediate written to memory."""
+    s = DTYPE_BYTES[dtype]
+    B, C, N, P, h = sh.B, sh.C, sh.N, sh.P, sh.h
+    return [
+        OpCost("ref: LayerNorm (x as [B,N,C])", "reference", dtype, 2 * B * N * C * s + 2 * B * N * F32, 0),
+        OpCost("ref: key projection k(t)", "reference", dtype, 2 * B * N * C * s + C * C * s, 2 * B * N * C * C),
+        OpCost(f"ref: scores q k^T (h={h})", "reference", dtype, B * N * C * s + P * C * s + B * h * P * N * s,
+               2 * B * P * C * N),
+        OpCost("ref: softmax", "reference", dtype, 2 * B * h * P * N * s, 0),
+        OpCost("ref: values attn t", "reference", dtype, B * h * P * N * s + B * N * C * s + B * P * C * s,
+               2 * B * P * N * C),
+        OpCost("ref: attn mean over heads", "reference", dtype, B * h * P * N * s + B * P * N * s, 0),
+    ]
+
+
+def reference_attention_bwd(sh: Shape, dtype: str) -> list[OpCost]:
+    """Backward of the reference ops (x frozen): two matmuls per forward matmul, then LayerNorm's."""
+    s = DTYPE_BYTES[dtype]
+    B, C, N, P, h = sh.B, sh.C, sh.N, sh.P, sh.h
+    return [
+        OpCost("ref bwd: values (d attn, d t)", "reference", dtype,
+               B * P * C * s + B * h * P * N * s + B * N * C * s + B * h * P * N * s + B * N * C * s,
+               4 * B * P * N * C),
+        OpCost("ref bwd: softmax", "reference", dtype, 3 * B * h * P * N * s, 0),
+        OpCost("ref bwd: scores (d q, d keys)", "reference", dtype,
+               B * h * P * N * s + B * N * C * s + P * C * s + P * C * s + B * N * C * s, 4 * B * P * C * N),
+        OpCost("ref bwd: key projection (d W, d t)", "reference", dtype,
+               2 * B * N * C * s + C * C * s + C * C * s + B * N * C * s, 4 * B * N * C * C),
+        OpCost("ref bwd: LayerNorm (d gamma, d beta)", "reference", dtype, 3 * B * N * C * s, 0),
+    ]
+
+
+def mixup_inplace(sh: Shape, dtype: str) -> list[OpCost]:
+    """part_mixup_ forward (backward is the same kernel on the gradient): each pair read once, written once."""
+    s = DTYPE_BYTES[dtype]
+    B, C, P = sh.B, sh.C, sh.P
+    return [OpCost("part_mixup_ (in place)", "fused", dtype, 2 * B * P * C * s + B * P * F32 + B * 8, 0)]
+
+
+def reference_mixup(sh: Shape, dtype: str, K: int = 1) -> list[OpCost]:
+    """``m * parts + (1 - m) * parts[perm]``: a gather, two broadcasts to [K, B, P, C] and a sum."""
+    s = DTYPE_BYTES[dtype]
+    B, C, P = sh.B, sh.C, sh.P
+    one, many = B * P * C * s, K * B * P * C * s
+    return [OpCost(f"ref: parts[perm] (K={K})", "reference", dtype, 2 * one, 0),
+            OpCost(f"ref: m * parts (K={K})", "reference", dtype, one + many, 0),
+            OpCost(f"ref: (1 - m) * parts[perm] (K={K})", "reference", dtype, one + many, 0),
+            OpCost(f"ref: sum (K={K})", "reference", dtype, 3 * many, 0)]
+
+
+def reference_mixup_bwd(sh: Shape, dtype: str, K: int = 1) -> list[OpCost]:
+    """Autograd of the reference mixup: both products' gradients, reduced over K, scattered back by perm."""
+    s = DTYPE_BYTES[dtype]
+    B, C, P = sh.B, sh.C, sh.P
+    one, many = B * P * C * s, K * B * P * C * s
+    ops = [OpCost(f"ref bwd: m * dY, (1 - m) * dY (K={K})", "reference", dtype, 4 * many, 0)]
+    if K > 1:
+        ops.append(OpCost(f"ref bwd: sum over K (K={K})", "reference", dtype, 2 * (many + one), 0))
+    ops.append(OpCost("ref bwd: index backward (scatter) + add", "reference", dtype, 6 * one, 0))
+    return ops
+
+
+def mixup_pool(sh: Shape, dtype: str, backward: bool) -> list[OpCost]:
+    """part_mixup_pool: ``pooled [K, B, C]`` as one [K, P] x [P, C] contraction per sample; backward likewise."""
+    s = DTYPE_BYTES[dtype]
+    B, C, P, K = sh.B, sh.C, sh.P, sh.K
+    nbytes = B * P * C * s + K * B * P * F32 + K * B * C * s
+    name = f"part_mixup_pool {'bwd' if backward else 'fwd'} (K={K})"
+    return [OpCost(name, "fused", dtype, nbytes, 2 * K * B * P * C)]
+
+
+def reference_mixup_pool(sh: Shape, dtype: str, backward: bool) -> list[OpCost]:
+    s = DTYPE_BYTES[dtype]
+    B, C, P, K = sh.B, sh.C, sh.P, sh.K
+    if backward:
+        return [OpCost(f"ref bwd: mean over parts (expand, K={K})", "reference", dtype,
+                       K * B * C * s + K * B * P * C * s, 0)] + reference_mixup_bwd(sh, dtype, K)
+    return reference_mixup(sh, dtype, K) + [
+        OpCost(f"ref: mean over parts (K={K})", "reference", dtype, K * B * P * C * s + K * B * C * s, 0)]
+
+
+def table(B: int = 64) -> list[dict]:
+    """Rows (group, op, impl, dtype, bytes, flops, time_us, bound) for the report, fused beside reference."""
+    rows = []
+    for dtype in ("bf16", "fp32"):
+        for h in (1, 16):
+            sh = Shape(B=B, h=h)
+            rows += _rows(f"attention fwd h={h}", attention_fwd(sh, dtype) + reference_attention_fwd(sh, dtype))
+            rows += _rows(f"attention bwd h={h}", attention_bwd(sh, dtype) + reference_attention_bwd(sh, dtype))
+        sh = Shape(B=B)
+        rows += _rows("part_mixup fwd", mixup_inplace(sh, dtype) + reference_mixup(sh, dtype))
+        rows += _rows("part_mixup bwd", mixup_inplace(sh, dtype) + reference_mixup_bwd(sh, dtype))
+        for K in (4, 32):
+            sh = Shape(B=B, K=K)
+            for bwd in (False, True):
+                rows += _rows(f"part_mixup_pool {'bwd' if bwd else 'fwd'} K={K}",
+                              mixup_pool(sh, dtype, bwd) + reference_mixup_pool(sh, dtype, bwd))
+    return rows
+
+
+def _rows(group: str, ops: list[OpCost]) -> list[dict]:
+    return [{"group": group, "op": o.op, "impl": o.impl, "dtype": o.dtype, "bytes": o.bytes, "flops": o.flops,
+             "time_us": o.time_s() * 1e6, "bound": o.bound()} for o in ops]
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per (group, dtype): total implied time of the fused ops and of the reference's ops, and their ratio."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["group"], r["dtype"])
+        entry = out.setdefault(key, {"group": r["group"], "dtype": r["dtype"], "fused_us": 0.0, "reference_us": 0.0,
+                                     "fused_bytes": 0.0, "reference_bytes": 0.0})
+        entry[f"{r['impl']}_us"] += r["time_us"]
+        entry[f"{r['impl']}_bytes"] += r["bytes"]
+    for e in out.values():
+        e["speedup"] = e["reference_us"] / e["fused_us"] if e["fused_us"] else float("nan")
+    return list(out.values())
+
+
+def markdown(B: int = 64) -> str:
+    rows = table(B)
+    lines = [f"Model, not a measurement: H100 SXM at {H100_BW / 1e12:.2f} TB/s, {H100_PEAK['bf16'] / 1e12:.0f} "
+             f"dense bf16 and {H100_PEAK['fp32'] / 1e12:.0f} TF32 TFLOP/s; time = max(bytes / BW, FLOPs / peak) "
+             f"per kernel, B={B}, C=2048, N=196, P=312. Fused rows count compulsory bytes (each input read once, "
+             "each output written once); reference rows are the unfused ops, each paying its own reads and writes.",
+             "", "| group | dtype | fused (us) | reference (us) | ratio | fused MB | reference MB |",
+             "|---|---|---|---|---|---|---|"]
+    for e in summary(rows):
+        lines.append(f"| {e['group']} | {e['dtype']} | {e['fused_us']:.1f} | {e['reference_us']:.1f} | "
+                     f"{e['speedup']:.1f}x | {e['fused_bytes'] / 1e6:.1f} | {e['reference_bytes'] / 1e6:.1f} |")
+    lines += ["", "<details><summary>Per op</summary>", "",
+              "| group | op | impl | dtype | MB | GFLOP | time (us) | bound |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['group']} | {r['op']} | {r['impl']} | {r['dtype']} | {r['bytes'] / 1e6:.1f} | "
+                     f"{r['flops'] / 1e9:.1f} | {r['time_us']:.1f} | {r['bound']} |")
+    lines += ["", "</details>"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown())
