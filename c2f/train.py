@@ -28,7 +28,7 @@ STAGES = ("attention", "fine", "joint")
 HEADS = ("fused", "reference")
 DEMO_CACHE = os.path.join(".cache", "c2f-demo")
 # The demo: CUB's feature and attribute shapes, few classes and images so it trains in minutes on 2 cores.
-DEMO_SYNTH = dict(num_classes=16, images_per_class=24, test_fraction=0.25, seed=0, shard_size=128)
+DEMO_SYNTH = dict(num_classes=50, images_per_class=32, test_fraction=0.25, seed=0, shard_size=128)
 
 
 @dataclass
