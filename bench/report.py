@@ -315,22 +315,22 @@ def _plot(case: str, var: str, rest: tuple, series: dict, impls: list[str], out:
 def readme_table(benchmarks: list[dict], device: str, date: str, mode: str) -> str:
     """The README's results table: one row per case at its headline size, fused against the others."""
     lines = [f"Measured {date} on {device} ({mode} run of `make bench`; full report in results/REPORT.md).", "",
-             "| case | params | fused (ms) | reference (ms) | speedup | compiled (ms) "
+             "| case | params | fused (ms) | reference (ms) | speedup | compiled (ms, speedup) "
              "| fused / reference peak memory |",
              "|---|---|---|---|---|---|---|"]
     cases = _cases(benchmarks)
-    # Headline rows: cases recorded outside a sweep; a case that exists only in sweeps shows its largest point.
-    headline = {k: v for k, v in cases.items() if not any(b["extra_info"].get("sweep") for b in v.values())}
+    # Headline rows: the sizes the issues set targets at, i.e. the cases also run against
+    # torch.compile, and the cases outside any sweep; a case that exists only in a sweep shows every point.
+    headline = {k: v for k, v in cases.items()
+                if "compiled" in v or not any(b["extra_info"].get("sweep") for b in v.values())}
     for name in {n for n, _ in cases} - {n for n, _ in headline}:
-        swept = [k for k in cases if k[0] == name]
-        last = max(swept, key=lambda k: _param_key(k[1]))
-        headline[last] = cases[last]
+        headline.update({k: v for k, v in cases.items() if k[0] == name})
     for (name, params), impls in sorted(headline.items(), key=_case_order):
         if name.startswith("smoke") or "fused" not in impls or "reference" not in impls:
             continue
         f, r, c = impls["fused"], impls["reference"], impls.get("compiled")
         pf, pr = f["extra_info"].get("peak_bytes"), r["extra_info"].get("peak_bytes")
-        compiled = "-" if c is None else f"{_ms(c):.1f}"
+        compiled = "-" if c is None else f"{_ms(c):.1f} ({_ms(c) / _ms(f):.2f}x)"
         peak = _fmt(pf / pr if pf is not None and pr else None, ".2f")
         lines.append(f"| {name} | {_params(params)} | {_ms(f):.1f} | {_ms(r):.1f} | {_ms(r) / _ms(f):.2f}x | "
                      f"{compiled} | {peak} |")
@@ -408,7 +408,7 @@ def write_report(out: Path, merged: dict, status: dict, quick: bool, started: fl
     busy_note = ("\n**The machine was busy (load average above 1): the CPU timings below are inflated and noisy "
                  "(with 2 intra-op threads, which stall on each other, op-heavy code suffers most; `--threads auto` "
                  "drops to 1 thread when the machine is busy at the start). Rerun on an idle machine before quoting "
-                 "them.**\n" if max(load[0], os.getloadavg()[0]) > 1.0 and "cuda" not in device else "")
+                 "them.**\n" if load[0] > 1.0 and "cuda" not in device else "")  # the bench itself loads the end
     threads = os.environ.get("C2F_BENCH_THREADS") or torch.get_num_threads()
     load_end = os.getloadavg()[0]
     tracker = "CUDA allocator, NVML beside it" if "cuda" in device else "CPU live-tensor tracker, bench/memtrack.py"
