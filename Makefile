@@ -28,7 +28,7 @@ bench: venv
 	$(PY) -m bench.report --out results
 
 inspect: venv
-	$(PY) -m kernels.inspect --arch 80 90
+	$(PY) -m c2f.kernels.inspect --arch 80 90
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .benchmarks

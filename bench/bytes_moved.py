@@ -299,7 +299,7 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[int], tuple[Callable[[
 
     def attention(h: int, backward: bool):
         def build(B: int):
-            from kernels import part_attention as pa
+            from c2f.kernels import part_attention as pa
             x = torch.randn(B, C, N)
             g = torch.randn(h, P, C) * 0.02
             gamma, beta = torch.ones(C), torch.zeros(C)
@@ -313,7 +313,7 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[int], tuple[Callable[[
 
     def mixup(backward: bool):
         def build(B: int):
-            from kernels import part_mixup as pm
+            from c2f.kernels import part_mixup as pm
             x, mask, perm = torch.randn(B, P, C), torch.rand(B, P), torch.arange(B - 1, -1, -1)
             fn = pm.part_mixup_bwd_ if backward else pm.part_mixup_fwd_
             return lambda: fn(x, perm, mask)
@@ -321,7 +321,7 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[int], tuple[Callable[[
 
     def pool(backward: bool):
         def build(B: int):
-            from kernels import part_mixup as pm
+            from c2f.kernels import part_mixup as pm
             mask, perm = torch.rand(K, B, P), torch.arange(B - 1, -1, -1)
             if backward:
                 grad = torch.randn(K, B, C)

@@ -2,7 +2,7 @@
 
 1. Runs every ``bench/bench_*.py`` with pytest-benchmark, one pytest process per file (a file that fails
    or runs out of time is reported and the others go on), merged into ``<out>/benchmark.json``.
-2. The static GPU check (``python -m kernels.inspect --arch 80 90``, no GPU needed).
+2. The static GPU check (``python -m c2f.kernels.inspect --arch 80 90``, no GPU needed).
 3. Bytes moved per kernel, traced under the Triton interpreter (``python -m bench.bytes_moved``).
 4. The roofline model (``bench.roofline``).
 Then writes ``<out>/REPORT.md``, PNG plots of the sweeps, and ``<out>/README_TABLE.md`` for the README.
@@ -157,7 +157,7 @@ def run_static(out: Path, quick: bool, deadline: float) -> dict[str, Any]:
     procs = []
     for arch in (80, 90):
         log = open(out / f"inspect_sm{arch}.log", "w")
-        cmd = [sys.executable, "-m", "kernels.inspect", "--arch", str(arch),
+        cmd = [sys.executable, "-m", "c2f.kernels.inspect", "--arch", str(arch),
                "--json", str(out / f"inspect_sm{arch}.json")]
         procs.append((arch, subprocess.Popen(cmd, cwd=ROOT, env=_env(quick, False), stdout=log,
                                              stderr=subprocess.STDOUT), log))
@@ -341,13 +341,13 @@ def inspect_section(out: Path, status: dict) -> str:
     path = out / "inspect.json"
     if not path.exists():
         return "Not run."
-    from kernels.inspect import KernelReport, format_table
+    from c2f.kernels.inspect import KernelReport, format_table
     data = json.loads(path.read_text())
     reports = [KernelReport(**r) for r in data["kernels"]]
     reports.sort(key=lambda r: (r.module, r.kernel, r.arch))
     spilled = [r for r in reports if r.ok and r.spills]
     failed = [r for r in reports if not r.ok]
-    lines = [f"`python -m kernels.inspect --arch 80 90` (exit status sm_80: {status.get('inspect_sm80')}, "
+    lines = [f"`python -m c2f.kernels.inspect --arch 80 90` (exit status sm_80: {status.get('inspect_sm80')}, "
              f"sm_90: {status.get('inspect_sm90')}; {status.get('inspect_seconds')} s). Registers and spills from "
              "ptxas -v, shared memory from the compiled kernel's metadata, tensor cores from the SASS "
              "(HMMA: mma.sync on sm_80/sm_90; HGMMA: wgmma on sm_90). CTAs/SM is the occupancy bound from "

@@ -47,11 +47,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _kernels_loaded() -> bool:
-    return any(name.startswith("kernels.") for name in sys.modules)
+    return any(name.startswith("c2f.kernels.") for name in sys.modules)
 
 
 def load_kernels(name: str):
     """Imports ``kernels.<name>``, in interpreter mode when this machine has no CUDA."""
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
-    return importlib.import_module(f"kernels.{name}")
+    return importlib.import_module(f"c2f.kernels.{name}")

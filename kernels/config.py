@@ -50,7 +50,7 @@ class PartAttentionBlocks:
 
 
 # GPU (sm_80 / sm_90), at N = 196 -> 256 tokens per block, chosen from ptxas -v at production sizes
-# (python -m kernels.inspect): every kernel without spills on both archs, shared memory < 164 KiB (A100).
+# (python -m c2f.kernels.inspect): every kernel without spills on both archs, shared memory < 164 KiB (A100).
 # Forward holds S / probs [32, 256] fp32 plus a [32, 256] X chunk (192 / 238 registers on sm_90 /
 # sm_80 at BLOCK_P = 32; 64 spilled on sm_80). Backward holds three [BLOCK_P, 256] tiles (probs,
 # probs * rstd, dP) plus a [32, 256] X chunk, so BLOCK_P = 16. dG walks its B x N reduction in

@@ -1,6 +1,6 @@
 """Static GPU check: compile every kernel ahead of time for sm_80 / sm_90 and read its resources.
 
-    python -m kernels.inspect --arch 80 90 [--json PATH] [--module part_attention ...]
+    python -m c2f.kernels.inspect --arch 80 90 [--json PATH] [--module part_attention ...]
 
 No GPU is needed. Every module in ``kernels/`` with kernels exposes ``compile_specs()`` (see
 ``kernels.config.KernelSpec``); each spec is compiled with ``triton.compile(ASTSource(...),
@@ -82,7 +82,7 @@ def kernel_modules() -> list[str]:
 
 def load_specs(module_name: str) -> list:
     """Imports ``kernels.<module_name>`` and returns its ``compile_specs()``; raises when it has none."""
-    module = importlib.import_module(f"kernels.{module_name}")
+    module = importlib.import_module(f"{__package__}.{module_name}")
     compile_specs = getattr(module, "compile_specs", None)
     if compile_specs is None:
         raise AttributeError(f"kernels.{module_name} has no compile_specs(): every kernel module must list "
@@ -259,12 +259,12 @@ def format_table(reports: list[KernelReport]) -> str:
 
 def _rerun_without_interpreter(argv: list[str]) -> int:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.call([sys.executable, "-m", "kernels.inspect", *argv], env=env)
+    return subprocess.call([sys.executable, "-m", "c2f.kernels.inspect", *argv], env=env)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m kernels.inspect", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m c2f.kernels.inspect", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SM_LIMITS))
     parser.add_argument("--module", nargs="+", default=None, help="kernel modules to check (default: all)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")

@@ -522,7 +522,7 @@ def _is_dense(t: torch.Tensor) -> bool:
 
 def compile_specs() -> list[cfg.KernelSpec]:
     """Every kernel at production sizes (C=2048, N=196, P=312, h=1; fp32 and bf16 x read as [B, C, H, W])
-    with the GPU tile sizes, for ahead-of-time compilation (``python -m kernels.inspect``)."""
+    with the GPU tile sizes, for ahead-of-time compilation (``python -m c2f.kernels.inspect``)."""
     c, n, p, h = 2048, 196, 312, 1
     blocks = cfg.PA_GPU_BLOCKS
     block_n = cfg.pa_block_n(n)

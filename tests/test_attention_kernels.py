@@ -12,7 +12,7 @@ import torch
 from c2f._backend import load_kernels
 
 K = load_kernels("part_attention")
-from kernels import config as cfg  # noqa: E402  (after load_kernels: it sets the interpreter flag)
+from c2f.kernels import config as cfg  # noqa: E402  (after load_kernels: it sets the interpreter flag)
 
 EPS = 1e-5
 

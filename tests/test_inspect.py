@@ -1,4 +1,4 @@
-"""The static GPU check (``python -m kernels.inspect``): compiles for sm_80/sm_90 without a GPU.
+"""The static GPU check (``python -m c2f.kernels.inspect``): compiles for sm_80/sm_90 without a GPU.
 
 Compilation must happen in a process without ``TRITON_INTERPRET=1`` (tests/conftest.py sets it, and a
 kernel decorated under the interpreter cannot be compiled), so every compile here runs in a subprocess.
@@ -16,8 +16,8 @@ import pytest
 import triton
 import triton.language as tl
 
-from kernels import inspect as kinspect
-from kernels.config import KernelSpec
+from c2f.kernels import inspect as kinspect
+from c2f.kernels.config import KernelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_MODULES = ("part_attention", "part_mixup")
@@ -121,7 +121,7 @@ def test_occupancy_bounds():
 
 
 def test_module_without_compile_specs_is_an_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "kernels._fake_no_specs", types.ModuleType("kernels._fake_no_specs"))
+    monkeypatch.setitem(sys.modules, "c2f.kernels._fake_no_specs", types.ModuleType("c2f.kernels._fake_no_specs"))
     with pytest.raises(AttributeError, match="compile_specs"):
         kinspect.load_specs("_fake_no_specs")
 
@@ -163,13 +163,13 @@ def test_every_kernel_module_is_checked():
 
 @pytest.mark.slow
 def test_inspect_command_on_real_kernels(tmp_path):
-    """`python -m kernels.inspect --arch 90` on the project's kernels exits 0: all compile, none spills.
+    """`python -m c2f.kernels.inspect --arch 90` on the project's kernels exits 0: all compile, none spills.
 
     sm_90 only: both archs take about 45 s of CPU for ~50 compiles, too long beside the rest of the
     suite on 2 cores; `make inspect` and `make bench` run sm_80 and sm_90.
     """
     out = tmp_path / "inspect.json"
-    proc = subprocess.run([sys.executable, "-m", "kernels.inspect", "--arch", "90", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "c2f.kernels.inspect", "--arch", "90", "--json", str(out)],
                           cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"kernels.inspect failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     result = json.loads(out.read_text())
