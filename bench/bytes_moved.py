@@ -304,11 +304,13 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[int], tuple[Callable[[
             g = torch.randn(h, P, C) * 0.02
             gamma, beta = torch.ones(C), torch.zeros(C)
             if not backward:
-                return lambda: pa.part_attention_fwd(x, g, gamma, beta, h, 1e-5)
+                return lambda: pa.folded_fwd(x, g, gamma, beta, 1e-5, x.dtype, 16.0)
             probs = torch.softmax(torch.randn(B, h, P, N), -1)
+            attn = probs.mean(1)
+            probs = probs if h > 1 else torch.empty(0)
             mean, rstd = torch.randn(B, N), torch.rand(B, N) + 0.5
             dparts, dattn = torch.randn(B, P, C), torch.randn(B, P, N)
-            return lambda: pa.part_attention_bwd(x, g, gamma, beta, probs, mean, rstd, dparts, dattn, h, False)
+            return lambda: pa.folded_bwd(x, None, gamma, attn, probs, mean, rstd, dparts, dattn, h, False, 16.0)
         return build
 
     def mixup(backward: bool):
@@ -325,8 +327,7 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[int], tuple[Callable[[
             mask, perm = torch.rand(K, B, P), torch.arange(B - 1, -1, -1)
             if backward:
                 grad = torch.randn(K, B, C)
-                inv_perm = torch.argsort(perm)
-                return lambda: pm.part_mixup_pool_bwd(grad, inv_perm, mask)
+                return lambda: pm.part_mixup_pool_bwd(grad, perm, mask, grad.dtype)
             x = torch.randn(B, P, C)
             return lambda: pm.part_mixup_pool_fwd(x, perm, mask)
         return build
@@ -349,7 +350,7 @@ def _occupancy_from_inspect(path: Optional[str]) -> dict[str, int]:
         return {}
     occ: dict[str, int] = {}
     for row in json.load(open(path)).get("kernels", []):
-        if row.get("arch") == 90 and row.get("ok") and row.get("ctas_per_sm"):
+        if row.get("target") == "sm_90" and row.get("ok") and row.get("ctas_per_sm"):
             name = row["kernel"]
             fn = name[:name.index("_kernel") + len("_kernel")] if "_kernel" in name else name
             occ[fn] = min(occ.get(fn, row["ctas_per_sm"]), row["ctas_per_sm"])

@@ -157,7 +157,7 @@ def run_static(out: Path, quick: bool, deadline: float) -> dict[str, Any]:
     procs = []
     for arch in (80, 90):
         log = open(out / f"inspect_sm{arch}.log", "w")
-        cmd = [sys.executable, "-m", "c2f.kernels.inspect", "--arch", str(arch),
+        cmd = [sys.executable, "-m", "c2f.kernels.inspect", "--arch", str(arch), "--jobs", "1",
                "--json", str(out / f"inspect_sm{arch}.json")]
         procs.append((arch, subprocess.Popen(cmd, cwd=ROOT, env=_env(quick, False), stdout=log,
                                              stderr=subprocess.STDOUT), log))
@@ -178,7 +178,6 @@ def run_static(out: Path, quick: bool, deadline: float) -> dict[str, Any]:
         if p.exists():
             data = json.loads(p.read_text())
             kernels += data["kernels"]
-            errors += data["errors"]
     (out / "inspect.json").write_text(json.dumps({"kernels": kernels, "errors": errors}, indent=1))
 
     print("[static] bytes moved (interpreter)", flush=True)
@@ -344,7 +343,7 @@ def inspect_section(out: Path, status: dict) -> str:
     from c2f.kernels.inspect import KernelReport, format_table
     data = json.loads(path.read_text())
     reports = [KernelReport(**r) for r in data["kernels"]]
-    reports.sort(key=lambda r: (r.module, r.kernel, r.arch))
+    reports.sort(key=lambda r: (r.op, r.kernel, r.target))
     spilled = [r for r in reports if r.ok and r.spills]
     failed = [r for r in reports if not r.ok]
     lines = [f"`python -m c2f.kernels.inspect --arch 80 90` (exit status sm_80: {status.get('inspect_sm80')}, "
@@ -353,7 +352,7 @@ def inspect_section(out: Path, status: dict) -> str:
              "(HMMA: mma.sync on sm_80/sm_90; HGMMA: wgmma on sm_90). CTAs/SM is the occupancy bound from "
              "registers, shared memory and warps.", ""]
     lines.append(f"**{len(reports)} compiles, {len(failed)} failed, {len(spilled)} spill.**"
-                 + (" Spilling: " + ", ".join(f"{r.kernel} sm_{r.arch} ({r.spill_stores} B)" for r in spilled)
+                 + (" Spilling: " + ", ".join(f"{r.kernel} {r.target} ({r.spill_stores} B)" for r in spilled)
                     if spilled else ""))
     for e in data.get("errors", []):
         lines.append(f"- ERROR {e}")

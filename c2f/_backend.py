@@ -1,20 +1,22 @@
-"""Backend selection: compiled Triton on CUDA, the Triton interpreter on CPU, or plain torch ops.
+"""Backend selection: compiled Triton kernels on CUDA/ROCm, the Triton interpreter on CPU, or torch ops.
 
-triton is imported lazily: the torch-op path works where triton cannot be installed (macOS).
-On a machine without CUDA the kernels can only run under the interpreter, so the first import of
-a kernel module there sets ``TRITON_INTERPRET=1`` (the flag is read when kernels are decorated).
+triton is imported lazily: the torch-op path works where triton cannot be installed (macOS). The
+kernels run on CPU tensors only under the Triton interpreter, which triton reads from
+``TRITON_INTERPRET=1`` when the kernels are first imported; c2f never sets it (library code writes
+no environment variables) and says clearly when it is needed.
 """
 from __future__ import annotations
 
-import importlib
-import os
-import sys
+import functools
+import logging
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+log = logging.getLogger("c2f")
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -23,35 +25,43 @@ def triton_available() -> bool:
     return True
 
 
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Returns "triton" or "torch" for a requested backend and the device of the inputs."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    """Returns "triton" or "torch" for a requested backend and the device of the inputs.
+
+    "auto" picks the Triton kernels on CUDA devices (ROCm builds of torch call them cuda too) and torch
+    ops elsewhere. "triton" on CPU tensors runs the interpreter, which must be on; on a machine with a
+    GPU, CPU tensors with "triton" are almost surely a forgotten ``.cuda()``, so that is an error.
+    """
+    check_backend(backend)
     if backend == "torch":
         return "torch"
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if not triton_available():
-        raise RuntimeError("backend='triton' needs the triton package (pip install triton); "
+        raise RuntimeError("backend='triton' needs the triton package (pip install 'c2f-fgvc[triton]'); "
                            "use backend='torch' or 'auto'")
-    if device.type == "cpu" and not interpreter_enabled() and _kernels_loaded() and torch.cuda.is_available():
-        raise RuntimeError("backend='triton' on CPU tensors runs the kernels under the Triton interpreter: "
-                           "set TRITON_INTERPRET=1 before importing c2f (kernels here were compiled for CUDA)")
-    if device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"backend='triton' supports CPU (interpreter) and CUDA tensors, got {device.type}")
+    if device.type == "cuda":
+        return "triton"
+    if device.type != "cpu":
+        raise RuntimeError(f"backend='triton' runs on CUDA/ROCm tensors (or CPU tensors under the Triton "
+                           f"interpreter), got {device.type} tensors")
+    if torch.cuda.is_available():
+        raise RuntimeError("backend='triton' got CPU tensors on a machine with a GPU: move the inputs and the "
+                           "module to the GPU (.cuda()), or use backend='torch' for the CPU")
+    from .kernels.launch import interpreting
+    if not interpreting():
+        raise RuntimeError("backend='triton' on CPU tensors runs the kernels under the Triton interpreter, "
+                           "which is off: set TRITON_INTERPRET=1 in the environment before c2f's kernels are "
+                           "first imported, or use backend='torch' (the same algebra as torch ops)")
     return "triton"
 
 
-def _kernels_loaded() -> bool:
-    return any(name.startswith("c2f.kernels.") for name in sys.modules)
-
-
-def load_kernels(name: str):
-    """Imports ``kernels.<name>``, in interpreter mode when this machine has no CUDA."""
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-    return importlib.import_module(f"c2f.kernels.{name}")
+@functools.lru_cache(maxsize=None)
+def warn_once(message: str) -> None:
+    """Logs ``message`` as a warning the first time only."""
+    log.warning(message)

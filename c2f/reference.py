@@ -1,7 +1,9 @@
 """Plain PyTorch reference modules, written the obvious way.
 
-Tests, benchmarks and docs import these; nothing else defines a reference. The fused modules in
-``c2f.nn`` share their constructors and ``state_dict`` keys.
+Tests, benchmarks and docs import these; nothing else defines a reference, and no library code runs
+them (training uses ``c2f.nn`` and ``c2f.mixup``). The fused modules in ``c2f.nn`` subclass these to
+share their constructors and ``state_dict`` keys. ``mix_targets`` and ``mix_attributes`` here are
+the obvious one-hot formulas, independent of ``c2f.mixup``'s, which tests check against them.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ class PartAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_parts: int = 312, num_heads: int = 1, qkv_bias: bool = False,
-                 qk_scale: Optional[float] = None, eps: float = 1e-5):
+                 qk_scale: Optional[float] = None, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
+        factory = dict(device=device, dtype=dtype)
         if dim <= 0 or num_parts <= 0 or num_heads <= 0:
             raise ValueError(f"dim, num_parts and num_heads must be positive, got {dim}, {num_parts}, {num_heads}")
         if dim % num_heads:
@@ -33,9 +36,9 @@ class PartAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = qk_scale or self.head_dim ** -0.5
         self.eps = eps
-        self.norm = nn.LayerNorm(dim, eps=eps)
-        self.queries = nn.Parameter(torch.empty(num_parts, dim))
-        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.norm = nn.LayerNorm(dim, eps=eps, **factory)
+        self.queries = nn.Parameter(torch.empty(num_parts, dim, **factory))
+        self.k = nn.Linear(dim, dim, bias=qkv_bias, **factory)
         nn.init.trunc_normal_(self.queries, std=0.02)
 
     def extra_repr(self) -> str:
@@ -113,10 +116,10 @@ def mix_targets(labels: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor, nu
 class PartRegressor(nn.Module):
     """Per-part attribute readout: ``pred[b, p] = <parts[b, p], weight[p]> + bias[p]``."""
 
-    def __init__(self, num_parts: int, dim: int):
+    def __init__(self, num_parts: int, dim: int, device=None, dtype=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_parts, dim))
-        self.bias = nn.Parameter(torch.zeros(num_parts))
+        self.weight = nn.Parameter(torch.empty(num_parts, dim, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(num_parts, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=dim ** -0.5)
 
     def forward(self, parts: torch.Tensor) -> torch.Tensor:
@@ -137,11 +140,14 @@ class C2FHead(nn.Module):
     """
 
     def __init__(self, dim: int = 2048, num_parts: int = 312, num_classes: int = 200, num_heads: int = 1,
-                 qkv_bias: bool = False, qk_scale: Optional[float] = None, eps: float = 1e-5):
+                 qkv_bias: bool = False, qk_scale: Optional[float] = None, eps: float = 1e-5, device=None,
+                 dtype=None):
         super().__init__()
-        self.attention = PartAttention(dim, num_parts, num_heads, qkv_bias, qk_scale, eps)
-        self.regressor = PartRegressor(num_parts, dim)
-        self.classifier = nn.Linear(dim, num_classes)
+        factory = dict(device=device, dtype=dtype)
+        self.attention = PartAttention(dim, num_parts, num_heads, qkv_bias, qk_scale, eps, **factory)
+        self.regressor = PartRegressor(num_parts, dim, **factory)
+        self.classifier = nn.Linear(dim, num_classes, **factory)
+
 
     def forward(self, x: torch.Tensor, perm: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> C2FOutput:

@@ -14,19 +14,18 @@ items 5 and 6).
   never exists. The backward writes ``d parts`` once from ``d pooled`` and the inverse permutation:
   ``dF[j,p] = (1/P) sum_k m[k,j,p] G[k,j] + (1 - m[k,i,p]) G[k,i]`` with ``i = perm^-1[j]``.
 
-The launchers check shapes and layouts; the semantic checks (involution, mask range) live in
-``c2f.mixup``, shared with the torch-op path.
+The launchers (the Triton side of the contract ``c2f.torch_ops.part_mixup`` implements with torch ops)
+check shapes and layouts; the semantic checks (involution, mask range) live in ``c2f._validate``,
+shared with the torch-op path.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from . import config
-from .config import KernelSpec
+from . import plans, targets
+from .launch import launch
 
 
 @triton.jit
@@ -83,16 +82,16 @@ def _part_mixup_fwd_kernel(
 
 @triton.jit
 def _part_mixup_bwd_kernel(
-    DY_ptr,                     # [B, P, C] gradient of the mixed parts, turned into d parts in place
+    X_ptr,                      # [B, P, C] gradient of the mixed parts, turned into d parts in place
     Perm_ptr,                   # [B] int64 involution
     M_ptr,                      # [B, P] fp32 mask
     P, C,
-    stride_db, stride_dp,
+    stride_xb, stride_xp,
     stride_mb,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    _mix_pair_tile(DY_ptr, Perm_ptr, M_ptr, P, C, stride_db, stride_dp, stride_mb,
+    _mix_pair_tile(X_ptr, Perm_ptr, M_ptr, P, C, stride_xb, stride_xp, stride_mb,
                    True, BLOCK_P, BLOCK_C)
 
 
@@ -194,34 +193,25 @@ def _check_pair_args(name: str, x: torch.Tensor, perm: torch.Tensor, mask: torch
                          f"got {mask.dtype} {tuple(mask.shape)} stride {mask.stride()}")
 
 
-def _launch_pairs(kernel, x: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _launch_pairs(kernel, x: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> None:
     b, p, c = x.shape
     if x.numel() == 0:
-        return x
-    block_p, block_c = config.pm_pair_blocks(p, c)
-    grid = (b, triton.cdiv(p, block_p), triton.cdiv(c, block_c))
-    kernel[grid](x, perm, mask, p, c, x.stride(0), x.stride(1), mask.stride(0),
-                 BLOCK_P=block_p, BLOCK_C=block_c, num_warps=config.PM_PAIR_NUM_WARPS)
-    return x
+        return
+    plan = plans.mixup_pairs(b, p, c, x.dtype, targets.current(x.device))
+    launch(kernel, plan, X_ptr=x, Perm_ptr=perm, M_ptr=mask, P=p, C=c, stride_xb=x.stride(0),
+           stride_xp=x.stride(1), stride_mb=mask.stride(0))
 
 
-def part_mixup_fwd_(parts: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mixes ``parts [B, P, C]`` in place by the involution ``perm [B]`` and ``mask [B, P]`` (fp32); returns it."""
+def part_mixup_fwd_(parts: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> None:
+    """Mixes ``parts [B, P, C]`` in place by the involution ``perm [B]`` and ``mask [B, P]`` (fp32)."""
     _check_pair_args("parts", parts, perm, mask)
-    return _launch_pairs(_part_mixup_fwd_kernel, parts, perm, mask)
+    _launch_pairs(_part_mixup_fwd_kernel, parts, perm, mask)
 
 
-def part_mixup_bwd_(grad: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Turns ``grad [B, P, C]`` of the mixed parts into the gradient of the parts, in place; returns it."""
+def part_mixup_bwd_(grad: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> None:
+    """Turns ``grad [B, P, C]`` of the mixed parts into the gradient of the parts, in place."""
     _check_pair_args("grad", grad, perm, mask)
-    return _launch_pairs(_part_mixup_bwd_kernel, grad, perm, mask)
-
-
-def _dot_mode(dtype: torch.dtype) -> dict:
-    """Constexprs of the pooled kernels: 16-bit operands go to tl.dot as stored (exact, tensor cores),
-    fp32 ones at ``PM_FP32_DOT_PRECISION``; the interpreter's bf16 dot is broken, so there bf16 is upcast."""
-    upcast = dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
-    return {"UPCAST": upcast, "PRECISION": config.PM_FP32_DOT_PRECISION}
+    _launch_pairs(_part_mixup_bwd_kernel, grad, perm, mask)
 
 
 def _check_pool_mask(mask: torch.Tensor, b: int, p: int) -> None:
@@ -243,95 +233,35 @@ def part_mixup_pool_fwd(parts: torch.Tensor, perm: torch.Tensor, mask: torch.Ten
     out = torch.empty((k, b, c), device=parts.device, dtype=parts.dtype)
     if out.numel() == 0 or p == 0:
         return out.zero_() if p == 0 else out
-    block_k, block_p, block_c = config.pm_pool_blocks(k, p, c)
-    grid = (b, triton.cdiv(c, block_c), triton.cdiv(k, block_k))
-    _part_mixup_pool_fwd_kernel[grid](
-        parts, perm, mask, out, k, p, c,
-        parts.stride(0), parts.stride(1), parts.stride(2),
-        mask.stride(0), mask.stride(1), out.stride(0), out.stride(1), 1.0 / p,
-        **_dot_mode(parts.dtype), BLOCK_K=block_k, BLOCK_P=block_p, BLOCK_C=block_c,
-        num_warps=config.PM_POOL_NUM_WARPS, num_stages=config.PM_POOL_FWD_NUM_STAGES)
+    launch(_part_mixup_pool_fwd_kernel, plans.mixup_pool_fwd(k, b, p, c, parts.dtype, targets.current(parts.device)),
+           F_ptr=parts, Perm_ptr=perm, M_ptr=mask, Out_ptr=out, K=k, P=p, C=c,
+           stride_fb=parts.stride(0), stride_fp=parts.stride(1), stride_fc=parts.stride(2),
+           stride_mk=mask.stride(0), stride_mb=mask.stride(1), stride_ok=out.stride(0), stride_ob=out.stride(1),
+           inv_P=1.0 / p)
     return out
 
 
-def part_mixup_pool_bwd(grad: torch.Tensor, inv_perm: torch.Tensor, mask: torch.Tensor,
-                        dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Gradient of the parts ``[B, P, C]`` from ``grad [K, B, C]`` (any strides, expanded included),
-    the inverse permutation ``inv_perm [B]`` and ``mask [K, B, P]`` fp32; in ``dtype`` (default grad's)."""
+def part_mixup_pool_bwd(grad: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Gradient of the parts ``[B, P, C]`` (in ``dtype``) from ``grad [K, B, C]`` (any strides, expanded
+    included), the permutation ``perm [B]`` and ``mask [K, B, P]`` fp32."""
     if grad.dim() != 3:
         raise ValueError(f"grad must be [K, B, C], got shape {tuple(grad.shape)}")
     k, b, c = grad.shape
-    if inv_perm.shape != (b,) or inv_perm.dtype != torch.int64:
-        raise ValueError(f"inv_perm must be int64 of shape ({b},), got {inv_perm.dtype} {tuple(inv_perm.shape)}")
+    if perm.shape != (b,) or perm.dtype != torch.int64:
+        raise ValueError(f"perm must be int64 of shape ({b},), got {perm.dtype} {tuple(perm.shape)}")
     if mask.dim() != 3 or mask.shape[:2] != (k, b):
         raise ValueError(f"mask must be [K={k}, B={b}, P], got {tuple(mask.shape)}")
     p = mask.shape[2]
     _check_pool_mask(mask, b, p)
-    out = torch.empty((b, p, c), device=grad.device, dtype=dtype or grad.dtype)
+    out = torch.empty((b, p, c), device=grad.device, dtype=dtype)
     if out.numel() == 0:
         return out
     if k == 0:
         return out.zero_()
-    block_k, block_p, block_c = config.pm_pool_blocks(k, p, c, backward=True)
-    grid = (b, triton.cdiv(p, block_p), triton.cdiv(c, block_c))
-    _part_mixup_pool_bwd_kernel[grid](
-        grad, inv_perm, mask, out, k, p, c,
-        grad.stride(0), grad.stride(1), grad.stride(2),
-        mask.stride(0), mask.stride(1), out.stride(0), out.stride(1), 1.0 / p,
-        **_dot_mode(grad.dtype), BLOCK_K=block_k, BLOCK_P=block_p, BLOCK_C=block_c,
-        num_warps=config.PM_POOL_NUM_WARPS, num_stages=config.PM_POOL_BWD_NUM_STAGES)
+    inv = torch.argsort(perm)   # the sample paired with j took (1 - m) of F[j] in its views
+    launch(_part_mixup_pool_bwd_kernel, plans.mixup_pool_bwd(k, b, p, c, grad.dtype, targets.current(grad.device)),
+           G_ptr=grad, Inv_ptr=inv, M_ptr=mask, DF_ptr=out, K=k, P=p, C=c,
+           stride_gk=grad.stride(0), stride_gb=grad.stride(1), stride_gc=grad.stride(2),
+           stride_mk=mask.stride(0), stride_mb=mask.stride(1), stride_db=out.stride(0), stride_dp=out.stride(1),
+           inv_P=1.0 / p)
     return out
-
-
-_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def compile_specs() -> list[KernelSpec]:
-    """Every kernel at production shapes (B=64, P=312, C=2048; K=4 and 32; fp32 and bf16), for AOT compiles."""
-    p, c = 312, 2048
-    specs = []
-    block_p, block_c = config.pm_pair_blocks(p, c)
-    for dtype in (torch.float32, torch.bfloat16):
-        ty = "*" + _TRITON_DTYPES[dtype]
-        for kernel, x in ((_part_mixup_fwd_kernel, "X_ptr"), (_part_mixup_bwd_kernel, "DY_ptr")):
-            stride_b, stride_p = ("stride_xb", "stride_xp") if x == "X_ptr" else ("stride_db", "stride_dp")
-            specs.append(KernelSpec(
-                name=f"{kernel.__name__}_{_TRITON_DTYPES[dtype]}", fn=kernel,
-                signature={x: ty, "Perm_ptr": "*i64", "M_ptr": "*fp32", "P": "i32", "C": "i32",
-                           stride_b: "i32", stride_p: "i32", "stride_mb": "i32",
-                           "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"},
-                constexprs={"BLOCK_P": block_p, "BLOCK_C": block_c},
-                num_warps=config.PM_PAIR_NUM_WARPS, num_stages=1,
-                aligned=(x, "Perm_ptr", "M_ptr", "C", stride_b, stride_p)))
-        gpu_dot = {"UPCAST": dtype == torch.float32, "PRECISION": config.PM_FP32_DOT_PRECISION}
-        for k in (4, 32):
-            suffix = f"{_TRITON_DTYPES[dtype]}_K{k}"
-            block_k, block_p, block_c = config.pm_pool_blocks(k, p, c)
-            specs.append(KernelSpec(
-                name=f"_part_mixup_pool_fwd_kernel_{suffix}", fn=_part_mixup_pool_fwd_kernel,
-                signature={"F_ptr": ty, "Perm_ptr": "*i64", "M_ptr": "*fp32", "Out_ptr": ty,
-                           "K": "i32", "P": "i32", "C": "i32",
-                           "stride_fb": "i32", "stride_fp": "i32", "stride_fc": "constexpr",
-                           "stride_mk": "i32", "stride_mb": "i32", "stride_ok": "i32", "stride_ob": "i32",
-                           "inv_P": "fp32", "UPCAST": "constexpr", "PRECISION": "constexpr",
-                           "BLOCK_K": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"},
-                constexprs={"stride_fc": 1, **gpu_dot, "BLOCK_K": block_k, "BLOCK_P": block_p,
-                            "BLOCK_C": block_c},
-                num_warps=config.PM_POOL_NUM_WARPS, num_stages=config.PM_POOL_FWD_NUM_STAGES,
-                aligned=("F_ptr", "Perm_ptr", "M_ptr", "Out_ptr", "C", "stride_fb", "stride_fp",
-                         "stride_ob")))
-            block_k, block_p, block_c = config.pm_pool_blocks(k, p, c, backward=True)
-            specs.append(KernelSpec(
-                name=f"_part_mixup_pool_bwd_kernel_{suffix}", fn=_part_mixup_pool_bwd_kernel,
-                signature={"G_ptr": ty, "Inv_ptr": "*i64", "M_ptr": "*fp32", "DF_ptr": ty,
-                           "K": "i32", "P": "i32", "C": "i32",
-                           "stride_gk": "i32", "stride_gb": "i32", "stride_gc": "constexpr",
-                           "stride_mk": "i32", "stride_mb": "i32", "stride_db": "i32", "stride_dp": "i32",
-                           "inv_P": "fp32", "UPCAST": "constexpr", "PRECISION": "constexpr",
-                           "BLOCK_K": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"},
-                constexprs={"stride_gc": 1, **gpu_dot, "BLOCK_K": block_k, "BLOCK_P": block_p,
-                            "BLOCK_C": block_c},
-                num_warps=config.PM_POOL_NUM_WARPS, num_stages=config.PM_POOL_BWD_NUM_STAGES,
-                aligned=("G_ptr", "Inv_ptr", "M_ptr", "DF_ptr", "C", "stride_gb", "stride_db",
-                         "stride_dp")))
-    return specs

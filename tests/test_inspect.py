@@ -1,7 +1,8 @@
-"""The static GPU check (``python -m c2f.kernels.inspect``): compiles for sm_80/sm_90 without a GPU.
+"""The static GPU check (``python -m c2f.kernels.inspect``): compiles the launchers' plans for every
+target without a GPU.
 
-Compilation must happen in a process without ``TRITON_INTERPRET=1`` (tests/conftest.py sets it, and a
-kernel decorated under the interpreter cannot be compiled), so every compile here runs in a subprocess.
+The project's kernels are decorated for the interpreter in this process (tests/conftest.py), so their
+compiles run in a subprocess; the toy kernel is a compiled-mode JITFunction whatever the environment.
 The toy kernels below are the check's own fixtures: one that uses tensor cores without spilling and
 one whose tile cannot fit in registers.
 """
@@ -9,23 +10,24 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
-import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+import torch
 
 from c2f.kernels import inspect as kinspect
-from c2f.kernels.config import KernelSpec
+from c2f.kernels import targets
+from c2f.kernels.launch import KernelPlan, Launch
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_MODULES = ("part_attention", "part_mixup")
+REAL_OPS = ("part_attention", "part_mixup")
 
 
-@triton.jit
-def _toy_dot_kernel(A_ptr, B_ptr, C_ptr, M, N, K, stride_am, stride_bk, stride_cm,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _toy_dot(A_ptr, B_ptr, C_ptr, M, N, K, stride_am, stride_bk, stride_cm,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -42,26 +44,28 @@ def _toy_dot_kernel(A_ptr, B_ptr, C_ptr, M, N, K, stride_am, stride_bk, stride_c
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def toy_specs() -> list[KernelSpec]:
-    """A bf16 matmul at a sane tile (tensor cores, no spills) and an fp32 one at 2 warps that spills."""
-    def signature(dtype):
-        return {"A_ptr": dtype, "B_ptr": dtype, "C_ptr": dtype, "M": "i32", "N": "i32", "K": "i32",
-                "stride_am": "i32", "stride_bk": "i32", "stride_cm": "i32"}
-    aligned = ("A_ptr", "B_ptr", "C_ptr", "K", "stride_am", "stride_bk", "stride_cm")
-    return [
-        KernelSpec("toy_dot", _toy_dot_kernel, signature("*bf16"),
-                   {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3, aligned=aligned),
-        KernelSpec("toy_dot_spills", _toy_dot_kernel, signature("*fp32"),
-                   {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=2, num_stages=1),
-    ]
+# Compiled-mode JIT function whatever TRITON_INTERPRET says: the offline compile needs one.
+_toy_dot_kernel = JITFunction(_toy_dot)
+
+
+def toy_launches() -> list[Launch]:
+    """A bf16 matmul at a sane tile (tensor cores, no spills) and an fp32 one at 2 warps that spills,
+    as a launcher would record them (meta tensors: 16-aligned pointers; K = 256 16-aligned, M = 100 not)."""
+    def launch(dtype, block, warps, stages):
+        a, b, c = (torch.empty(256, 256, dtype=dtype, device="meta") for _ in range(3))
+        args = dict(A_ptr=a, B_ptr=b, C_ptr=c, M=100, N=256, K=256, stride_am=256, stride_bk=256, stride_cm=256)
+        plan = KernelPlan(grid=(1, 1), constexprs=dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), block)),
+                          num_warps=warps, num_stages=stages)
+        return Launch(_toy_dot_kernel, plan, args)
+    return [launch(torch.bfloat16, (128, 128, 64), 8, 3), launch(torch.float32, (128, 64, 32), 2, 1)]
 
 
 def _compile_toys_main() -> None:
-    """Subprocess entry: compile the toy specs, print their reports as JSON."""
+    """Subprocess entry: compile the toy launches, print their reports as JSON."""
     from dataclasses import asdict
-    specs = toy_specs()
-    reports = [kinspect.inspect_spec(specs[0], arch, "toy") for arch in (80, 90)]
-    reports.append(kinspect.inspect_spec(specs[1], 90, "toy"))
+    good, spills = toy_launches()
+    reports = [kinspect.compile_launch(good, targets.TARGETS[t], "toy") for t in ("sm_80", "sm_90", "gfx942")]
+    reports.append(kinspect.compile_launch(spills, targets.TARGETS["sm_90"], "toy_spills"))
     print(json.dumps([asdict(r) for r in reports]))
 
 
@@ -78,12 +82,12 @@ def toy_reports():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_clean_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {(r["kernel"], r["arch"]): r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+    return {(r["op"], r["target"]): r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
 def test_toy_compiles_with_tensor_cores(toy_reports):
-    sm80, sm90 = toy_reports[("toy_dot", 80)], toy_reports[("toy_dot", 90)]
-    for r in (sm80, sm90):
+    sm80, sm90, amd = toy_reports[("toy", "sm_80")], toy_reports[("toy", "sm_90")], toy_reports[("toy", "gfx942")]
+    for r in (sm80, sm90, amd):
         assert r["ok"], r["error"]
         assert 0 < r["regs"] <= 255
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0
@@ -91,17 +95,18 @@ def test_toy_compiles_with_tensor_cores(toy_reports):
     # The pipelined loop keeps at least one stage of the [128, 64] A and [64, 128] B bf16 tiles in
     # shared memory (32 KiB), and with 3 stages more than one.
     assert sm80["smem_bytes"] > 32 * 1024 and sm90["smem_bytes"] > 32 * 1024
-    assert sm80["tensor_cores"].startswith("HMMA") and sm80["tensor_core_source"] == "sass"
+    assert sm80["tensor_cores"].startswith("HMMA")
     assert "HGMMA" in sm90["tensor_cores"]
+    assert amd["tensor_cores"] == "mfma" and amd["smem_limit"] == 64 * 1024
 
 
 def test_toy_spill_is_reported(toy_reports):
-    r = toy_reports[("toy_dot_spills", 90)]
+    r = toy_reports[("toy_spills", "sm_90")]
     assert r["ok"], r["error"]
     assert r["spill_stores"] > 0 and r["spill_loads"] > 0
-    report = kinspect.KernelReport(**{k: v for k, v in r.items()})
-    assert report.spills
-    assert "**SPILL**" in kinspect.format_table([report])
+    report = kinspect.KernelReport(**r)
+    assert report.spills and report.problems()
+    assert "spills" in kinspect.format_table([report])
 
 
 def test_parse_ptxas_log():
@@ -113,69 +118,79 @@ def test_parse_ptxas_log():
     assert kinspect.parse_ptxas_log("nothing here") == {}
 
 
+def test_recorded_signature_is_the_jits():
+    """Argument types and divisibility come from the JIT's own specialisation of the recorded arguments."""
+    src, options = kinspect.compile_source(toy_launches()[0], targets.TARGETS["sm_90"])
+    assert src.signature["A_ptr"] == "*bf16" and src.signature["BLOCK_K"] == "constexpr"
+    names = list(src.signature)
+    assert src.attrs[(names.index("K"),)] == [["tt.divisibility", 16]]   # 256: 16-aligned
+    assert not src.attrs.get((names.index("M"),))                         # 100: not
+    assert options["num_warps"] == 8 and options["num_stages"] == 3
+
+
+def test_problems_and_exit_status():
+    ok = kinspect.KernelReport("m", "k", "sm_90", "", 4, 2, ok=True, regs=64, spill_stores=0, spill_loads=0,
+                               smem_bytes=1024, smem_limit=2048, ctas_per_sm=2)
+    spill = kinspect.KernelReport("m", "k", "sm_80", "", 4, 2, ok=True, regs=255, spill_stores=4, spill_loads=4,
+                                  smem_bytes=1024, smem_limit=2048, ctas_per_sm=1)
+    smem = kinspect.KernelReport("m", "k", "sm_86", "", 4, 2, ok=True, regs=64, spill_stores=0, spill_loads=0,
+                                 smem_bytes=4096, smem_limit=2048, ctas_per_sm=0)
+    failed = kinspect.KernelReport("m", "k", "sm_80", "", 4, 2, ok=False, error="boom")
+    assert kinspect.exit_status([ok]) == 0
+    assert kinspect.exit_status([ok, spill]) == 1
+    assert kinspect.exit_status([ok, failed]) == 1
+    assert len(smem.problems()) == 2 and kinspect.exit_status([ok, smem]) == 1
+    assert kinspect.exit_status([]) == 1
+
+
 def test_occupancy_bounds():
-    # 128 regs x 256 threads = 32768 of 65536 registers: two CTAs; 100 KiB of 228 KiB smem: two.
-    assert kinspect.occupancy(90, regs=128, smem=100 * 1024, num_warps=8) == 2
-    assert kinspect.occupancy(90, regs=32, smem=0, num_warps=4) == 16          # warps: 64 / 4
-    assert kinspect.occupancy(80, regs=64, smem=200 * 1024, num_warps=4) == 0  # does not fit an A100
+    sm90, sm80, gfx = targets.TARGETS["sm_90"], targets.TARGETS["sm_80"], targets.TARGETS["gfx942"]
+    # 128 regs x 256 threads = 32768 of 65536 registers: two blocks; 100 KiB (+1 reserved) of 228 KiB: two.
+    assert kinspect.occupancy(sm90, regs=128, smem=100 * 1024, num_warps=8) == 2
+    assert kinspect.occupancy(sm90, regs=32, smem=0, num_warps=4) == 16           # warps: 64 / 4
+    assert kinspect.occupancy(sm80, regs=64, smem=200 * 1024, num_warps=4) == 0   # does not fit an A100
+    # AMD: 128 VGPRs -> 4 waves per SIMD, 16 per CU, 4-wave workgroups: 4; 32 KiB of 64 KiB LDS: 2.
+    assert kinspect.occupancy(gfx, regs=128, smem=32 * 1024, num_warps=4) == 2
 
 
-def test_module_without_compile_specs_is_an_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "c2f.kernels._fake_no_specs", types.ModuleType("c2f.kernels._fake_no_specs"))
-    with pytest.raises(AttributeError, match="compile_specs"):
-        kinspect.load_specs("_fake_no_specs")
+def test_launcher_plans_are_what_is_inspected():
+    """The inspected launches are the launchers' own: change a tile in the plan and the recorded
+    launch (so the compiled kernel) changes with it."""
+    from c2f.kernels import plans
+    sm90 = targets.TARGETS["sm_90"]
+    run = dict(kinspect.cases(quick=True)["part_attention"])["N=196 h=1 fp32"]
+    before = {l.name: l.plan.constexprs for l in kinspect.record(sm90, run)}
+    original = plans._GPU
+    plans._GPU = plans._AttentionTiles(**{**original.__dict__, "fwd_p": 16})
+    try:
+        after = {l.name: l.plan.constexprs for l in kinspect.record(sm90, run)}
+    finally:
+        plans._GPU = original
+    assert before["_part_attention_fwd_kernel"]["BLOCK_P"] == 32
+    assert after["_part_attention_fwd_kernel"]["BLOCK_P"] == 16
 
 
-def test_compile_signature():
-    spec = toy_specs()[0]
-    signature, attrs = kinspect.compile_signature(spec)
-    assert list(signature) == ["A_ptr", "B_ptr", "C_ptr", "M", "N", "K", "stride_am", "stride_bk", "stride_cm",
-                               "BLOCK_M", "BLOCK_N", "BLOCK_K"]
-    assert signature["BLOCK_K"] == "constexpr" and signature["A_ptr"] == "*bf16"
-    assert attrs[(5,)] == [["tt.divisibility", 16]] and (3,) not in attrs  # K aligned, M not
-
-
-def test_compile_signature_rejects_unknown_and_missing_arguments():
-    spec = toy_specs()[0]
-    spec.aligned = spec.aligned + ("Z_ptr",)
-    with pytest.raises(ValueError, match="Z_ptr"):
-        kinspect.compile_signature(spec)
-    spec = toy_specs()[0]
-    del spec.signature["M"]
-    with pytest.raises(ValueError, match="'M'"):
-        kinspect.compile_signature(spec)
-
-
-def test_exit_status():
-    ok = kinspect.KernelReport("m", "k", 90, 4, 2, ok=True, regs=64, spill_stores=0, spill_loads=0)
-    spill = kinspect.KernelReport("m", "k", 80, 4, 2, ok=True, regs=255, spill_stores=4, spill_loads=4)
-    failed = kinspect.KernelReport("m", "k", 80, 4, 2, ok=False, error="boom")
-    assert kinspect.exit_status(["m"], [ok], []) == 0
-    assert kinspect.exit_status(["m"], [ok, spill], []) == 1
-    assert kinspect.exit_status(["m"], [ok, failed], []) == 1
-    assert kinspect.exit_status(["m"], [ok], ["kernels.m: no compile_specs"]) == 1
-    assert kinspect.exit_status([], [], []) == 1
-
-
-def test_every_kernel_module_is_checked():
-    assert set(REAL_MODULES) <= set(kinspect.kernel_modules())
+def test_every_kernel_is_in_the_grid():
+    """Every @triton.jit kernel the launchers can launch appears in the inspected grid."""
+    from c2f.kernels import part_attention_bwd, part_attention_fwd, part_mixup
+    recorded = {l.name for op in kinspect.cases(quick=True).values() for _, run in op
+                for l in kinspect.record(targets.TARGETS["sm_90"], run)}
+    defined = {name for module in (part_attention_fwd, part_attention_bwd, part_mixup)
+               for name in dir(module) if name.endswith("_kernel") and name.startswith("_part")}
+    assert defined <= recorded, defined - recorded
 
 
 @pytest.mark.slow
 def test_inspect_command_on_real_kernels(tmp_path):
-    """`python -m c2f.kernels.inspect --arch 90` on the project's kernels exits 0: all compile, none spills.
-
-    sm_90 only: both archs take about 45 s of CPU for ~50 compiles, too long beside the rest of the
-    suite on 2 cores; `make inspect` and `make bench` run sm_80 and sm_90.
-    """
+    """`python -m c2f.kernels.inspect --arch sm_90 --quick` exits 0: every plan compiles, none spills,
+    all fit. One target at N = 196 only: `make inspect` runs the whole grid on every target."""
     out = tmp_path / "inspect.json"
-    proc = subprocess.run([sys.executable, "-m", "c2f.kernels.inspect", "--arch", "90", "--json", str(out)],
-                          cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "c2f.kernels.inspect", "--arch", "sm_90", "--quick", "--jobs", "1",
+                           "--json", str(out)], cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, f"kernels.inspect failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     result = json.loads(out.read_text())
-    assert result["errors"] == []
-    checked = {r["module"] for r in result["kernels"]}
-    assert set(REAL_MODULES) <= checked, f"modules without kernels in the report: {set(REAL_MODULES) - checked}"
+    assert set(REAL_OPS) <= {r["op"] for r in result["kernels"]}
     for r in result["kernels"]:
-        assert r["ok"] and r["spill_stores"] == 0 and r["spill_loads"] == 0, r
-    assert {r["arch"] for r in result["kernels"]} == {90}
+        assert r["ok"] and r["spill_stores"] == 0 and r["smem_bytes"] <= r["smem_limit"], r
+    assert {r["target"] for r in result["kernels"]} == {"sm_90"}

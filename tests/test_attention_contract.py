@@ -1,20 +1,26 @@
-"""Parity of the part-attention Triton launchers (run under the interpreter) against float64 autograd.
+"""The part-attention op contract (folded formulation), checked for both implementations: the Triton
+launchers (``c2f.kernels.part_attention``, under the interpreter) and the torch ops
+(``c2f.torch_ops.part_attention``), against float64 autograd.
 
 The reference is the contract's math written plainly in float64 (LayerNorm, logits through the folded
 queries g, softmax, weighted sum of the normalised tokens) and differentiated by autograd, with g,
 gamma, beta and x as independent leaves: so dgamma is the gradient through the values only, as the
-launcher promises. Each case checks parts, probs, mean, rstd and every gradient with one shared
+contract promises. Each case checks parts, attn, probs, mean, rstd and every gradient with one shared
 upstream gradient.
 """
 import pytest
 import torch
 
-from c2f._backend import load_kernels
-
-K = load_kernels("part_attention")
-from c2f.kernels import config as cfg  # noqa: E402  (after load_kernels: it sets the interpreter flag)
+from c2f.kernels import part_attention as triton_impl
+from c2f.kernels import targets
+from c2f.kernels.launch import plan_for
+from c2f.torch_ops import part_attention as torch_impl
 
 EPS = 1e-5
+IMPLS = {"triton": triton_impl, "torch": torch_impl}
+# The torch-op path also runs with one sample per chunk: the chunk loop is part of its contract.
+IMPL_PARAMS = [pytest.param(("triton", 16.0), id="triton"), pytest.param(("torch", 16.0), id="torch"),
+               pytest.param(("torch", 1e-6), id="torch-chunk1")]
 
 
 def reference(x, g, gamma, beta, num_heads, dparts, dattn, eps=EPS):
@@ -70,20 +76,27 @@ def make_inputs(bsz, c, n, p, num_heads, dtype=torch.float32, layout="nchw", off
     return x, g, gamma, beta, dparts, dattn
 
 
-def run_and_compare(x, g, gamma, beta, dparts, dattn, num_heads, atol, rtol, needs_dx=True, fp32_tol=None):
-    """Launch forward and backward, compare with ``reference``: (atol, rtol) for the outputs stored in
-    x's dtype (parts, dx), ``fp32_tol`` (default FP32_TOL) for the fp32 ones."""
+def run_and_compare(impl, x, g, gamma, beta, dparts, dattn, num_heads, atol, rtol, needs_dx=True, fp32_tol=None):
+    """Run ``impl`` = (name, chunk_mib) forward and backward, compare with ``reference``: (atol, rtol) for
+    the outputs stored in x's dtype (parts, dx), ``fp32_tol`` (default FP32_TOL) for the fp32 ones."""
+    name, chunk_mib = impl
+    module = IMPLS[name]
     fp32_tol = FP32_TOL if fp32_tol is None else fp32_tol
-    parts, probs, mean, rstd = K.part_attention_fwd(x, g, gamma, beta, num_heads, EPS)
-    dg, dgamma, dbeta, dx = K.part_attention_bwd(x, g, gamma, beta, probs, mean, rstd, dparts, dattn,
-                                                 num_heads, needs_dx)
-    assert parts.dtype == x.dtype and probs.dtype == torch.float32
+    parts, attn, probs, mean, rstd = module.folded_fwd(x, g, gamma, beta, EPS, x.dtype, chunk_mib)
+    dg, dgamma, dbeta, dx = module.folded_bwd(x, g if needs_dx else None, gamma, attn, probs, mean, rstd, dparts,
+                                              dattn, num_heads, needs_dx, chunk_mib)
+    assert parts.dtype == x.dtype and attn.dtype == probs.dtype == torch.float32
+    assert probs.shape == ((x.shape[0], num_heads) + attn.shape[1:] if num_heads > 1 else (0,))
     assert dg.dtype == dgamma.dtype == dbeta.dtype == torch.float32
     ref = reference(x, g, gamma, beta, num_heads, dparts, dattn)
-    names = ("parts", "probs", "mean", "rstd", "dg", "dgamma", "dbeta")
-    for name, actual, expected in zip(names, (parts, probs, mean, rstd, dg, dgamma, dbeta), ref[:7]):
+    got = {"parts": parts, "attn": attn, "mean": mean, "rstd": rstd, "dg": dg, "dgamma": dgamma, "dbeta": dbeta}
+    want = dict(zip(("parts", "probs", "mean", "rstd", "dg", "dgamma", "dbeta"), ref[:7]))
+    want["attn"] = want["probs"].mean(1)
+    if num_heads > 1:
+        got["probs"] = probs
+    for key, actual in got.items():
         # fp32 statistics and gradients: the storage dtype only rounds x (already in the reference) and parts.
-        assert_close(name, actual, expected, *((atol, rtol) if name == "parts" else fp32_tol))
+        assert_close(key, actual, want[key], *((atol, rtol) if key == "parts" else fp32_tol))
     if needs_dx:
         assert dx.dtype == x.dtype and dx.stride() == x.stride(), (dx.dtype, dx.stride(), x.stride())
         assert_close("dx", dx, ref[7], atol, rtol)
@@ -101,14 +114,16 @@ DTYPE_TOLS = [
 ]
 
 
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("bsz, num_heads, needs_dx", [(2, 1, True), (1, 16, False)])
-def test_real_shape(bsz, num_heads, needs_dx):
+def test_real_shape(impl, bsz, num_heads, needs_dx):
     """C=2048, 14x14, P=312: 1 head with dx (B=2), 16 heads without dx (the frozen-backbone case; B=1
     because the interpreter runs 16x the programs; batch handling is covered by every other case)."""
     inputs = make_inputs(bsz, 2048, 196, 312, num_heads)
-    run_and_compare(*inputs, num_heads, *FP32_TOL, needs_dx=needs_dx)
+    run_and_compare(impl, *inputs, num_heads, *FP32_TOL, needs_dx=needs_dx)
 
 
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("bsz, c, n, p, num_heads", [
     (2, 256, 49, 40, 4),     # N = 49, several heads, dx through every head
     (2, 200, 49, 7, 1),      # C not a power of two nor a multiple of any block; P = 7
@@ -116,88 +131,88 @@ def test_real_shape(bsz, num_heads, needs_dx):
     (3, 64, 16, 1, 2),       # P = 1, N = 16
     (1, 48, 5, 3, 1),        # N = 5: a mostly padded token block
 ])
-def test_odd_shapes(bsz, c, n, p, num_heads):
-    run_and_compare(*make_inputs(bsz, c, n, p, num_heads), num_heads, *FP32_TOL)
+def test_odd_shapes(impl, bsz, c, n, p, num_heads):
+    run_and_compare(impl, *make_inputs(bsz, c, n, p, num_heads), num_heads, *FP32_TOL)
 
 
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("layout", ["channels_last", "tokens"])
-def test_strided_x_read_in_place(layout):
+def test_strided_x_read_in_place(impl, layout):
     x, g, gamma, beta, dparts, dattn = make_inputs(2, 256, 49, 40, 2, layout=layout)
     assert not x.is_contiguous()
-    run_and_compare(x, g, gamma, beta, dparts, dattn, 2, *FP32_TOL)
+    run_and_compare(impl, x, g, gamma, beta, dparts, dattn, 2, *FP32_TOL)
 
 
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLS)
-def test_dtypes(dtype, atol, rtol):
-    run_and_compare(*make_inputs(2, 256, 49, 40, 2, dtype=dtype), 2, atol, rtol)
+def test_dtypes(impl, dtype, atol, rtol):
+    run_and_compare(impl, *make_inputs(2, 256, 49, 40, 2, dtype=dtype), 2, atol, rtol)
 
 
-def test_large_common_offset():
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+def test_large_common_offset(impl):
     """x + 1000: fp32 itself resolves x only to 6e-5 there, and the mean stored in fp32 is off by up
     to half that; a sum-of-squares variance would lose everything."""
     x, g, gamma, beta, dparts, dattn = make_inputs(2, 512, 49, 40, 1, offset=1000.0)
-    run_and_compare(x, g, gamma, beta, dparts, dattn, 1, 2e-3, 2e-3, fp32_tol=(2e-4, 2e-3))
+    run_and_compare(impl, x, g, gamma, beta, dparts, dattn, 1, 2e-3, 2e-3, fp32_tol=(2e-4, 2e-3))
 
 
-def test_constant_tokens():
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+def test_constant_tokens(impl):
     """Zero-variance tokens: rstd = 1/sqrt(eps), normalised values 0, no NaN anywhere."""
     x, g, gamma, beta, dparts, dattn = make_inputs(2, 256, 49, 40, 2)
     x[:, :, 3] = 0.5
     x[1, :, 10] = -2.0
-    run_and_compare(x, g, gamma, beta, dparts, dattn, 2, *FP32_TOL)
+    run_and_compare(impl, x, g, gamma, beta, dparts, dattn, 2, *FP32_TOL)
 
 
-def test_without_dattn():
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+def test_without_dattn(impl):
     x, g, gamma, beta, dparts, _ = make_inputs(2, 128, 49, 7, 1, with_dattn=False)
-    run_and_compare(x, g, gamma, beta, dparts, None, 1, *FP32_TOL)
+    run_and_compare(impl, x, g, gamma, beta, dparts, None, 1, *FP32_TOL)
 
 
-def test_gpu_block_sizes(monkeypatch):
+def test_gpu_block_sizes():
     """The production (GPU) tile sizes, several chunks per loop, on a small shape."""
-    monkeypatch.setattr(cfg, "pa_blocks", lambda: cfg.PA_GPU_BLOCKS)
-    run_and_compare(*make_inputs(2, 200, 49, 70, 2), 2, *FP32_TOL)
-    run_and_compare(*make_inputs(1, 96, 36, 7, 1, layout="channels_last"), 1, *FP32_TOL)
+    with plan_for(targets.TARGETS["sm_80"]):
+        run_and_compare(("triton", 16.0), *make_inputs(2, 200, 49, 70, 2), 2, *FP32_TOL)
+        run_and_compare(("triton", 16.0), *make_inputs(1, 96, 36, 7, 1, layout="channels_last"), 1, *FP32_TOL)
 
 
-def test_non_contiguous_upstream_gradients():
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+def test_non_contiguous_upstream_gradients(impl):
     x, g, gamma, beta, dparts, dattn = make_inputs(2, 64, 16, 7, 2)
-    run_and_compare(x, g, gamma, beta, dparts.transpose(0, 1).contiguous().transpose(0, 1),
+    run_and_compare(impl, x, g, gamma, beta, dparts.transpose(0, 1).contiguous().transpose(0, 1),
                     dattn.half()[:, :, :].transpose(1, 2).contiguous().transpose(1, 2), 2, *FP32_TOL)
 
 
 def test_bad_inputs_are_named():
+    K = triton_impl
     x, g, gamma, beta, dparts, dattn = make_inputs(1, 64, 16, 7, 2)
     with pytest.raises(ValueError, match="x must be a \\[B, C, N\\]"):
-        K.part_attention_fwd(x[0], g, gamma, beta, 2, EPS)
+        K.folded_fwd(x[0], g, gamma, beta, EPS, x.dtype, 16.0)
     with pytest.raises(TypeError, match="x must be float32"):
-        K.part_attention_fwd(x.double(), g, gamma, beta, 2, EPS)
+        K.folded_fwd(x.double(), g, gamma, beta, EPS, x.dtype, 16.0)
     with pytest.raises(ValueError, match="g must have shape"):
-        K.part_attention_fwd(x, g[:, :, :32].contiguous(), gamma, beta, 2, EPS)
+        K.folded_fwd(x, g[:, :, :32].contiguous(), gamma, beta, EPS, x.dtype, 16.0)
     with pytest.raises(ValueError, match="num_heads"):
-        K.part_attention_fwd(x, g, gamma, beta, 3, EPS)
+        K.folded_fwd(x, torch.randn(3, 7, 64), gamma, beta, EPS, x.dtype, 16.0)
     with pytest.raises(TypeError, match="gamma must have dtype"):
-        K.part_attention_fwd(x, g, gamma.half(), beta, 2, EPS)
+        K.folded_fwd(x, g, gamma.half(), beta, EPS, x.dtype, 16.0)
     with pytest.raises(ValueError, match="x has N=2000 tokens"):
-        K.part_attention_fwd(torch.randn(1, 64, 2000), g, gamma, beta, 2, EPS)
-    parts, probs, mean, rstd = K.part_attention_fwd(x, g, gamma, beta, 2, EPS)
+        K.folded_fwd(torch.randn(1, 64, 2000), g, gamma, beta, EPS, x.dtype, 16.0)
+    parts, attn, probs, mean, rstd = K.folded_fwd(x, g, gamma, beta, EPS, x.dtype, 16.0)
     with pytest.raises(ValueError, match="dparts must have shape"):
-        K.part_attention_bwd(x, g, gamma, beta, probs, mean, rstd, dparts[:, :3], dattn, 2, False)
+        K.folded_bwd(x, None, gamma, attn, probs, mean, rstd, dparts[:, :3], dattn, 2, False, 16.0)
     with pytest.raises(ValueError, match="dattn must have shape"):
-        K.part_attention_bwd(x, g, gamma, beta, probs, mean, rstd, dparts, dattn[:, :, :4], 2, False)
+        K.folded_bwd(x, None, gamma, attn, probs, mean, rstd, dparts, dattn[:, :, :4], 2, False, 16.0)
     with pytest.raises(ValueError, match="probs must have shape"):
-        K.part_attention_bwd(x, g, gamma, beta, probs[:, :1], mean, rstd, dparts, dattn, 2, False)
+        K.folded_bwd(x, None, gamma, attn, probs[:, :1], mean, rstd, dparts, dattn, 2, False, 16.0)
 
 
-def test_compile_specs_cover_every_kernel():
-    specs = K.compile_specs()
-    kernels = {s.fn for s in specs}
-    for fn in (K._part_attention_stats_kernel, K._part_attention_fwd_kernel, K._part_attention_bwd_kernel,
-               K._part_attention_bwd_dg_kernel, K._part_attention_bwd_dxhat_kernel,
-               K._part_attention_bwd_dx_kernel):
-        assert fn in kernels, fn
-    for s in specs:
-        params = list(s.fn.arg_names)
-        assert list(s.signature) == params, (s.name, params)
-        for name, kind in s.signature.items():
-            assert (kind == "constexpr") == (name in s.constexprs), (s.name, name)
-        assert set(s.aligned) <= set(params), s.name
+def test_implementations_share_signatures():
+    """One contract: the Triton launchers and the torch ops have exactly the same functions and signatures."""
+    import inspect
+    for name in triton_impl.__all__:
+        assert name in torch_impl.__all__, name
+        assert inspect.signature(getattr(triton_impl, name)) == inspect.signature(getattr(torch_impl, name)), name

@@ -1,0 +1,64 @@
+"""Math shared by the torch-op implementations: compute dtype, token statistics, softmax and LayerNorm
+backward, chunking by a memory budget. One definition each (docs/design.md, "The algebra")."""
+from __future__ import annotations
+
+import torch
+
+# Default budget for the temporaries of one chunk of samples in the torch-op paths (module argument
+# ``chunk_mib``). Batched GEMMs over several samples run near the machine's GEMM throughput while a
+# single sample's [P, C] x [C, 196] product does not (docs/design.md, "Chunking"); the budget keeps
+# the chunk's temporaries small next to the step's unavoidable tensors.
+DEFAULT_CHUNK_MIB = 16.0
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 whatever the storage dtype; float64 inputs (tests, gradcheck) stay float64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def chunk_size(batch: int, per_sample_bytes: int, chunk_mib: float) -> int:
+    """Samples per chunk: as many as fit ``chunk_mib`` of temporaries, at least one."""
+    return max(1, min(batch, int(chunk_mib * 2 ** 20) // max(per_sample_bytes, 1)))
+
+
+def chunks(batch: int, size: int):
+    """Slices ``[s, s + size)`` covering ``range(batch)``."""
+    return [slice(s, min(s + size, batch)) for s in range(0, batch, size)]
+
+
+def normalised_tokens(x: torch.Tensor, eps: float, dtype: torch.dtype, mean=None, rstd=None):
+    """``xhat [C, b, N]`` (channels outermost, so ``xhat.view(C, b * N)`` is one GEMM operand for the
+    whole chunk), with the token ``mean, rstd [b, N]`` of ``x [b, C, N]`` (any strides).
+
+    Two passes (mean, then the centred sum of squares): exact with a large common offset (x + 1000).
+    Given ``mean`` and ``rstd`` (backward), only the normalisation runs.
+    """
+    xt = x.transpose(0, 1)                                               # [C, b, N], a view
+    if mean is None:
+        mean = xt.mean(0, dtype=dtype)
+    xhat = torch.empty(xt.shape, dtype=dtype, device=x.device)
+    torch.sub(xt, mean, out=xhat)
+    if rstd is None:
+        rstd = torch.linalg.vector_norm(xhat, dim=0).square_().div_(xhat.shape[0]).add_(eps).rsqrt_()
+    return xhat.mul_(rstd), mean, rstd
+
+
+def softmax_(s: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim, in place."""
+    s.sub_(s.amax(-1, keepdim=True)).exp_()
+    return s.div_(s.sum(-1, keepdim=True))
+
+
+def softmax_bwd_(dp: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """dS = P * (dP - rowsum(P * dP)), written over ``dp``."""
+    return dp.sub_((probs * dp).sum(-1, keepdim=True)).mul_(probs)
+
+
+def layernorm_bwd(dxhat: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """dx from the gradient of the normalised tokens, reducing over dim 0 (channels): ``[C, ...]``."""
+    return (dxhat - dxhat.mean(0) - xhat * (dxhat * xhat).mean(0)).mul_(rstd)
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """``inv`` with ``inv[perm[b]] = b``, without a host synchronisation."""
+    return torch.argsort(perm)

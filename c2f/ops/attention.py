@@ -1,0 +1,241 @@
+"""Part attention as registered custom ops (``torch.ops.c2f.part_attention_folded`` and ``_unfolded``),
+with fake implementations and autograd, so ``torch.compile`` traces through them without a graph
+break (docs/design.md, "The op contract").
+
+Each op folds the parameters into the weights its formulation contracts with, calls the chosen
+implementation (``c2f.kernels.part_attention`` or ``c2f.torch_ops.part_attention``; the two have
+the same functions and saved state) and, in backward, applies the chain rule from those weights back
+to the parameters. The backward ops are once differentiable: a second derivative raises.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._math import compute_dtype
+from ._common import chain_rule_error, empty_if_none
+
+# Rows per block in the backward's parameter-gradient epilogue: [32, C] temporaries (0.25 MiB at
+# C=2048) instead of [P, C] or [C, C] ones, at no cost to the GEMMs' speed.
+EPILOGUE_ROWS = 32
+
+
+def implementation(backend: str):
+    """The module implementing the contract: Triton launchers or torch ops."""
+    if backend == "triton":
+        from ..kernels import part_attention as impl
+    else:
+        from ..torch_ops import part_attention as impl
+    return impl
+
+
+def head_queries(queries: Tensor, h: int, dtype: torch.dtype) -> Tensor:
+    """``[h, P, d]`` view of the queries ``[P, C]`` in ``dtype``."""
+    p, c = queries.shape
+    return queries.to(dtype).view(p, h, c // h).transpose(0, 1)
+
+
+def fold_queries(queries: Tensor, k_weight: Tensor, gamma: Tensor, h: int, scale: float) -> Tensor:
+    """``G = scale * Q_j @ Wk_j * gamma``, ``[h, P, C]`` in gamma's dtype (contiguous)."""
+    c = k_weight.shape[0]
+    qprime = torch.bmm(head_queries(queries, h, gamma.dtype), k_weight.to(gamma.dtype).view(h, c // h, c))
+    return qprime.mul_(gamma).mul_(scale)
+
+
+def _queries_grad_(dg: Tensor, gamma: Tensor, wkh: Tensor, scale: float) -> Tensor:
+    """dQ_j = scale * (dG_j * gamma) Wk_jᵀ ``[h, P, d]``; with one head written over dG itself.
+
+    One head: dQ has dG's shape, so it is computed a block of rows at a time into dG's storage
+    and the step never holds both (dG is dead afterwards).
+    """
+    h, p, _ = dg.shape
+    if h > 1:
+        return torch.bmm(dg.mul_(gamma), wkh.transpose(1, 2)).mul_(scale)
+    wt = wkh[0].T
+    for r0 in range(0, p, EPILOGUE_ROWS):
+        rows = dg[0, r0:r0 + EPILOGUE_ROWS]
+        rows.copy_(torch.mm(rows * gamma, wt).mul_(scale))
+    return dg
+
+
+def _column_dot(a: Tensor, b: Tensor, rows: int = EPILOGUE_ROWS) -> Tensor:
+    """``(a * b).sum(0)`` for ``[C, C]`` matrices, a block of rows at a time (no [C, C] temporary)."""
+    out = torch.zeros(a.shape[1], dtype=a.dtype, device=a.device)
+    for r0 in range(0, a.shape[0], rows):
+        out += (a[r0:r0 + rows] * b[r0:r0 + rows]).sum(0)
+    return out
+
+
+# --------------------------------------------------------------------------------------- folded
+
+@torch.library.custom_op("c2f::part_attention_folded", mutates_args=())
+def part_attention_folded(x: Tensor, queries: Tensor, k_weight: Tensor, k_bias: Optional[Tensor], norm_weight: Tensor,
+                          norm_bias: Tensor, num_heads: int, scale: float, eps: float, backend: str,
+                          chunk_mib: float, dot_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(parts [B, P, C], attn [B, P, N], probs [B, h, P, N] or empty, mean [B, N], rstd [B, N])`` of
+    ``x [B, C, N]``; ``k_bias`` only receives its (exactly zero) gradient: the softmax cancels it."""
+    dt = compute_dtype(x)
+    gamma, beta = norm_weight.to(dt), norm_bias.to(dt)
+    g = fold_queries(queries, k_weight, gamma, num_heads, scale)
+    return implementation(backend).folded_fwd(x, g, gamma, beta, eps, x.dtype, chunk_mib, dot_precision)
+
+
+@part_attention_folded.register_fake
+def _(x, queries, k_weight, k_bias, norm_weight, norm_bias, num_heads, scale, eps, backend, chunk_mib, dot_precision):
+    b, c, n = x.shape
+    p = queries.shape[0]
+    dt = compute_dtype(x)
+    probs_shape = (b, num_heads, p, n) if num_heads > 1 else (0,)
+    return (x.new_empty(b, p, c), x.new_empty(b, p, n, dtype=dt), x.new_empty(probs_shape, dtype=dt),
+            x.new_empty(b, n, dtype=dt), x.new_empty(b, n, dtype=dt))
+
+
+@torch.library.custom_op("c2f::part_attention_folded_backward", mutates_args=())
+def part_attention_folded_backward(
+        x: Tensor, queries: Tensor, k_weight: Tensor, norm_weight: Tensor, attn: Tensor, probs: Tensor, mean: Tensor,
+        rstd: Tensor, dparts: Optional[Tensor], dattn: Optional[Tensor], num_heads: int, scale: float, backend: str,
+        needs_dx: bool, chunk_mib: float, dot_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx or empty, dqueries, dk_weight, dnorm_weight, dnorm_bias)``, each in its input's dtype."""
+    dt = compute_dtype(x)
+    h, (p, c) = num_heads, queries.shape
+    gamma = norm_weight.to(dt)
+    g = fold_queries(queries, k_weight, gamma, h, scale) if needs_dx else None
+    dg, dgamma, dbeta, dx = implementation(backend).folded_bwd(
+        x, g, gamma, attn, probs, mean, rstd, dparts, dattn, h, needs_dx, chunk_mib, dot_precision)
+    del g
+    # G_j = scale * Q_j Wk_j * gamma: M_j = scale * Q_jᵀ dG_j gives dWk_j = M_j * gamma and gamma's
+    # gradient through G as the column sums of Wk * M.
+    wk = k_weight.to(dt)
+    m = torch.bmm(head_queries(queries, h, dt).transpose(1, 2), dg).mul_(scale)      # [h, d, C]
+    dq = _queries_grad_(dg, gamma, wk.view(h, c // h, c), scale)                     # [h, P, d]
+    del dg  # peak memory: dG is dead once dQ and M exist
+    dgamma += _column_dot(wk, m.view(c, c))
+    dwk = m.mul_(gamma).view(c, c)
+    dq = dq.transpose(0, 1).reshape(p, c)
+    return (empty_if_none(dx, x), dq.to(queries.dtype), dwk.to(k_weight.dtype), dgamma.to(norm_weight.dtype),
+            dbeta.to(norm_weight.dtype))
+
+
+@part_attention_folded_backward.register_fake
+def _(x, queries, k_weight, norm_weight, attn, probs, mean, rstd, dparts, dattn, num_heads, scale, backend,
+      needs_dx, chunk_mib, dot_precision):
+    dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
+    return (dx, torch.empty_like(queries), torch.empty_like(k_weight), torch.empty_like(norm_weight),
+            torch.empty_like(norm_weight))
+
+
+def _folded_setup(ctx, inputs, output):
+    x, queries, k_weight, k_bias, norm_weight, norm_bias, h, scale, eps, backend, chunk_mib, prec = inputs
+    _, attn, probs, mean, rstd = output
+    # Saved: x (the caller's, not a copy), attn (with one head: the probabilities), the per-head
+    # probabilities (more heads), the token statistics; G is refolded from the parameters if dx is needed.
+    ctx.save_for_backward(x, queries, k_weight, norm_weight, attn, probs, mean, rstd)
+    ctx.config = (h, scale, backend, chunk_mib, prec)
+    ctx.bias_like = None if k_bias is None else (k_bias.shape, k_bias.dtype)
+    ctx.set_materialize_grads(False)
+
+
+def _folded_backward(ctx, dparts, dattn, dprobs, dmean, drstd):
+    x, queries, k_weight, norm_weight, attn, probs, mean, rstd = ctx.saved_tensors
+    h, scale, backend, chunk_mib, prec = ctx.config
+    needs_dx = ctx.needs_input_grad[0]
+    dx, dq, dwk, dgamma, dbeta = torch.ops.c2f.part_attention_folded_backward(
+        x, queries, k_weight, norm_weight, attn, probs, mean, rstd, dparts, dattn, h, scale, backend, needs_dx,
+        chunk_mib, prec)
+    return (dx if needs_dx else None, dq, dwk, _bias_grad(ctx, x), dgamma, dbeta) + (None,) * 6
+
+
+def _bias_grad(ctx, x: Tensor) -> Optional[Tensor]:
+    """The key bias adds a constant to each query's scores: the softmax cancels it exactly."""
+    if ctx.bias_like is None or not ctx.needs_input_grad[3]:
+        return None
+    shape, dtype = ctx.bias_like
+    return x.new_zeros(shape, dtype=dtype)
+
+
+part_attention_folded.register_autograd(_folded_backward, setup_context=_folded_setup)
+part_attention_folded_backward.register_autograd(chain_rule_error("part attention"))
+
+
+# ------------------------------------------------------------------------------------- unfolded
+
+def _unfolded_weights(queries: Tensor, k_weight: Tensor, gamma: Tensor, h: int, scale: float):
+    """``q = scale * Q_j [h, P, d]`` and ``wg = Wk * gamma [C, C]``, in gamma's dtype."""
+    return head_queries(queries, h, gamma.dtype) * scale, k_weight.to(gamma.dtype) * gamma
+
+
+@torch.library.custom_op("c2f::part_attention_unfolded", mutates_args=())
+def part_attention_unfolded(x: Tensor, queries: Tensor, k_weight: Tensor, k_bias: Optional[Tensor],
+                            norm_weight: Tensor, norm_bias: Tensor, num_heads: int, scale: float, eps: float,
+                            backend: str, chunk_mib: float, dot_precision: str
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(parts [B, P, C], attn [B, P, N], keys [C, B, N], lse [B, h, P], mean [B, N], rstd [B, N])``."""
+    dt = compute_dtype(x)
+    gamma, beta = norm_weight.to(dt), norm_bias.to(dt)
+    q, wg = _unfolded_weights(queries, k_weight, gamma, num_heads, scale)
+    return implementation(backend).unfolded_fwd(x, q, wg, gamma, beta, eps, x.dtype, chunk_mib, dot_precision)
+
+
+@part_attention_unfolded.register_fake
+def _(x, queries, k_weight, k_bias, norm_weight, norm_bias, num_heads, scale, eps, backend, chunk_mib, dot_precision):
+    b, c, n = x.shape
+    p = queries.shape[0]
+    dt = compute_dtype(x)
+    return (x.new_empty(b, p, c), x.new_empty(b, p, n, dtype=dt), x.new_empty(c, b, n, dtype=dt),
+            x.new_empty(b, num_heads, p, dtype=dt), x.new_empty(b, n, dtype=dt), x.new_empty(b, n, dtype=dt))
+
+
+@torch.library.custom_op("c2f::part_attention_unfolded_backward", mutates_args=())
+def part_attention_unfolded_backward(
+        x: Tensor, queries: Tensor, k_weight: Tensor, norm_weight: Tensor, keys: Tensor, lse: Tensor, mean: Tensor,
+        rstd: Tensor, dparts: Optional[Tensor], dattn: Optional[Tensor], num_heads: int, scale: float, backend: str,
+        needs_dx: bool, chunk_mib: float, dot_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx or empty, dqueries, dk_weight, dnorm_weight, dnorm_bias)``, each in its input's dtype."""
+    dt = compute_dtype(x)
+    h, (p, c) = num_heads, queries.shape
+    gamma = norm_weight.to(dt)
+    q, wg = _unfolded_weights(queries, k_weight, gamma, h, scale)
+    dq, dwg, dgamma, dbeta, dx = implementation(backend).unfolded_bwd(
+        x, q, wg, gamma, keys, lse, mean, rstd, dparts, dattn, needs_dx, chunk_mib, dot_precision)
+    # wg = Wk * gamma: dWk = dwg * gamma, and gamma's gradient through the keys is colsum(Wk * dwg).
+    wk = k_weight.to(dt)
+    dgamma += _column_dot(wk, dwg)
+    dwk = dwg.mul_(gamma)
+    dq = dq.mul_(scale).transpose(0, 1).reshape(p, c)
+    return (empty_if_none(dx, x), dq.to(queries.dtype), dwk.to(k_weight.dtype), dgamma.to(norm_weight.dtype),
+            dbeta.to(norm_weight.dtype))
+
+
+@part_attention_unfolded_backward.register_fake
+def _(x, queries, k_weight, norm_weight, keys, lse, mean, rstd, dparts, dattn, num_heads, scale, backend,
+      needs_dx, chunk_mib, dot_precision):
+    dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
+    return (dx, torch.empty_like(queries), torch.empty_like(k_weight), torch.empty_like(norm_weight),
+            torch.empty_like(norm_weight))
+
+
+def _unfolded_setup(ctx, inputs, output):
+    x, queries, k_weight, k_bias, norm_weight, norm_bias, h, scale, eps, backend, chunk_mib, prec = inputs
+    _, _, keys, lse, mean, rstd = output
+    # Saved: x, the keys and the logsumexp (backward recomputes the probabilities from them: cheaper
+    # than keeping [B, h, P, N] with many heads), the token statistics.
+    ctx.save_for_backward(x, queries, k_weight, norm_weight, keys, lse, mean, rstd)
+    ctx.config = (h, scale, backend, chunk_mib, prec)
+    ctx.bias_like = None if k_bias is None else (k_bias.shape, k_bias.dtype)
+    ctx.set_materialize_grads(False)
+
+
+def _unfolded_backward(ctx, dparts, dattn, dkeys, dlse, dmean, drstd):
+    x, queries, k_weight, norm_weight, keys, lse, mean, rstd = ctx.saved_tensors
+    h, scale, backend, chunk_mib, prec = ctx.config
+    needs_dx = ctx.needs_input_grad[0]
+    dx, dq, dwk, dgamma, dbeta = torch.ops.c2f.part_attention_unfolded_backward(
+        x, queries, k_weight, norm_weight, keys, lse, mean, rstd, dparts, dattn, h, scale, backend, needs_dx,
+        chunk_mib, prec)
+    return (dx if needs_dx else None, dq, dwk, _bias_grad(ctx, x), dgamma, dbeta) + (None,) * 6
+
+
+part_attention_unfolded.register_autograd(_unfolded_backward, setup_context=_unfolded_setup)
+part_attention_unfolded_backward.register_autograd(chain_rule_error("part attention"))

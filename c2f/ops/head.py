@@ -1,0 +1,93 @@
+"""The fused C2F head as a registered custom op, ``torch.ops.c2f.c2f_head``, with its backward.
+
+The op takes the folded weights (``g = scale * Q Wk * gamma``, ``wrg = Wr * gamma``, ``wcg = Wc * gamma``;
+the module forms them with ordinary autograd, so the gradients reach the parameters through it)
+and returns the attention maps, the attribute predictions and the logits of the K mixed views
+without their constant terms, plus the saved state. The backward op is once differentiable.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._math import compute_dtype
+from ._common import chain_rule_error, empty_if_none
+
+
+def implementation(backend: str):
+    """The module implementing the contract: Triton launchers or torch ops."""
+    if backend == "triton":
+        from ..kernels import c2f_head as impl
+    else:
+        from ..torch_ops import c2f_head as impl
+    return impl
+
+
+@torch.library.custom_op("c2f::c2f_head", mutates_args=())
+def c2f_head(x: Tensor, g: Tensor, wrg: Tensor, wcg: Tensor, k_bias: Optional[Tensor], perm: Tensor, mask: Tensor,
+             eps: float, backend: str, chunk_mib: float, dot_precision: str
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(attn [B, P, N], pred [B, P], logits [K, B, classes], probs, zhat, mean, rstd)`` of ``x [B, C, N]``,
+    ``perm [B]`` a permutation and ``mask [K, B, P]`` fp32 (K = 1 and all ones: no mixup)."""
+    return implementation(backend).c2f_head_fwd(x, g, wrg, wcg, perm, mask, eps, chunk_mib, dot_precision)
+
+
+@c2f_head.register_fake
+def _(x, g, wrg, wcg, k_bias, perm, mask, eps, backend, chunk_mib, dot_precision):
+    b, c, n = x.shape
+    h, p, _ = g.shape
+    dt = compute_dtype(x)
+    probs_shape = (b, h, p, n) if h > 1 else (0,)
+    return (x.new_empty(b, p, n, dtype=dt), x.new_empty(b, p, dtype=dt),
+            x.new_empty(mask.shape[0], b, wcg.shape[0], dtype=dt), x.new_empty(probs_shape, dtype=dt),
+            x.new_empty(b, h, p, n, dtype=dt), x.new_empty(b, n, dtype=dt), x.new_empty(b, n, dtype=dt))
+
+
+@torch.library.custom_op("c2f::c2f_head_backward", mutates_args=())
+def c2f_head_backward(x: Tensor, g: Tensor, wrg: Tensor, wcg: Tensor, perm: Tensor, mask: Tensor, attn: Tensor,
+                      probs: Tensor, zhat: Tensor, mean: Tensor, rstd: Tensor, dattn: Optional[Tensor],
+                      dpred: Optional[Tensor], dlogits: Optional[Tensor], needs_dx: bool, backend: str,
+                      chunk_mib: float, dot_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx or empty, dg, dwrg, dwcg)``."""
+    dg, dwrg, dwcg, dx = implementation(backend).c2f_head_bwd(
+        x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd, dattn, dpred, dlogits, needs_dx, chunk_mib,
+        dot_precision)
+    return empty_if_none(dx, x), dg, dwrg, dwcg
+
+
+@c2f_head_backward.register_fake
+def _(x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd, dattn, dpred, dlogits, needs_dx, backend,
+      chunk_mib, dot_precision):
+    dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
+    return dx, torch.empty_like(g), torch.empty_like(wrg), torch.empty_like(wcg)
+
+
+def _setup(ctx, inputs, output):
+    x, g, wrg, wcg, k_bias, perm, mask, eps, backend, chunk_mib, prec = inputs
+    attn, _, _, probs, zhat, mean, rstd = output
+    # Saved: x (the caller's), the folded weights, the pairing, the probabilities (attn with one head),
+    # the readout before its weighted sum (zhat), the token statistics: B·P·N, never B·P·C.
+    ctx.save_for_backward(x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd)
+    ctx.config = (backend, chunk_mib, prec)
+    ctx.bias_like = None if k_bias is None else (k_bias.shape, k_bias.dtype)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dattn, dpred, dlogits, dprobs, dzhat, dmean, drstd):
+    x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd = ctx.saved_tensors
+    backend, chunk_mib, prec = ctx.config
+    needs_dx = ctx.needs_input_grad[0]
+    dx, dg, dwrg, dwcg = torch.ops.c2f.c2f_head_backward(
+        x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd, dattn, dpred, dlogits, needs_dx, backend,
+        chunk_mib, prec)
+    dbias = None
+    if ctx.bias_like is not None and ctx.needs_input_grad[4]:
+        # The key bias adds a per-query constant to the scores, which the softmax cancels exactly.
+        dbias = x.new_zeros(ctx.bias_like[0], dtype=ctx.bias_like[1])
+    return (dx if needs_dx else None, dg, dwrg, dwcg, dbias) + (None,) * 6
+
+
+c2f_head.register_autograd(_backward, setup_context=_setup)
+c2f_head_backward.register_autograd(chain_rule_error("C2F head"))

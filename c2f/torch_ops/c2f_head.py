@@ -1,0 +1,153 @@
+"""The fused C2F head as batched torch ops: the torch-op implementation of the contract that
+``c2f.kernels.c2f_head`` implements with Triton kernels (docs/design.md, "The algebra" 7).
+
+With ``xhat`` the normalised tokens ``[C, b, N]`` of a chunk of samples, ``g = scale * Q Wk * gamma``
+``[h, P, C]``, ``wrg = Wr * gamma [P, C]`` and ``wcg = Wc * gamma [classes, C]``::
+
+    P_j    = softmax_n(g_j @ xhat)            Zhat_j = wrg_j @ xhat_j        (head-j channels)
+    pred   = sum_{j,n} P_j * Zhat_j                                           [P] per sample
+    coef_j = M @ P_j / P,  M = [mask[:, b]; 1 - mask[:, perm^-1 b]]           [2K, N] per sample
+    U      = coef_j @ xhat_jᵀ  (head-j channels)                             [2K, C] per sample
+    logits[k, b] = (U @ wcgᵀ)[b, k] + (U @ wcgᵀ)[perm b, K + k]
+
+Nothing of ``[B, P, C]`` (or ``[K, B, P, C]``) is formed: memory scales with B·P·N. ``dot_precision``
+is the Triton kernels'; matmuls here follow torch's own settings.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._math import chunk_size, chunks, inverse_permutation, layernorm_bwd, normalised_tokens, softmax_, softmax_bwd_
+
+__all__ = ["c2f_head_fwd", "c2f_head_bwd"]
+
+
+def _per_sample_bytes(c: int, n: int, rows: int, views: int, backward: bool) -> int:
+    """fp32 temporaries of one sample: xhat (twice in backward: dxhat), scores and readout
+    (and their gradients), the pooled rows."""
+    return 4 * ((2 if backward else 1) * c * n + (4 if backward else 2) * rows * n + 4 * views * (c + n))
+
+
+def _pool_rows(mask: torch.Tensor, inv: torch.Tensor, s: slice, dtype: torch.dtype) -> torch.Tensor:
+    """``M [b, 2K, P]``: sample b's own views weigh its parts by ``mask[:, b]``, the views of the sample
+    paired with it by ``1 - mask[:, inv[b]]``; divided by P (fp32 mask math, then ``dtype``)."""
+    p = mask.shape[-1]
+    return torch.cat([mask[:, s], 1 - mask[:, inv[s]]]).transpose(0, 1).div_(p).to(dtype)
+
+
+def _pooled(coef: torch.Tensor, xhat: torch.Tensor) -> torch.Tensor:
+    """``U [b, 2K, C]``: per head, ``coef_j [b, 2K, N]`` contracted with the head's tokens."""
+    h = coef.shape[0]
+    c, b, _ = xhat.shape
+    d = c // h
+    u = torch.empty(b, coef.shape[2], c, dtype=xhat.dtype, device=xhat.device)
+    for j in range(h):
+        cols = slice(j * d, (j + 1) * d)
+        u[:, :, cols] = torch.bmm(coef[j], xhat[cols].permute(1, 2, 0))
+    return u
+
+
+def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch.Tensor, perm: torch.Tensor,
+                 mask: torch.Tensor, eps: float, chunk_mib: float, dot_precision: str = "tf32"):
+    """Forward of the fused head.
+
+    ``x [B, C, N]`` (any strides and float dtype); ``g [h, P, C]``, ``wrg [P, C]``, ``wcg [classes, C]``
+    in the compute dtype; ``perm [B]`` a permutation, ``mask [K, B, P]`` (fp32). Returns ``attn [B, P, N]``,
+    ``pred [B, P]`` and ``logits [K, B, classes]`` without their constant terms (beta, biases), and the
+    saved state ``probs [B, h, P, N]`` (empty when h == 1: ``attn`` is the probabilities), ``zhat
+    [B, h, P, N]``, ``mean, rstd [B, N]``; all in the compute dtype.
+    """
+    b_total, c, n = x.shape
+    h, p, _ = g.shape
+    d = c // h
+    k = mask.shape[0]
+    dt = g.dtype
+    dev = x.device
+    attn = torch.empty(b_total, p, n, dtype=dt, device=dev)
+    probs = torch.empty((b_total, h, p, n) if h > 1 else (0,), dtype=dt, device=dev)
+    zhat = torch.empty(b_total, h, p, n, dtype=dt, device=dev)
+    pred = torch.empty(b_total, p, dtype=dt, device=dev)
+    rows = torch.empty(b_total, 2 * k, wcg.shape[0], dtype=dt, device=dev)
+    mean = torch.empty(b_total, n, dtype=dt, device=dev)
+    rstd = torch.empty_like(mean)
+    inv = inverse_permutation(perm)
+    wrg_h = wrg.view(p, h, d).transpose(0, 1)                                          # [h, P, d]
+    step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, k, False), chunk_mib)
+    for s in chunks(b_total, step):
+        xhat, mean[s], rstd[s] = normalised_tokens(x[s], eps, dt)
+        b = xhat.shape[1]
+        pr = softmax_(torch.mm(g.view(h * p, c), xhat.view(c, b * n)).view(h, p, b, n)).transpose(1, 2)
+        z = torch.bmm(wrg_h, xhat.view(h, d, b * n)).view(h, p, b, n).transpose(1, 2)  # [h, b, P, N]
+        if h == 1:
+            attn[s] = pr[0]
+        else:
+            probs[s] = pr.transpose(0, 1)
+            torch.mean(pr, 0, out=attn[s])
+        zhat[s] = z.transpose(0, 1)
+        pred[s] = (pr * z).sum((0, 3))
+        m = _pool_rows(mask, inv, s, dt)                                                # [b, 2K, P]
+        coef = torch.stack([torch.bmm(m, pr[j]) for j in range(h)])                   # [h, b, 2K, N]
+        torch.matmul(_pooled(coef, xhat), wcg.T, out=rows[s])
+    logits = torch.empty(k, b_total, wcg.shape[0], dtype=dt, device=dev)
+    torch.add(rows[:, :k].transpose(0, 1), rows[perm, k:].transpose(0, 1), out=logits)
+    return attn, pred, logits, probs, zhat, mean, rstd
+
+
+def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch.Tensor, perm: torch.Tensor,
+                 mask: torch.Tensor, attn: torch.Tensor, probs: torch.Tensor, zhat: torch.Tensor, mean: torch.Tensor,
+                 rstd: torch.Tensor, dattn: Optional[torch.Tensor], dpred: Optional[torch.Tensor],
+                 dlogits: Optional[torch.Tensor], needs_dx: bool, chunk_mib: float, dot_precision: str = "tf32"):
+    """Backward of the fused head from its saved state. Returns ``dg [h, P, C]``, ``dwrg [P, C]``,
+    ``dwcg [classes, C]`` (compute dtype) and ``dx [B, C, N]`` in ``x.dtype`` (or None)."""
+    b_total, c, n = x.shape
+    h, p, _ = g.shape
+    d = c // h
+    k = mask.shape[0]
+    dt = g.dtype
+    dev = x.device
+    dg = torch.zeros(h * p, c, dtype=dt, device=dev)
+    dwrg = torch.zeros(p, c, dtype=dt, device=dev)
+    dwcg = torch.zeros_like(wcg)
+    dx = torch.empty_like(x) if needs_dx else None
+    inv = inverse_permutation(perm)
+    wrg_h = wrg.view(p, h, d).transpose(0, 1)
+    if dlogits is not None:   # rows of sample b: its own views, then the views it was mixed into
+        drows = torch.cat([dlogits, dlogits[:, inv]]).transpose(0, 1).to(dt)         # [B, 2K, classes]
+    step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, k, True), chunk_mib)
+    for s in chunks(b_total, step):
+        xhat, _, _ = normalised_tokens(x[s], 0.0, dt, mean[s], rstd[s])
+        b = xhat.shape[1]
+        pr = attn[s][None] if h == 1 else probs[s].transpose(0, 1)                   # [h, b, P, N]
+        z = zhat[s].transpose(0, 1)
+        dp = torch.zeros(h, b, p, n, dtype=dt, device=dev)
+        dxhat = torch.zeros(c, b, n, dtype=dt, device=dev) if needs_dx else None
+        if dattn is not None:
+            dp.add_(dattn[s].to(dt), alpha=1.0 / h)
+        if dpred is not None:
+            dpb = dpred[s].to(dt)[None, :, :, None]
+            dp.addcmul_(z, dpb)
+            dz = (pr * dpb).transpose(1, 2)                                              # [h, P, b, N]
+            dwrg.view(p, h, d).transpose(0, 1).baddbmm_(
+                dz.reshape(h, p, b * n), xhat.view(h, d, b * n).transpose(1, 2))
+            if needs_dx:
+                dxhat.view(h, d, b * n).baddbmm_(wrg_h.transpose(1, 2), dz.reshape(h, p, b * n))
+        if dlogits is not None:
+            m = _pool_rows(mask, inv, s, dt)                                               # [b, 2K, P]
+            coef = torch.stack([torch.bmm(m, pr[j]) for j in range(h)])                  # [h, b, 2K, N]
+            dr = drows[s]                                                                # [b, 2K, classes]
+            dwcg.addmm_(dr.reshape(-1, dr.shape[-1]).T, _pooled(coef, xhat).view(-1, c))
+            du = torch.matmul(dr, wcg)                                                   # [b, 2K, C]
+            for j in range(h):
+                cols = slice(j * d, (j + 1) * d)
+                dcoef = torch.bmm(du[:, :, cols], xhat[cols].transpose(0, 1))           # [b, 2K, N]
+                dp[j].baddbmm_(m.transpose(1, 2), dcoef)
+                if needs_dx:
+                    dxhat[cols] += torch.bmm(du[:, :, cols].transpose(1, 2), coef[j]).transpose(0, 1)
+        ds = softmax_bwd_(dp, pr).transpose(1, 2).reshape(h * p, b * n)
+        dg.addmm_(ds, xhat.view(c, b * n).T)
+        if needs_dx:
+            dxhat.view(c, b * n).addmm_(g.view(h * p, c).T, ds)
+            dx[s] = layernorm_bwd(dxhat, xhat, rstd[s]).transpose(0, 1)
+    return dg.view(h, p, c), dwrg, dwcg, dx

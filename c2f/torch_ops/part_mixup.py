@@ -1,0 +1,98 @@
+"""Part-wise mixup as torch ops: the torch-op implementation of the contract that
+``c2f.kernels.part_mixup`` implements with Triton kernels (same functions and signatures).
+
+In place (docs/design.md, "The algebra" 5): a few parts of every sample at a time are copied to an
+fp32 chunk (``CHUNK_ELEMS`` values, L2-sized) and mixed back into their rows, so nothing of
+``[B, P, C]`` size is allocated and no pair loop runs on the host. Pooled (item 6): the K views
+are one batched contraction of ``[B, 2K, P]`` weights with the parts.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._math import inverse_permutation
+
+__all__ = ["part_mixup_fwd_", "part_mixup_bwd_", "part_mixup_pool_fwd", "part_mixup_pool_bwd"]
+
+# Elements of the fp32 chunk the in-place mix works in (1 MiB: 2.5% of a [16, 312, 2048] fp32
+# tensor); the pooled backward's gathered gradient rows likewise.
+CHUNK_ELEMS = 1 << 18
+
+
+def _mix_(x: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor, backward: bool) -> None:
+    b, p, c = x.shape
+    if x.numel() == 0:
+        return
+    rows_per_chunk = max(1, CHUNK_ELEMS // (b * c))
+    # Forward: F'[b] = m[b] F[b] + (1 - m[b]) F[perm b]; backward: dF[b] = m[b] dY[b] + (1 - m[perm b]) dY[perm b].
+    own = mask.unsqueeze(-1)                                      # [B, P, 1] fp32: m and 1 - m exact
+    other = (1 - (mask[perm] if backward else mask)).unsqueeze(-1)
+    for r0 in range(0, p, rows_per_chunk):
+        rows = slice(r0, r0 + rows_per_chunk)
+        chunk = x[:, rows].float()
+        x[:, rows] = torch.mul(chunk, own[:, rows]).addcmul_(chunk[perm], other[:, rows])
+
+
+def part_mixup_fwd_(parts: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> None:
+    """Mixes ``parts [B, P, C]`` in place: ``parts[b] <- m[b] parts[b] + (1 - m[b]) parts[perm[b]]``
+    per part, ``perm [B]`` int64, ``mask [B, P]`` fp32."""
+    _mix_(parts, perm, mask, backward=False)
+
+
+def part_mixup_bwd_(grad: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> None:
+    """Turns ``grad [B, P, C]`` of the mixed parts into the gradient of the parts, in place:
+    ``d[b] = m[b] grad[b] + (1 - m[perm[b]]) grad[perm[b]]`` (perm an involution)."""
+    _mix_(grad, perm, mask, backward=True)
+
+
+def _pool_weights(mask: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, 2K, P]``: row k of sample j weighs F[j] for its own view k, row K + k weighs F[j] for view k
+    of the sample paired with j (``inv[j]``), both divided by P; fp32 mask math, then ``dtype``."""
+    p = mask.shape[-1]
+    own = mask.transpose(0, 1)
+    partner = (1 - mask[:, inv]).transpose(0, 1)
+    return (torch.cat([own, partner], 1) / p).to(dtype)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def part_mixup_pool_fwd(parts: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[K, B, C]``: the mean over parts of the K mixed views of ``parts [B, P, C]`` (any strides),
+    ``perm [B]`` any permutation, ``mask [K, B, P]`` fp32; in the dtype of ``parts``.
+
+    16-bit parts are widened a chunk of samples at a time, so the weights ``m / P`` and ``(1 - m) / P``
+    stay fp32 (rounded separately to bf16 they would not sum to 1 / P).
+    """
+    k = mask.shape[0]
+    b, p, c = parts.shape
+    dt = _compute_dtype(parts.dtype)
+    weights = _pool_weights(mask, inverse_permutation(perm), dt)                  # [B, 2K, P]
+    if parts.dtype == dt:
+        both = torch.bmm(weights, parts)                                          # [B, 2K, C]
+    else:
+        both = torch.empty(b, 2 * k, c, dtype=dt, device=parts.device)
+        per_chunk = max(1, CHUNK_ELEMS // max(p * c, 1))
+        for s in range(0, b, per_chunk):
+            js = slice(s, s + per_chunk)
+            torch.bmm(weights[js], parts[js].to(dt), out=both[js])
+    out = torch.empty(k, b, c, dtype=parts.dtype, device=parts.device)
+    return torch.add(both[:, :k].transpose(0, 1), both[perm, k:].transpose(0, 1), out=out)
+
+
+def part_mixup_pool_bwd(grad: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The gradient of the parts ``[B, P, C]`` (in ``dtype``) from ``grad [K, B, C]`` (any strides,
+    expanded included), ``perm [B]`` and ``mask [K, B, P]``."""
+    k, b, c = grad.shape
+    p = mask.shape[-1]
+    dt = _compute_dtype(dtype)
+    inv = inverse_permutation(perm)
+    weights = _pool_weights(mask, inv, dt).transpose(1, 2)                        # [B, P, 2K]
+    out = torch.empty((b, p, c), dtype=dtype, device=grad.device)
+    per_chunk = max(1, CHUNK_ELEMS // max(2 * k * c, 1))
+    for s in range(0, b, per_chunk):
+        js = slice(s, s + per_chunk)
+        rhs = torch.cat([grad[:, js], grad[:, inv[js]]], 0).transpose(0, 1).to(dt)   # [b', 2K, C]
+        out[js] = torch.bmm(weights[js], rhs)
+    return out

@@ -1,0 +1,97 @@
+"""How every kernel is launched: a plan, one ``launch`` call, and a recorder for offline compiles.
+
+A launcher computes each kernel's ``KernelPlan`` (grid, constexprs, warps, stages) with the kernel's
+plan function in ``plans.py`` and calls ``launch(kernel, plan, **args)``. Inside ``recording(target)``
+the same launcher, called on ``meta`` tensors, records its launches instead of running them:
+``inspect.py`` compiles exactly those, with the argument types and divisibility the JIT would infer
+from the very same arguments. What is inspected is what runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+
+# One dtype map for the whole package: storage dtypes the kernels accept, with Triton's names.
+TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+FLOAT_DTYPES = tuple(TL_DTYPES)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def interpreting() -> bool:
+    """True when the kernels were decorated for the Triton interpreter: triton reads
+    ``TRITON_INTERPRET=1`` when a kernel module is first imported (here, if not before)."""
+    from triton.runtime.jit import JITFunction
+
+    from .part_attention_fwd import _part_attention_stats_kernel
+    return not isinstance(_part_attention_stats_kernel, JITFunction)
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """How one kernel is launched for given shapes, dtype and target."""
+    grid: tuple[int, ...]
+    constexprs: dict[str, Any] = field(hash=False)
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclass
+class Launch:
+    """A recorded launch: the kernel, its plan and its runtime arguments by name."""
+    kernel: Any
+    plan: KernelPlan
+    args: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
+
+
+_RECORD: contextvars.ContextVar[Optional[list[Launch]]] = contextvars.ContextVar("c2f_kernel_record", default=None)
+_TARGET: contextvars.ContextVar[Optional[Any]] = contextvars.ContextVar("c2f_kernel_target", default=None)
+
+
+def launch(kernel, plan: KernelPlan, **args: Any) -> None:
+    """Launches ``kernel`` with ``plan``; inside ``recording()`` appends the launch instead."""
+    record = _RECORD.get()
+    if record is not None:
+        record.append(Launch(kernel, plan, dict(args)))
+        return
+    kernel[plan.grid](**args, **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages)
+
+
+@contextlib.contextmanager
+def plan_for(target) -> Iterator[None]:
+    """Plans every launch inside for ``target`` (a ``targets.Target``) instead of the current device:
+    e.g. a GPU's tiles run under the interpreter, or a smaller shared-memory limit."""
+    token = _TARGET.set(target)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+@contextlib.contextmanager
+def recording(target) -> Iterator[list[Launch]]:
+    """Records the launches made inside (launchers called on ``meta`` tensors), planned for ``target``."""
+    token = _RECORD.set([])
+    try:
+        with plan_for(target):
+            yield _RECORD.get()
+    finally:
+        _RECORD.reset(token)
+
+
+def planned_target():
+    """The target set by ``plan_for`` or ``recording``, or None."""
+    return _TARGET.get()
