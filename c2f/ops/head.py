@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._math import compute_dtype
-from ._common import chain_rule_error, empty_if_none
+from ._common import chain_rule_error, empty_if_none, no_autocast
 
 
 def implementation(backend: str):
@@ -31,7 +31,8 @@ def c2f_head(x: Tensor, g: Tensor, wrg: Tensor, wcg: Tensor, k_bias: Optional[Te
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(attn [B, P, N], pred [B, P], logits [K, B, classes], probs, zhat, mean, rstd)`` of ``x [B, C, N]``,
     ``perm [B]`` a permutation and ``mask [K, B, P]`` fp32 (K = 1 and all ones: no mixup)."""
-    return implementation(backend).c2f_head_fwd(x, g, wrg, wcg, perm, mask, eps, chunk_mib, dot_precision)
+    with no_autocast(x):
+        return implementation(backend).c2f_head_fwd(x, g, wrg, wcg, perm, mask, eps, chunk_mib, dot_precision)
 
 
 @c2f_head.register_fake
@@ -51,9 +52,10 @@ def c2f_head_backward(x: Tensor, g: Tensor, wrg: Tensor, wcg: Tensor, perm: Tens
                       dpred: Optional[Tensor], dlogits: Optional[Tensor], needs_dx: bool, backend: str,
                       chunk_mib: float, dot_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx or empty, dg, dwrg, dwcg)``."""
-    dg, dwrg, dwcg, dx = implementation(backend).c2f_head_bwd(
-        x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd, dattn, dpred, dlogits, needs_dx, chunk_mib,
-        dot_precision)
+    with no_autocast(x):
+        dg, dwrg, dwcg, dx = implementation(backend).c2f_head_bwd(
+            x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd, dattn, dpred, dlogits, needs_dx, chunk_mib,
+            dot_precision)
     return empty_if_none(dx, x), dg, dwrg, dwcg
 
 
