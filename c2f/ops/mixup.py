@@ -75,7 +75,8 @@ class PartMixupInplace(torch.autograd.Function):
         perm, mask = ctx.saved_tensors
         if torch.is_grad_enabled():      # create_graph=True: keep the graph of the (linear) mix
             return mix_transposed(grad, perm, mask), None, None, None
-        if not _storage_is_private(grad):
+        # Under torch.compile the graph is functionalised: mix a copy and let the compiler reuse buffers.
+        if torch.compiler.is_compiling() or not _storage_is_private(grad):
             grad = grad.clone(memory_format=torch.contiguous_format)
         torch.ops.c2f.part_mixup_(grad, perm, mask, True, ctx.backend)
         return grad, None, None, None
