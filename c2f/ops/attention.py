@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from .._math import compute_dtype
 from ._common import chain_rule_error, empty_if_none, no_autocast
@@ -246,3 +247,34 @@ def _unfolded_backward(ctx, dparts, dattn, dkeys, dlse, dmean, drstd):
 
 part_attention_unfolded.register_autograd(_unfolded_backward, setup_context=_unfolded_setup)
 part_attention_unfolded_backward.register_autograd(chain_rule_error("part attention"))
+
+
+# ------------------------------------------------------------------------------------- FLOP counts
+# FlopCounterMode sees a custom op as one call: these formulas give the GEMM FLOPs its implementations
+# run (2 per multiply-add; elementwise work is not counted, as for aten ops).
+
+@register_flop_formula(torch.ops.c2f.part_attention_folded)
+def _(x, queries, k_weight, k_bias, norm_weight, norm_bias, num_heads, *args, out_shape=None, **kwargs):
+    (b, c, n), p = x, queries[0]
+    return 2 * p * c * c + 2 * num_heads * p * c * b * n + 2 * p * n * c * b
+
+
+@register_flop_formula(torch.ops.c2f.part_attention_folded_backward)
+def _(x, queries, k_weight, norm_weight, attn, probs, mean, rstd, dparts, dattn, num_heads, scale, backend,
+      needs_dx, *args, out_shape=None, **kwargs):
+    (b, c, n), p = x, queries[0]
+    flops = 3 * 2 * p * c * b * n + 2 * num_heads * p * c * b * n + 2 * 2 * p * c * c
+    return flops + (2 * p * c * c + 2 * num_heads * p * c * b * n if needs_dx else 0)
+
+
+@register_flop_formula(torch.ops.c2f.part_attention_unfolded)
+def _(x, queries, *args, out_shape=None, **kwargs):
+    (b, c, n), p = x, queries[0]
+    return 2 * c * c * b * n + 2 * 2 * p * c * b * n
+
+
+@register_flop_formula(torch.ops.c2f.part_attention_unfolded_backward)
+def _(x, queries, k_weight, norm_weight, keys, lse, mean, rstd, dparts, dattn, num_heads, scale, backend,
+      needs_dx, *args, out_shape=None, **kwargs):
+    (b, c, n), p = x, queries[0]
+    return 5 * 2 * p * c * b * n + 2 * c * c * b * n + (2 * c * c * b * n if needs_dx else 0)

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from .._math import compute_dtype
 from ._common import chain_rule_error, empty_if_none, no_autocast
@@ -93,3 +94,24 @@ def _backward(ctx, dattn, dpred, dlogits, dprobs, dzhat, dmean, drstd):
 
 c2f_head.register_autograd(_backward, setup_context=_setup)
 c2f_head_backward.register_autograd(chain_rule_error("C2F head"))
+
+
+# FlopCounterMode sees a custom op as one call: the GEMM FLOPs of the implementations (2 per multiply-add).
+def _pooling_flops(b, c, n, h, p, k, classes):
+    """coef = M P_j (all heads), U = coef xhatᵀ, logits = U Wcgᵀ: [2K] rows per sample."""
+    return 2 * b * 2 * k * (h * p * n + n * c + c * classes)
+
+
+@register_flop_formula(torch.ops.c2f.c2f_head)
+def _(x, g, wrg, wcg, k_bias, perm, mask, *args, out_shape=None, **kwargs):
+    (b, c, n), (h, p, _), classes, k = x, g, wcg[0], mask[0]
+    return 2 * (h + 1) * p * c * b * n + _pooling_flops(b, c, n, h, p, k, classes)
+
+
+@register_flop_formula(torch.ops.c2f.c2f_head_backward)
+def _(x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd, dattn, dpred, dlogits, needs_dx, *args,
+      out_shape=None, **kwargs):
+    (b, c, n), (h, p, _), classes, k = x, g, wcg[0], mask[0]
+    # dG and dWrg; the pooled rows recomputed, dWcg, dU, dcoef and its pull-back to dP.
+    flops = 2 * (h + 1) * p * c * b * n + 2 * _pooling_flops(b, c, n, h, p, k, classes)
+    return flops + (2 * (h + 1) * p * c * b * n + 2 * b * 2 * k * c * n if needs_dx else 0)
