@@ -77,13 +77,20 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     inv = inverse_permutation(perm)
     od = operand_dtype(dot_precision, dt)
     go, wrg_h = g.view(h * p, c).to(od), wrg.to(od).view(p, h, d).transpose(0, 1)      # [h, P, d]
+    # One head: the scores and the readout both contract the whole map, so one [2P, C] GEMM does both.
+    stacked = torch.cat([go, wrg_h[0]]) if h == 1 else None
     step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, k, False), chunk_mib)
     for s in chunks(b_total, step):
         xhat, mean[s], rstd[s] = normalised_tokens(x[s], eps, dt)
         xo = xhat.to(od)
         b = xhat.shape[1]
-        pr = softmax_(torch.mm(go, xo.view(c, b * n)).view(h, p, b, n).to(dt)).transpose(1, 2)
-        z = torch.bmm(wrg_h, xo.view(h, d, b * n)).view(h, p, b, n).to(dt).transpose(1, 2)  # [h, b, P, N]
+        if stacked is not None:
+            sz = torch.mm(stacked, xo.view(c, b * n)).view(2, p, b, n).to(dt)
+            scores, z = sz[:1], sz[1:].transpose(1, 2)                                 # z [1, b, P, N]
+        else:
+            scores = torch.mm(go, xo.view(c, b * n)).view(h, p, b, n).to(dt)
+            z = torch.bmm(wrg_h, xo.view(h, d, b * n)).view(h, p, b, n).to(dt).transpose(1, 2)
+        pr = softmax_(scores).transpose(1, 2)                                          # [h, b, P, N]
         if h == 1:
             attn[s] = pr[0]
         else:
@@ -111,8 +118,11 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     k = mask.shape[0]
     dt = g.dtype
     dev = x.device
-    dg = torch.zeros(h * p, c, dtype=dt, device=dev)
-    dwrg = torch.zeros(p, c, dtype=dt, device=dev)
+    # One head: dG and dWrg come from one [2P, b*N] x [b*N, C] GEMM of the stacked [dS; dZ].
+    stacked = h == 1
+    dgw = torch.zeros(2 * p if stacked else h * p, c, dtype=dt, device=dev)
+    dg = dgw[:p] if stacked else dgw
+    dwrg = dgw[p:] if stacked else torch.zeros(p, c, dtype=dt, device=dev)
     dwcg = torch.zeros_like(wcg)
     dx = torch.empty_like(x) if needs_dx else None
     inv = inverse_permutation(perm)
@@ -131,11 +141,15 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
         dxhat = torch.zeros(c, b, n, dtype=dt, device=dev) if needs_dx else None
         if dattn is not None:
             dp.add_(dattn[s].to(dt), alpha=1.0 / h)
+        dsz = torch.zeros(2 * p, b * n, dtype=od, device=dev) if stacked else None   # [dS; dZ]
         if dpred is not None:
             dpb = dpred[s].to(dt)[None, :, :, None]
             dp.addcmul_(z, dpb)
             dz = (pr * dpb).transpose(1, 2).reshape(h, p, b * n).to(od)                 # [h, P, b*N]
-            dwrg.view(p, h, d).transpose(0, 1).add_(torch.bmm(dz, xo.view(h, d, b * n).transpose(1, 2)))
+            if stacked:
+                dsz[p:] = dz[0]
+            else:
+                dwrg.view(p, h, d).transpose(0, 1).add_(torch.bmm(dz, xo.view(h, d, b * n).transpose(1, 2)))
             if needs_dx:
                 dxhat.view(h, d, b * n).add_(torch.bmm(wrg_h.transpose(1, 2), dz))
         if dlogits is not None:
@@ -150,9 +164,15 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
                 dp[j].baddbmm_(m.transpose(1, 2), dcoef)
                 if needs_dx:
                     dxhat[cols] += torch.bmm(du[:, :, cols].transpose(1, 2), coef[j]).transpose(0, 1)
-        ds = softmax_bwd_(dp, pr).transpose(1, 2).reshape(h * p, b * n).to(od)
-        accumulate_mm_(dg, ds, xo.view(c, b * n).T)
+        if stacked:
+            dsz[:p] = softmax_bwd_(dp, pr)[0].transpose(0, 1).reshape(p, b * n)
+            ds = dsz[:p]
+            accumulate_mm_(dgw, dsz, xo.view(c, b * n).T)
+        else:
+            ds = softmax_bwd_(dp, pr).transpose(1, 2).reshape(h * p, b * n).to(od)
+            accumulate_mm_(dg, ds, xo.view(c, b * n).T)
         if needs_dx:
             accumulate_mm_(dxhat.view(c, b * n), g.view(h * p, c).T.to(od), ds)
             dx[s] = layernorm_bwd(dxhat, xhat, rstd[s]).transpose(0, 1)
-    return dg.view(h, p, c), dwrg, dwcg, dx
+    # Custom-op outputs must not share storage: one head's dG and dWrg are halves of one buffer.
+    return dg.clone().view(h, p, c) if stacked else dg.view(h, p, c), dwrg, dwcg, dx
