@@ -103,7 +103,7 @@ def test_cli_synth_and_info(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["feature_shape"] == [8, 3, 3] and info["num_images"] == 6 and info["complete"]
     assert info["config"]["source"] == "synth"
-    with pytest.raises(ValueError, match="batch_size 64 exceeds"):
+    with pytest.raises(ValueError, match="batch_size: 64 exceeds"):
         train(config(out, tmp_path / "r", batch_size=64))
 
 
