@@ -17,12 +17,19 @@ ROOT = "c2f"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-class TqdmHandler(logging.StreamHandler):
-    """Writes records between progress-bar refreshes instead of through them."""
+class TqdmHandler(logging.Handler):
+    """Writes records between progress-bar refreshes instead of through them.
+
+    Without a ``stream``, writes to whatever ``sys.stderr`` is at the time of the record.
+    """
+
+    def __init__(self, stream=None):
+        super().__init__()
+        self._stream = stream
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm.write(self.format(record), file=self.stream)
+            tqdm.write(self.format(record), file=self._stream or sys.stderr)
         except Exception:  # noqa: BLE001 - logging must never raise into the caller
             self.handleError(record)
 
@@ -52,7 +59,7 @@ def setup(level: int = logging.INFO, log_file: Optional[str] = None, stream=None
     for handler in [h for h in logger.handlers if getattr(h, "_c2f", False)]:
         logger.removeHandler(handler)
         handler.close()
-    console = TqdmHandler(stream or sys.stderr)
+    console = TqdmHandler(stream)
     console.setLevel(level)
     console.setFormatter(_ConsoleFormatter("%(message)s"))
     console._c2f = True
