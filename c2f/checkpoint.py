@@ -52,6 +52,8 @@ def safe_load(path: str, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found is None and "Unsupported operand" in str(e):
+            raise CheckpointError(f"{path}: not a readable checkpoint (not a torch.save file)") from None
         what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
         raise CheckpointError(f"{path}: refused to load: it holds {what}, not only tensors and plain "
                               "containers (loading it could run code); c2f writes no such files") from None

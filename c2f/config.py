@@ -199,6 +199,12 @@ def from_dict(values: dict, source: str = "config", base: Optional[TrainConfig] 
     return cfg
 
 
+def apply(base: TrainConfig, values: dict) -> TrainConfig:
+    """``base`` with ``values`` set; dict settings (``extra``) are merged key by key, not replaced."""
+    merged = {k: ({**getattr(base, k), **v} if isinstance(v, dict) else v) for k, v in values.items()}
+    return dataclasses.replace(base, **merged)
+
+
 def read_config_file(path: str) -> dict:
     """Settings from a ``.toml`` or ``.json`` file (a run's ``config.json`` included), as a dict."""
     if not os.path.isfile(path):

@@ -8,14 +8,13 @@ A run directory holds ``config.json`` (every saved ``TrainConfig`` field, paths 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import time
 from typing import Optional
 
-from .config import ConfigError, TrainConfig, from_dict, read_config_file, resume_conflicts
+from .config import ConfigError, TrainConfig, apply, from_dict, read_config_file, resume_conflicts
 from .metrics import csv_text, format_table
 
 log = logging.getLogger(__name__)
@@ -101,7 +100,7 @@ def resume_config(run_dir: str, given: Optional[dict] = None) -> TrainConfig:
     conflicts = resume_conflicts(saved, given)
     if conflicts:
         raise ResumeConflict(run_dir, conflicts)
-    return dataclasses.replace(saved, **given)
+    return apply(saved, given)
 
 
 # ------------------------------------------------------------------------------------ metric logs

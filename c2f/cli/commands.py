@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
 
-from ..config import VERIFY_MODES, TrainConfig, from_dict, read_config_file
+from ..config import VERIFY_MODES, TrainConfig, apply, from_dict, read_config_file
 from ..data.cache import CACHE_DTYPES
 from ..data.extract import SPLITS as EXTRACT_SPLITS
 from ..devices import AMP_MODES
@@ -80,7 +79,7 @@ def _run_train(args) -> int:
         result = train(cfg, resume=True)
     else:
         base = from_dict(read_config_file(args.config), source=args.config) if args.config else TrainConfig()
-        cfg = dataclasses.replace(base, **values)
+        cfg = apply(base, values)
         cfg.validate()
         result = train(cfg)
     if result and int(os.environ.get("RANK", "0")) == 0:
