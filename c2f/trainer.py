@@ -231,6 +231,9 @@ class Trainer(EpochLoop):
             log.info("%s has trained all %d epochs; pass a larger --epochs to extend it", self.run_dir, cfg.epochs)
         while self.epoch < cfg.epochs:
             if cfg.stop_after is not None and ran >= cfg.stop_after:
+                if self.dist.main:
+                    log.info("stopped after epoch %d of %d (--stop-after %d); continue with: c2f train --resume %s",
+                             self.epoch, cfg.epochs, cfg.stop_after, self.run_dir)
                 return {}
             start = time.perf_counter()
             record = self.train_epoch()

@@ -432,3 +432,27 @@ def test_timm_backbone_with_its_own_preprocessing(tmp_path, cub_and_backbone, mo
     with torch.inference_mode():
         expected = net.proj(x)[0].numpy()                    # the patch tokens back on their 4 x 4 grid
     np.testing.assert_allclose(FeatureCache(out).read([2])[0].astype(np.float32), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_predict_images_through_the_extract_backbone(tmp_path, cub_and_backbone, capsys):
+    """Image files -> the cache's backbone (from its manifest) -> the head: as predicted from the cache."""
+    import json
+
+    from c2f.cli import main
+    from c2f.train import TrainConfig, train
+    cub, backbone = cub_and_backbone
+    cache = extract(cub, str(tmp_path / "c"), backbone, **EXTRACT)
+    run = str(tmp_path / "run")
+    train(TrainConfig(features=cache, run_dir=run, epochs=1, batch_size=2, num_workers=0, progress=False,
+                      plots=False))
+    images = [read_cub(cub).image_paths[i] for i in (0, 3, 8)]
+    assert main(["predict", run, "--images", *images, "--out", str(tmp_path / "img.json")]) == 0
+    by_image = json.load(open(tmp_path / "img.json"))["predictions"]
+    assert [p["sample"] for p in by_image] == images
+    assert main(["predict", run, "--features", cache, "--split", "all", "--out", str(tmp_path / "all.json")]) == 0
+    by_row = json.load(open(tmp_path / "all.json"))["predictions"]
+    for i, p in zip((0, 3, 8), by_image):
+        assert p["pred"] == by_row[i]["pred"] and p["prob"] == pytest.approx(by_row[i]["prob"], abs=1e-3)
+    capsys.readouterr()
+    assert main(["predict", run, "--images", str(tmp_path / "missing.png")]) == 2
+    assert "missing.png (missing)" in capsys.readouterr().err
