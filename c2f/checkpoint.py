@@ -44,12 +44,22 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _numpy_array_globals() -> list:
+    """What a pickled numpy array needs: it only rebuilds arrays (nested objects still pass this unpickler).
+
+    ``last.pt`` files of earlier c2f versions hold numpy's RNG state as an array; these let them resume.
+    """
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray
+    return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def safe_load(path: str, map_location="cpu") -> dict:
     """``torch.load(path, weights_only=True)``; refuses pickled code with one clear line."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         if found is None and "Unsupported operand" in str(e):
@@ -206,11 +216,14 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restores ``rng_state()``'s states (or the tuples that earlier c2f versions stored)."""
     torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    n, p = state["numpy"], state["python"]
+    if isinstance(n, dict):
+        n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)
+    if isinstance(p, dict):
+        p = (p["version"], tuple(p["internal"]), p["gauss_next"])
+    random.setstate(p)
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -122,3 +122,16 @@ def test_rng_state_round_trips_as_plain_data(tmp_path):
     np.testing.assert_array_equal(a[1], b[1])
     assert a[2] == b[2]
     assert not os.path.exists(path + ".tmp")
+
+
+def test_runs_of_earlier_versions_resume(cache, tmp_path):
+    """Their last.pt holds numpy's RNG state as a pickled array: arrays are allowed, code is not."""
+    run = tmp_path / "run"
+    train(TrainConfig(features=cache, run_dir=str(run), epochs=2, stop_after=1, batch_size=4, num_workers=0,
+                      progress=False, plots=False, head="reference"))
+    state = safe_load(str(run / "last.pt"))
+    state["rng"].update(numpy=np.random.get_state(), python=random.getstate())
+    torch.save(state, run / "last.pt")
+    assert isinstance(safe_load(str(run / "last.pt"))["rng"]["numpy"][1], np.ndarray)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert safe_load(str(run / "last.pt"))["epoch"] == 2
