@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Optional
 
 DIST_NAME = "c2f-fgvc"   # the distribution on the package index; the import name is c2f
 
@@ -15,12 +16,12 @@ def install_hint(extra: str) -> str:
     return f"pip install '{DIST_NAME}[{extra}]'"
 
 
-def require(module: str, extra: str, purpose: str) -> ModuleType:
-    """Imports ``module`` or raises ``MissingExtra`` naming ``purpose`` and the extra to install."""
+def require(module: str, extra: str, purpose: str, package: Optional[str] = None) -> ModuleType:
+    """Imports ``module`` or raises ``MissingExtra`` naming ``purpose``, the package and the extra to install."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise MissingExtra(f"{purpose} needs {module.split('.')[0]}, which is not installed: "
+        raise MissingExtra(f"{purpose} needs {package or module.split('.')[0]}, which is not installed: "
                            f"{install_hint(extra)}") from None
 
 

@@ -114,7 +114,7 @@ class MetricsLog:
         self.writer = None
         if tensorboard:
             from .extras import require
-            tb = require("torch.utils.tensorboard", "tensorboard", "--tensorboard")
+            tb = require("torch.utils.tensorboard", "tensorboard", "--tensorboard", "tensorboard")
             self.writer = tb.SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
     def records(self) -> list:

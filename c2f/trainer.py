@@ -23,7 +23,7 @@ from .devices import resolve_amp
 from .distributed import Dist
 from .epoch import EpochLoop, cosine_lambda
 from .errors import ConfigError
-from .extras import available, install_hint
+from .extras import available, install_hint, require
 from .mixup import PartMixup
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,10 @@ DEMO_SYNTH = dict(num_classes=50, images_per_class=32, test_fraction=0.25, seed=
 
 
 class Trainer(EpochLoop):
+    """One training stage: ``Trainer(cfg)`` sets up (in named steps, checking before writing), ``fit()``
+    trains and tests, ``close()`` releases the process group and writers. ``resume=True`` continues the
+    run in ``cfg.run_dir`` from its ``last.pt``."""
+
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         cfg.validate()
         self.cfg, self.resuming = cfg, resume
@@ -42,8 +46,7 @@ class Trainer(EpochLoop):
         self.amp = resolve_amp(cfg.amp, self.device)
         self.plots = cfg.plots and self._plots_available()
         if cfg.tensorboard:
-            from .extras import require
-            require("torch.utils.tensorboard", "tensorboard", "--tensorboard")
+            require("torch.utils.tensorboard", "tensorboard", "--tensorboard", "tensorboard")
         if self.dist.main:
             for warning in cfg.warnings():
                 log.warning(warning)

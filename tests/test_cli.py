@@ -47,7 +47,7 @@ def test_every_option_has_help_and_shows_its_default():
                 continue
             assert action.help, (name, action.dest)
             if action.option_strings and not action.required:
-                assert "(default: " in formatter._get_help_string(action), (name, action.dest)
+                assert "default: " in formatter._get_help_string(action), (name, action.dest)
     train = subparsers()["train"].format_help()
     for text in ("--min-lr-ratio", "--extra KEY=VALUE", "--amp {auto,bf16,fp16,off}", "--compile",
                  "--skip-nonfinite", "--backend {auto,triton,torch}", "--mixup-mode {binary,blend,part}",
@@ -189,6 +189,7 @@ def test_tensorboard_writer_when_installed(cache, tmp_path, monkeypatch):
     assert scalars[0] == ("dir", str(tmp_path / "tb" / "tensorboard")) and scalars[-1] == ("closed", None)
     assert ("train/reg", 1) in scalars and ("val/top1", 2) in scalars
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    with pytest.raises(ImportError, match=r"pip install 'c2f-fgvc\[tensorboard\]'"):
+    with pytest.raises(ImportError, match=r"--tensorboard needs tensorboard, which is not installed: "
+                                          r"pip install 'c2f-fgvc\[tensorboard\]'"):
         main(["train", "--features", cache, "--run-dir", str(tmp_path / "none"), "--tensorboard", "--debug"])
     assert not (tmp_path / "none").exists()

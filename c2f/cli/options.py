@@ -16,11 +16,11 @@ from ..errors import ConfigError
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Appends ``(default: X)`` to every option's help that does not already state one."""
+    """Appends ``(default: X)`` to every option's help that does not already state its default."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "(default:" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+        if "default:" in text or action.default is argparse.SUPPRESS or not action.option_strings:
             return text
         if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
             return text
@@ -88,7 +88,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
         meta = f.metadata
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         tp = base_type(types[f.name])
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{meta['help']} (default: {show(default)})")
+        text = meta["help"] if "default:" in meta["help"] else f"{meta['help']} (default: {show(default)})"
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=text)
         if tp is bool:
             parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
         elif tp is dict:

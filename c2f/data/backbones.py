@@ -150,7 +150,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         from ..extras import require
-        Image = require("PIL.Image", "extract", "decoding images")
+        Image = require("PIL.Image", "extract", "decoding images", "Pillow")
         with Image.open(self.paths[i]) as img:
             img = img.convert("RGB")
             if self.transform is not None:

@@ -40,7 +40,7 @@ def check_images(paths, root: str, progress: bool = True) -> None:
 
     Raises ``ImageCheckError`` naming the first few problems and counting all of them.
     """
-    Image = require("PIL.Image", "extract", "decoding images")
+    Image = require("PIL.Image", "extract", "decoding images", "Pillow")
     problems = []
     for path in tqdm(paths, desc="check images", unit="img", leave=False, disable=not progress):
         try:
