@@ -195,3 +195,18 @@ def test_fused_head_trains(cache, tmp_path, attr_target, attr_loss):
     rec = records(tmp_path / "fused")[0]
     assert np.isfinite(rec["train_ce"]) and np.isfinite(rec["train_reg"]) and result["test"]["n"] == 40
     assert set(dtypes) == {torch.float16}          # the loader's fp16 batches, no fp32 copy
+
+
+def test_attention_plot_shares_one_colour_scale_with_a_colour_bar(tmp_path, monkeypatch):
+    from c2f import plots
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr(plots._pyplot(), "close", lambda fig: None)
+    attn = np.random.default_rng(0).random((2, 6, 9)).astype(np.float32)
+    attn[1, 5] *= 4                                          # one map much brighter than the rest
+    plots.attention_maps(attn, (3, 3), [f"a{i}" for i in range(6)], [0, 1], ["x", "y"], str(tmp_path / "a.png"),
+                         attributes=[0, 5])
+    (fig,) = figures
+    images = [im for ax in fig.axes for im in ax.get_images()]
+    assert len(images) == 4 and {im.get_clim() for im in images} == {(0.0, float(attn[:, [0, 5]].max()))}
+    assert len(fig.axes) == 5                                # 2 x 2 maps and the colour bar
