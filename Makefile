@@ -5,7 +5,11 @@ PY := $(VENV)/bin/python
 # The CPU build of torch keeps CI and laptops off the multi-GB CUDA wheel. GPU users: `make TORCH=torch ...`
 # or install their own torch into .venv first (an installed torch is kept).
 TORCH ?= torch==2.13.0
+# What the tests need: the test extra (pytest, plots, extract, safetensors) and triton for the interpreter tests.
+EXTRAS ?= test,triton
 PYTEST_WORKERS ?= 2
+INSPECT_ARGS ?= --arch 80 90
+ARGS ?=
 
 .PHONY: venv test demo bench inspect clean
 
@@ -15,20 +19,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,gpu]"
+	$(PY) -m pip uninstall -q -y c2f 2>/dev/null || true   # the distribution's old name
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 test: venv
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests $(ARGS)
 
 demo: venv
-	$(PY) -m c2f train
+	$(PY) -m c2f train $(ARGS)
 
 bench: venv
-	$(PY) -m bench.report --out results
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m bench.report --out results $(ARGS)
 
 inspect: venv
-	$(PY) -m c2f.kernels.inspect --arch 80 90
+	$(PY) -m c2f.kernels.inspect $(INSPECT_ARGS) $(ARGS)
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .benchmarks
