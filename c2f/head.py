@@ -90,6 +90,13 @@ class C2FHead(reference.C2FHead):
         self.materialize_parts = materialize_parts
         self.backend, self.chunk_mib, self.dot_precision = backend, chunk_mib, dot_precision
 
+    @classmethod
+    def from_checkpoint(cls, path: str, map_location="cpu", **overrides) -> "C2FHead":
+        """Rebuilds the head a ``best.pt`` / ``best.safetensors`` (``c2f.checkpoint.save_model``) holds, from
+        the constructor arguments stored with its weights; ``overrides`` replace some (e.g. ``backend``)."""
+        from .checkpoint import load_model
+        return load_model(path, cls=cls, map_location=map_location, **overrides)
+
     def forward(self, x: torch.Tensor, perm: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> C2FOutput:
         att = self.attention

@@ -135,3 +135,18 @@ def test_runs_of_earlier_versions_resume(cache, tmp_path):
     assert isinstance(safe_load(str(run / "last.pt"))["rng"]["numpy"][1], np.ndarray)
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert safe_load(str(run / "last.pt"))["epoch"] == 2
+
+
+def test_head_rebuilds_from_its_checkpoint(tmp_path):
+    """``C2FHead.from_checkpoint`` rebuilds the module from the file alone, with its constructor arguments."""
+    from c2f import nn as cn
+    torch.manual_seed(0)
+    head = cn.C2FHead(32, 5, 4, num_heads=2, qkv_bias=True, chunk_mib=8.0)
+    path = str(tmp_path / "best.pt")
+    save_model(path, head, epoch=3)
+    again = cn.C2FHead.from_checkpoint(path)
+    assert isinstance(again, cn.C2FHead) and again.attention.num_heads == 2 and again.attention.k.bias is not None
+    x = torch.randn(2, 32, 3, 3)
+    for got, want in zip(again(x), head(x)):
+        torch.testing.assert_close(got, want)
+    assert cn.C2FHead.from_checkpoint(path, backend="torch").backend == "torch"
