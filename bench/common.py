@@ -13,28 +13,43 @@ A case file looks like::
                forward=lambda: model(x))
 
 ``params`` identify the case (cases with equal ``name`` and ``params`` are compared across ``impl``);
-``sweep`` names the param that the report plots on the x axis.
+``sweep`` names the param that the report plots on the x axis. ``impl`` is one of ``IMPLS``: c2f eager
+("fused"), ``torch.compile`` of c2f ("fused_compiled"), ``c2f.reference`` ("reference") and
+``torch.compile(reference)`` ("compiled"). A dtype axis puts ``amp`` ("off" or "bf16") in ``params`` and
+runs the forward under ``autocast(device, amp)``.
+
+Every measured case records, beside its times: peak live bytes, FLOPs and the aten ops of one
+forward + backward (custom ops expanded, ``bench.memtrack.measure_step``), and the throughput of the
+yardstick GEMM measured in the same process with the same threads (``bench.machine.gemm_reference``),
+so the report can state each case's GEMM efficiency. On CUDA the rounds are timed with CUDA events.
 
 Quick mode (``C2F_BENCH_QUICK=1``, set by ``python -m bench.report --quick``) thins sweeps and rounds
 so the whole report stays within minutes on a 2-core CPU.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import statistics
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from .memtrack import LiveTensorTracker, count_flops, nvml_used_bytes, profiler_peak_bytes, saved_tensor_bytes
+from . import machine
+from .memtrack import LiveTensorTracker, count_flops, device_used_bytes, measure_step, profiler_peak_bytes, \
+    saved_tensor_bytes
 
-__all__ = ["B_SWEEP", "K_SWEEP", "IMPLS", "quick", "sweep", "default_rounds", "bench_device", "record",
-           "zero_grads", "synchronize"]
+__all__ = ["B_SWEEP", "K_SWEEP", "IMPLS", "AMPS", "quick", "sweep", "default_rounds", "bench_device", "record",
+           "zero_grads", "synchronize", "autocast", "failure_note"]
 
 # Sweeps of the report's plots: batch sizes up to a realistic training batch, mixup views up to 32.
 B_SWEEP = (8, 16, 32, 64)
 K_SWEEP = (1, 2, 4, 8, 16, 32)
-IMPLS = ("fused", "reference", "compiled")
+IMPLS = ("fused", "fused_compiled", "reference", "compiled")
+COMPILED_IMPLS = ("fused_compiled", "compiled")
+AMPS = {"off": None, "bf16": torch.bfloat16}
 
 
 def quick() -> bool:
@@ -68,6 +83,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def autocast(device: torch.device | str, amp: str = "off"):
+    """The forward's context: ``torch.autocast(device.type, dtype=torch.bfloat16)`` for ``amp="bf16"``."""
+    if amp not in AMPS:
+        raise ValueError(f"amp must be one of {sorted(AMPS)}, got {amp!r}")
+    if AMPS[amp] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AMPS[amp])
+
+
 def zero_grads(*objs: Any) -> None:
     """Drops ``.grad`` of modules' parameters and of tensors, so every round allocates its gradients anew."""
     for obj in objs:
@@ -82,41 +106,92 @@ def _dtype_name(dtype: Any) -> Optional[str]:
     return str(dtype).replace("torch.", "")
 
 
+def _note(entry: dict[str, Any]) -> None:
+    """Appends a JSON line to ``C2F_BENCH_NOTES`` (set by the report): what a case could not measure."""
+    path = os.environ.get("C2F_BENCH_NOTES")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(entry, default=str) + "\n")
+
+
+def failure_note(name: str, impl: str, params: dict[str, Any], error: BaseException, what: str) -> str:
+    """Records that a case could not run (``what``: e.g. "torch.compile", "bf16 autocast") so the report
+    lists it beside the figures, and returns the one-line message (for ``pytest.xfail``)."""
+    text = str(error).strip().splitlines()
+    message = f"{what} failed: {type(error).__name__}: {text[0][:300] if text else ''}"
+    _note({"case": name, "impl": impl, "params": params, "what": what, "error": message})
+    return message
+
+
+def _first_compiled_call(timed: Callable[[], None]) -> dict[str, Any]:
+    """Times the first call of a compiled step (compilation plus one step) and counts Dynamo's graph breaks."""
+    from torch._dynamo.utils import counters
+
+    breaks = sum(counters["graph_break"].values())
+    graphs = counters["stats"]["unique_graphs"]
+    start = time.perf_counter()
+    timed()
+    return {"compile_s": time.perf_counter() - start,
+            "graph_breaks": sum(counters["graph_break"].values()) - breaks,
+            "graphs": counters["stats"]["unique_graphs"] - graphs}
+
+
 def record(benchmark, fn: Callable[[], Any], *, name: str, impl: str, device: torch.device | str | None = None,
-           dtype: Any = None, shapes: Optional[dict[str, Any]] = None, params: Optional[dict[str, Any]] = None,
-           sweep: Optional[str] = None, forward: Optional[Callable[[], Any]] = None,
-           setup: Optional[Callable[[], None]] = None, rounds: Optional[int] = None, warmup: int = 1,
-           measure: bool = True, extra: Optional[dict[str, Any]] = None) -> None:
-    """Times ``fn`` with ``benchmark.pedantic`` and stores its peak memory and FLOPs in ``extra_info``.
+           dtype: Any = None, amp: str = "off", shapes: Optional[dict[str, Any]] = None,
+           params: Optional[dict[str, Any]] = None, sweep: Optional[str] = None,
+           forward: Optional[Callable[[], Any]] = None, setup: Optional[Callable[[], None]] = None,
+           rounds: Optional[int] = None, warmup: int = 1, measure: bool = True,
+           extra: Optional[dict[str, Any]] = None) -> None:
+    """Times ``fn`` with ``benchmark.pedantic`` and stores its peak memory, FLOPs and ops in ``extra_info``.
 
-    ``fn`` runs once untimed under the live-tensor tracker and the FLOP counter (skip with
-    ``measure=False`` when that one run is too slow; ``impl="compiled"`` measures memory through the
-    profiler and FLOPs in a second run, since dispatch modes turn Dynamo off), then ``warmup`` untimed and ``rounds`` timed
-    rounds; ``setup`` (e.g. ``lambda: zero_grads(model)``) runs before each of them, outside the
-    timing. ``forward``, if given, runs once more to count the bytes autograd saves for backward.
-    ``params`` identify the case among its ``impl`` siblings; ``sweep`` names the param on the x axis.
-    ``extra`` adds anything else JSON-serialisable.
+    ``fn`` runs once untimed under the live-tensor tracker, the FLOP counter and the op counter (skip
+    with ``measure=False`` when that one run is too slow). Compiled impls first run once plain: that
+    call is the compile time (``compile_s``, with Dynamo's graph breaks), reported apart from the
+    steady state; then memory through the profiler (CPU) or the allocator (CUDA) and FLOPs in an eager
+    run, since dispatch modes turn Dynamo off. Then ``warmup`` untimed and ``rounds`` timed rounds;
+    ``setup`` (e.g. ``lambda: zero_grads(model)``) runs before each of them, outside the timing.
+    ``forward``, if given, runs once more to count the bytes autograd saves for backward. ``amp`` labels
+    a case whose ``fn`` runs its forward under ``autocast(device, amp)``. ``extra`` adds anything else
+    JSON-serialisable.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if amp not in AMPS:
+        raise ValueError(f"amp must be one of {sorted(AMPS)}, got {amp!r}")
     params = dict(params or {})
     if sweep is not None and sweep not in params:
         raise ValueError(f"sweep={sweep!r} must name one of params {sorted(params)}")
     device = torch.device(device) if device is not None else bench_device()
     setup = setup or (lambda: None)
+    cuda_times: list[float] = []
 
     def timed() -> None:
+        if device.type != "cuda":
+            fn()
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-        synchronize(device)
+        end.record()
+        end.synchronize()
+        cuda_times.append(start.elapsed_time(end) / 1e3)
 
+    described = machine.describe(device)
     info: dict[str, Any] = {
-        "case": name, "impl": impl, "device": _device_name(device), "dtype": _dtype_name(dtype),
-        "shapes": shapes or {}, "params": params, "sweep": sweep, "threads": torch.get_num_threads(),
-        "quick": quick(),
+        "case": name, "impl": impl, "device": described["label"], "device_kind": described["kind"],
+        "isa": described["isa"], "dtype": _dtype_name(dtype), "amp": amp, "shapes": shapes or {}, "params": params,
+        "sweep": sweep, "threads": torch.get_num_threads(), "quick": quick(),
     }
-    if measure and impl == "compiled":
+    gemm = machine.gemm_reference(str(device), "float32")
+    info.update(gemm_flops_per_s=gemm["flops_per_s"], gemm_shape=gemm["shape"], gemm_dtype=gemm["dtype"])
+    if amp != "off":
+        low = machine.gemm_reference(str(device), _dtype_name(AMPS[amp]))
+        info.update(gemm_amp_flops_per_s=low["flops_per_s"], gemm_amp_shape=low["shape"],
+                    native_bf16=machine.native_bf16(device))
+    if impl in COMPILED_IMPLS:
+        setup()
+        info.update(_first_compiled_call(timed))
+    if measure and impl in COMPILED_IMPLS:
         # Any TorchDispatchMode (tracker, FLOP counter) makes Dynamo run the code eagerly: measure memory
         # without one (CUDA allocator, or the profiler's allocator events on CPU), FLOPs in a second run.
         setup()
@@ -131,18 +206,13 @@ def record(benchmark, fn: Callable[[], Any], *, name: str, impl: str, device: to
         info["peak_method"] = "allocator" if device.type == "cuda" else "profiler"
         setup()
         info["flops"] = count_flops(timed)
-        info["nvml_used_bytes"] = nvml_used_bytes()
     elif measure:
         setup()
-        flops = FlopCounterMode(display=False)
         start = time.perf_counter()
-        with LiveTensorTracker(device) as tracker, flops:
-            timed()
+        info.update(measure_step(timed, device))
         info["first_run_s"] = time.perf_counter() - start
-        info["peak_bytes"] = tracker.peak_bytes
         info["peak_method"] = "allocator" if device.type == "cuda" else "tracker"
-        info["flops"] = flops.get_total_flops()
-        info["nvml_used_bytes"] = nvml_used_bytes()
+    info["device_used_bytes"] = device_used_bytes(device)
     if forward is not None:
         setup()
         info["saved_bytes"] = saved_tensor_bytes(forward)
@@ -154,12 +224,10 @@ def record(benchmark, fn: Callable[[], Any], *, name: str, impl: str, device: to
         setup()
         return (), {}
 
-    benchmark.pedantic(timed, setup=setup_round, rounds=rounds or default_rounds(), warmup_rounds=warmup,
-                       iterations=1)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    import platform
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    rounds = rounds or default_rounds()
+    cuda_times.clear()
+    benchmark.pedantic(timed, setup=setup_round, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    if cuda_times:
+        benchmark.extra_info.update(median_s=statistics.median(cuda_times[-rounds:]), timer="cuda events")
+    else:
+        benchmark.extra_info["timer"] = "perf_counter"

@@ -1,4 +1,8 @@
-"""Fixtures shared by the bench cases. The helpers themselves live in ``bench.common``."""
+"""Fixtures shared by the bench cases. The helpers themselves live in ``bench.common``.
+
+``bench/pytest.ini`` makes pytest collect ``bench_*.py`` (``python_files``); the project's own pytest
+configuration (``pyproject.toml``, ``testpaths = ["tests"]``) never collects them.
+"""
 import os
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -8,21 +12,13 @@ import json  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from bench import machine  # noqa: E402
 from bench.common import bench_device, default_rounds, quick  # noqa: E402
 
 # On a shared 2-core machine two intra-op threads wait on each other whenever another process holds a
 # core; ``C2F_BENCH_THREADS=1`` (``python -m bench.report --threads 1``) trades that noise for one core.
 if os.environ.get("C2F_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["C2F_BENCH_THREADS"]))
-
-
-def pytest_collect_file(file_path, parent):
-    """Collects ``bench_*.py`` (pytest's default pattern is ``test_*.py``); files named on the command
-    line are collected by pytest itself."""
-    if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
-            and not parent.session.isinitpath(file_path)):
-        return pytest.Module.from_parent(parent, path=file_path)
-    return None
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +35,12 @@ def quick_mode() -> bool:
 @pytest.fixture(scope="session")
 def rounds() -> int:
     return default_rounds()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _gemm_reference(device):
+    """The yardstick GEMM, timed once per process before any case, with the cases' threads."""
+    return machine.gemm_reference(str(device), "float32")
 
 
 @pytest.fixture(autouse=True)

@@ -5,18 +5,25 @@ On CPU there is no allocator to ask, so ``LiveTensorTracker`` watches every op o
 alive (a ``weakref.finalize`` on each storage subtracts it when it is freed). On CUDA it reads the
 caching allocator's ``max_memory_allocated`` instead. Either way ``peak_bytes`` is the high-water mark
 of memory allocated *inside* the block: tensors that existed at entry (inputs, parameters) do not count.
+
+Registered custom ops (``torch.library.custom_op``: ``torch.ops.c2f.*``) are opaque to a dispatch mode:
+the mode sees the op, and the aten ops its implementation runs happen while the mode is off. Every
+mode here therefore sits under ``CustomOpExpander``, which runs a custom op's Python implementation
+with the modes still watching, so temporaries, FLOPs and ops inside c2f's ops are counted.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections import Counter
 from typing import Any, Callable, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["LiveTensorTracker", "peak_live_bytes", "profiler_peak_bytes", "saved_tensor_bytes", "count_flops",
-           "nvml_used_bytes"]
+__all__ = ["LiveTensorTracker", "CustomOpExpander", "OpCounter", "measure_step", "peak_live_bytes",
+           "profiler_peak_bytes", "saved_tensor_bytes", "count_flops", "device_used_bytes"]
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
@@ -29,6 +36,78 @@ def _storage_key(t: torch.Tensor) -> Optional[int]:
         return t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):  # sparse / meta / wrapper tensors without a plain storage
         return None
+
+
+def _custom_op_impl(func, device_type: str) -> Optional[Callable]:
+    """The Python implementation of a ``torch.library.custom_op`` for ``device_type``, or None (aten ops,
+    ops defined in C++, or a torch whose private registry has moved)."""
+    if getattr(func, "namespace", "aten") in ("aten", "prim", "prims", "_c10d_functional"):
+        return None
+    try:
+        from torch._library.custom_ops import _maybe_get_opdef
+        opdef = _maybe_get_opdef(func._schema.name)
+    except (ImportError, AttributeError):
+        return None
+    if opdef is None:
+        return None
+    fns = getattr(opdef, "_backend_fns", {})
+    return fns.get(device_type) or fns.get(None) or opdef._init_fn
+
+
+class CustomOpExpander(TorchDispatchMode):
+    """Runs registered Python custom ops by their implementation so the modes below it see their aten ops.
+
+    Enter it last (innermost), after the modes that watch. ``expanded``: how many times each custom op
+    ran; ``triton``: those whose ``backend`` argument was "triton" (their kernels launch no aten op, so
+    neither their FLOPs nor their kernels are counted, only their allocations).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.expanded: Counter = Counter()
+        self.triton: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = _tensors((args, kwargs))
+        impl = _custom_op_impl(func, tensors[0].device.type if tensors else "cpu")
+        if impl is None:
+            return func(*args, **kwargs)
+        name = func._schema.name
+        self.expanded[name] += 1
+        names = [a.name for a in func._schema.arguments]
+        backend = kwargs.get("backend", args[names.index("backend")] if "backend" in names[:len(args)] else None)
+        if backend == "triton":
+            self.triton[name] += 1
+        with self:  # nested custom ops are expanded too
+            return impl(*args, **kwargs)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while it is active (under autograd: forward and backward ops).
+
+    ``total``; ``views`` (ops whose output aliases an input: no kernel launch on a GPU); ``low_precision``
+    (ops with a bf16/fp16 floating output: whether autocast changed anything); ``by_op`` per overload.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.by_op: Counter = Counter()
+        self.views = 0
+        self.low_precision = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_op.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.by_op[str(func)] += 1
+        if getattr(func, "is_view", False):
+            self.views += 1
+        if any(t.dtype in (torch.bfloat16, torch.float16) for t in _tensors(out)):
+            self.low_precision += 1
+        return out
 
 
 class _StorageWatch(TorchDispatchMode):
@@ -101,8 +180,9 @@ class LiveTensorTracker:
         else:
             self._live.clear()
             self._current = 0
-            self._mode = _StorageWatch(self)
-            self._mode.__enter__()
+            self._mode = contextlib.ExitStack()
+            self._mode.enter_context(_StorageWatch(self))
+            self._mode.enter_context(CustomOpExpander())
         return self
 
     def __exit__(self, *exc) -> None:
@@ -174,29 +254,52 @@ def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of the matmul-like ops ``fn()`` runs (``torch.utils.flop_counter``; elementwise ops are free)."""
+    """FLOPs of the matmul-like ops ``fn()`` runs, inside custom ops too (``torch.utils.flop_counter``;
+    elementwise ops are free)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter, CustomOpExpander():
         fn()
     return counter.get_total_flops()
 
 
-def nvml_used_bytes(index: int = 0) -> Optional[int]:
-    """Device memory in use as NVML sees it (all processes, driver and allocator cache); None without CUDA."""
+def measure_step(fn: Callable[[], Any], device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Runs ``fn()`` once under the tracker, the FLOP counter and the op counter, custom ops expanded.
+
+    Returns ``peak_bytes``, ``flops``, ``ops`` (aten ops dispatched), ``ops_nonview``, ``ops_low_precision``,
+    ``custom_ops`` (custom-op calls expanded) and ``flops_complete`` (False when a custom op ran Triton
+    kernels, whose FLOPs no dispatch mode sees).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops, ops, expander = FlopCounterMode(display=False), OpCounter(), CustomOpExpander()
+    with LiveTensorTracker(device) as tracker, flops, ops, expander:
+        fn()
+    return {"peak_bytes": tracker.peak_bytes, "flops": flops.get_total_flops(), "ops": ops.total,
+            "ops_nonview": ops.total - ops.views, "ops_low_precision": ops.low_precision,
+            "custom_ops": sum(expander.expanded.values()), "flops_complete": not expander.triton}
+
+
+def device_used_bytes(device: torch.device | str | int | None = None) -> Optional[int]:
+    """Device memory in use as the driver sees it (all processes, allocator cache included); None without CUDA.
+
+    ``torch.cuda.device_memory_used`` (NVML, or amdsmi on ROCm) where torch has it; nvidia-ml-py,
+    imported only then, on older torch.
+    """
     if not torch.cuda.is_available():
         return None
+    used = getattr(torch.cuda, "device_memory_used", None)
     try:
+        if used is not None:
+            return int(used(device))
         import pynvml
-    except ImportError:
-        return None
-    try:
         pynvml.nvmlInit()
         try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            index = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index.index or 0)
             return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
         finally:
             pynvml.nvmlShutdown()
-    except pynvml.NVMLError:
+    except Exception:  # no NVML library / driver query refused: the allocator's figures still stand
         return None

@@ -1,10 +1,20 @@
-"""Roofline model: compulsory bytes and FLOPs of each op, and the time they imply on an H100 SXM.
+"""Roofline model: compulsory bytes and FLOPs of each op, and the time they imply on a named GPU.
 
-A model, not a measurement. Each kernel (fused op, or one op of the unfused reference) must at least
-move its compulsory bytes (every input read once, every output written once) and do its matmul FLOPs;
-its time is at least ``max(bytes / bandwidth, flops / peak)``. The unfused reference pays that per op,
-with every intermediate written and read back. Elementwise FLOPs (softmax, LayerNorm, mixing) are left
-out: every op here is far from compute-bound on them.
+A projection, not a measurement. Each kernel (fused op, or one op of the unfused reference) must at
+least move its compulsory bytes (every input read once, every output written once) and do its matmul
+FLOPs; its time is at least ``max(bytes / bandwidth, flops / peak)`` on the target. The unfused
+reference pays that per op, with every intermediate written and read back. Elementwise FLOPs
+(softmax, LayerNorm, mixing) are left out: every op here is far from compute-bound on them.
+
+Targets (``TARGETS``; dense peaks, no sparsity; fp32 runs as TF32 on the tensor cores):
+- A100 SXM 80 GB: 2.039 TB/s HBM2e; 312 TFLOP/s bf16, 156 TF32 (NVIDIA A100 datasheet, as tabulated at
+  glennklockwood.com/garden/processors/A100).
+- H100 SXM: 3.35 TB/s HBM3; 989 TFLOP/s bf16, 495 TF32 (NVIDIA H100 datasheet, as tabulated at
+  glennklockwood.com/garden/processors/h100).
+- RTX 4090 (the consumer sm_89 class, also the L40S's architecture): 1.008 TB/s GDDR6X; 165 TFLOP/s bf16
+  with fp32 accumulate, 82.6 TF32 and 82.6 fp32 without tensor cores (NVIDIA's Ada specifications, as
+  tabulated at waredb.com/processor/nvidia-geforce-rtx-4090; the 4090's bf16 rate with fp32 accumulate
+  is half its fp16-accumulate rate).
 
 Shapes: ``x [B, C, N]``, ``P`` queries, ``h`` heads with the key projection folded into ``G [h, P, C]``
 (DESIGN.md: S_j = G_j Xc is ``2 P C N`` FLOPs per head and sample, parts ``2 P N C`` per sample).
@@ -14,10 +24,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-H100_BW = 3.35e12            # bytes/s, H100 SXM HBM3
-H100_PEAK = {"bf16": 990e12, "fp32": 495e12}  # dense tensor-core FLOP/s (fp32 runs as TF32)
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 F32 = 4
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    bandwidth: float             # bytes/s
+    peak: dict                   # dtype -> dense FLOP/s (fp32 as TF32 tensor-core math)
+
+
+TARGETS = {
+    "A100": Target("A100 SXM 80GB", 2.039e12, {"bf16": 312e12, "fp32": 156e12}),
+    "H100": Target("H100 SXM", 3.35e12, {"bf16": 989e12, "fp32": 495e12}),
+    "RTX4090": Target("RTX 4090", 1.008e12, {"bf16": 165.2e12, "fp32": 82.6e12}),
+}
+H100 = TARGETS["H100"]
+H100_BW, H100_PEAK = H100.bandwidth, H100.peak   # kept for callers of the single-target model
 
 
 @dataclass(frozen=True)
@@ -38,11 +62,11 @@ class OpCost:
     bytes: float
     flops: float
 
-    def time_s(self) -> float:
-        return max(self.bytes / H100_BW, self.flops / H100_PEAK[self.dtype])
+    def time_s(self, target: Target = H100) -> float:
+        return max(self.bytes / target.bandwidth, self.flops / target.peak[self.dtype])
 
-    def bound(self) -> str:
-        return "memory" if self.bytes / H100_BW >= self.flops / H100_PEAK[self.dtype] else "compute"
+    def bound(self, target: Target = H100) -> str:
+        return "memory" if self.bytes / target.bandwidth >= self.flops / target.peak[self.dtype] else "compute"
 
 
 def attention_fwd(sh: Shape, dtype: str) -> list[OpCost]:
@@ -154,28 +178,30 @@ def reference_mixup_pool(sh: Shape, dtype: str, backward: bool) -> list[OpCost]:
         OpCost(f"ref: mean over parts (K={K})", "reference", dtype, K * B * P * C * s + K * B * C * s, 0)]
 
 
-def table(B: int = 64) -> list[dict]:
-    """Rows (group, op, impl, dtype, bytes, flops, time_us, bound) for the report, fused beside reference."""
-    rows = []
+def ops(B: int = 64) -> list[tuple[str, list[OpCost]]]:
+    """(group, fused ops + reference ops) for every group the report projects."""
+    groups = []
     for dtype in ("bf16", "fp32"):
         for h in (1, 16):
             sh = Shape(B=B, h=h)
-            rows += _rows(f"attention fwd h={h}", attention_fwd(sh, dtype) + reference_attention_fwd(sh, dtype))
-            rows += _rows(f"attention bwd h={h}", attention_bwd(sh, dtype) + reference_attention_bwd(sh, dtype))
+            groups.append((f"attention fwd h={h}", attention_fwd(sh, dtype) + reference_attention_fwd(sh, dtype)))
+            groups.append((f"attention bwd h={h}", attention_bwd(sh, dtype) + reference_attention_bwd(sh, dtype)))
         sh = Shape(B=B)
-        rows += _rows("part_mixup fwd", mixup_inplace(sh, dtype) + reference_mixup(sh, dtype))
-        rows += _rows("part_mixup bwd", mixup_inplace(sh, dtype) + reference_mixup_bwd(sh, dtype))
+        groups.append(("part_mixup fwd", mixup_inplace(sh, dtype) + reference_mixup(sh, dtype)))
+        groups.append(("part_mixup bwd", mixup_inplace(sh, dtype) + reference_mixup_bwd(sh, dtype)))
         for K in (4, 32):
             sh = Shape(B=B, K=K)
             for bwd in (False, True):
-                rows += _rows(f"part_mixup_pool {'bwd' if bwd else 'fwd'} K={K}",
-                              mixup_pool(sh, dtype, bwd) + reference_mixup_pool(sh, dtype, bwd))
-    return rows
+                groups.append((f"part_mixup_pool {'bwd' if bwd else 'fwd'} K={K}",
+                               mixup_pool(sh, dtype, bwd) + reference_mixup_pool(sh, dtype, bwd)))
+    return groups
 
 
-def _rows(group: str, ops: list[OpCost]) -> list[dict]:
-    return [{"group": group, "op": o.op, "impl": o.impl, "dtype": o.dtype, "bytes": o.bytes, "flops": o.flops,
-             "time_us": o.time_s() * 1e6, "bound": o.bound()} for o in ops]
+def table(B: int = 64, target: Target = H100) -> list[dict]:
+    """Rows (target, group, op, impl, dtype, bytes, flops, time_us, bound), fused beside reference."""
+    return [{"target": target.name, "group": group, "op": o.op, "impl": o.impl, "dtype": o.dtype, "bytes": o.bytes,
+             "flops": o.flops, "time_us": o.time_s(target) * 1e6, "bound": o.bound(target)}
+            for group, group_ops in ops(B) for o in group_ops]
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -192,20 +218,26 @@ def summary(rows: list[dict]) -> list[dict]:
     return list(out.values())
 
 
-def markdown(B: int = 64) -> str:
-    rows = table(B)
-    lines = [f"Model, not a measurement: H100 SXM at {H100_BW / 1e12:.2f} TB/s, {H100_PEAK['bf16'] / 1e12:.0f} "
-             f"dense bf16 and {H100_PEAK['fp32'] / 1e12:.0f} TF32 TFLOP/s; time = max(bytes / BW, FLOPs / peak) "
-             f"per kernel, B={B}, C=2048, N=196, P=312. Fused rows count compulsory bytes (each input read once, "
-             "each output written once); reference rows are the unfused ops, each paying its own reads and writes.",
-             "", "| group | dtype | fused (us) | reference (us) | ratio | fused MB | reference MB |",
-             "|---|---|---|---|---|---|---|"]
-    for e in summary(rows):
-        lines.append(f"| {e['group']} | {e['dtype']} | {e['fused_us']:.1f} | {e['reference_us']:.1f} | "
-                     f"{e['speedup']:.1f}x | {e['fused_bytes'] / 1e6:.1f} | {e['reference_bytes'] / 1e6:.1f} |")
-    lines += ["", "<details><summary>Per op</summary>", "",
+def markdown(B: int = 64, targets: tuple[str, ...] = ("A100", "H100", "RTX4090")) -> str:
+    """Projected times per group on every target (fused / reference, and their ratio), then the per-op
+    detail on the H100."""
+    chosen = [TARGETS[t] for t in targets]
+    specs = "; ".join(f"**{t.name}**: {t.bandwidth / 1e12:.2f} TB/s, {t.peak['bf16'] / 1e12:.0f} bf16 and "
+                      f"{t.peak['fp32'] / 1e12:.1f} TF32 TFLOP/s" for t in chosen)
+    lines = [f"Projections, not measurements (no such GPU ran these figures): {specs} (dense; sources in "
+             f"`bench/roofline.py`). Time = max(bytes / bandwidth, FLOPs / peak) per kernel, B={B}, C=2048, "
+             "N=196, P=312. Fused rows count compulsory bytes (each input read once, each output written once); "
+             "reference rows are the unfused ops, each paying its own reads and writes.", "",
+             "| group | dtype | " + " | ".join(f"{t.name}: fused / reference us (ratio)" for t in chosen) + " | "
+             "fused MB | reference MB |", "|" + "---|" * (4 + len(chosen))]
+    per_target = [summary(table(B, t)) for t in chosen]
+    for i, e in enumerate(per_target[0]):
+        cells = [f"{s[i]['fused_us']:.1f} / {s[i]['reference_us']:.1f} ({s[i]['speedup']:.1f}x)" for s in per_target]
+        lines.append(f"| {e['group']} | {e['dtype']} | " + " | ".join(cells) +
+                     f" | {e['fused_bytes'] / 1e6:.1f} | {e['reference_bytes'] / 1e6:.1f} |")
+    lines += ["", f"<details><summary>Per op, {H100.name}</summary>", "",
               "| group | op | impl | dtype | MB | GFLOP | time (us) | bound |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in table(B, H100):
         lines.append(f"| {r['group']} | {r['op']} | {r['impl']} | {r['dtype']} | {r['bytes'] / 1e6:.1f} | "
                      f"{r['flops'] / 1e9:.1f} | {r['time_us']:.1f} | {r['bound']} |")
     lines += ["", "</details>"]

@@ -1,9 +1,11 @@
-"""The CPU live-tensor tracker against known allocations and against torch's own MemTracker."""
+"""The CPU live-tensor tracker against known allocations and against torch's own MemTracker; custom ops
+seen from inside; the op counter; the interpreter's byte counts."""
 import pytest
 import torch
 from torch import nn
 
-from bench.memtrack import LiveTensorTracker, count_flops, peak_live_bytes, saved_tensor_bytes
+from bench.memtrack import (CustomOpExpander, LiveTensorTracker, OpCounter, count_flops, device_used_bytes,
+                            measure_step, peak_live_bytes, saved_tensor_bytes)
 
 
 def test_single_allocation_is_its_bytes():
@@ -94,6 +96,86 @@ def test_saved_tensor_bytes_dedups_views():
 def test_count_flops_matmul():
     a, b = torch.randn(32, 64), torch.randn(64, 16)
     assert count_flops(lambda: a @ b) == 2 * 32 * 64 * 16
+
+
+# ---- custom ops (torch.ops.c2f.* are torch.library custom ops): what happens inside them counts ----
+
+N_TEMP = 256
+
+
+@torch.library.custom_op("c2f_bench_test::gram_sum", mutates_args=())
+def _gram_sum(x: torch.Tensor, backend: str) -> torch.Tensor:
+    """x @ x.T summed over rows: one [N, N] temporary (and the matmul's FLOPs) that only exist inside."""
+    return (x @ x.t()).sum(0)
+
+
+@_gram_sum.register_fake
+def _(x, backend):
+    return x.new_empty(x.shape[0])
+
+
+def test_custom_op_is_opaque_without_the_expander():
+    """Why the expander exists: a plain dispatch mode sees the custom op, not the ops inside it."""
+    x = torch.randn(N_TEMP, 64)
+    counter = OpCounter()
+    with counter:
+        torch.ops.c2f_bench_test.gram_sum(x, "torch")
+    assert list(counter.by_op) == ["c2f_bench_test.gram_sum.default"]
+
+
+def test_tracker_flops_and_ops_see_inside_custom_ops():
+    x = torch.randn(N_TEMP, 64)
+    temp, out = N_TEMP * N_TEMP * 4, N_TEMP * 4
+    assert peak_live_bytes(lambda: torch.ops.c2f_bench_test.gram_sum(x, "torch"), "cpu") == temp + out
+    assert count_flops(lambda: torch.ops.c2f_bench_test.gram_sum(x, "torch")) == 2 * N_TEMP * 64 * N_TEMP
+    m = measure_step(lambda: torch.ops.c2f_bench_test.gram_sum(x, "torch"))
+    assert m["peak_bytes"] == temp + out and m["custom_ops"] == 1 and m["flops_complete"]
+    assert m["ops"] >= 2 and m["ops"] == m["ops_nonview"] + 1  # mm, sum, and the view x.t()
+
+
+def test_expander_flags_triton_backed_custom_ops():
+    x = torch.randn(8, 4)
+    expander = CustomOpExpander()
+    with expander:
+        torch.ops.c2f_bench_test.gram_sum(x, "triton")  # the torch implementation runs; the label is what counts
+    assert expander.triton == {"c2f_bench_test::gram_sum": 1}
+    assert measure_step(lambda: torch.ops.c2f_bench_test.gram_sum(x, "triton"))["flops_complete"] is False
+
+
+def test_op_counter_counts_views_and_low_precision():
+    x = torch.randn(16, 16)
+    counter = OpCounter()
+    with counter:
+        y = (x + 1).t()
+        y.to(torch.bfloat16)
+    assert counter.total == 3 and counter.views == 1 and counter.low_precision == 1
+
+
+def test_fused_head_step_memory_is_seen_inside_its_ops():
+    """The fused head is one custom op forward and one backward: the tracker must agree with the
+    allocator's own events (the profiler), which no dispatch mode can hide (to a few bytes: a scalar
+    or two that autograd allocates outside any op)."""
+    from bench.memtrack import profiler_peak_bytes
+    from c2f import nn as c2fnn
+
+    model = c2fnn.C2FHead(64, 7, 5)
+    x, perm, mask = torch.randn(3, 64, 7, 7), torch.tensor([2, 1, 0]), (torch.rand(2, 3, 7) < 0.5).float()
+
+    def step():
+        out = model(x, perm, mask)
+        (out.attr_pred.square().mean() + out.logits.logsumexp(-1).mean()).backward()
+
+    m = measure_step(step)
+    model.zero_grad(set_to_none=True)
+    assert m["custom_ops"] == 2 and m["flops"] > 0
+    assert m["peak_bytes"] == pytest.approx(profiler_peak_bytes(step), rel=0.01)
+
+
+def test_device_used_bytes_is_none_without_cuda():
+    if torch.cuda.is_available():
+        assert device_used_bytes() is None or device_used_bytes() > 0
+    else:
+        assert device_used_bytes() is None
 
 
 # ---- bench.bytes_moved: load/store counting under the interpreter (tests/conftest.py sets it) ----
