@@ -82,7 +82,8 @@ def inspect_section(static: dict) -> str:
     lines.append("**" + "; ".join(f"{t}: {len(rs)} compiles, {sum(1 for r in rs if r.problems())} failing"
                                   for t, rs in by_target.items()) + ".**")
     for r in failed:
-        lines.append(f"- {r.kernel} on {r.target} ({r.plan}): " + "; ".join(r.problems()))
+        shapes = f"; {len(r.shapes)} shapes, e.g. {r.shapes[0]}" if r.shapes else ""
+        lines.append(f"- {r.kernel} on {r.target} ({r.plan}, {r.num_warps} warps{shapes}): " + "; ".join(r.problems()))
     lines += ["", format_table(reports)]
     return "\n".join(lines)
 
@@ -115,10 +116,21 @@ def _device(benchmarks: list[dict]) -> str:
 
 
 def _bf16_note(benchmarks: list[dict]) -> str:
+    """Where the dtype axis ran on a CPU that emulates bf16, says the speed target cannot be met there."""
     from bench.machine import BF16_NOTE
-    emulated = any(b.get("extra_info", {}).get("native_bf16") is False for b in benchmarks)
-    return f"**{BF16_NOTE}**" if emulated else ("bf16 runs natively on this device." if any(
-        b.get("extra_info", {}).get("amp", "off") != "off" for b in benchmarks) else "")
+    amp = [b["extra_info"] for b in benchmarks if "amp" in (b.get("extra_info", {}).get("params") or {})]
+    if not amp:
+        return ""
+    info = amp[0]
+    if info.get("device_kind") == "cuda" or info.get("isa") in ("AMX", "AVX-512 BF16"):
+        return f"bf16 runs natively on this device ({info.get('isa')})."
+    reduced = " Both dtypes ran at a reduced shape (B=4, C=512) there." if info.get("reduced_shape") else ""
+    return f"**ISA {info.get('isa')}: {BF16_NOTE}**{reduced}"
+
+
+def _threads(benchmarks: list[dict]) -> str:
+    found = sorted({str(b["extra_info"]["threads"]) for b in benchmarks if b.get("extra_info", {}).get("threads")})
+    return "/".join(found) or os.environ.get("C2F_BENCH_THREADS") or "default"
 
 
 def write_report(out: Path, merged: dict, static: dict, quick: bool, started: float, load: tuple,
@@ -131,9 +143,9 @@ def write_report(out: Path, merged: dict, static: dict, quick: bool, started: fl
 
     benchmarks, notes = merged.get("benchmarks", []), running.read_notes(out)
     device = _device(benchmarks)
-    date = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    date = merged.get("datetime") or dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     mode = "quick" if quick else "full"
-    threads = os.environ.get("C2F_BENCH_THREADS") or torch.get_num_threads()
+    threads = _threads(benchmarks)
     load_end = os.getloadavg()[0]
     cpu = "cuda" not in device.lower() and not device.startswith("GPU")
     busy = load[0] > 1.0 and cpu

@@ -80,7 +80,7 @@ def run_benches(out: Path, files: list[Path], quick: bool, deadline: float) -> d
     raw = out / "bench"
     raw.mkdir(parents=True, exist_ok=True)
     (raw / "notes.jsonl").unlink(missing_ok=True)
-    merged: dict[str, Any] = {"benchmarks": [], "files": []}
+    merged: dict[str, Any] = {"benchmarks": [], "files": [], "datetime": dt.datetime.now().strftime("%Y-%m-%d %H:%M")}
     for i, path in enumerate(files):
         # A fair share of what is left, or more while the files still to come keep a minute each.
         left, remaining = len(files) - i, deadline - time.time()
