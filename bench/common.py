@@ -38,8 +38,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from . import machine
-from .memtrack import LiveTensorTracker, count_flops, device_used_bytes, measure_step, profiler_peak_bytes, \
-    saved_tensor_bytes
+from .memtrack import LiveTensorTracker, count_flops, cuda_kernel_launches, device_used_bytes, measure_step, \
+    profiler_peak_bytes, saved_tensor_bytes
 
 __all__ = ["B_SWEEP", "K_SWEEP", "IMPLS", "AMPS", "quick", "sweep", "default_rounds", "bench_device", "record",
            "zero_grads", "synchronize", "autocast", "failure_note"]
@@ -212,6 +212,9 @@ def record(benchmark, fn: Callable[[], Any], *, name: str, impl: str, device: to
         info.update(measure_step(timed, device))
         info["first_run_s"] = time.perf_counter() - start
         info["peak_method"] = "allocator" if device.type == "cuda" else "tracker"
+    if measure and device.type == "cuda":
+        setup()
+        info["cuda_kernels"] = cuda_kernel_launches(timed)
     info["device_used_bytes"] = device_used_bytes(device)
     if forward is not None:
         setup()

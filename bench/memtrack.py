@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 __all__ = ["LiveTensorTracker", "CustomOpExpander", "OpCounter", "measure_step", "peak_live_bytes",
-           "profiler_peak_bytes", "saved_tensor_bytes", "count_flops", "device_used_bytes"]
+           "profiler_peak_bytes", "saved_tensor_bytes", "count_flops", "cuda_kernel_launches", "device_used_bytes"]
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
@@ -279,6 +279,21 @@ def measure_step(fn: Callable[[], Any], device: torch.device | str = "cpu") -> d
     return {"peak_bytes": tracker.peak_bytes, "flops": flops.get_total_flops(), "ops": ops.total,
             "ops_nonview": ops.total - ops.views, "ops_low_precision": ops.low_precision,
             "custom_ops": sum(expander.expanded.values()), "flops_complete": not expander.triton}
+
+
+def cuda_kernel_launches(fn: Callable[[], Any]) -> Optional[int]:
+    """GPU activities (kernels, copies, memsets) one call of ``fn()`` puts on the device, from the profiler's
+    CUDA activity trace: Triton launches included, which no dispatch mode sees. None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception:  # a profiler without CUPTI: the aten op count still stands
+        return None
 
 
 def device_used_bytes(device: torch.device | str | int | None = None) -> Optional[int]:

@@ -79,8 +79,10 @@ def _peak_ratio(b: dict, ref: dict) -> str:
 
 
 def _ops(b: Optional[dict]) -> str:
-    v = None if b is None else b.get("extra_info", {}).get("ops")
-    return "-" if v is None else str(v)
+    """Aten ops per step, and on CUDA the GPU activities the profiler saw (Triton launches included)."""
+    info = {} if b is None else b.get("extra_info", {})
+    ops = "-" if info.get("ops") is None else str(info["ops"])
+    return ops + (f" ({info['cuda_kernels']} GPU kernels)" if info.get("cuda_kernels") is not None else "")
 
 
 def cases_table(benchmarks: list[dict]) -> str:
