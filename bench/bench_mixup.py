@@ -30,6 +30,7 @@ from c2f.mixup import part_mixup_, part_mixup_pool
 B, P, C = 16, 312, 2048
 K_VALUES = (1, 4, 32)
 RATIO_ROUNDS = 3          # rounds behind the median times of the ratios (the timed rounds are record's)
+_RATIOS: dict = {}        # (op, K) -> (peaks, seconds) of both impls: measured once, shared by both impl cases
 
 
 @pytest.fixture(autouse=True)
@@ -94,14 +95,22 @@ def _measure(step, setup, device):
     return peak, statistics.median(times)
 
 
+def _both(key, make_step, device):
+    """({impl: peak bytes}, {impl: median seconds}) of fused and reference, measured once per key."""
+    if key not in _RATIOS:
+        peak, secs = {}, {}
+        for name in ("fused", "reference"):
+            peak[name], secs[name] = _measure(*make_step(name), device)
+        _RATIOS[key] = peak, secs
+    return _RATIOS[key]
+
+
 @pytest.mark.parametrize("impl", ["fused", "reference"])
 def test_part_mixup_inplace(benchmark, impl):
     device = bench_device()
     inputs = _inputs(device)
     grad_bytes = B * P * C * 4
-    peak, secs = {}, {}
-    for name in ("fused", "reference"):
-        peak[name], secs[name] = _measure(*_inplace_step(name, *inputs), device)
+    peak, secs = _both(("inplace", None), lambda name: _inplace_step(name, *inputs), device)
     extra = {
         "grad_bytes": grad_bytes,
         "peak_fused": peak["fused"], "peak_reference": peak["reference"],
@@ -121,9 +130,7 @@ def test_part_mixup_inplace(benchmark, impl):
 def test_part_mixup_pool(benchmark, impl, k):
     device = bench_device()
     inputs = _inputs(device, k)
-    peak, secs = {}, {}
-    for name in ("fused", "reference"):
-        peak[name], secs[name] = _measure(*_pool_step(name, *inputs), device)
+    peak, secs = _both(("pool", k), lambda name: _pool_step(name, *inputs), device)
     step_k1, setup_k1 = _pool_step("fused", *_inputs(device, 1))
     setup_k1()
     peak_k1 = peak_live_bytes(step_k1, device)

@@ -70,7 +70,7 @@ def sweep(values: Sequence[Any], quick_values: Optional[Sequence[Any]] = None) -
 
 
 def default_rounds() -> int:
-    """Timed rounds per case: the median of 5 (3 in quick mode) after one warmup round."""
+    """Timed rounds per case: the median of 5 (3 in quick mode) after a warmup (``record``)."""
     return 3 if quick() else 5
 
 
@@ -140,7 +140,7 @@ def record(benchmark, fn: Callable[[], Any], *, name: str, impl: str, device: to
            dtype: Any = None, amp: str = "off", shapes: Optional[dict[str, Any]] = None,
            params: Optional[dict[str, Any]] = None, sweep: Optional[str] = None,
            forward: Optional[Callable[[], Any]] = None, setup: Optional[Callable[[], None]] = None,
-           rounds: Optional[int] = None, warmup: int = 1, measure: bool = True,
+           rounds: Optional[int] = None, warmup: Optional[int] = None, measure: bool = True,
            extra: Optional[dict[str, Any]] = None) -> None:
     """Times ``fn`` with ``benchmark.pedantic`` and stores its peak memory, FLOPs and ops in ``extra_info``.
 
@@ -148,7 +148,8 @@ def record(benchmark, fn: Callable[[], Any], *, name: str, impl: str, device: to
     with ``measure=False`` when that one run is too slow). Compiled impls first run once plain: that
     call is the compile time (``compile_s``, with Dynamo's graph breaks), reported apart from the
     steady state; then memory through the profiler (CPU) or the allocator (CUDA) and FLOPs in an eager
-    run, since dispatch modes turn Dynamo off. Then ``warmup`` untimed and ``rounds`` timed rounds;
+    run, since dispatch modes turn Dynamo off. Then ``warmup`` untimed and ``rounds`` timed rounds
+    (``warmup`` defaults to 1, and to 0 in quick mode when the measuring run already warmed the step up);
     ``setup`` (e.g. ``lambda: zero_grads(model)``) runs before each of them, outside the timing.
     ``forward``, if given, runs once more to count the bytes autograd saves for backward. ``amp`` labels
     a case whose ``fn`` runs its forward under ``autocast(device, amp)``. ``extra`` adds anything else
@@ -228,6 +229,8 @@ def record(benchmark, fn: Callable[[], Any], *, name: str, impl: str, device: to
         return (), {}
 
     rounds = rounds or default_rounds()
+    if warmup is None:
+        warmup = 0 if quick() and measure else 1
     cuda_times.clear()
     benchmark.pedantic(timed, setup=setup_round, rounds=rounds, warmup_rounds=warmup, iterations=1)
     if cuda_times:

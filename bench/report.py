@@ -181,7 +181,8 @@ Device: **{device}**. torch {torch.__version__}, triton {triton.__version__}, Py
 
 {busy_note}
 
-Times are medians over the rounds after one warmup round ({timer}; pytest-benchmark, `benchmark.pedantic`);
+Times are medians over the timed rounds ({timer}; pytest-benchmark, `benchmark.pedantic`), after a warmup
+(in quick mode the untimed measuring run, which runs the same step, is the warmup);
 peak live bytes are the high-water mark of tensors allocated during one forward + backward ({tracker});
 saved-for-backward bytes are what autograd keeps from the forward. Each case runs c2f, the reference
 (`c2f.reference`) and, where it applies, `torch.compile` of either on the same inputs in the same run.
