@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 __all__ = ["LiveTensorTracker", "CustomOpExpander", "OpCounter", "measure_step", "peak_live_bytes",
-           "profiler_peak_bytes", "saved_tensor_bytes", "count_flops", "cuda_kernel_launches", "device_used_bytes"]
+           "profiler_peak_bytes", "saved_tensor_bytes", "count_flops", "flop_counter", "cuda_kernel_launches", "device_used_bytes"]
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
@@ -253,12 +253,48 @@ def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
     return total
 
 
+def _contraction_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """matmul, dot, mv and their ``out=`` forms: 2 x output elements x the contracted length."""
+    out = 1
+    for d in out_shape or ():
+        out *= d
+    return 2 * out * a_shape[-1]
+
+
+def _addmv_flops(self_shape, mat_shape, vec_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * mat_shape[0] * mat_shape[1]
+
+
+def _addbmm_flops(self_shape, b1_shape, b2_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * b1_shape[0] * b1_shape[1] * b1_shape[2] * b2_shape[2]
+
+
+def flop_counter():
+    """``FlopCounterMode`` that also counts what reaches a dispatch mode below autograd, as c2f's custom op
+    implementations run: in-place GEMMs (``addmm_``, ``baddbmm_``), ``matmul`` and its ``out=`` form (not
+    decomposed there), ``dot``/``mv``/``addmv``/``addbmm``. torch's registry counts only the out-of-place
+    ``mm``/``addmm``/``bmm``/``baddbmm``, so these FLOPs went missing."""
+    from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+    def as_registered(packet):
+        """torch's own formula, already wrapped to take tensors (marked so it is not wrapped twice)."""
+        def formula(*args, **kwargs):
+            return flop_registry[packet](*args, **kwargs)
+        formula._get_raw = True
+        return formula
+
+    aten = torch.ops.aten
+    extra = {aten.addmm_: as_registered(aten.addmm), aten.baddbmm_: as_registered(aten.baddbmm),
+             aten.matmul: _contraction_flops, aten.dot: _contraction_flops, aten.vdot: _contraction_flops,
+             aten.mv: _contraction_flops, aten.addmv: _addmv_flops, aten.addmv_: _addmv_flops,
+             aten.addbmm: _addbmm_flops, aten.addbmm_: _addbmm_flops}
+    return FlopCounterMode(display=False, custom_mapping={k: v for k, v in extra.items() if k not in flop_registry})
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of the matmul-like ops ``fn()`` runs, inside custom ops too (``torch.utils.flop_counter``;
     elementwise ops are free)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter, CustomOpExpander():
         fn()
     return counter.get_total_flops()
@@ -271,9 +307,7 @@ def measure_step(fn: Callable[[], Any], device: torch.device | str = "cpu") -> d
     ``custom_ops`` (custom-op calls expanded) and ``flops_complete`` (False when a custom op ran Triton
     kernels, whose FLOPs no dispatch mode sees).
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    flops, ops, expander = FlopCounterMode(display=False), OpCounter(), CustomOpExpander()
+    flops, ops, expander = flop_counter(), OpCounter(), CustomOpExpander()
     with LiveTensorTracker(device) as tracker, flops, ops, expander:
         fn()
     return {"peak_bytes": tracker.peak_bytes, "flops": flops.get_total_flops(), "ops": ops.total,

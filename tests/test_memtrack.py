@@ -142,6 +142,40 @@ def test_expander_flags_triton_backed_custom_ops():
     assert measure_step(lambda: torch.ops.c2f_bench_test.gram_sum(x, "triton"))["flops_complete"] is False
 
 
+def test_flops_of_gemms_torch_does_not_count():
+    """In-place and out= GEMMs and matmul as they reach a mode below autograd (inside a custom op)."""
+    a, b, c = torch.randn(8, 16), torch.randn(16, 4), torch.zeros(8, 4)
+    x, y = torch.randn(3, 8, 16), torch.randn(3, 16, 4)
+
+    def inside():
+        with torch.no_grad(), torch._C._AutoDispatchBelowAutograd():
+            c.addmm_(a, b)                       # 2*8*16*4
+            torch.matmul(a, b, out=torch.empty(8, 4))
+            torch.matmul(a, b)
+            torch.mv(a, torch.randn(16))         # 2*8*16
+            torch.addbmm(c, x, y)                # 2*3*8*16*4
+    assert count_flops(inside) == 3 * 2 * 8 * 16 * 4 + 2 * 8 * 16 + 2 * 3 * 8 * 16 * 4
+
+
+def test_head_flops_counted_inside_equal_its_flop_formulas():
+    """Two independent counts of the fused head's GEMMs: FlopCounterMode on the ops inside its custom ops
+    (the bench's expander) and c2f's own FLOP formulas for the custom ops (no expander)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from c2f import nn as c2fnn
+
+    model = c2fnn.C2FHead(64, 7, 5, num_heads=2)
+    x, perm, mask = torch.randn(3, 64, 7, 7), torch.tensor([2, 1, 0]), (torch.rand(2, 3, 7) < 0.5).float()
+
+    def step():
+        out = model(x, perm, mask)
+        (out.attr_pred.square().mean() + out.logits.logsumexp(-1).mean()).backward()
+
+    formulas = FlopCounterMode(display=False)
+    with formulas:
+        step()
+    assert count_flops(step) == formulas.get_total_flops()
+
+
 def test_op_counter_counts_views_and_low_precision():
     x = torch.randn(16, 16)
     counter = OpCounter()
