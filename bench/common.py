@@ -136,6 +136,12 @@ def _first_compiled_call(timed: Callable[[], None]) -> dict[str, Any]:
             "graphs": counters["stats"]["unique_graphs"] - graphs}
 
 
+def _yardstick_times(device: torch.device, info: dict[str, Any], key: str) -> list[float]:
+    """Two timings of the case's yardstick GEMM (``key``: "gemm" or "gemm_amp"), already warm."""
+    dtype = getattr(torch, info[f"{key}_dtype"])
+    return machine.gemm_throughput(device, dtype, tuple(info[f"{key}_shape"]), rounds=2, warmup=False)["times"]
+
+
 def record(benchmark, fn: Callable[[], Any], *, name: str, impl: str, device: torch.device | str | None = None,
            dtype: Any = None, amp: str = "off", shapes: Optional[dict[str, Any]] = None,
            params: Optional[dict[str, Any]] = None, sweep: Optional[str] = None,
@@ -183,12 +189,13 @@ def record(benchmark, fn: Callable[[], Any], *, name: str, impl: str, device: to
         "isa": described["isa"], "dtype": _dtype_name(dtype), "amp": amp, "shapes": shapes or {}, "params": params,
         "sweep": sweep, "threads": torch.get_num_threads(), "quick": quick(),
     }
-    gemm = machine.gemm_reference(str(device), "float32")
-    info.update(gemm_flops_per_s=gemm["flops_per_s"], gemm_shape=gemm["shape"], gemm_dtype=gemm["dtype"])
+    yardsticks = {"gemm": "float32"} if amp == "off" else {"gemm": "float32", "gemm_amp": _dtype_name(AMPS[amp])}
+    for key, dtype_name in yardsticks.items():
+        session = machine.gemm_reference(str(device), dtype_name)
+        info.update({f"{key}_shape": session["shape"], f"{key}_dtype": dtype_name,
+                     f"{key}_session_flops_per_s": session["flops_per_s"]})
     if amp != "off":
-        low = machine.gemm_reference(str(device), _dtype_name(AMPS[amp]))
-        info.update(gemm_amp_flops_per_s=low["flops_per_s"], gemm_amp_shape=low["shape"],
-                    native_bf16=machine.native_bf16(device))
+        info["native_bf16"] = machine.native_bf16(device)
     if impl in COMPILED_IMPLS:
         setup()
         info.update(_first_compiled_call(timed))
@@ -231,8 +238,15 @@ def record(benchmark, fn: Callable[[], Any], *, name: str, impl: str, device: to
     rounds = rounds or default_rounds()
     if warmup is None:
         warmup = 0 if quick() and measure else 1
+    # The yardstick GEMM right before and right after the timed rounds: on a shared machine the load
+    # drifts, and the case's GEMM fraction must compare it with what the GEMM did meanwhile.
+    gemm_times = {key: _yardstick_times(device, info, key) for key in yardsticks}
     cuda_times.clear()
     benchmark.pedantic(timed, setup=setup_round, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    for key in yardsticks:
+        times = gemm_times[key] + _yardstick_times(device, info, key)
+        m, k, n = info[f"{key}_shape"]
+        benchmark.extra_info[f"{key}_flops_per_s"] = 2 * m * k * n / statistics.median(times)
     if cuda_times:
         benchmark.extra_info.update(median_s=statistics.median(cuda_times[-rounds:]), timer="cuda events")
     else:

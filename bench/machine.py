@@ -99,7 +99,8 @@ def describe(device: torch.device | str) -> dict[str, Any]:
     isa = cpu_isa()
     info = {"kind": "cpu", "name": cpu_model(), "isa": isa, "threads": threads, "cores": os.cpu_count()}
     bf16 = "native bf16" if native_bf16(device) else "bf16 emulated"
-    info["label"] = f"CPU {info['name']} ({platform.machine()}, ISA {isa}: {bf16}; {threads} threads of {os.cpu_count()} cores)"
+    plural = "thread" if threads == 1 else "threads"
+    info["label"] = f"CPU {info['name']} ({platform.machine()}, ISA {isa}: {bf16}; {threads} {plural} of {os.cpu_count()} cores)"
     return info
 
 
@@ -113,10 +114,11 @@ def _sync(device: torch.device) -> None:
 
 
 def gemm_throughput(device: torch.device | str, dtype: torch.dtype = torch.float32,
-                    shape: tuple[int, int, int] = HEAD_GEMM, rounds: int = 5) -> dict[str, Any]:
-    """Times ``[M, K] x [K, N]`` in ``dtype`` (one warmup, then ``rounds``); returns its median FLOP/s.
+                    shape: tuple[int, int, int] = HEAD_GEMM, rounds: int = 5, warmup: bool = True) -> dict[str, Any]:
+    """Times ``[M, K] x [K, N]`` in ``dtype`` (one warmup unless ``warmup=False``, then ``rounds``);
+    returns its median FLOP/s.
 
-    ``{"shape", "dtype", "flops_per_s", "median_s", "rounds", "timer"}``; CUDA times with CUDA events.
+    ``{"shape", "dtype", "flops_per_s", "median_s", "times", "rounds", "timer"}``; CUDA times with CUDA events.
     """
     device = torch.device(device)
     m, k, n = shape
@@ -124,7 +126,8 @@ def gemm_throughput(device: torch.device | str, dtype: torch.dtype = torch.float
     a = torch.randn(m, k, generator=gen).to(device, dtype)
     b = torch.randn(k, n, generator=gen).to(device, dtype)
     out = torch.empty(m, n, device=device, dtype=dtype)
-    torch.mm(a, b, out=out)
+    if warmup:
+        torch.mm(a, b, out=out)
     _sync(device)
     times = []
     for _ in range(rounds):
@@ -141,7 +144,7 @@ def gemm_throughput(device: torch.device | str, dtype: torch.dtype = torch.float
             times.append(time.perf_counter() - t0)
     median = statistics.median(times)
     return {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "flops_per_s": 2 * m * k * n / median,
-            "median_s": median, "rounds": rounds, "timer": "cuda events" if device.type == "cuda" else "perf_counter"}
+            "median_s": median, "times": times, "rounds": rounds, "timer": "cuda events" if device.type == "cuda" else "perf_counter"}
 
 
 @functools.lru_cache(maxsize=None)

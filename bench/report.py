@@ -158,7 +158,9 @@ def write_report(out: Path, merged: dict, static: dict, quick: bool, started: fl
     header = (f"Measured {date} on **{device}** with `{command}` ({mode} run; torch {torch.__version__}, "
               f"{threads} intra-op threads; load average {load[0]:.2f} at the start, {load_end:.2f} at the end).")
     readme = "\n\n".join(x for x in [
-        header, f"Yardstick GEMM, same processes and threads: {tables.gemm_line(benchmarks)}.", busy_note,
+        header, f"Yardstick GEMM, same processes and threads, timed around each case: {tables.gemm_line(benchmarks)}. "
+        "GEMM fraction = a case's FLOPs / its median time / that GEMM's throughput (memory-bound mixup cases "
+        "have almost no FLOPs).", busy_note,
         tables.readme_table(benchmarks, notes), "torch.compile(c2f) beside eager c2f:",
         tables.compile_table(benchmarks, notes), "bf16 autocast against fp32 (c2f):",
         tables.dtype_table(benchmarks, notes), bf16,
@@ -187,9 +189,11 @@ peak live bytes are the high-water mark of tensors allocated during one forward 
 saved-for-backward bytes are what autograd keeps from the forward. Each case runs c2f, the reference
 (`c2f.reference`) and, where it applies, `torch.compile` of either on the same inputs in the same run.
 **GEMM fraction**: the case's FLOPs (FlopCounterMode, inside c2f's custom ops too) over its median time,
-as a fraction of the yardstick GEMM's throughput measured in the same process with the same threads
-({tables.gemm_line(benchmarks)}). **Aten ops / step**: ops dispatched by one forward + backward
-(a TorchDispatchMode counter, custom ops expanded; on a GPU each is about one kernel launch).
+as a fraction of the yardstick GEMM's throughput, timed in the same process with the same threads right
+before and right after the case's rounds ({tables.gemm_line(benchmarks)}). It measures how close a
+GEMM-bound step comes to the machine's GEMMs; the mixup cases are memory-bound and have almost no FLOPs,
+so theirs is not their yardstick. **Aten ops / step**: ops dispatched by one forward + backward
+(a TorchDispatchMode counter below autograd, custom ops expanded; on a GPU each is about one kernel launch).
 
 ## Bench files
 

@@ -246,10 +246,10 @@ def gemm_line(benchmarks: list[dict]) -> str:
     seen: dict[tuple, list[float]] = {}
     for b in benchmarks:
         info = b.get("extra_info", {})
-        for key, shape_key, dtype in (("gemm_flops_per_s", "gemm_shape", info.get("gemm_dtype", "float32")),
-                                      ("gemm_amp_flops_per_s", "gemm_amp_shape", "bfloat16")):
-            if info.get(key):
-                seen.setdefault((tuple(info.get(shape_key) or ()), dtype, b.get("file", "")), []).append(info[key])
-    parts = [f"[{m}, {k}] x [{k}, {n}] {dtype} in {file}: {vals[0] / 1e9:.1f} GFLOP/s"
-             for ((m, k, n), dtype, file), vals in sorted(seen.items(), key=str)]
+        for key in ("gemm", "gemm_amp"):
+            if info.get(f"{key}_flops_per_s") and info.get(f"{key}_shape"):
+                shape = tuple(info[f"{key}_shape"])
+                seen.setdefault((shape, info.get(f"{key}_dtype", "float32")), []).append(info[f"{key}_flops_per_s"])
+    parts = [f"[{m}, {k}] x [{k}, {n}] {dtype}: {min(vals) / 1e9:.1f} to {max(vals) / 1e9:.1f} GFLOP/s "
+             f"over {len(vals)} cases" for ((m, k, n), dtype), vals in sorted(seen.items(), key=str)]
     return "; ".join(parts) or "not measured"
