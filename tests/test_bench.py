@@ -25,7 +25,7 @@ def test_cpu_isa_from_flags(flags, isa, monkeypatch):
 
 def test_describe_names_the_cpu_isa_and_threads():
     info = machine.describe("cpu")
-    assert info["kind"] == "cpu" and info["isa"] in info["label"] and f"{info['threads']} threads" in info["label"]
+    assert info["kind"] == "cpu" and info["isa"] in info["label"] and f"{info['threads']} thread" in info["label"]
     assert ("native bf16" in info["label"]) == machine.native_bf16("cpu")
 
 
