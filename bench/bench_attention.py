@@ -47,7 +47,7 @@ def _case(benchmark, device, impl, heads, B, sweep_name=None):
 @pytest.mark.parametrize("impl", ["fused", "reference", "compiled"])
 @pytest.mark.parametrize("heads", [1, 16])
 def test_attention_b16(benchmark, device, impl, heads):
-    _case(benchmark, device, impl, heads, 16)
+    _case(benchmark, device, impl, heads, 16, sweep_name="B" if heads == 1 else None)
 
 
 @pytest.mark.parametrize("B", sweep([b for b in B_SWEEP if b != 16], quick_values=[8, 32]))

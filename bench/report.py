@@ -156,7 +156,7 @@ def write_report(out: Path, merged: dict, static: dict, quick: bool, started: fl
     bf16 = _bf16_note(benchmarks)
     failed = tables.notes_lines(notes)
     header = (f"Measured {date} on **{device}** with `{command}` ({mode} run; torch {torch.__version__}, "
-              f"{threads} intra-op threads; load average {load[0]:.2f} at the start, {load_end:.2f} at the end).")
+              f"{threads} intra-op thread{'' if threads == '1' else 's'}; load average {load[0]:.2f} at the start, {load_end:.2f} at the end).")
     readme = "\n\n".join(x for x in [
         header, f"Yardstick GEMM, same processes and threads, timed around each case: {tables.gemm_line(benchmarks)}. "
         "GEMM fraction = a case's FLOPs / its median time / that GEMM's throughput (memory-bound mixup cases "
@@ -178,7 +178,7 @@ def write_report(out: Path, merged: dict, static: dict, quick: bool, started: fl
 
 Generated {date} by `{command}` ({mode} run, {time.time() - started:.0f} s in total).
 Device: **{device}**. torch {torch.__version__}, triton {triton.__version__}, Python {platform.python_version()},
-{threads} intra-op threads in the bench processes; load average {load[0]:.2f} at the start, {load_end:.2f} at the end
+{threads} intra-op thread{'' if threads == '1' else 's'} in the bench processes; load average {load[0]:.2f} at the start, {load_end:.2f} at the end
 (other processes on a 2-core machine inflate and scatter CPU timings: compare impls within one run, via the ratios).
 
 {busy_note}
@@ -188,6 +188,7 @@ Times are medians over the timed rounds ({timer}; pytest-benchmark, `benchmark.p
 peak live bytes are the high-water mark of tensors allocated during one forward + backward ({tracker});
 saved-for-backward bytes are what autograd keeps from the forward. Each case runs c2f, the reference
 (`c2f.reference`) and, where it applies, `torch.compile` of either on the same inputs in the same run.
+Compile times are cold: each report run starts with an empty Inductor cache (`<out>/bench/inductor_cache`).
 **GEMM fraction**: the case's FLOPs (FlopCounterMode, inside c2f's custom ops too) over its median time,
 as a fraction of the yardstick GEMM's throughput, timed in the same process with the same threads right
 before and right after the case's rounds ({tables.gemm_line(benchmarks)}). It measures how close a
