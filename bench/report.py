@@ -142,6 +142,7 @@ def write_report(out: Path, merged: dict, static: dict, quick: bool, started: fl
     from bench.plots import sweep_plotter
 
     benchmarks, notes = merged.get("benchmarks", []), running.read_notes(out)
+    quick = next((b["extra_info"]["quick"] for b in benchmarks if "quick" in b.get("extra_info", {})), quick)
     device = _device(benchmarks)
     date = merged.get("datetime") or dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     mode = "quick" if quick else "full"
