@@ -82,7 +82,7 @@ def inspect_section(static: dict) -> str:
     lines.append("**" + "; ".join(f"{t}: {len(rs)} compiles, {sum(1 for r in rs if r.problems())} failing"
                                   for t, rs in by_target.items()) + ".**")
     for r in failed:
-        shapes = f"; {len(r.shapes)} shapes, e.g. {r.shapes[0]}" if r.shapes else ""
+        shapes = f"; shapes {', '.join(r.shapes)}" if r.shapes else ""
         lines.append(f"- {r.kernel} on {r.target} ({r.plan}, {r.num_warps} warps{shapes}): " + "; ".join(r.problems()))
     lines += ["", format_table(reports)]
     return "\n".join(lines)
