@@ -43,6 +43,7 @@ class KernelPlan:
     constexprs: dict[str, Any] = field(hash=False)
     num_warps: int = 4
     num_stages: int = 2
+    smem_bound: Optional[int] = None   # bytes of shared memory the plan's own rule allows (plans.py)
 
 
 @dataclass

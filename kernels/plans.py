@@ -2,19 +2,53 @@
 dtype and target. Launchers launch these plans and ``inspect.py`` compiles the same plans, so every
 number below lives here once, with the reason for it.
 
-GPU tiles (sm_80 / sm_90 at N = 196 -> 256 tokens per block), chosen from ptxas -v at production
-sizes: every kernel without spills on both architectures.
-- Forward holds S / probs [32, 256] fp32 plus a [32, 256] x chunk (BLOCK_P = 32).
-- Backward holds three [BLOCK_P, 256] tiles (probs, probs * rstd, dP) plus a [32, 256] x chunk, so
-  BLOCK_P = 16. dG walks its B x N reduction in 32-token chunks ([64, 32] dS, [32, 64] x tiles).
-- The statistics and the dx epilogue stream x in [64, 32] tiles: 7 programs per sample at N = 196.
-- num_stages = 2: one chunk in flight while the other is consumed; more costs shared memory.
-- fp32 dots run in TF32 on a GPU by default (``dot_precision="tf32"``, flash-attention's choice):
-  about 1e-3 relative error on the logits, below the resolution of the fp16 feature cache;
-  ``"ieee"`` gives fp32 products on the FMA units.
-The interpreter pays per Triton op (~0.1-1 ms of Python), not per element: big tiles, few programs
-and few loop trips make the same kernels 5-10x cheaper on CPU. Correctness does not depend on the
-tiles; tests also run the GPU tiles under the interpreter (``launch.plan_for``).
+How tiles are chosen
+--------------------
+Every product in the kernels is a tiled GEMM ``[M, K] x [K, N]`` whose tiles do not depend on the
+number of tokens: the kernels that once held all N tokens of a sample in one block (and needed 114 KiB
+at N = 196, 450 KiB at N = 1024) are split into tiled GEMMs plus two row kernels (the softmax and its
+backward), which hold whole rows but no dot operands. So one rule sizes every GEMM for a target, from
+its per-block shared memory (LDS) limit alone:
+
+- ``GEMM_LADDER`` lists tile shapes from large to small. A plan takes the first whose *pipelined
+  operand footprint*, ``stages * (M + N) * K * 4`` bytes (fp32 operand tiles, the widest a kernel
+  stages), is at most half the target's per-block limit (``SMEM_HEADROOM``). The other half is for what
+  Triton adds besides the pipeline buffers: the dot operands' layout conversion, the B operand copy a
+  wgmma reads from shared memory, the epilogue. ``inspect`` checks that bound at every grid point on
+  every target (``KernelPlan.smem_bound``: compiled shared memory <= 2 x footprint <= the limit), so
+  the rule is an upper bound of the compiled figure, not a guess; a device not in the table (read at
+  run time, ``targets.device_target``) gets tiles by the same rule from its own limit.
+- The tiers that result: 227 KiB (sm_90, sm_100) and 163 / 160 KiB (sm_80, gfx950) run [128, 64, 32]
+  tiles with 3 stages and 8 warps; 99 KiB (sm_86, sm_89, sm_120) [64, 64, 32] with 3 stages and 4
+  warps; 64 KiB (gfx90a, gfx942) [64, 64, 32] with 2 stages. Fewer than 2 x 16 KiB: ``PlanError``.
+- Registers: the fp32 accumulator of a [128, 64] tile is 32 values per thread at 8 warps of 32 lanes
+  (16 at 64 lanes), [64, 64] at 4 warps likewise; operand tiles and their offsets take about as much
+  again. A [128, 128] tile spilled at 8 warps on sm_80 and sm_90 (measured), so it is not on the ladder.
+- Tiles shrink to the problem (a head of 25 channels, 7 queries) but never below ``MIN_DOT``.
+- The row kernels hold ``ROW_TILE`` fp32 values per program, ``BLOCK_N = next_pow2(N)`` wide (at most
+  ``MAX_TOKENS``): 32 values per thread, registers only. The streaming kernels (statistics, the
+  LayerNorm backward, the in-place mix) read [64, 32] or [8, 512] tiles: bytes in flight, not reuse.
+- The interpreter pays per Triton op (~0.1-1 ms of Python), not per element: big tiles, few programs
+  and few loop trips make the same kernels 5-10x cheaper on CPU. Correctness does not depend on the
+  tiles; tests also run the GPU tiles under the interpreter (``launch.plan_for``).
+
+Dot precision
+-------------
+``dot_precision`` (``DOT_PRECISIONS``, a user option): ``"tf32"`` (default, flash-attention's choice:
+fp32 operands on tensor cores, ~1e-3 relative error on the logits; docs/design.md "Precision"),
+``"ieee"`` (fp32 products: FMA units on NVIDIA, fp32 MFMA on AMD), ``"bf16"`` / ``"fp16"`` (operands cast
+to that dtype, fp32 accumulation: what ``torch.autocast`` does to a GEMM). ``dot_constexpr()`` maps
+it to what a target compiles (``kernels/dots.py``): AMD has TF32 (XF32) on gfx942 only, so "tf32" is
+"ieee" on gfx90a and gfx950 (Triton 3.9 ``HIPOptions.allowed_dot_input_precisions``); the
+interpreter's bf16 dot is broken, so there "bf16" rounds operands to bf16 and multiplies in fp32.
+
+Adding a plan function (the convention every kernel follows)
+-----------------------------------------------------------
+``def <op>_<kernel>(<shape ints>, dtype, target, dot_precision="tf32", <flags>) -> KernelPlan``:
+take GEMM tiles from ``gemm_tiles(target)`` (clamped with ``fit_tile``), the constexpr from
+``dot_constexpr(target, dot_precision)``, set ``smem_bound`` (``GemmTiles.smem_bound`` for a GEMM,
+``tile_bound`` for a kernel without dots), and raise ``PlanError`` (via ``gemm_tiles``) when nothing
+fits. Add the op's shape grid to ``inspect.cases()``.
 """
 from __future__ import annotations
 
@@ -25,129 +59,193 @@ import torch
 from .launch import KernelPlan, next_pow2
 from .targets import Target
 
-DOT_PRECISIONS = ("tf32", "ieee")
-MIN_DOT = 16            # tl.dot wants every dimension >= 16
+DOT_PRECISIONS = ("tf32", "ieee", "bf16", "fp16")
+MIN_DOT = 16            # tl.dot wants M, N >= 16 for tensor cores and K >= 16 for 16-bit operands
+FP32_BYTES = 4
 
-# ---------------------------------------------------------------------------- part attention
-MAX_TOKENS = 1024       # all tokens of a sample sit in one block: up to 32 x 32 maps
-TOKENS_AT_BUDGET = 256  # query blocks shrink in proportion beyond 256 padded tokens (GPU)
 
+class PlanError(ValueError):
+    """No plan of a kernel fits a target (raised before anything is launched)."""
+
+
+# --------------------------------------------------------------------------------- dot precision
+
+def _has_tf32(target: Target) -> bool:
+    """TF32 dots: NVIDIA sm_80+, AMD gfx942 (XF32); elsewhere Triton 3.9 rejects "tf32"."""
+    if target.backend == "cuda":
+        return isinstance(target.arch, int) and target.arch >= 80
+    if target.backend == "hip":
+        return target.arch == "gfx942"
+    return True     # the interpreter accepts it (and multiplies exactly: tests emulate the rounding)
+
+
+def dot_constexpr(target: Target, requested: str) -> str:
+    """The ``DOT_PRECISION`` constexpr (``dots.mma``) for a user's ``dot_precision`` on ``target``."""
+    if requested not in DOT_PRECISIONS:
+        raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {requested!r}")
+    if requested == "tf32" and not _has_tf32(target):
+        return "ieee"
+    if requested == "bf16" and target.backend == "interpreter":
+        return "bf16_rounded"
+    return requested
+
+
+# --------------------------------------------------------------------------------------- tiles
 
 @dataclass(frozen=True)
-class _AttentionTiles:
-    fwd_p: int      # queries per forward program
-    fwd_c: int      # contraction chunk of S = G (X - mean)
-    fwd_d: int      # value-channel chunk of parts = (probs * rstd) (X - mean)^T
-    bwd_p: int      # queries per backward program
-    bwd_d: int      # channel chunk of the backward's pass over the head's channels
-    dg_p: int       # dG output tile rows (queries) ...
-    dg_c: int       # ... and columns (channels)
-    dg_n: int       # token chunk of dG's reduction over B x N
-    dx_c: int       # dxhat output tile rows (channels) ...
-    dx_p: int       # ... and the contraction chunk over queries
-    stats_c: int    # token statistics tile [stats_c, stats_n]
-    stats_n: int
-    num_warps: int
-    stats_num_warps: int
-    num_stages: int
+class GemmTiles:
+    """An output tile [m, n] walking the reduction in k-wide chunks, with its warps and stages."""
+    m: int
+    n: int
+    k: int
+    stages: int
+    warps: int
+
+    def footprint(self) -> int:
+        """Bytes of the pipelined operand tiles: ``stages`` buffers of an [m, k] and a [k, n] fp32 tile."""
+        return self.stages * (self.m + self.n) * self.k * FP32_BYTES
+
+    def smem_bound(self) -> int:
+        """The shared memory a GEMM kernel with these tiles may use: ``SMEM_HEADROOM`` x footprint."""
+        return SMEM_HEADROOM * self.footprint()
 
 
-_GPU = _AttentionTiles(fwd_p=32, fwd_c=32, fwd_d=32, bwd_p=16, bwd_d=32, dg_p=64, dg_c=64, dg_n=32, dx_c=64,
-                       dx_p=32, stats_c=64, stats_n=32, num_warps=8, stats_num_warps=4, num_stages=2)
-_INTERPRETER = _AttentionTiles(fwd_p=128, fwd_c=256, fwd_d=256, bwd_p=128, bwd_d=256, dg_p=128, dg_c=256,
-                               dg_n=1024, dx_c=256, dx_p=128, stats_c=512, stats_n=256, num_warps=4,
-                               stats_num_warps=4, num_stages=1)
+SMEM_HEADROOM = 2       # pipeline buffers <= half the limit; the other half for conversions, epilogue
+GEMM_LADDER = (
+    GemmTiles(128, 64, 32, stages=3, warps=8),   # 72 KiB footprint: needs >= 144 KiB per block
+    GemmTiles(64, 64, 32, stages=3, warps=4),    # 48 KiB: >= 96 KiB
+    GemmTiles(64, 64, 32, stages=2, warps=4),    # 32 KiB: >= 64 KiB
+    GemmTiles(32, 32, 32, stages=2, warps=4),    # 16 KiB: >= 32 KiB
+)
+INTERPRETER_GEMM = GemmTiles(128, 256, 128, stages=1, warps=4)
+MAX_TOKENS = 1024       # the row kernels hold a whole row of N tokens: 32 x 32 maps at most
+ROW_TILE = 4096         # fp32 values per row-kernel program: 32 per thread at 4 warps of 32 lanes
+INTERPRETER_ROW_TILE = 1 << 16
+ROW_WARPS = 4
+STREAM_TILE = (64, 32)  # statistics and dx: [channels, tokens] tiles, 7 programs per sample at N = 196
+INTERPRETER_STREAM_TILE = (512, 256)
+STREAM_WARPS = 4
 
 
-def _tiles(target: Target) -> _AttentionTiles:
-    return _INTERPRETER if target.backend == "interpreter" else _GPU
+def _interpreting(target: Target) -> bool:
+    return target.backend == "interpreter"
 
 
-def block_n(n: int) -> int:
-    """Tokens per block: all N in one power-of-two block."""
-    return max(MIN_DOT, next_pow2(n))
+def gemm_tiles(target: Target) -> GemmTiles:
+    """The largest ``GEMM_LADDER`` entry whose ``smem_bound`` fits ``target``'s per-block limit."""
+    if _interpreting(target):
+        return INTERPRETER_GEMM
+    for tiles in GEMM_LADDER:
+        if tiles.smem_bound() <= target.smem_per_block:
+            return tiles
+    raise PlanError(f"no GEMM tiles fit {target.name}: {target.smem_per_block / 1024:.0f} KiB of shared memory "
+                    f"per block, the smallest plan needs {GEMM_LADDER[-1].smem_bound() / 1024:.0f} KiB")
 
 
-def _block_p(p: int, bn: int, block: int) -> int:
-    """Queries per program: ``block``, fewer for small P and past 256 tokens (register tiles)."""
-    if bn > TOKENS_AT_BUDGET:
-        block = block * TOKENS_AT_BUDGET // bn
-    return max(MIN_DOT, min(block, next_pow2(p)))
+def fit_tile(block: int, extent: int) -> int:
+    """``block``, or the extent rounded up to a power of two when smaller, never below ``MIN_DOT``."""
+    return max(MIN_DOT, min(block, next_pow2(extent)))
 
 
-def _block_d(d: int, block: int) -> int:
-    """Channels per chunk: ``block``, fewer when a head (or C) is narrower."""
-    return max(MIN_DOT, min(block, next_pow2(d)))
+def tile_bound(*tiles: tuple[int, int]) -> int:
+    """Shared memory bound of a kernel without dots: layout conversions and cross-warp reductions
+    stage at most one fp32 copy of each live tile."""
+    return sum(r * c for r, c in tiles) * FP32_BYTES
 
 
-def _precision(target: Target, dot_precision: str) -> str:
-    if dot_precision not in DOT_PRECISIONS:
-        raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
-    return "ieee" if target.backend == "interpreter" else dot_precision
+def _gemm_plan(grid, tiles: GemmTiles, m: int, n: int, k: int, names: tuple[str, str, str], precision: str,
+               **flags) -> KernelPlan:
+    """A GEMM kernel's plan: tiles clamped to the problem (m x n output, k reduction)."""
+    tm, tn, tk = fit_tile(tiles.m, m), fit_tile(tiles.n, n), fit_tile(tiles.k, k)
+    sized = GemmTiles(tm, tn, tk, tiles.stages, tiles.warps)
+    return KernelPlan(grid=grid(tm, tn), constexprs=dict(flags, **dict(zip(names, (tm, tn, tk))),
+                                                          DOT_PRECISION=precision),
+                      num_warps=tiles.warps, num_stages=tiles.stages, smem_bound=sized.smem_bound())
 
 
-def attention_stats(b: int, c: int, n: int, target: Target) -> KernelPlan:
-    t = _tiles(target)
-    return KernelPlan(grid=(b, -(-n // t.stats_n)), constexprs=dict(BLOCK_C=t.stats_c, BLOCK_N=t.stats_n),
-                      num_warps=t.stats_num_warps, num_stages=t.num_stages)
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
-def attention_fwd(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
-                  dot_precision: str = "tf32") -> KernelPlan:
-    t = _tiles(target)
-    bn = block_n(n)
-    bp = _block_p(p, bn, t.fwd_p)
-    return KernelPlan(grid=(b * h * -(-p // bp),),
-                      constexprs=dict(BLOCK_P=bp, BLOCK_N=bn, BLOCK_C=_block_d(c, t.fwd_c),
-                                      BLOCK_D=_block_d(c // h, t.fwd_d),
-                                      DOT_PRECISION=_precision(target, dot_precision)),
-                      num_warps=t.num_warps, num_stages=t.num_stages)
+def row_block(n: int, target: Target) -> tuple[int, int]:
+    """``(BLOCK_R, BLOCK_N)`` of the row kernels: whole rows of ``n`` tokens."""
+    if n > MAX_TOKENS:
+        raise PlanError(f"the softmax holds whole rows of at most {MAX_TOKENS} tokens, got N = {n}")
+    bn = max(MIN_DOT, next_pow2(n))
+    return max(1, (INTERPRETER_ROW_TILE if _interpreting(target) else ROW_TILE) // bn), bn
 
 
-def attention_bwd(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
-                  dot_precision: str = "tf32", has_dattn: bool = True) -> KernelPlan:
-    t = _tiles(target)
-    bn = block_n(n)
-    bp = _block_p(p, bn, t.bwd_p)
-    return KernelPlan(grid=(b * h * -(-p // bp),),
-                      constexprs=dict(HAS_DATTN=has_dattn, BLOCK_P=bp, BLOCK_N=bn, BLOCK_D=_block_d(c // h, t.bwd_d),
-                                      DOT_PRECISION=_precision(target, dot_precision)),
-                      num_warps=t.num_warps, num_stages=t.num_stages)
+def _stream_plan(b: int, n: int, target: Target) -> KernelPlan:
+    bc, bn = INTERPRETER_STREAM_TILE if _interpreting(target) else STREAM_TILE
+    return KernelPlan(grid=(b, _cdiv(n, bn)), constexprs=dict(BLOCK_C=bc, BLOCK_N=bn), num_warps=STREAM_WARPS,
+                      num_stages=1, smem_bound=tile_bound((bc, bn)))
 
 
-def attention_query_blocks(p: int, n: int, target: Target) -> int:
-    """Query blocks per (sample, head) of the backward kernel: rows of its per-program partial sums."""
-    bp = _block_p(p, block_n(n), _tiles(target).bwd_p)
-    return -(-p // bp)
+# ---------------------------------------------------------------------------- part attention
+
+def attention_stats(b: int, c: int, n: int, dtype: torch.dtype, target: Target) -> KernelPlan:
+    """Token mean / rstd: one program per (sample, token block)."""
+    return _stream_plan(b, n, target)
+
+
+def attention_scores(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
+                     dot_precision: str = "tf32") -> KernelPlan:
+    """S = G @ Xc for all heads: [hP, C] x [C, N] per sample; grid (query block x sample, token block)."""
+    return _gemm_plan(lambda tm, tn: (_cdiv(h * p, tm) * b, _cdiv(n, tn)), gemm_tiles(target), h * p, n, c,
+                      ("BLOCK_Q", "BLOCK_N", "BLOCK_K"), dot_constexpr(target, dot_precision))
+
+
+def attention_softmax(rows: int, n: int, target: Target) -> KernelPlan:
+    """Softmax of ``rows`` rows of ``n`` tokens in place."""
+    br, bn = row_block(n, target)
+    return KernelPlan(grid=(_cdiv(rows, br),), constexprs=dict(BLOCK_R=br, BLOCK_N=bn), num_warps=ROW_WARPS,
+                      num_stages=1, smem_bound=tile_bound((br, bn)))
+
+
+def attention_parts(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
+                    dot_precision: str = "tf32") -> KernelPlan:
+    """parts_j = gamma * ((probs_j * rstd) @ Xc_j^T) + beta: [P, N] x [N, d] per sample and head;
+    grid (query block x sample, head x channel block)."""
+    d = c // h
+    return _gemm_plan(lambda tm, tn: (_cdiv(p, tm) * b, h * _cdiv(d, tn)), gemm_tiles(target), p, d, n,
+                      ("BLOCK_P", "BLOCK_C", "BLOCK_K"), dot_constexpr(target, dot_precision))
+
+
+def attention_dp(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
+                 dot_precision: str = "tf32") -> KernelPlan:
+    """dP_j = rstd * ((dparts_j * gamma) @ Xc_j): [P, d] x [d, N] per sample and head;
+    grid (query block x head x sample, token block)."""
+    return _gemm_plan(lambda tm, tn: (_cdiv(p, tm) * h * b, _cdiv(n, tn)), gemm_tiles(target), p, n, c // h,
+                      ("BLOCK_P", "BLOCK_N", "BLOCK_K"), dot_constexpr(target, dot_precision))
+
+
+def attention_softmax_bwd(rows: int, n: int, target: Target, has_dattn: bool = True) -> KernelPlan:
+    """dS = probs * (dP' - rowsum(probs * dP')) in place over ``rows`` rows of ``n`` tokens."""
+    br, bn = row_block(n, target)
+    return KernelPlan(grid=(_cdiv(rows, br),), constexprs=dict(HAS_DATTN=has_dattn, BLOCK_R=br, BLOCK_N=bn),
+                      num_warps=ROW_WARPS, num_stages=1, smem_bound=tile_bound((br, bn)))
 
 
 def attention_dg(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
                  dot_precision: str = "tf32") -> KernelPlan:
-    t = _tiles(target)
-    bn = block_n(n)
-    bp = _block_p(p, bn, t.dg_p)
-    bc = _block_d(c, t.dg_c)
-    return KernelPlan(grid=(h, -(-p // bp), -(-c // bc)),
-                      constexprs=dict(BLOCK_P=bp, BLOCK_N=min(bn, t.dg_n), BLOCK_C=bc,
-                                      DOT_PRECISION=_precision(target, dot_precision)),
-                      num_warps=t.num_warps, num_stages=t.num_stages)
+    """dG_j = sum_b (dS_b,j * rstd_b) @ Xc_b^T: [P, B*N] x [B*N, C]; grid (head, query block, channel
+    block), the batch loop inside."""
+    return _gemm_plan(lambda tm, tn: (h, _cdiv(p, tm), _cdiv(c, tn)), gemm_tiles(target), p, c, n,
+                      ("BLOCK_P", "BLOCK_C", "BLOCK_N"), dot_constexpr(target, dot_precision))
 
 
 def attention_dxhat(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
-                    dot_precision: str = "tf32") -> KernelPlan:
-    t = _tiles(target)
-    bn = block_n(n)
-    bc = _block_d(c // h, t.dx_c)
-    return KernelPlan(grid=(b, h, -(-(c // h) // bc)),
-                      constexprs=dict(BLOCK_C=bc, BLOCK_N=bn, BLOCK_P=_block_p(p, bn, t.dx_p),
-                                      DOT_PRECISION=_precision(target, dot_precision)),
-                      num_warps=t.num_warps, num_stages=t.num_stages)
+                    dot_precision: str = "tf32", needs_dx: bool = True) -> KernelPlan:
+    """V = dparts_j^T @ probs_j ([d, P] x [P, N]), gamma's partial gradients and, with ``needs_dx``,
+    dxhat = G^T @ dS + gamma * V ([C, hP] x [hP, N]); grid (channel block x head x sample, token block)."""
+    d = c // h
+    return _gemm_plan(lambda tm, tn: (_cdiv(d, tm) * h * b, _cdiv(n, tn)), gemm_tiles(target), d, n, p,
+                      ("BLOCK_C", "BLOCK_N", "BLOCK_K"), dot_constexpr(target, dot_precision), NEEDS_DX=needs_dx)
 
 
-def attention_dx(b: int, c: int, n: int, target: Target) -> KernelPlan:
-    t = _tiles(target)
-    return KernelPlan(grid=(b, -(-n // t.stats_n)), constexprs=dict(BLOCK_C=t.stats_c, BLOCK_N=t.stats_n),
-                      num_warps=t.stats_num_warps, num_stages=t.num_stages)
+def attention_dx(b: int, c: int, n: int, dtype: torch.dtype, target: Target) -> KernelPlan:
+    """LayerNorm backward: one program per (sample, token block)."""
+    return _stream_plan(b, n, target)
 
 
 # ---------------------------------------------------------------------------- part mixup
@@ -163,41 +261,52 @@ POOL_BWD_BLOCK_P = 32      # backward writes d parts in [32, 128] tiles contract
 POOL_BWD_BLOCK_C = 128     # [64, 128] tiles spilled at K = 32 (fp32 and bf16, sm_80)
 POOL_BWD_NUM_STAGES = 1    # its loop runs over view blocks, once for K <= 32: nothing to pipeline
 POOL_NUM_WARPS = 8         # with 4 warps the fp32 (3xTF32) tiles need > 255 registers and spill
-POOL_FP32_PRECISION = "tf32x3"  # fp32 parts: three TF32 products give ~fp32 accuracy on tensor cores;
-                                # "ieee" runs on FMA units and spills the [32, 128] tiles
 
 
 def mixup_pairs(b: int, p: int, c: int, dtype: torch.dtype, target: Target) -> KernelPlan:
     """In-place pair mix (forward and backward): one program per (sample, part block, channel block)."""
     bp, bc = min(PAIR_BLOCK_P, next_pow2(p)), min(PAIR_BLOCK_C, next_pow2(c))
-    return KernelPlan(grid=(b, -(-p // bp), -(-c // bc)), constexprs=dict(BLOCK_P=bp, BLOCK_C=bc),
-                      num_warps=PAIR_NUM_WARPS, num_stages=1)
+    return KernelPlan(grid=(b, _cdiv(p, bp), _cdiv(c, bc)), constexprs=dict(BLOCK_P=bp, BLOCK_C=bc),
+                      num_warps=PAIR_NUM_WARPS, num_stages=1, smem_bound=tile_bound((bp, bc), (bp, bc)))
 
 
 def _pool_dot(dtype: torch.dtype, target: Target) -> dict:
-    """16-bit operands go to tl.dot as stored (exact, tensor cores), fp32 ones at POOL_FP32_PRECISION;
-    the interpreter's bf16 dot is broken, so there bf16 is upcast."""
-    interp = target.backend == "interpreter"
-    upcast = dtype == torch.float32 or (dtype == torch.bfloat16 and interp)
-    return dict(UPCAST=upcast, PRECISION="ieee" if interp else POOL_FP32_PRECISION)
+    """Mask dots of the pooled mix (``part_mixup._mask_dot``): 16-bit parts are multiplied in their own
+    dtype, exact, with the fp32 mask as two 16-bit pieces (``SPLIT``); fp32 parts at an fp32-accurate
+    precision: three TF32 products on NVIDIA, fp32 MFMA on AMD, exact under the interpreter."""
+    if dtype == torch.float32:
+        return dict(PRECISION="tf32x3" if target.backend == "cuda" else "ieee", SPLIT=False)
+    return dict(PRECISION=dot_constexpr(target, "bf16" if dtype == torch.bfloat16 else "fp16"), SPLIT=True)
+
+
+def _pool_plan(grid, tiles: tuple[int, int, int], names: tuple[str, str, str], stages: int, dtype, target):
+    """``tiles`` = the three dot extents in ``names`` order: (views, parts, channels) or (parts, views, ...)."""
+    return KernelPlan(grid=grid, constexprs=dict(**_pool_dot(dtype, target), **dict(zip(names, tiles))),
+                      num_warps=POOL_NUM_WARPS, num_stages=stages,
+                      smem_bound=SMEM_HEADROOM * max(stages, 1) * tile_bound(*_pool_operands(names, tiles)))
+
+
+def _pool_operands(names, tiles):
+    """The pipelined operand tiles of a pool kernel: the mask [K, P] (or [P, K]) and the two samples'
+    [P, C] parts (or [K, C] gradients)."""
+    size = dict(zip(names, tiles))
+    k, p, c = size["BLOCK_K"], size["BLOCK_P"], size["BLOCK_C"]
+    return (k, p), (p if names[0] == "BLOCK_K" else k, c), (p if names[0] == "BLOCK_K" else k, c)
 
 
 def _pool_blocks(k: int, p: int, c: int, block_p: int, block_c: int) -> tuple[int, int, int]:
-    return (max(MIN_DOT, min(POOL_BLOCK_K, next_pow2(k))), max(MIN_DOT, min(block_p, next_pow2(p))),
-            max(MIN_DOT, min(block_c, next_pow2(c))))
+    return (fit_tile(POOL_BLOCK_K, k), fit_tile(block_p, p), fit_tile(block_c, c))
 
 
 def mixup_pool_fwd(k: int, b: int, p: int, c: int, dtype: torch.dtype, target: Target) -> KernelPlan:
     """Pooled mix: one program per (sample, channel block, view block)."""
     bk, bp, bc = _pool_blocks(k, p, c, POOL_FWD_BLOCK_P, POOL_FWD_BLOCK_C)
-    return KernelPlan(grid=(b, -(-c // bc), -(-k // bk)),
-                      constexprs=dict(**_pool_dot(dtype, target), BLOCK_K=bk, BLOCK_P=bp, BLOCK_C=bc),
-                      num_warps=POOL_NUM_WARPS, num_stages=POOL_FWD_NUM_STAGES)
+    return _pool_plan((b, _cdiv(c, bc), _cdiv(k, bk)), (bk, bp, bc), ("BLOCK_K", "BLOCK_P", "BLOCK_C"),
+                      POOL_FWD_NUM_STAGES, dtype, target)
 
 
 def mixup_pool_bwd(k: int, b: int, p: int, c: int, dtype: torch.dtype, target: Target) -> KernelPlan:
     """Gradient of the pooled mix: one program per (sample, part block, channel block)."""
     bk, bp, bc = _pool_blocks(k, p, c, POOL_BWD_BLOCK_P, POOL_BWD_BLOCK_C)
-    return KernelPlan(grid=(b, -(-p // bp), -(-c // bc)),
-                      constexprs=dict(**_pool_dot(dtype, target), BLOCK_K=bk, BLOCK_P=bp, BLOCK_C=bc),
-                      num_warps=POOL_NUM_WARPS, num_stages=POOL_BWD_NUM_STAGES)
+    return _pool_plan((b, _cdiv(p, bp), _cdiv(c, bc)), (bp, bk, bc), ("BLOCK_P", "BLOCK_K", "BLOCK_C"),
+                      POOL_BWD_NUM_STAGES, dtype, target)
