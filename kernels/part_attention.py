@@ -58,10 +58,11 @@ def _check_x(x, g, h: int, p: int):
     if g is not None:
         check("g", g, (h, p, c), (torch.float32,), x.device, contiguous=True)
     # Offsets inside one sample (and within g) are int32 in the kernels; only per-sample bases are int64.
-    span = max((c - 1) * abs(x.stride(1)) + (n - 1) * abs(x.stride(2)) + 1, h * p * max(c, n))
+    span = max((c - 1) * abs(x.stride(1)) + (n - 1) * abs(x.stride(2)) + 1, h * p * max(c, n), bsz * h * p)
     if span >= 2 ** 31:
-        raise ValueError(f"one sample of x (or h * P * max(C, N) = {h * p * max(c, n)}) spans {span} elements, "
-                         f"more than int32 offsets address: x {describe(x)}")
+        raise ValueError(f"one sample of x (or h * P * max(C, N) = {h * p * max(c, n)}, or the B * h * P = "
+                         f"{bsz * h * p} rows of the probabilities) spans {span} elements, more than int32 offsets "
+                         f"address: x {describe(x)}")
     return bsz, c, n
 
 

@@ -73,22 +73,22 @@ def _part_attention_bwd_softmax_kernel(
     HAS_DATTN: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,   # BLOCK_N >= N: whole rows
 ):
-    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)    # int32: the launcher checks R < 2^31
     n = tl.arange(0, BLOCK_N)
     mask = (r < R)[:, None] & (n < N)[None, :]
-    offs = r[:, None] * N + n[None, :]
+    offs = r.to(tl.int64)[:, None] * N + n[None, :]
     probs = tl.load(Probs_ptr + offs, mask=mask, other=0.0)
     dp = tl.load(DS_ptr + offs, mask=mask, other=0.0)
     if HAS_DATTN:
         # Row r is (sample r // hP, query r % P); attn is the mean of the heads' probabilities.
-        attn_row = (r // HP) * P + r % P
+        attn_row = ((r // HP) * P + r % P).to(tl.int64)
         dattn = tl.load(DAttn_ptr + (attn_row[:, None] * N + n[None, :]), mask=mask, other=0.0)
         dp += dattn.to(tl.float32) * inv_h
     row = tl.sum(probs * dp, axis=1)
     tl.store(DS_ptr + offs, probs * (dp - row[:, None]), mask=mask)
 
 
-@triton.jit(do_not_specialize=["B"])
+@triton.jit(do_not_specialize=["B", "H"])
 def _part_attention_bwd_dg_kernel(
     X_ptr,            # [B, C, N] any strides
     Mean_ptr,         # [B, N] fp32
@@ -101,7 +101,8 @@ def _part_attention_bwd_dg_kernel(
     DOT_PRECISION: tl.constexpr,  # dots.mma precision
 ):
     # dG_j = sum_b (dS_b,j * rstd_b) @ Xc_b^T: a GEMM with reduction length B * N (walked in BLOCK_N
-    # token chunks); each program owns one output tile, so no atomics and a fixed summation order.
+    # token chunks, sample by sample); each program owns one output tile, so no atomics and a fixed
+    # summation order.
     j = tl.program_id(0)
     pb = tl.program_id(1)
     cb = tl.program_id(2)
@@ -109,25 +110,22 @@ def _part_attention_bwd_dg_kernel(
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     p_mask = p < P
     c_mask = c < C
-    x_base = X_ptr
-    ds_base = DS_ptr + j * P * N
-    stats_base = 0
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for _ in range(0, B):
-        for n0 in range(0, N, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = n < N
-            mean = tl.load(Mean_ptr + stats_base + n, mask=n_mask, other=0.0)
-            rstd = tl.load(Rstd_ptr + stats_base + n, mask=n_mask, other=0.0)
-            ds = tl.load(ds_base + (p[:, None] * N + n[None, :]), mask=p_mask[:, None] & n_mask[None, :], other=0.0)
-            xt_mask = n_mask[:, None] & c_mask[None, :]
-            xt = tl.load(x_base + (n[:, None] * stride_xn + c[None, :] * stride_xc), mask=xt_mask, other=0.0)
-            xct = tl.where(xt_mask, xt.to(tl.float32) - mean[:, None], 0.0)
-            acc = mma(ds * rstd[None, :], xct, acc, DOT_PRECISION)
-        # Bases advance per sample (64-bit pointer arithmetic: no int32 offset overflow).
-        x_base += stride_xb
-        ds_base += H * P * N
-        stats_base += N
+    # One flat loop over (sample, token chunk): one pipelined loop, not a loop nest.
+    num_nc = tl.cdiv(N, BLOCK_N)
+    for t in range(0, B * num_nc):
+        b = (t // num_nc).to(tl.int64)
+        n = (t % num_nc) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        mean = tl.load(Mean_ptr + b * N + n, mask=n_mask, other=0.0)
+        rstd = tl.load(Rstd_ptr + b * N + n, mask=n_mask, other=0.0)
+        ds = tl.load(DS_ptr + (b * H + j) * P * N + (p[:, None] * N + n[None, :]),
+                     mask=p_mask[:, None] & n_mask[None, :], other=0.0)
+        xt_mask = n_mask[:, None] & c_mask[None, :]
+        xt = tl.load(X_ptr + b * stride_xb + (n[:, None] * stride_xn + c[None, :] * stride_xc), mask=xt_mask,
+                     other=0.0)
+        xct = tl.where(xt_mask, xt.to(tl.float32) - mean[:, None], 0.0)
+        acc = mma(ds * rstd[None, :], xct, acc, DOT_PRECISION)
     tl.store(DG_ptr + j * P * C + (p[:, None] * C + c[None, :]), acc, mask=p_mask[:, None] & c_mask[None, :])
 
 

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .dots import mma
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

@@ -110,7 +110,7 @@ def _mask_dot(m, f, acc, PRECISION: tl.constexpr, SPLIT: tl.constexpr):
         return mma(m, f, acc, PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _part_mixup_pool_fwd_kernel(
     F_ptr,                      # [B, P, C] parts
     Perm_ptr,                   # [B] int64 permutation
@@ -153,7 +153,7 @@ def _part_mixup_pool_fwd_kernel(
     tl.store(out_ptrs, (acc * inv_P).to(Out_ptr.dtype.element_ty), mask=k_ok[:, None] & c_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _part_mixup_pool_bwd_kernel(
     G_ptr,                      # [K, B, C] gradient of the pooled features
     Inv_ptr,                    # [B] int64 inverse permutation

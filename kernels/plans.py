@@ -19,14 +19,15 @@ its per-block shared memory (LDS) limit alone:
   the rule is an upper bound of the compiled figure, not a guess; a device not in the table (read at
   run time, ``targets.device_target``) gets tiles by the same rule from its own limit.
 - The tiers that result: 227 KiB (sm_90, sm_100) and 163 / 160 KiB (sm_80, gfx950) run [128, 64, 32]
-  tiles with 3 stages and 8 warps; 99 KiB (sm_86, sm_89, sm_120) [64, 64, 32] with 3 stages and 4
-  warps; 64 KiB (gfx90a, gfx942) [64, 64, 32] with 2 stages. Fewer than 2 x 16 KiB: ``PlanError``.
+  tiles with 3 stages; 99 KiB (sm_86, sm_89, sm_120) [64, 64, 32] with 3 stages; 64 KiB (gfx90a,
+  gfx942) [64, 64, 32] with 2 stages; all with 8 warps. Below 32 KiB: ``PlanError``.
 - Registers: the fp32 accumulator of a [128, 64] tile is 32 values per thread at 8 warps of 32 lanes
-  (16 at 64 lanes), [64, 64] at 4 warps likewise; operand tiles and their offsets take about as much
-  again. A [128, 128] tile spilled at 8 warps on sm_80 and sm_90 (measured), so it is not on the ladder.
+  (16 at 64 lanes); operand tiles, their offsets and a second accumulator (dxhat) take as much again.
+  Measured with ptxas: [64, 64] tiles at 4 warps reached 252 of 255 registers (dxhat, sm_86), at 8
+  warps 200; a [128, 128] tile spilled at 8 warps on sm_80 and sm_90, so it is not on the ladder.
 - Tiles shrink to the problem (a head of 25 channels, 7 queries) but never below ``MIN_DOT``.
 - The row kernels hold ``ROW_TILE`` fp32 values per program, ``BLOCK_N = next_pow2(N)`` wide (at most
-  ``MAX_TOKENS``): 32 values per thread, registers only. The streaming kernels (statistics, the
+  ``MAX_TOKENS``): 16 values per thread, registers only. The streaming kernels (statistics, the
   LayerNorm backward, the in-place mix) read [64, 32] or [8, 512] tiles: bytes in flight, not reuse.
 - The interpreter pays per Triton op (~0.1-1 ms of Python), not per element: big tiles, few programs
   and few loop trips make the same kernels 5-10x cheaper on CPU. Correctness does not depend on the
@@ -113,13 +114,13 @@ class GemmTiles:
 SMEM_HEADROOM = 2       # pipeline buffers <= half the limit; the other half for conversions, epilogue
 GEMM_LADDER = (
     GemmTiles(128, 64, 32, stages=3, warps=8),   # 72 KiB footprint: needs >= 144 KiB per block
-    GemmTiles(64, 64, 32, stages=3, warps=4),    # 48 KiB: >= 96 KiB
-    GemmTiles(64, 64, 32, stages=2, warps=4),    # 32 KiB: >= 64 KiB
+    GemmTiles(64, 64, 32, stages=3, warps=8),    # 48 KiB: >= 96 KiB
+    GemmTiles(64, 64, 32, stages=2, warps=8),    # 32 KiB: >= 64 KiB
     GemmTiles(32, 32, 32, stages=2, warps=4),    # 16 KiB: >= 32 KiB
 )
 INTERPRETER_GEMM = GemmTiles(128, 256, 128, stages=1, warps=4)
 MAX_TOKENS = 1024       # the row kernels hold a whole row of N tokens: 32 x 32 maps at most
-ROW_TILE = 4096         # fp32 values per row-kernel program: 32 per thread at 4 warps of 32 lanes
+ROW_TILE = 2048         # fp32 values per row-kernel program: 16 per thread at 4 warps of 32 lanes
 INTERPRETER_ROW_TILE = 1 << 16
 ROW_WARPS = 4
 STREAM_TILE = (64, 32)  # statistics and dx: [channels, tokens] tiles, 7 programs per sample at N = 196
@@ -279,34 +280,42 @@ def _pool_dot(dtype: torch.dtype, target: Target) -> dict:
     return dict(PRECISION=dot_constexpr(target, "bf16" if dtype == torch.bfloat16 else "fp16"), SPLIT=True)
 
 
-def _pool_plan(grid, tiles: tuple[int, int, int], names: tuple[str, str, str], stages: int, dtype, target):
-    """``tiles`` = the three dot extents in ``names`` order: (views, parts, channels) or (parts, views, ...)."""
-    return KernelPlan(grid=grid, constexprs=dict(**_pool_dot(dtype, target), **dict(zip(names, tiles))),
-                      num_warps=POOL_NUM_WARPS, num_stages=stages,
-                      smem_bound=SMEM_HEADROOM * max(stages, 1) * tile_bound(*_pool_operands(names, tiles)))
+def _pool_plan(grid, extents: dict[str, int], blocks: dict[str, int], stages: int, dtype, target) -> KernelPlan:
+    """A pooled-mix plan: ``blocks`` (BLOCK_K, BLOCK_P, BLOCK_C) clamped to ``extents``; on a GPU, stages
+    and then the channel block shrink until the bound (``SMEM_HEADROOM`` x stages x the fp32 operand
+    tiles: the mask and the two samples' rows) fits the target's per-block limit."""
+    sizes = {name: fit_tile(block, extents[name]) for name, block in blocks.items()}
+    while True:
+        operands = tile_bound(*_pool_operands(blocks, sizes))
+        while not _interpreting(target) and stages > 1 and SMEM_HEADROOM * stages * operands > target.smem_per_block:
+            stages -= 1
+        if _interpreting(target) or SMEM_HEADROOM * stages * operands <= target.smem_per_block:
+            break
+        if sizes["BLOCK_C"] <= MIN_DOT:
+            raise PlanError(f"no pooled-mixup tiles fit {target.name}: {target.smem_per_block / 1024:.0f} KiB of "
+                            f"shared memory per block, the smallest plan needs {SMEM_HEADROOM * operands / 1024:.0f} KiB")
+        sizes["BLOCK_C"] //= 2
+    return KernelPlan(grid=grid(sizes), constexprs=dict(**_pool_dot(dtype, target), **sizes),
+                      num_warps=POOL_NUM_WARPS, num_stages=stages, smem_bound=SMEM_HEADROOM * stages * operands)
 
 
-def _pool_operands(names, tiles):
-    """The pipelined operand tiles of a pool kernel: the mask [K, P] (or [P, K]) and the two samples'
-    [P, C] parts (or [K, C] gradients)."""
-    size = dict(zip(names, tiles))
-    k, p, c = size["BLOCK_K"], size["BLOCK_P"], size["BLOCK_C"]
-    return (k, p), (p if names[0] == "BLOCK_K" else k, c), (p if names[0] == "BLOCK_K" else k, c)
-
-
-def _pool_blocks(k: int, p: int, c: int, block_p: int, block_c: int) -> tuple[int, int, int]:
-    return (fit_tile(POOL_BLOCK_K, k), fit_tile(block_p, p), fit_tile(block_c, c))
+def _pool_operands(blocks: dict[str, int], sizes: dict[str, int]):
+    """The operand tiles of a pool kernel: the mask and the two samples' rows, the first dot extent
+    being the output rows (views in the forward, parts in the backward) and BLOCK_C the columns."""
+    k, p, c = sizes["BLOCK_K"], sizes["BLOCK_P"], sizes["BLOCK_C"]
+    inner = p if next(iter(blocks)) == "BLOCK_K" else k      # the contracted extent
+    return (k, p), (inner, c), (inner, c)
 
 
 def mixup_pool_fwd(k: int, b: int, p: int, c: int, dtype: torch.dtype, target: Target) -> KernelPlan:
     """Pooled mix: one program per (sample, channel block, view block)."""
-    bk, bp, bc = _pool_blocks(k, p, c, POOL_FWD_BLOCK_P, POOL_FWD_BLOCK_C)
-    return _pool_plan((b, _cdiv(c, bc), _cdiv(k, bk)), (bk, bp, bc), ("BLOCK_K", "BLOCK_P", "BLOCK_C"),
+    return _pool_plan(lambda s: (b, _cdiv(c, s["BLOCK_C"]), _cdiv(k, s["BLOCK_K"])), dict(BLOCK_K=k, BLOCK_P=p, BLOCK_C=c),
+                      dict(BLOCK_K=POOL_BLOCK_K, BLOCK_P=POOL_FWD_BLOCK_P, BLOCK_C=POOL_FWD_BLOCK_C),
                       POOL_FWD_NUM_STAGES, dtype, target)
 
 
 def mixup_pool_bwd(k: int, b: int, p: int, c: int, dtype: torch.dtype, target: Target) -> KernelPlan:
     """Gradient of the pooled mix: one program per (sample, part block, channel block)."""
-    bk, bp, bc = _pool_blocks(k, p, c, POOL_BWD_BLOCK_P, POOL_BWD_BLOCK_C)
-    return _pool_plan((b, _cdiv(p, bp), _cdiv(c, bc)), (bp, bk, bc), ("BLOCK_P", "BLOCK_K", "BLOCK_C"),
+    return _pool_plan(lambda s: (b, _cdiv(p, s["BLOCK_P"]), _cdiv(c, s["BLOCK_C"])), dict(BLOCK_K=k, BLOCK_P=p, BLOCK_C=c),
+                      dict(BLOCK_P=POOL_BWD_BLOCK_P, BLOCK_K=POOL_BLOCK_K, BLOCK_C=POOL_BWD_BLOCK_C),
                       POOL_BWD_NUM_STAGES, dtype, target)
