@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv test demo bench inspect clean
+.PHONY: venv test test-gpu demo bench inspect clean
 
 venv: $(VENV)/.installed
 
@@ -21,14 +21,19 @@ $(VENV)/.installed: pyproject.toml
 test: venv
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
 
+# On a machine with a CUDA (or ROCm) GPU: the kernel, contract and parity tests, compiled for the device.
+test-gpu: venv
+	$(PY) -m pytest -q -m cuda tests
+
 demo: venv
 	$(PY) -m c2f train
 
 bench: venv
 	$(PY) -m bench.report --out results
 
+# Compiles every kernel plan for every target without a GPU (`make inspect ARGS="--arch sm_86 --json out.json"`).
 inspect: venv
-	$(PY) -m c2f.kernels.inspect --arch 80 90
+	$(PY) -m c2f.kernels.inspect $(ARGS)
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .benchmarks

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .launch import KernelPlan, next_pow2
+from .launch import KernelPlan, interpreting, next_pow2
 from .targets import Target
 
 DOT_PRECISIONS = ("tf32", "ieee", "bf16", "fp16")
@@ -86,8 +86,8 @@ def dot_constexpr(target: Target, requested: str) -> str:
         raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {requested!r}")
     if requested == "tf32" and not _has_tf32(target):
         return "ieee"
-    if requested == "bf16" and target.backend == "interpreter":
-        return "bf16_rounded"
+    if requested == "bf16" and (target.backend == "interpreter" or interpreting()):
+        return "bf16_rounded"       # interpreted kernels, whatever target they are planned for
     return requested
 
 
