@@ -26,8 +26,8 @@ its per-block shared memory (LDS) limit alone:
   Measured with ptxas: [64, 64] tiles at 4 warps reached 252 of 255 registers (dxhat, sm_86), at 8
   warps 200; a [128, 128] tile spilled at 8 warps on sm_80 and sm_90, so it is not on the ladder.
 - Tiles shrink to the problem (a head of 25 channels, 7 queries) but never below ``MIN_DOT``.
-- The row kernels hold ``ROW_TILE`` fp32 values per program, ``BLOCK_N = next_pow2(N)`` wide (at most
-  ``MAX_TOKENS``): 16 values per thread, registers only. The streaming kernels (statistics, the
+- The row kernels hold whole rows, ``BLOCK_N = next_pow2(N)`` wide (at most ``MAX_TOKENS``), and as
+  many rows as make ``ROW_VALUES`` fp32 values per thread: twice the rows with 64-lane wavefronts. The streaming kernels (statistics, the
   LayerNorm backward, the in-place mix) read [64, 32] or [8, 512] tiles: bytes in flight, not reuse.
 - The interpreter pays per Triton op (~0.1-1 ms of Python), not per element: big tiles, few programs
   and few loop trips make the same kernels 5-10x cheaper on CPU. Correctness does not depend on the
@@ -120,9 +120,9 @@ GEMM_LADDER = (
 )
 INTERPRETER_GEMM = GemmTiles(128, 256, 128, stages=1, warps=4)
 MAX_TOKENS = 1024       # the row kernels hold a whole row of N tokens: 32 x 32 maps at most
-ROW_TILE = 2048         # fp32 values per row-kernel program: 16 per thread at 4 warps of 32 lanes
+ROW_VALUES = 16         # fp32 values per thread in the row kernels (whole rows, registers only): the
+ROW_WARPS = 4           # softmax backward holds three such tiles and its row offsets; 32 spilled (sm_86)
 INTERPRETER_ROW_TILE = 1 << 16
-ROW_WARPS = 4
 STREAM_TILE = (64, 32)  # statistics and dx: [channels, tokens] tiles, 7 programs per sample at N = 196
 INTERPRETER_STREAM_TILE = (512, 256)
 STREAM_WARPS = 4
@@ -173,7 +173,8 @@ def row_block(n: int, target: Target) -> tuple[int, int]:
     if n > MAX_TOKENS:
         raise PlanError(f"the softmax holds whole rows of at most {MAX_TOKENS} tokens, got N = {n}")
     bn = max(MIN_DOT, next_pow2(n))
-    return max(1, (INTERPRETER_ROW_TILE if _interpreting(target) else ROW_TILE) // bn), bn
+    tile = INTERPRETER_ROW_TILE if _interpreting(target) else ROW_VALUES * ROW_WARPS * target.warp_size
+    return max(1, tile // bn), bn
 
 
 def _stream_plan(b: int, n: int, target: Target) -> KernelPlan:

@@ -2,8 +2,10 @@
 ``c2f.kernels.part_attention`` implements with Triton kernels (same functions, same signatures, same
 saved state; docs/design.md, "The op contract").
 
-``dot_precision`` is the Triton kernels' (``"tf32"`` or ``"ieee"`` fp32 dots on a GPU); here matmuls
-follow torch's own settings (``torch.backends.cuda.matmul.allow_tf32``). Both formulations work a chunk of samples at a time (``chunk_mib`` of temporaries): the token
+``dot_precision`` is the Triton kernels' (the operands of their products: ``"tf32"``, ``"ieee"``,
+``"bf16"`` or ``"fp16"``; docs/design.md, "Precision"); here matmuls follow torch's own settings
+(``torch.backends.cuda.matmul.allow_tf32``, autocast). Both formulations work a chunk of samples at a
+time (``chunk_mib`` of temporaries): the token
 statistics and the normalised tokens ``xhat [C, b, N]`` of the chunk are formed once, so every large
 product is one GEMM over all ``b * N`` tokens of the chunk, never a Python loop over samples.
 
