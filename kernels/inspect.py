@@ -4,7 +4,9 @@
                                   [--quick] [--jobs N]
 
 No GPU is needed. Every case of the shape grid (``cases()``: tokens N in {49, 196, 324, 576, 1024},
-heads {1, 3, 16}, fp32/bf16/fp16, every mixup kernel) calls the real launchers on ``meta`` tensors
+heads {1, 3, 16}, fp32/bf16/fp16 maps with TF32 dots and bf16/fp16 maps with bf16/fp16 operands (the
+autocast precisions), forward and backward with and without dattn and dx; every mixup kernel at K in
+{1, 4, 32} views, fp32/bf16/fp16) calls the real launchers on ``meta`` tensors
 inside ``launch.recording(target)``: the launches they would make are recorded, with their plans for
 that target, and compiled with ``triton.compile`` exactly as the JIT would (the argument types and
 divisibility come from the same arguments). Launches that compile to the same kernel are compiled
@@ -175,7 +177,7 @@ def compile_source(launch: Launch, target) -> tuple[Any, dict]:
     backend = make_backend(target.gpu_target())
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kwargs = dict(launch.args, **launch.plan.constexprs, num_warps=launch.plan.num_warps,
-                  num_stages=launch.plan.num_stages, debug=False,
+                  num_stages=launch.plan.num_stages, **launch.plan.options, debug=False,
                   instrumentation_mode=knobs.compilation.instrumentation_mode,
                   fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
     bound_args, specialization, options = binder(**kwargs)
@@ -189,7 +191,8 @@ def plan_key(launch: Launch, target) -> str:
     consts = ", ".join(f"{k}={v}" for k, v in sorted(launch.plan.constexprs.items()))
     sig = " ".join(f"{k}:{v}" for k, v in src.signature.items() if v != "constexpr")
     aligned = sorted(k for k, v in src.attrs.items() if v)
-    return f"{launch.name} [{consts}] w{options['num_warps']} s{options['num_stages']} {sig} aligned {aligned}"
+    extra = "".join(f" {k}={options.get(k)}" for k in sorted(launch.plan.options))
+    return f"{launch.name} [{consts}] w{options['num_warps']} s{options['num_stages']}{extra} {sig} aligned {aligned}"
 
 
 def parse_ptxas_log(log: str) -> dict[str, int]:
@@ -327,21 +330,24 @@ def _compile_job(job: tuple[str, str, str, int]) -> dict:
 
 def run(target_names: list[str], ops: Optional[list[str]] = None, quick: bool = False,
         jobs: int = 1) -> list[KernelReport]:
-    """Compiles every distinct launch of the grid for every target: one report each."""
+    """Compiles every distinct launch of the grid for every target: one report each. With ``jobs`` > 1
+    the compiles of a target start while the next target's launches are still being recorded."""
     op_cases = {op: lst for op, lst in cases(quick).items() if ops is None or op in ops}
-    work = [((name, op, label, index), labels) for name in target_names
-            for op, label, index, labels in distinct_launches(targets_mod.TARGETS[name], op_cases)]
-    jobs_args = [w for w, _ in work]
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs) as pool:
-            results = list(pool.map(_compile_job, jobs_args, chunksize=4))
-    else:
-        results = [_compile_job(w) for w in jobs_args]
-    reports = []
-    for result, (_, labels) in zip(results, work):
-        report = KernelReport(**result)
-        report.shapes = labels
-        reports.append(report)
+    pool = ProcessPoolExecutor(jobs) if jobs > 1 else None
+    pending = []
+    try:
+        for name in target_names:
+            for op, label, index, labels in distinct_launches(targets_mod.TARGETS[name], op_cases):
+                job = (name, op, label, index)
+                pending.append((pool.submit(_compile_job, job) if pool else job, labels))
+        reports = []
+        for job, labels in pending:
+            report = KernelReport(**(job.result() if pool else _compile_job(job)))
+            report.shapes = labels
+            reports.append(report)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     return reports
 
 

@@ -18,13 +18,17 @@ its per-block shared memory (LDS) limit alone:
   every target (``KernelPlan.smem_bound``: compiled shared memory <= 2 x footprint <= the limit), so
   the rule is an upper bound of the compiled figure, not a guess; a device not in the table (read at
   run time, ``targets.device_target``) gets tiles by the same rule from its own limit.
+- Registers: a plan also holds its fp32 accumulators to ``ACC_VALUES`` per thread, all accumulators
+  together: a [128, 64] tile is 32 values per thread at 8 warps of 32 lanes (16 with 64-lane
+  wavefronts), so the dxhat kernel with dx (two accumulators) takes [64, 64] where the others take
+  [128, 64]. Operand tiles and their offsets take about as much again: measured with ptxas, [64, 64]
+  tiles at 4 warps reached 252 of 255 registers (dxhat, sm_86), at 8 warps 200; dxhat's two [128, 64]
+  accumulators spilled on sm_90; a [128, 128] tile spilled at 8 warps on sm_80 and sm_90. NVIDIA plans
+  state their register budget (``maxnreg``, see ``_options``), or ptxas spills on its own.
 - The tiers that result: 227 KiB (sm_90, sm_100) and 163 / 160 KiB (sm_80, gfx950) run [128, 64, 32]
-  tiles with 3 stages; 99 KiB (sm_86, sm_89, sm_120) [64, 64, 32] with 3 stages; 64 KiB (gfx90a,
-  gfx942) [64, 64, 32] with 2 stages; all with 8 warps. Below 32 KiB: ``PlanError``.
-- Registers: the fp32 accumulator of a [128, 64] tile is 32 values per thread at 8 warps of 32 lanes
-  (16 at 64 lanes); operand tiles, their offsets and a second accumulator (dxhat) take as much again.
-  Measured with ptxas: [64, 64] tiles at 4 warps reached 252 of 255 registers (dxhat, sm_86), at 8
-  warps 200; a [128, 128] tile spilled at 8 warps on sm_80 and sm_90, so it is not on the ladder.
+  tiles; 99 KiB (sm_86, sm_89, sm_120) [64, 64, 32] with 3 stages; 64 KiB (gfx90a, gfx942) [64, 64, 32]
+  with 2 stages; all with 8 warps. AMD runs at most 2 stages (``HIP_MAX_STAGES``). Below 32 KiB of
+  shared memory per block: ``PlanError``.
 - Tiles shrink to the problem (a head of 25 channels, 7 queries) but never below ``MIN_DOT``.
 - The row kernels hold whole rows, ``BLOCK_N = next_pow2(N)`` wide (at most ``MAX_TOKENS``), and as
   many rows as make ``ROW_VALUES`` fp32 values per thread: twice the rows with 64-lane wavefronts. The streaming kernels (statistics, the
@@ -112,6 +116,9 @@ class GemmTiles:
 
 
 SMEM_HEADROOM = 2       # pipeline buffers <= half the limit; the other half for conversions, epilogue
+ACC_VALUES = 32         # fp32 accumulator values per thread (all accumulators of a kernel together)
+HIP_MAX_STAGES = 2      # AMD's stream pipeliner holds stages beyond two in registers: 3 spilled (gfx950, pool)
+MAX_REGISTERS = 255     # NVIDIA: registers per thread a plan allows (.maxnreg; see _options)
 GEMM_LADDER = (
     GemmTiles(128, 64, 32, stages=3, warps=8),   # 72 KiB footprint: needs >= 144 KiB per block
     GemmTiles(64, 64, 32, stages=3, warps=8),    # 48 KiB: >= 96 KiB
@@ -132,12 +139,26 @@ def _interpreting(target: Target) -> bool:
     return target.backend == "interpreter"
 
 
-def gemm_tiles(target: Target) -> GemmTiles:
-    """The largest ``GEMM_LADDER`` entry whose ``smem_bound`` fits ``target``'s per-block limit."""
+def _stages(target: Target, stages: int) -> int:
+    return min(stages, HIP_MAX_STAGES) if target.backend == "hip" else stages
+
+
+def _options(target: Target) -> dict:
+    """Backend compile options of every plan. NVIDIA: ``maxnreg`` states the register budget. Without it
+    ptxas (run by Triton with ``--regAllocOptLevel=2``) picks a register target of its own for occupancy
+    and spills below it: measured, the parts kernel on sm_80 at 128 registers with 12 B of spills, with
+    ``.maxnreg 255`` at 167 registers and none; the softmax backward on sm_120 likewise at 48 / 62."""
+    return {"maxnreg": MAX_REGISTERS} if target.backend == "cuda" else {}
+
+
+def gemm_tiles(target: Target, accumulators: int = 1) -> GemmTiles:
+    """The largest ``GEMM_LADDER`` entry whose ``smem_bound`` fits ``target``'s per-block limit and whose
+    ``accumulators`` [m, n] fp32 accumulators come to at most ``ACC_VALUES`` per thread."""
     if _interpreting(target):
         return INTERPRETER_GEMM
     for tiles in GEMM_LADDER:
-        if tiles.smem_bound() <= target.smem_per_block:
+        acc_per_thread = accumulators * tiles.m * tiles.n // (tiles.warps * target.warp_size)
+        if tiles.smem_bound() <= target.smem_per_block and acc_per_thread <= ACC_VALUES:
             return tiles
     raise PlanError(f"no GEMM tiles fit {target.name}: {target.smem_per_block / 1024:.0f} KiB of shared memory "
                     f"per block, the smallest plan needs {GEMM_LADDER[-1].smem_bound() / 1024:.0f} KiB")
@@ -154,14 +175,16 @@ def tile_bound(*tiles: tuple[int, int]) -> int:
     return sum(r * c for r, c in tiles) * FP32_BYTES
 
 
-def _gemm_plan(grid, tiles: GemmTiles, m: int, n: int, k: int, names: tuple[str, str, str], precision: str,
-               **flags) -> KernelPlan:
-    """A GEMM kernel's plan: tiles clamped to the problem (m x n output, k reduction)."""
+def _gemm_plan(grid, target: Target, m: int, n: int, k: int, names: tuple[str, str, str], precision: str,
+               accumulators: int = 1, **flags) -> KernelPlan:
+    """A GEMM kernel's plan on ``target``: tiles clamped to the problem (m x n output, k reduction)."""
+    tiles = gemm_tiles(target, accumulators)
     tm, tn, tk = fit_tile(tiles.m, m), fit_tile(tiles.n, n), fit_tile(tiles.k, k)
-    sized = GemmTiles(tm, tn, tk, tiles.stages, tiles.warps)
+    sized = GemmTiles(tm, tn, tk, _stages(target, tiles.stages), tiles.warps)
     return KernelPlan(grid=grid(tm, tn), constexprs=dict(flags, **dict(zip(names, (tm, tn, tk))),
                                                           DOT_PRECISION=precision),
-                      num_warps=tiles.warps, num_stages=tiles.stages, smem_bound=sized.smem_bound())
+                      num_warps=sized.warps, num_stages=sized.stages, smem_bound=sized.smem_bound(),
+                      options=_options(target))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -180,7 +203,7 @@ def row_block(n: int, target: Target) -> tuple[int, int]:
 def _stream_plan(b: int, n: int, target: Target) -> KernelPlan:
     bc, bn = INTERPRETER_STREAM_TILE if _interpreting(target) else STREAM_TILE
     return KernelPlan(grid=(b, _cdiv(n, bn)), constexprs=dict(BLOCK_C=bc, BLOCK_N=bn), num_warps=STREAM_WARPS,
-                      num_stages=1, smem_bound=tile_bound((bc, bn)))
+                      num_stages=1, smem_bound=tile_bound((bc, bn)), options=_options(target))
 
 
 # ---------------------------------------------------------------------------- part attention
@@ -193,7 +216,7 @@ def attention_stats(b: int, c: int, n: int, dtype: torch.dtype, target: Target) 
 def attention_scores(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
                      dot_precision: str = "tf32") -> KernelPlan:
     """S = G @ Xc for all heads: [hP, C] x [C, N] per sample; grid (query block x sample, token block)."""
-    return _gemm_plan(lambda tm, tn: (_cdiv(h * p, tm) * b, _cdiv(n, tn)), gemm_tiles(target), h * p, n, c,
+    return _gemm_plan(lambda tm, tn: (_cdiv(h * p, tm) * b, _cdiv(n, tn)), target, h * p, n, c,
                       ("BLOCK_Q", "BLOCK_N", "BLOCK_K"), dot_constexpr(target, dot_precision))
 
 
@@ -201,7 +224,7 @@ def attention_softmax(rows: int, n: int, target: Target) -> KernelPlan:
     """Softmax of ``rows`` rows of ``n`` tokens in place."""
     br, bn = row_block(n, target)
     return KernelPlan(grid=(_cdiv(rows, br),), constexprs=dict(BLOCK_R=br, BLOCK_N=bn), num_warps=ROW_WARPS,
-                      num_stages=1, smem_bound=tile_bound((br, bn)))
+                      num_stages=1, smem_bound=tile_bound((br, bn)), options=_options(target))
 
 
 def attention_parts(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
@@ -209,7 +232,7 @@ def attention_parts(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, 
     """parts_j = gamma * ((probs_j * rstd) @ Xc_j^T) + beta: [P, N] x [N, d] per sample and head;
     grid (query block x sample, head x channel block)."""
     d = c // h
-    return _gemm_plan(lambda tm, tn: (_cdiv(p, tm) * b, h * _cdiv(d, tn)), gemm_tiles(target), p, d, n,
+    return _gemm_plan(lambda tm, tn: (_cdiv(p, tm) * b, h * _cdiv(d, tn)), target, p, d, n,
                       ("BLOCK_P", "BLOCK_C", "BLOCK_K"), dot_constexpr(target, dot_precision))
 
 
@@ -217,7 +240,7 @@ def attention_dp(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, tar
                  dot_precision: str = "tf32") -> KernelPlan:
     """dP_j = rstd * ((dparts_j * gamma) @ Xc_j): [P, d] x [d, N] per sample and head;
     grid (query block x head x sample, token block)."""
-    return _gemm_plan(lambda tm, tn: (_cdiv(p, tm) * h * b, _cdiv(n, tn)), gemm_tiles(target), p, n, c // h,
+    return _gemm_plan(lambda tm, tn: (_cdiv(p, tm) * h * b, _cdiv(n, tn)), target, p, n, c // h,
                       ("BLOCK_P", "BLOCK_N", "BLOCK_K"), dot_constexpr(target, dot_precision))
 
 
@@ -225,14 +248,14 @@ def attention_softmax_bwd(rows: int, n: int, target: Target, has_dattn: bool = T
     """dS = probs * (dP' - rowsum(probs * dP')) in place over ``rows`` rows of ``n`` tokens."""
     br, bn = row_block(n, target)
     return KernelPlan(grid=(_cdiv(rows, br),), constexprs=dict(HAS_DATTN=has_dattn, BLOCK_R=br, BLOCK_N=bn),
-                      num_warps=ROW_WARPS, num_stages=1, smem_bound=tile_bound((br, bn)))
+                      num_warps=ROW_WARPS, num_stages=1, smem_bound=tile_bound((br, bn)), options=_options(target))
 
 
 def attention_dg(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
                  dot_precision: str = "tf32") -> KernelPlan:
     """dG_j = sum_b (dS_b,j * rstd_b) @ Xc_b^T: [P, B*N] x [B*N, C]; grid (head, query block, channel
     block), the batch loop inside."""
-    return _gemm_plan(lambda tm, tn: (h, _cdiv(p, tm), _cdiv(c, tn)), gemm_tiles(target), p, c, n,
+    return _gemm_plan(lambda tm, tn: (h, _cdiv(p, tm), _cdiv(c, tn)), target, p, c, n,
                       ("BLOCK_P", "BLOCK_C", "BLOCK_N"), dot_constexpr(target, dot_precision))
 
 
@@ -241,8 +264,9 @@ def attention_dxhat(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, 
     """V = dparts_j^T @ probs_j ([d, P] x [P, N]), gamma's partial gradients and, with ``needs_dx``,
     dxhat = G^T @ dS + gamma * V ([C, hP] x [hP, N]); grid (channel block x head x sample, token block)."""
     d = c // h
-    return _gemm_plan(lambda tm, tn: (_cdiv(d, tm) * h * b, _cdiv(n, tn)), gemm_tiles(target), d, n, p,
-                      ("BLOCK_C", "BLOCK_N", "BLOCK_K"), dot_constexpr(target, dot_precision), NEEDS_DX=needs_dx)
+    return _gemm_plan(lambda tm, tn: (_cdiv(d, tm) * h * b, _cdiv(n, tn)), target, d, n, p,
+                      ("BLOCK_C", "BLOCK_N", "BLOCK_K"), dot_constexpr(target, dot_precision),
+                      accumulators=2 if needs_dx else 1, NEEDS_DX=needs_dx)
 
 
 def attention_dx(b: int, c: int, n: int, dtype: torch.dtype, target: Target) -> KernelPlan:
@@ -269,7 +293,8 @@ def mixup_pairs(b: int, p: int, c: int, dtype: torch.dtype, target: Target) -> K
     """In-place pair mix (forward and backward): one program per (sample, part block, channel block)."""
     bp, bc = min(PAIR_BLOCK_P, next_pow2(p)), min(PAIR_BLOCK_C, next_pow2(c))
     return KernelPlan(grid=(b, _cdiv(p, bp), _cdiv(c, bc)), constexprs=dict(BLOCK_P=bp, BLOCK_C=bc),
-                      num_warps=PAIR_NUM_WARPS, num_stages=1, smem_bound=tile_bound((bp, bc), (bp, bc)))
+                      num_warps=PAIR_NUM_WARPS, num_stages=1, smem_bound=tile_bound((bp, bc), (bp, bc)),
+                      options=_options(target))
 
 
 def _pool_dot(dtype: torch.dtype, target: Target) -> dict:
@@ -286,6 +311,7 @@ def _pool_plan(grid, extents: dict[str, int], blocks: dict[str, int], stages: in
     and then the channel block shrink until the bound (``SMEM_HEADROOM`` x stages x the fp32 operand
     tiles: the mask and the two samples' rows) fits the target's per-block limit."""
     sizes = {name: fit_tile(block, extents[name]) for name, block in blocks.items()}
+    stages = _stages(target, stages)
     while True:
         operands = tile_bound(*_pool_operands(blocks, sizes))
         while not _interpreting(target) and stages > 1 and SMEM_HEADROOM * stages * operands > target.smem_per_block:
@@ -297,7 +323,8 @@ def _pool_plan(grid, extents: dict[str, int], blocks: dict[str, int], stages: in
                             f"shared memory per block, the smallest plan needs {SMEM_HEADROOM * operands / 1024:.0f} KiB")
         sizes["BLOCK_C"] //= 2
     return KernelPlan(grid=grid(sizes), constexprs=dict(**_pool_dot(dtype, target), **sizes),
-                      num_warps=POOL_NUM_WARPS, num_stages=stages, smem_bound=SMEM_HEADROOM * stages * operands)
+                      num_warps=POOL_NUM_WARPS, num_stages=stages, smem_bound=SMEM_HEADROOM * stages * operands,
+                      options=_options(target))
 
 
 def _pool_operands(blocks: dict[str, int], sizes: dict[str, int]):
