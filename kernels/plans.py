@@ -31,8 +31,10 @@ its per-block shared memory (LDS) limit alone:
   shared memory per block: ``PlanError``.
 - Tiles shrink to the problem (a head of 25 channels, 7 queries) but never below ``MIN_DOT``.
 - The row kernels hold whole rows, ``BLOCK_N = next_pow2(N)`` wide (at most ``MAX_TOKENS``), and as
-  many rows as make ``ROW_VALUES`` fp32 values per thread: twice the rows with 64-lane wavefronts. The streaming kernels (statistics, the
-  LayerNorm backward, the in-place mix) read [64, 32] or [8, 512] tiles: bytes in flight, not reuse.
+  many rows as make ``ROW_VALUES`` fp32 values per thread: twice the rows with 64-lane wavefronts. The
+  streaming kernels (statistics, the LayerNorm backward, the in-place mix) read [64, 32] or [8, 512]
+  tiles: bytes in flight, not reuse. The pooled mix shrinks its stages, then its channel block, until
+  its bound fits.
 - The interpreter pays per Triton op (~0.1-1 ms of Python), not per element: big tiles, few programs
   and few loop trips make the same kernels 5-10x cheaper on CPU. Correctness does not depend on the
   tiles; tests also run the GPU tiles under the interpreter (``launch.plan_for``).
@@ -49,11 +51,13 @@ interpreter's bf16 dot is broken, so there "bf16" rounds operands to bf16 and mu
 
 Adding a plan function (the convention every kernel follows)
 -----------------------------------------------------------
-``def <op>_<kernel>(<shape ints>, dtype, target, dot_precision="tf32", <flags>) -> KernelPlan``:
-take GEMM tiles from ``gemm_tiles(target)`` (clamped with ``fit_tile``), the constexpr from
-``dot_constexpr(target, dot_precision)``, set ``smem_bound`` (``GemmTiles.smem_bound`` for a GEMM,
-``tile_bound`` for a kernel without dots), and raise ``PlanError`` (via ``gemm_tiles``) when nothing
-fits. Add the op's shape grid to ``inspect.cases()``.
+``def <op>_<kernel>(<shape ints>, dtype, target, dot_precision="tf32", <flags>) -> KernelPlan``, placed
+after the existing ones. A GEMM kernel returns ``_gemm_plan(grid, target, m, n, k, names,
+dot_constexpr(target, dot_precision), accumulators=..., **flags)``: tiles from ``gemm_tiles``, clamped
+with ``fit_tile``, ``smem_bound`` and ``options`` set, ``PlanError`` when nothing fits. A kernel without
+dots sets ``smem_bound=tile_bound(...)`` and ``options=_options(target)`` itself. Its kernel multiplies
+with ``dots.mma(a, b, acc, DOT_PRECISION)``, never ``tl.dot`` directly. The launcher makes all its plans
+before it allocates or launches anything, and the op's shape grid goes into ``inspect.cases()``.
 """
 from __future__ import annotations
 
