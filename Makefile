@@ -8,10 +8,9 @@ TORCH ?= torch==2.13.0
 # What the tests need: the test extra (pytest, plots, extract, safetensors) and triton for the interpreter tests.
 EXTRAS ?= test,triton
 PYTEST_WORKERS ?= 2
-INSPECT_ARGS ?= --arch 80 90
 ARGS ?=
 
-.PHONY: venv test demo bench inspect clean
+.PHONY: venv test test-gpu demo bench inspect clean
 
 venv: $(VENV)/.installed
 
@@ -26,6 +25,10 @@ $(VENV)/.installed: pyproject.toml
 test: venv
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests $(ARGS)
 
+# On a machine with a CUDA (or ROCm) GPU: the kernel, contract and parity tests, compiled for the device.
+test-gpu: venv
+	$(PY) -m pytest -q -m cuda tests
+
 demo: venv
 	$(PY) -m c2f train $(ARGS)
 
@@ -33,8 +36,9 @@ bench: venv
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m bench.report --out results $(ARGS)
 
+# Compiles every kernel plan for every target without a GPU (`make inspect ARGS="--arch sm_86 --json out.json"`).
 inspect: venv
-	$(PY) -m c2f.kernels.inspect $(INSPECT_ARGS) $(ARGS)
+	$(PY) -m c2f.kernels.inspect $(ARGS)
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .benchmarks

@@ -29,7 +29,7 @@ from ._validate import check_float, check_same_device, describe, feature_map_as_
 from .ops import attention as _ops  # noqa: F401  (registers torch.ops.c2f.part_attention_*)
 
 FORMULATIONS = ("auto", "folded", "unfolded")
-DOT_PRECISIONS = ("tf32", "ieee")
+DOT_PRECISIONS = ("tf32", "ieee", "bf16", "fp16")   # kernels/plans.py DOT_PRECISIONS
 
 
 def pick_formulation(formulation: str, num_heads: int, dim: int, num_parts: int) -> str:

@@ -4,7 +4,8 @@ saved state; docs/design.md, "The op contract").
 
 ``dot_precision``: "bf16" / "fp16" round the GEMM operands to that dtype (autocast; statistics, softmax
 and logsumexp stay fp32); "tf32" / "ieee" keep fp32 operands, and the matmuls follow torch's own
-settings (``torch.backends.cuda.matmul.allow_tf32``). Both formulations work a chunk of samples at a time (``chunk_mib`` of temporaries): the token
+settings (``torch.backends.cuda.matmul.allow_tf32``); docs/design.md, "Precision". Both formulations
+work a chunk of samples at a time (``chunk_mib`` of temporaries): the token
 statistics and the normalised tokens ``xhat [C, b, N]`` of the chunk are formed once, so every large
 product is one GEMM over all ``b * N`` tokens of the chunk, never a Python loop over samples.
 
