@@ -86,8 +86,6 @@ def part_attention(x: torch.Tensor, queries: torch.Tensor, k_weight: torch.Tenso
     scale = scale or (c // num_heads) ** -0.5
     chosen = resolve_backend(backend, x.device)
     form = pick_formulation(formulation, num_heads, c, p)
-    if chosen == "triton":
-        form = "folded"   # the Triton kernels implement the folded formulation
     op = torch.ops.c2f.part_attention_folded if form == "folded" else torch.ops.c2f.part_attention_unfolded
     amp = autocast_dtype(x.device.type)
     precision = AMP_PRECISIONS.get(amp, dot_precision)

@@ -3,6 +3,13 @@ implements with torch ops (same functions, same signatures, same saved state).
 
 The launchers validate layouts, allocate, and launch each kernel with its plan from ``plans.py``;
 the kernels live in ``part_attention_fwd.py`` and ``part_attention_bwd.py``.
+
+The unfolded formulation (many heads) is, apart from its softmax, three dense GEMMs over all the
+batch's tokens: the key projection ``(Wk * gamma) [C, C] @ xhat [C, B·N]`` (C·C·N per sample, its
+whole cost at h = 16) and its two backward products. Those are what the vendor BLAS runs at its peak,
+so ``unfolded_fwd`` / ``unfolded_bwd`` here are the batched torch-op implementations run on the
+device's tensors (a fixed number of launches per chunk of samples, independent of B; their fp32
+matmuls follow ``torch.backends.cuda.matmul.allow_tf32``). There is no Triton kernel for them.
 """
 from __future__ import annotations
 
@@ -18,7 +25,9 @@ from .part_attention_bwd import (_part_attention_bwd_dg_kernel, _part_attention_
 from .part_attention_fwd import (_part_attention_fwd_parts_kernel, _part_attention_fwd_scores_kernel,
                                  _part_attention_fwd_softmax_kernel, _part_attention_stats_kernel)
 
-__all__ = ["folded_fwd", "folded_bwd"]
+from ..torch_ops.part_attention import unfolded_bwd, unfolded_fwd  # see the module docstring
+
+__all__ = ["folded_fwd", "folded_bwd", "unfolded_fwd", "unfolded_bwd"]
 
 
 def describe(t: torch.Tensor) -> str:

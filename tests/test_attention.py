@@ -88,12 +88,37 @@ def test_real_shape(backend, heads, device):
     (64, 7, 1, (7, 7)),       # N = 49
     (200, 7, 4, (7, 7)),      # C not a power of two (nor a multiple of a block)
     (96, 1, 2, (5, 3)),       # one part, odd token count
-    (128, 16, 8, (14, 14)),   # many heads: the unfolded formulation on the torch path
+    (128, 16, 8, (14, 14)),   # many heads, still folded (h·P = 128 < C + P = 144)
+    (64, 16, 16, (5, 5)),     # sixteen heads: unfolded (h·P = 256 >= C + P = 80) on both backends
 ])
 def test_shapes_and_dtypes(backend, dtype, atol, dim, parts, heads, hw, device):
     ref, fused = make_pair(dim, parts, heads, backend=backend)
     x = torch.randn(3, dim, *hw)
     check_parity(ref, fused, x, dtype, atol, x_grad=True, device=device)
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    """Names of the ops dispatched inside the mode (the c2f custom ops appear as themselves)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("heads,expected", [(1, "folded"), (16, "unfolded")])
+def test_auto_formulation_on_both_backends(backend, heads, expected):
+    """The Triton backend switches to the unfolded formulation where it is cheaper, as the torch path does."""
+    _, fused = make_pair(64, 16, heads, backend=backend)
+    with _OpNames() as seen:
+        fused(torch.randn(2, 64, 5, 5))
+    assert f"c2f.part_attention_{expected}" in seen.names, seen.names
+    other = "unfolded" if expected == "folded" else "folded"
+    assert f"c2f.part_attention_{other}" not in seen.names
 
 
 @pytest.mark.cuda
