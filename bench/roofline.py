@@ -17,7 +17,7 @@ Targets (``TARGETS``; dense peaks, no sparsity; fp32 runs as TF32 on the tensor 
   is half its fp16-accumulate rate).
 
 Shapes: ``x [B, C, N]``, ``P`` queries, ``h`` heads with the key projection folded into ``G [h, P, C]``
-(DESIGN.md: S_j = G_j Xc is ``2 P C N`` FLOPs per head and sample, parts ``2 P N C`` per sample).
+(docs/design.md: S_j = G_j Xc is ``2 P C N`` FLOPs per head and sample, parts ``2 P N C`` per sample).
 Statistics, probabilities and folded queries are fp32 whatever the storage dtype ``s``.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Part-wise mixup kernels: in place on the part features, and fused with the mean over parts.
 
-Mixed sample b takes part p as ``m[b,p] * F[b,p] + (1 - m[b,p]) * F[perm[b],p]`` (DESIGN.md, "The algebra"
+Mixed sample b takes part p as ``m[b,p] * F[b,p] + (1 - m[b,p]) * F[perm[b],p]`` (docs/design.md, "The algebra"
 items 5 and 6).
 
 - In place (``perm`` an involution): one program per (pair, part block, channel block) owns both rows of
