@@ -201,3 +201,121 @@ def mixup_pool_bwd(k: int, b: int, p: int, c: int, dtype: torch.dtype, target: T
     return KernelPlan(grid=(b, -(-p // bp), -(-c // bc)),
                       constexprs=dict(**_pool_dot(dtype, target), BLOCK_K=bk, BLOCK_P=bp, BLOCK_C=bc),
                       num_warps=POOL_NUM_WARPS, num_stages=POOL_BWD_NUM_STAGES)
+
+
+# ---------------------------------------------------------------------------- c2f head
+# The fused head (kernels/c2f_head.py). Its own tiles, so the attention plans can change without it.
+# Forward programs hold two [BLOCK_P, BLOCK_N] fp32 accumulators (scores S and readout Zhat) where the
+# attention forward holds one, plus the [BLOCK_V, BLOCK_N] pooling coefficients of the query block.
+HEAD_MAX_VIEWS_BLOCK = 64   # rows of the pooling matrix M (2K: own views, then the partner's) per block
+
+
+@dataclass(frozen=True)
+class _HeadTiles:
+    fwd_p: int        # queries per forward program
+    fwd_c: int        # channel chunk of S = G (X - mean) and Zhat = Wrg_j (X_j - mean)
+    pool_c: int       # channel chunk of the pooled rows U = (coef * rstd) (X_j - mean)^T ...
+    pool_split: int   # ... and channels per pool program: a head's channels split over grid axis 1
+    bwd_p: int        # queries per backward program (dS, dZ: elementwise, plus M^T dcoef)
+    dw_p: int         # dWrg output tile rows (queries) ...
+    dw_c: int         # ... and columns (channels of one head)
+    dw_n: int         # token chunk of dWrg's reduction over B x N
+    dx_c: int         # dxhat output tile rows (channels of one head) ...
+    dx_p: int         # ... and the contraction chunk over queries
+    num_warps: int
+    num_stages: int
+
+
+_HEAD_GPU = _HeadTiles(fwd_p=32, fwd_c=32, pool_c=64, pool_split=256, bwd_p=16, dw_p=64, dw_c=64, dw_n=32,
+                       dx_c=64, dx_p=32, num_warps=8, num_stages=2)
+_HEAD_INTERPRETER = _HeadTiles(fwd_p=128, fwd_c=256, pool_c=256, pool_split=4096, bwd_p=128, dw_p=128, dw_c=256,
+                               dw_n=1024, dx_c=256, dx_p=128, num_warps=4, num_stages=1)
+
+
+def _head_tiles(target: Target) -> _HeadTiles:
+    return _HEAD_INTERPRETER if target.backend == "interpreter" else _HEAD_GPU
+
+
+def _head_block(count: int, block: int, bn: int = 0) -> int:
+    """Rows (or channels) per block: ``block``, fewer when ``count`` is smaller, and in proportion past
+    TOKENS_AT_BUDGET padded tokens when the tile spans ``bn`` tokens (register tiles)."""
+    if bn > TOKENS_AT_BUDGET:
+        block = block * TOKENS_AT_BUDGET // bn
+    return max(MIN_DOT, min(block, next_pow2(count)))
+
+
+def head_query_blocks(p: int, n: int, target: Target) -> int:
+    """Query blocks per (sample, head) of the forward kernel: rows of its pooling-coefficient partials."""
+    return -(-p // _head_block(p, _head_tiles(target).fwd_p, block_n(n)))
+
+
+def head_fwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dtype, target: Target,
+             dot_precision: str = "tf32") -> KernelPlan:
+    """Scores, softmax, readout and pooling coefficients: one program per (sample, head, query block)."""
+    t = _head_tiles(target)
+    bn = block_n(n)
+    bp = _head_block(p, t.fwd_p, bn)
+    return KernelPlan(grid=(b * h * -(-p // bp),),
+                      constexprs=dict(BLOCK_P=bp, BLOCK_N=bn, BLOCK_C=_head_block(c, t.fwd_c),
+                                      BLOCK_V=_head_block(views, HEAD_MAX_VIEWS_BLOCK),
+                                      DOT_PRECISION=_precision(target, dot_precision)),
+                      num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+def head_pool_splits(c: int, h: int, target: Target) -> int:
+    """Pool programs per (sample, head): grid axis 1 of ``head_pool``."""
+    return -(-(c // h) // _head_tiles(target).pool_split)
+
+
+def head_pool(b: int, c: int, n: int, h: int, views: int, dtype: torch.dtype, target: Target,
+              dot_precision: str = "tf32", has_du: bool = False) -> KernelPlan:
+    """Pooled rows (and in backward the coefficient gradient): one program per (sample, head, split)."""
+    t = _head_tiles(target)
+    d = c // h
+    split = min(t.pool_split, d)
+    return KernelPlan(grid=(b * h, head_pool_splits(c, h, target)),
+                      constexprs=dict(HAS_DU=has_du, SPLIT_C=split, BLOCK_V=_head_block(views, HEAD_MAX_VIEWS_BLOCK),
+                                      BLOCK_N=block_n(n), BLOCK_C=_head_block(split, t.pool_c, block_n(n)),
+                                      DOT_PRECISION=_precision(target, dot_precision)),
+                      num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+def head_bwd(b: int, n: int, p: int, h: int, views: int, target: Target, dot_precision: str = "tf32",
+             has_dattn: bool = True, has_dpred: bool = True, has_dcoef: bool = True) -> KernelPlan:
+    """dS and dZ per (sample, head, query block); no pass over x."""
+    t = _head_tiles(target)
+    bn = block_n(n)
+    bp = _head_block(p, t.bwd_p, bn)
+    return KernelPlan(grid=(b * h * -(-p // bp),),
+                      constexprs=dict(HAS_DATTN=has_dattn, HAS_DPRED=has_dpred, HAS_DCOEF=has_dcoef, BLOCK_P=bp,
+                                      BLOCK_N=bn, BLOCK_V=_head_block(views, HEAD_MAX_VIEWS_BLOCK),
+                                      DOT_PRECISION=_precision(target, dot_precision)),
+                      num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+def head_dwrg(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
+              dot_precision: str = "tf32") -> KernelPlan:
+    """dWrg over B x N, one program per output tile inside one head's channels (h > 1; one head stacks
+    dZ under dS and runs the attention's dG kernel)."""
+    t = _head_tiles(target)
+    bn = block_n(n)
+    bp = _head_block(p, t.dw_p, bn)
+    bc = _head_block(c // h, t.dw_c)
+    return KernelPlan(grid=(h, -(-p // bp), -(-(c // h) // bc)),
+                      constexprs=dict(BLOCK_P=bp, BLOCK_N=min(bn, t.dw_n), BLOCK_C=bc,
+                                      DOT_PRECISION=_precision(target, dot_precision)),
+                      num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+def head_dxhat(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dtype, target: Target,
+               dot_precision: str = "tf32", has_dpred: bool = True, has_du: bool = True) -> KernelPlan:
+    """Gradient of the normalised tokens: one program per (sample, head, channel block of the head)."""
+    t = _head_tiles(target)
+    bn = block_n(n)
+    bc = _head_block(c // h, t.dx_c)
+    return KernelPlan(grid=(b, h, -(-(c // h) // bc)),
+                      constexprs=dict(HAS_DPRED=has_dpred, HAS_DU=has_du, BLOCK_C=bc, BLOCK_N=bn,
+                                      BLOCK_P=_head_block(p, t.dx_p, bn),
+                                      BLOCK_V=_head_block(views, HEAD_MAX_VIEWS_BLOCK),
+                                      DOT_PRECISION=_precision(target, dot_precision)),
+                      num_warps=t.num_warps, num_stages=t.num_stages)
