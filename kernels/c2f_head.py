@@ -182,7 +182,7 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
         dgw = torch.empty(2, p, c, device=dev, dtype=f32)
         launch(_part_attention_bwd_dg_kernel, plans.attention_dg(bsz, c, n, p, 2, x.dtype, target, dot_precision),
                X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, DS_ptr=grads, DG_ptr=dgw, B=bsz, C=c, N=n, P=p, H=2, **xs)
-        dg, dwrg = dgw[:1], dgw[1]
+        dg, dwrg = dgw[:1], dgw[1].clone()   # outputs of a custom op may not share storage
     else:
         launch(_part_attention_bwd_dg_kernel, plans.attention_dg(bsz, c, n, p, h, x.dtype, target, dot_precision),
                X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, DS_ptr=ds, DG_ptr=dg, B=bsz, C=c, N=n, P=p, H=h, **xs)

@@ -120,7 +120,7 @@ def _c2f_head_bwd_dwrg_kernel(
 def _c2f_head_bwd_dxhat_kernel(
     G_ptr,            # [h, P, C] fp32 contiguous
     Wrg_ptr,          # [P, C] fp32 contiguous
-    DS_ptr,           # [B, *, P, N] fp32, sample stride stride_tb, head i at i * P * N
+    DS_ptr,           # [B, *, P, N] fp32, sample stride stride_tb, heads contiguous ([h * P, N])
     DZ_ptr,           # [B, *, P, N] fp32, same layout (HAS_DPRED)
     DU_ptr,           # [B, V, C] fp32 (HAS_DU)
     Coef_ptr,         # [B, h, V, N] fp32 (HAS_DU)
@@ -141,16 +141,16 @@ def _c2f_head_bwd_dxhat_kernel(
     n_mask = n < N
     acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
     t_base = b * stride_tb
-    # Scores: every head's queries reach every channel.
-    for i in range(0, H):
-        for p0 in range(0, P, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            p_mask = p < P
-            gt = tl.load(G_ptr + i * P * C + (p[None, :] * C + c[:, None]), mask=c_mask[:, None] & p_mask[None, :],
-                         other=0.0)
-            ds = tl.load(DS_ptr + t_base + i * P * N + (p[:, None] * N + n[None, :]),
-                         mask=p_mask[:, None] & n_mask[None, :], other=0.0)
-            acc += tl.dot(gt, ds, input_precision=DOT_PRECISION)
+    # Scores: every head's queries reach every channel. G as [h * P, C] and dS_b as [h * P, N] (the
+    # heads of one sample are contiguous): the sum over heads and queries is one contraction.
+    HP = H * P
+    for q0 in range(0, HP, BLOCK_P):
+        q = q0 + tl.arange(0, BLOCK_P)
+        q_mask = q < HP
+        gt = tl.load(G_ptr + (q[None, :] * C + c[:, None]), mask=c_mask[:, None] & q_mask[None, :], other=0.0)
+        ds = tl.load(DS_ptr + t_base + (q[:, None] * N + n[None, :]), mask=q_mask[:, None] & n_mask[None, :],
+                     other=0.0)
+        acc += tl.dot(gt, ds, input_precision=DOT_PRECISION)
     # Readout and pooled rows: head j's only.
     if HAS_DPRED:
         for p0 in range(0, P, BLOCK_P):
