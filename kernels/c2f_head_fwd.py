@@ -156,17 +156,22 @@ def _c2f_head_pool_kernel(
         vn_mask = v_mask[:, None] & n_mask[None, :]
         coef = tl.load(Coef_ptr + (b * H + j) * V * N + (v[:, None] * N + n[None, :]), mask=vn_mask, other=0.0)
         coef = coef * rstd[None, :]
-        dcoef = tl.zeros([BLOCK_V, BLOCK_N], dtype=tl.float32)
         for c0 in range(c_start, c_end, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             c_mask = c < c_end
-            vc_mask = v_mask[:, None] & c_mask[None, :]
             xct = _centred_t(x_base, n, n_mask, c, c_mask, mean, stride_xc, stride_xn)
             u = tl.dot(coef, xct, input_precision=DOT_PRECISION)
-            tl.store(U_ptr + b * V * C + (v[:, None] * C + c[None, :]), u, mask=vc_mask)
-            if HAS_DU:
-                du = tl.load(DU_ptr + b * V * C + (v[:, None] * C + c[None, :]), mask=vc_mask, other=0.0)
-                dcoef += tl.dot(du, tl.trans(xct), input_precision=DOT_PRECISION)
+            tl.store(U_ptr + b * V * C + (v[:, None] * C + c[None, :]), u, mask=v_mask[:, None] & c_mask[None, :])
         if HAS_DU:
+            # A second pass over the same channels (L2-resident) with x in the other orientation: one
+            # orientation per loop keeps each loop's tiles in registers.
+            dcoef = tl.zeros([BLOCK_V, BLOCK_N], dtype=tl.float32)
+            for c0 in range(c_start, c_end, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                c_mask = c < c_end
+                du = tl.load(DU_ptr + b * V * C + (v[:, None] * C + c[None, :]), mask=v_mask[:, None] & c_mask[None, :],
+                             other=0.0)
+                xc = _centred(x_base, c, c_mask, n, n_mask, mean, stride_xc, stride_xn)
+                dcoef += tl.dot(du, xc, input_precision=DOT_PRECISION)
             part = DCoefPart_ptr + ((b * H + j) * num_splits + split) * V * N
             tl.store(part + (v[:, None] * N + n[None, :]), dcoef * rstd[None, :], mask=vn_mask)

@@ -4,10 +4,10 @@
                                   [--quick] [--jobs N]
 
 No GPU is needed. Every case of the shape grid (``cases()``: tokens N in {49, 196, 324, 576, 1024},
-heads {1, 3, 16}, fp32/bf16/fp16, every mixup kernel) calls the real launchers on ``meta`` tensors
-inside ``launch.recording(target)``: the launches they would make are recorded, with their plans for
-that target, and compiled with ``triton.compile`` exactly as the JIT would (the argument types and
-divisibility come from the same arguments). Launches that compile to the same kernel are compiled
+heads {1, 3, 16}, fp32/bf16/fp16, every mixup kernel, the head with K in {1, 4} views) calls the real
+launchers on ``meta`` tensors inside ``launch.recording(target)``: the launches they would make are
+recorded, with their plans for that target, and compiled with ``triton.compile`` exactly as the JIT
+would (the argument types and divisibility come from the same arguments). Launches that compile to the same kernel are compiled
 once and reported with every shape that maps to them.
 
 Per kernel, plan and target: registers, spills, shared memory (LDS on AMD) against the target's
@@ -91,6 +91,7 @@ ATTENTION_TOKENS = (49, 196, 324, 576, 1024)      # 7x7 .. 32x32 maps
 ATTENTION_HEADS = (1, 3, 16)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIXUP_VIEWS = (1, 4, 32)
+HEAD_VIEWS = (1, 4)
 
 
 def _meta(*shape, dtype=torch.float32):
@@ -127,15 +128,35 @@ def _mixup_case(k: int, dtype: torch.dtype) -> Callable[[], None]:
     return run
 
 
+def _head_case(n: int, h: int, dtype: torch.dtype, k: int) -> Callable[[], None]:
+    from . import c2f_head as ch
+
+    c, p, b, classes = (1536 if h == 3 else 2048), 312, 2, 200
+
+    def run():
+        x = _meta(b, c, n, dtype=dtype)
+        g, wrg, wcg = _meta(h, p, c), _meta(p, c), _meta(classes, c)
+        perm, mask = _meta(b, dtype=torch.int64), _meta(k, b, p)
+        attn, _, _, probs, zhat, mean, rstd = ch.c2f_head_fwd(x, g, wrg, wcg, perm, mask, 1e-5, 16.0)
+        state = (attn, probs, zhat, mean, rstd)
+        dpred, dlogits = _meta(b, p), _meta(k, b, classes)
+        # Training (attention maps unused, frozen backbone), then every gradient with dx.
+        ch.c2f_head_bwd(x, g, wrg, wcg, perm, mask, *state, None, dpred, dlogits, False, 16.0)
+        ch.c2f_head_bwd(x, g, wrg, wcg, perm, mask, *state, _meta(b, p, n, dtype=dtype), dpred, dlogits, True, 16.0)
+    return run
+
+
 def cases(quick: bool = False) -> dict[str, list[tuple[str, Callable[[], None]]]]:
     """``{op: [(shape label, run)]}``: the shape grid every plan is checked at. ``quick``: the production
-    shapes only (N = 196, 1 and 16 heads, K = 4 and 32, fp32 and bf16)."""
-    tokens, heads, views, dtypes = ((196,), (1, 16), (4, 32), DTYPES[:2]) if quick else \
-        (ATTENTION_TOKENS, ATTENTION_HEADS, MIXUP_VIEWS, DTYPES)
+    shapes only (N = 196, 1 and 16 heads, K = 4 and 32 (4 for the head), fp32 and bf16)."""
+    tokens, heads, views, head_views, dtypes = ((196,), (1, 16), (4, 32), (4,), DTYPES[:2]) if quick else \
+        (ATTENTION_TOKENS, ATTENTION_HEADS, MIXUP_VIEWS, HEAD_VIEWS, DTYPES)
     attention = [(f"N={n} h={h} {TL_DTYPES[dt]}", _attention_case(n, h, dt))
                  for n in tokens for h in heads for dt in dtypes]
     mixup = [(f"K={k} {TL_DTYPES[dt]}", _mixup_case(k, dt)) for k in views for dt in dtypes]
-    return {"part_attention": attention, "part_mixup": mixup}
+    head = [(f"N={n} h={h} K={k} {TL_DTYPES[dt]}", _head_case(n, h, dt, k))
+            for n in tokens for h in heads for k in head_views for dt in dtypes]
+    return {"part_attention": attention, "part_mixup": mixup, "c2f_head": head}
 
 
 # ----------------------------------------------------------------------------------------- compiling

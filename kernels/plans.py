@@ -207,7 +207,8 @@ def mixup_pool_bwd(k: int, b: int, p: int, c: int, dtype: torch.dtype, target: T
 # The fused head (kernels/c2f_head.py). Its own tiles, so the attention plans can change without it.
 # Forward programs hold two [BLOCK_P, BLOCK_N] fp32 accumulators (scores S and readout Zhat) where the
 # attention forward holds one, plus the [BLOCK_V, BLOCK_N] pooling coefficients of the query block.
-HEAD_MAX_VIEWS_BLOCK = 64   # rows of the pooling matrix M (2K: own views, then the partner's) per block
+HEAD_MAX_VIEWS_BLOCK = 16   # rows of the pooling matrix M (2K: own views, then the partner's) per block:
+                            # K <= 8 in one block; [64, 256] coefficient tiles spill
 
 
 @dataclass(frozen=True)
@@ -224,12 +225,13 @@ class _HeadTiles:
     dx_p: int         # ... and the contraction chunk over queries
     num_warps: int
     num_stages: int
+    pool_num_stages: int  # the pool loops hold x in one orientation each; prefetching a second chunk spills
 
 
-_HEAD_GPU = _HeadTiles(fwd_p=32, fwd_c=32, pool_c=64, pool_split=256, bwd_p=16, dw_p=64, dw_c=64, dw_n=32,
-                       dx_c=64, dx_p=32, num_warps=8, num_stages=2)
+_HEAD_GPU = _HeadTiles(fwd_p=32, fwd_c=32, pool_c=32, pool_split=256, bwd_p=16, dw_p=64, dw_c=64, dw_n=32,
+                       dx_c=64, dx_p=32, num_warps=8, num_stages=2, pool_num_stages=1)
 _HEAD_INTERPRETER = _HeadTiles(fwd_p=128, fwd_c=256, pool_c=256, pool_split=4096, bwd_p=128, dw_p=128, dw_c=256,
-                               dw_n=1024, dx_c=256, dx_p=128, num_warps=4, num_stages=1)
+                               dw_n=1024, dx_c=256, dx_p=128, num_warps=4, num_stages=1, pool_num_stages=1)
 
 
 def _head_tiles(target: Target) -> _HeadTiles:
@@ -277,7 +279,7 @@ def head_pool(b: int, c: int, n: int, h: int, views: int, dtype: torch.dtype, ta
                       constexprs=dict(HAS_DU=has_du, SPLIT_C=split, BLOCK_V=_head_block(views, HEAD_MAX_VIEWS_BLOCK),
                                       BLOCK_N=block_n(n), BLOCK_C=_head_block(split, t.pool_c, block_n(n)),
                                       DOT_PRECISION=_precision(target, dot_precision)),
-                      num_warps=t.num_warps, num_stages=t.num_stages)
+                      num_warps=t.num_warps, num_stages=t.pool_num_stages)
 
 
 def head_bwd(b: int, n: int, p: int, h: int, views: int, target: Target, dot_precision: str = "tf32",
