@@ -51,10 +51,10 @@ def _check_inputs(x, g, wrg, wcg, perm, mask):
     return bsz, c, n, h, p, mask.shape[0]
 
 
-def _pool_matrix(mask: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+def _pool_matrix(mask: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     """``M [B, 2K, P]`` fp32: sample b's own views weigh its parts by ``mask[:, b]``, the views of the
-    sample it is paired into by ``1 - mask[:, perm^-1 b]``; divided by P (the mean over parts)."""
-    inv = torch.argsort(perm)
+    sample it is paired into by ``1 - mask[:, inv[b]]`` (``inv = perm^-1``); divided by P (the mean over
+    parts)."""
     return torch.cat([mask, 1 - mask[:, inv]]).transpose(0, 1).div(mask.shape[-1]).contiguous()
 
 
@@ -98,7 +98,7 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     rstd = torch.empty_like(mean)
     if bsz == 0:
         return attn, pred, torch.empty(k, 0, wcg.shape[0], device=dev, dtype=f32), probs, zhat, mean, rstd
-    m = _pool_matrix(mask, perm)
+    m = _pool_matrix(mask, torch.argsort(perm))
     launch(_part_attention_stats_kernel, plans.attention_stats(bsz, c, n, target),
            X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, C=c, N=n, **_xstrides(x), eps=float(eps))
     num_pb = plans.head_query_blocks(p, n, target)
@@ -145,23 +145,23 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
         check("dlogits", dlogits, (k, bsz, classes), FLOAT_DTYPES, dev)
     target = targets.current(dev)
     views = 2 * k
-    dg = torch.zeros(h, p, c, device=dev, dtype=f32)
-    dwrg = torch.zeros(p, c, device=dev, dtype=f32)
-    dwcg = torch.zeros(classes, c, device=dev, dtype=f32)
     if bsz == 0:
-        return dg, dwrg, dwcg, torch.empty_like(x) if needs_dx else None
+        return (torch.zeros(h, p, c, device=dev, dtype=f32), torch.zeros(p, c, device=dev, dtype=f32),
+                torch.zeros(classes, c, device=dev, dtype=f32), torch.empty_like(x) if needs_dx else None)
     probs = attn.unsqueeze(1) if h == 1 else probs
-    m = _pool_matrix(mask, perm)
     xs = _xstrides(x)
-    coef = du = dcoef = None
+    m = coef = du = dcoef = None
     if dlogits is not None:
-        # Rows of sample b: its own views, then the views it was mixed into (logits[k, perm^-1 b]).
         inv = torch.argsort(perm)
-        drows = torch.cat([dlogits, dlogits[:, inv]]).transpose(0, 1).to(f32)         # [B, 2K, classes]
+        m = _pool_matrix(mask, inv)
+        # Rows of sample b: its own views, then the views it was mixed into (logits[k, perm^-1 b]).
+        drows = torch.cat([dlogits, dlogits[:, inv]]).transpose(0, 1).to(f32).contiguous()  # [B, 2K, classes]
         du = torch.matmul(drows, wcg)                                                  # [B, 2K, C]
         coef = torch.matmul(m.unsqueeze(1), probs)                                     # [B, h, 2K, N]
         u, dcoef = _pooled_rows(x, mean, rstd, coef, du, views, target, dot_precision)
-        torch.mm(drows.reshape(-1, classes).T, u.view(-1, c), out=dwcg)
+        dwcg = torch.mm(drows.view(-1, classes).T, u.view(-1, c))
+    else:
+        dwcg = torch.zeros(classes, c, device=dev, dtype=f32)
     # dS and dZ: with one head in one [B, 2, P, N] buffer, so one dG launch reduces both (dZ as a
     # second "head" whose queries are the regressor's rows).
     stacked = h == 1 and dpred is not None
@@ -175,7 +175,7 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     launch(_c2f_head_bwd_kernel,
            plans.head_bwd(bsz, n, p, h, views, target, dot_precision, has_dattn=dattn is not None,
                           has_dpred=dpred is not None, has_dcoef=dlogits is not None),
-           Probs_ptr=probs, Zhat_ptr=zhat, M_ptr=m, DAttn_ptr=dattn if dattn is not None else probs,
+           Probs_ptr=probs, Zhat_ptr=zhat, M_ptr=m if m is not None else probs, DAttn_ptr=dattn if dattn is not None else probs,
            DPred_ptr=dpred if dpred is not None else probs, DCoef_ptr=dcoef if dcoef is not None else probs,
            DS_ptr=ds, DZ_ptr=dz, N=n, P=p, H=h, V=views, stride_tb=stride_tb, inv_h=1.0 / h)
     if stacked:
@@ -184,8 +184,10 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
                X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, DS_ptr=grads, DG_ptr=dgw, B=bsz, C=c, N=n, P=p, H=2, **xs)
         dg, dwrg = dgw[:1], dgw[1].clone()   # outputs of a custom op may not share storage
     else:
+        dg = torch.empty(h, p, c, device=dev, dtype=f32)
         launch(_part_attention_bwd_dg_kernel, plans.attention_dg(bsz, c, n, p, h, x.dtype, target, dot_precision),
                X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, DS_ptr=ds, DG_ptr=dg, B=bsz, C=c, N=n, P=p, H=h, **xs)
+        dwrg = (torch.empty if dpred is not None else torch.zeros)(p, c, device=dev, dtype=f32)
         if dpred is not None:
             launch(_c2f_head_bwd_dwrg_kernel, plans.head_dwrg(bsz, c, n, p, h, x.dtype, target, dot_precision),
                    X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, DZ_ptr=dz, DWrg_ptr=dwrg, B=bsz, C=c, N=n, P=p, D=c // h,
