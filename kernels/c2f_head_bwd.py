@@ -8,7 +8,8 @@ From the saved probabilities P_j, readout Zhat_j and token statistics, with the 
     dG_j = sum_b (dS_j * rstd) Xc^T                          dWrg_j = sum_b (dZ_j * rstd) Xc_j^T
     dxhat[c] = sum_i G_i^T dS_i + Wrg_j^T dZ_j + dU_j^T coef_j   (j the head of channel c)
 
-- ``_c2f_head_bwd_kernel``: per (sample, head, query block): dS and dZ; no pass over x.
+- ``_c2f_head_bwd_kernel``: per (sample, head, query block): dS and dZ; no pass over x (past 256
+  tokens two passes over token chunks, so no tile spans all of them).
 - ``_c2f_head_bwd_dwrg_kernel``: dWrg with the batch loop inside, one output tile per program
   (several heads; one head stacks dZ under dS for the attention's dG kernel instead).
 - ``_c2f_head_bwd_dxhat_kernel``: dxhat per (sample, head, channel block), only when dx is asked for;
@@ -16,6 +17,33 @@ From the saved probabilities P_j, readout Zhat_j and token statistics, with the 
 """
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _probs_and_dp(Probs_ptr, Zhat_ptr, M_ptr, DAttn_ptr, DCoef_ptr, b, j, p, p_mask, dpred, n, n_mask, N, P, H, V,
+                  inv_h, HAS_DATTN: tl.constexpr, HAS_DPRED: tl.constexpr, HAS_DCOEF: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``(P_j, dP_j)`` on the tokens ``n`` of the queries ``p``: [BLOCK_P, BLOCK_N] fp32."""
+    pn_mask = p_mask[:, None] & n_mask[None, :]
+    pn = p[:, None] * N + n[None, :]
+    dp = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    if HAS_DCOEF:
+        for v0 in range(0, V, BLOCK_V):
+            v = v0 + tl.arange(0, BLOCK_V)
+            v_mask = v < V
+            mt = tl.load(M_ptr + b * V * P + (p[:, None] + v[None, :] * P), mask=p_mask[:, None] & v_mask[None, :],
+                         other=0.0)
+            dcoef = tl.load(DCoef_ptr + (b * H + j) * V * N + (v[:, None] * N + n[None, :]),
+                            mask=v_mask[:, None] & n_mask[None, :], other=0.0)
+            dp += tl.dot(mt, dcoef, input_precision=DOT_PRECISION)
+    if HAS_DATTN:
+        dattn = tl.load(DAttn_ptr + b * P * N + pn, mask=pn_mask, other=0.0)
+        dp += dattn.to(tl.float32) * inv_h
+    if HAS_DPRED:
+        zhat = tl.load(Zhat_ptr + (b * H + j) * P * N + pn, mask=pn_mask, other=0.0)
+        dp += zhat * dpred[:, None]
+    probs = tl.load(Probs_ptr + (b * H + j) * P * N + pn, mask=pn_mask, other=0.0)
+    return probs, dp
 
 
 @triton.jit
@@ -32,6 +60,7 @@ def _c2f_head_bwd_kernel(
     stride_tb,
     inv_h,
     HAS_DATTN: tl.constexpr, HAS_DPRED: tl.constexpr, HAS_DCOEF: tl.constexpr,
+    SINGLE_PASS: tl.constexpr,    # all tokens in one BLOCK_N chunk; else two passes over the chunks
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # fp32 tl.dot on a GPU: "tf32", "tf32x3" or "ieee"
 ):
@@ -42,34 +71,36 @@ def _c2f_head_bwd_kernel(
     b = (pid // (num_pb * H)).to(tl.int64)
 
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    n = tl.arange(0, BLOCK_N)
     p_mask = p < P
-    n_mask = n < N
-    pn_mask = p_mask[:, None] & n_mask[None, :]
-    pn = p[:, None] * N + n[None, :]
-    rows = (b * H + j) * P * N + pn
-    out = b * stride_tb + j * P * N + pn
-    probs = tl.load(Probs_ptr + rows, mask=pn_mask, other=0.0)
-    dp = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
-    if HAS_DATTN:
-        dattn = tl.load(DAttn_ptr + b * P * N + pn, mask=pn_mask, other=0.0)
-        dp += dattn.to(tl.float32) * inv_h
+    out_base = b * stride_tb + j * P * N
+    dpred = tl.zeros([BLOCK_P], dtype=tl.float32)
     if HAS_DPRED:
         dpred = tl.load(DPred_ptr + b * P + p, mask=p_mask, other=0.0).to(tl.float32)
-        zhat = tl.load(Zhat_ptr + rows, mask=pn_mask, other=0.0)
-        dp += zhat * dpred[:, None]
-        tl.store(DZ_ptr + out, probs * dpred[:, None], mask=pn_mask)
-    if HAS_DCOEF:
-        for v0 in range(0, V, BLOCK_V):
-            v = v0 + tl.arange(0, BLOCK_V)
-            v_mask = v < V
-            mt = tl.load(M_ptr + b * V * P + (p[:, None] + v[None, :] * P), mask=p_mask[:, None] & v_mask[None, :],
-                         other=0.0)
-            dcoef = tl.load(DCoef_ptr + (b * H + j) * V * N + (v[:, None] * N + n[None, :]),
-                            mask=v_mask[:, None] & n_mask[None, :], other=0.0)
-            dp += tl.dot(mt, dcoef, input_precision=DOT_PRECISION)
-    row = tl.sum(probs * dp, axis=1)
-    tl.store(DS_ptr + out, probs * (dp - row[:, None]), mask=pn_mask)
+    # Softmax backward needs rowsum(P dP) over all tokens before any dS: with many tokens ([16, 1024]
+    # tiles do not fit beside each other in registers) a first pass sums it, a second recomputes dP.
+    row = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        pn_mask = p_mask[:, None] & n_mask[None, :]
+        pn = p[:, None] * N + n[None, :]
+        probs, dp = _probs_and_dp(Probs_ptr, Zhat_ptr, M_ptr, DAttn_ptr, DCoef_ptr, b, j, p, p_mask, dpred, n,
+                                  n_mask, N, P, H, V, inv_h, HAS_DATTN, HAS_DPRED, HAS_DCOEF, BLOCK_P, BLOCK_N,
+                                  BLOCK_V, DOT_PRECISION)
+        row += tl.sum(probs * dp, axis=1)
+        if HAS_DPRED:
+            tl.store(DZ_ptr + out_base + pn, probs * dpred[:, None], mask=pn_mask)
+        if SINGLE_PASS:
+            tl.store(DS_ptr + out_base + pn, probs * (dp - row[:, None]), mask=pn_mask)
+    if not SINGLE_PASS:
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = n < N
+            probs, dp = _probs_and_dp(Probs_ptr, Zhat_ptr, M_ptr, DAttn_ptr, DCoef_ptr, b, j, p, p_mask, dpred, n,
+                                      n_mask, N, P, H, V, inv_h, HAS_DATTN, HAS_DPRED, HAS_DCOEF, BLOCK_P,
+                                      BLOCK_N, BLOCK_V, DOT_PRECISION)
+            tl.store(DS_ptr + out_base + (p[:, None] * N + n[None, :]), probs * (dp - row[:, None]),
+                     mask=p_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit

@@ -217,7 +217,8 @@ class _HeadTiles:
     fwd_c: int        # channel chunk of S = G (X - mean) and Zhat = Wrg_j (X_j - mean)
     pool_c: int       # channel chunk of the pooled rows U = (coef * rstd) (X_j - mean)^T ...
     pool_split: int   # ... and channels per pool program: a head's channels split over grid axis 1
-    bwd_p: int        # queries per backward program (dS, dZ: elementwise, plus M^T dcoef)
+    bwd_p: int        # queries per backward program (dS, dZ: elementwise, plus M^T dcoef) ...
+    bwd_n: int        # ... and tokens per chunk: two passes over the chunks past one chunk
     dw_p: int         # dWrg output tile rows (queries) ...
     dw_c: int         # ... and columns (channels of one head)
     dw_n: int         # token chunk of dWrg's reduction over B x N
@@ -228,10 +229,10 @@ class _HeadTiles:
     pool_num_stages: int  # the pool loops hold x in one orientation each; prefetching a second chunk spills
 
 
-_HEAD_GPU = _HeadTiles(fwd_p=32, fwd_c=32, pool_c=32, pool_split=256, bwd_p=16, dw_p=64, dw_c=64, dw_n=32,
-                       dx_c=64, dx_p=32, num_warps=8, num_stages=2, pool_num_stages=1)
-_HEAD_INTERPRETER = _HeadTiles(fwd_p=128, fwd_c=256, pool_c=256, pool_split=4096, bwd_p=128, dw_p=128, dw_c=256,
-                               dw_n=1024, dx_c=256, dx_p=128, num_warps=4, num_stages=1, pool_num_stages=1)
+_HEAD_GPU = _HeadTiles(fwd_p=32, fwd_c=32, pool_c=32, pool_split=256, bwd_p=16, bwd_n=256, dw_p=64, dw_c=64,
+                       dw_n=32, dx_c=64, dx_p=32, num_warps=8, num_stages=2, pool_num_stages=1)
+_HEAD_INTERPRETER = _HeadTiles(fwd_p=128, fwd_c=256, pool_c=256, pool_split=4096, bwd_p=128, bwd_n=1024, dw_p=128,
+                               dw_c=256, dw_n=1024, dx_c=256, dx_p=128, num_warps=4, num_stages=1, pool_num_stages=1)
 
 
 def _head_tiles(target: Target) -> _HeadTiles:
@@ -246,6 +247,14 @@ def _head_block(count: int, block: int, bn: int = 0) -> int:
     return max(MIN_DOT, min(block, next_pow2(count)))
 
 
+def _head_stages(t: _HeadTiles, target: Target, stage_bytes: int) -> int:
+    """Pipeline stages whose operand buffers (``stage_bytes`` each) fit the target's shared memory per block."""
+    stages = t.num_stages
+    while stages > 1 and stages * stage_bytes > target.smem_per_block:
+        stages -= 1
+    return stages
+
+
 def head_query_blocks(p: int, n: int, target: Target) -> int:
     """Query blocks per (sample, head) of the forward kernel: rows of its pooling-coefficient partials."""
     return -(-p // _head_block(p, _head_tiles(target).fwd_p, block_n(n)))
@@ -257,11 +266,14 @@ def head_fwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dt
     t = _head_tiles(target)
     bn = block_n(n)
     bp = _head_block(p, t.fwd_p, bn)
+    bc = _head_block(c, t.fwd_c, bn)
+    # A stage holds an x chunk [BLOCK_C, BLOCK_N] as loaded and the g and wrg chunks [BLOCK_P, BLOCK_C].
+    stage_bytes = bc * bn * dtype.itemsize + 2 * bp * bc * 4
     return KernelPlan(grid=(b * h * -(-p // bp),),
-                      constexprs=dict(BLOCK_P=bp, BLOCK_N=bn, BLOCK_C=_head_block(c, t.fwd_c),
+                      constexprs=dict(BLOCK_P=bp, BLOCK_N=bn, BLOCK_C=bc,
                                       BLOCK_V=_head_block(views, HEAD_MAX_VIEWS_BLOCK),
                                       DOT_PRECISION=_precision(target, dot_precision)),
-                      num_warps=t.num_warps, num_stages=t.num_stages)
+                      num_warps=t.num_warps, num_stages=_head_stages(t, target, stage_bytes))
 
 
 def head_pool_splits(c: int, h: int, target: Target) -> int:
@@ -286,11 +298,12 @@ def head_bwd(b: int, n: int, p: int, h: int, views: int, target: Target, dot_pre
              has_dattn: bool = True, has_dpred: bool = True, has_dcoef: bool = True) -> KernelPlan:
     """dS and dZ per (sample, head, query block); no pass over x."""
     t = _head_tiles(target)
-    bn = block_n(n)
-    bp = _head_block(p, t.bwd_p, bn)
+    bn = min(block_n(n), t.bwd_n)
+    bp = _head_block(p, t.bwd_p)
     return KernelPlan(grid=(b * h * -(-p // bp),),
-                      constexprs=dict(HAS_DATTN=has_dattn, HAS_DPRED=has_dpred, HAS_DCOEF=has_dcoef, BLOCK_P=bp,
-                                      BLOCK_N=bn, BLOCK_V=_head_block(views, HEAD_MAX_VIEWS_BLOCK),
+                      constexprs=dict(HAS_DATTN=has_dattn, HAS_DPRED=has_dpred, HAS_DCOEF=has_dcoef,
+                                      SINGLE_PASS=bn >= n, BLOCK_P=bp, BLOCK_N=bn,
+                                      BLOCK_V=_head_block(views, HEAD_MAX_VIEWS_BLOCK),
                                       DOT_PRECISION=_precision(target, dot_precision)),
                       num_warps=t.num_warps, num_stages=t.num_stages)
 
@@ -314,10 +327,12 @@ def head_dxhat(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.
     """Gradient of the normalised tokens: one program per (sample, head, channel block of the head)."""
     t = _head_tiles(target)
     bn = block_n(n)
-    bc = _head_block(c // h, t.dx_c)
+    bc = _head_block(c // h, t.dx_c, bn)
+    bp = _head_block(p, t.dx_p, bn)
+    # A stage holds a g^T chunk [BLOCK_C, BLOCK_P] and a dS chunk [BLOCK_P, BLOCK_N], fp32.
+    stage_bytes = (bc * bp + bp * bn) * 4
     return KernelPlan(grid=(b, h, -(-(c // h) // bc)),
-                      constexprs=dict(HAS_DPRED=has_dpred, HAS_DU=has_du, BLOCK_C=bc, BLOCK_N=bn,
-                                      BLOCK_P=_head_block(p, t.dx_p, bn),
+                      constexprs=dict(HAS_DPRED=has_dpred, HAS_DU=has_du, BLOCK_C=bc, BLOCK_N=bn, BLOCK_P=bp,
                                       BLOCK_V=_head_block(views, HEAD_MAX_VIEWS_BLOCK),
                                       DOT_PRECISION=_precision(target, dot_precision)),
-                      num_warps=t.num_warps, num_stages=t.num_stages)
+                      num_warps=t.num_warps, num_stages=_head_stages(t, target, stage_bytes))

@@ -179,6 +179,9 @@ def test_gpu_block_sizes():
         run_and_compare(("triton", 16.0), x, g, wrg, wcg, perm, mask, upstream(3, 70, 49, 3, 5))
         x, g, wrg, wcg, perm, mask = make_inputs(2, 96, 36, 40, 3, 1, layout="channels_last")
         run_and_compare(("triton", 16.0), x, g, wrg, wcg, perm, mask, upstream(2, 40, 36, 1, 5))
+        # 289 tokens: 512-token rows in the forward, two passes over 256-token chunks in dS / dZ.
+        x, g, wrg, wcg, perm, mask = make_inputs(1, 32, 289, 7, 1, 2)
+        run_and_compare(("triton", 16.0), x, g, wrg, wcg, perm, mask, upstream(1, 7, 289, 2, 5))
 
 
 def test_launches_per_step_do_not_depend_on_batch():
