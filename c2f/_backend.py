@@ -8,6 +8,7 @@ no environment variables) and says clearly when it is needed.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 
 import torch
@@ -16,13 +17,9 @@ BACKENDS = ("auto", "triton", "torch")
 log = logging.getLogger("c2f")
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("triton") is not None
 
 
 def check_backend(backend: str) -> None:
@@ -53,12 +50,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if torch.cuda.is_available():
         raise RuntimeError("backend='triton' got CPU tensors on a machine with a GPU: move the inputs and the "
                            "module to the GPU (.cuda()), or use backend='torch' for the CPU")
-    from .kernels.launch import interpreting
-    if not interpreting():
+    if not _interpreting():
         raise RuntimeError("backend='triton' on CPU tensors runs the kernels under the Triton interpreter, "
                            "which is off: set TRITON_INTERPRET=1 in the environment before c2f's kernels are "
                            "first imported, or use backend='torch' (the same algebra as torch ops)")
     return "triton"
+
+
+@torch.compiler.assume_constant_result
+def _interpreting() -> bool:
+    from .kernels.launch import interpreting
+    return interpreting()
 
 
 @functools.lru_cache(maxsize=None)

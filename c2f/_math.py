@@ -17,8 +17,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def chunk_size(batch: int, per_sample_bytes: int, chunk_mib: float) -> int:
-    """Samples per chunk: as many as fit ``chunk_mib`` of temporaries, at least one."""
-    return max(1, min(batch, int(chunk_mib * 2 ** 20) // max(per_sample_bytes, 1)))
+    """Samples per chunk: as many as fit ``chunk_mib`` of temporaries (at least one), spread evenly
+    over the chunks the batch needs (16 samples at 14 a chunk run as 8 + 8, not 14 + 2)."""
+    fits = max(1, min(batch, int(chunk_mib * 2 ** 20) // max(per_sample_bytes, 1)))
+    count = -(-batch // fits) if batch else 1
+    return -(-batch // count) if batch else 1
 
 
 def chunks(batch: int, size: int):
@@ -59,6 +62,41 @@ def layernorm_bwd(dxhat: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor) -
     return (dxhat - dxhat.mean(0) - xhat * (dxhat * xhat).mean(0)).mul_(rstd)
 
 
+def accumulate_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += a @ b``, the product taken with the operands in their own dtype (16-bit operands under
+    autocast), accumulated into ``out`` in its dtype."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:
+        out += torch.mm(a, b)
+
+
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     """``inv`` with ``inv[perm[b]] = b``, without a host synchronisation."""
     return torch.argsort(perm)
+
+
+# ------------------------------------------------------------------------------------ mixed precision
+# dot_precision values: "tf32" / "ieee" keep fp32 GEMM operands (on a GPU the Triton kernels run fp32
+# dots in TF32 or in full fp32); "bf16" / "fp16" round the operands to that dtype, accumulating in
+# fp32, as torch.autocast runs the reference's matmuls. Statistics, softmax and its logsumexp stay fp32.
+AMP_PRECISIONS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+LOW_PRECISION_DOTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(device_type: str):
+    """The dtype ``torch.autocast`` runs matmuls in on this device type now, or None."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_softmax_dtype(device_type: str, amp: torch.dtype) -> torch.dtype:
+    """The dtype the reference's softmax returns under autocast: fp32 on CUDA (softmax is on CUDA
+    autocast's fp32 list), the autocast dtype on CPU (it runs in its input's dtype there)."""
+    return torch.float32 if device_type == "cuda" else amp
+
+
+def operand_dtype(dot_precision: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype GEMM operands are rounded to under ``dot_precision`` (``dtype`` for fp32 dots)."""
+    return LOW_PRECISION_DOTS.get(dot_precision, dtype)

@@ -24,12 +24,12 @@ import torch
 
 from . import reference
 from ._backend import check_backend, resolve_backend
-from ._math import DEFAULT_CHUNK_MIB
+from ._math import AMP_PRECISIONS, DEFAULT_CHUNK_MIB, autocast_dtype, autocast_softmax_dtype
 from ._validate import check_float, check_same_device, describe, feature_map_as_channels
 from .ops import attention as _ops  # noqa: F401  (registers torch.ops.c2f.part_attention_*)
 
 FORMULATIONS = ("auto", "folded", "unfolded")
-DOT_PRECISIONS = ("tf32", "ieee")
+DOT_PRECISIONS = ("tf32", "ieee", "bf16", "fp16")   # kernels/plans.py DOT_PRECISIONS
 
 
 def pick_formulation(formulation: str, num_heads: int, dim: int, num_parts: int) -> str:
@@ -58,10 +58,13 @@ def part_attention(x: torch.Tensor, queries: torch.Tensor, k_weight: torch.Tenso
                    chunk_mib: float = DEFAULT_CHUNK_MIB, dot_precision: str = "tf32"):
     """Fused part attention on a feature map ``[B, C, H, W]`` or tokens ``[B, N, C]``.
 
-    Returns ``(parts [B, P, C], attn [B, P, N])`` in ``x.dtype``, computed in fp32. ``k_bias`` only
-    receives its (exactly zero) gradient: a key bias drops out of the softmax. ``chunk_mib`` bounds
-    the torch-op path's temporaries per chunk of samples; ``dot_precision`` ("tf32" or "ieee") sets
-    the fp32 dots of the Triton kernels on a GPU.
+    Returns ``(parts [B, P, C], attn [B, P, N])`` in ``x.dtype``, computed in fp32. Under
+    ``torch.autocast`` the GEMM operands run in the autocast dtype (fp32 accumulation; LayerNorm
+    statistics and the softmax stay fp32) and the dtypes follow the reference's under autocast:
+    parts in the autocast dtype, attn as autocast returns a softmax (fp32 on CUDA, the autocast dtype
+    on CPU). ``k_bias`` only receives its (exactly zero) gradient: a
+    key bias drops out of the softmax. ``chunk_mib`` bounds the torch-op path's temporaries per chunk
+    of samples; ``dot_precision`` ("tf32" or "ieee") sets the fp32 dots of the Triton kernels on a GPU.
     """
     check_options(backend, formulation, chunk_mib, dot_precision)
     check_float("queries", queries)
@@ -86,9 +89,12 @@ def part_attention(x: torch.Tensor, queries: torch.Tensor, k_weight: torch.Tenso
     if chosen == "triton":
         form = "folded"   # the Triton kernels implement the folded formulation
     op = torch.ops.c2f.part_attention_folded if form == "folded" else torch.ops.c2f.part_attention_unfolded
-    out = op(xv, queries, k_weight, k_bias, norm_weight, norm_bias, num_heads, float(scale), float(eps), chosen,
-             float(chunk_mib), dot_precision)
-    return out[0], out[1].to(x.dtype)
+    amp = autocast_dtype(x.device.type)
+    precision = AMP_PRECISIONS.get(amp, dot_precision)
+    out = op(xv, queries, k_weight, k_bias, norm_weight, norm_bias, num_heads, float(scale), float(eps),
+             amp or x.dtype, chosen, float(chunk_mib), precision)
+    attn_dtype = x.dtype if amp is None else autocast_softmax_dtype(x.device.type, amp)
+    return out[0], out[1].to(attn_dtype)
 
 
 class PartAttention(reference.PartAttention):

@@ -22,6 +22,7 @@ with ``part_mixup_pool``; the readout saves nothing of the parts and recomputes 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from . import reference
 from ._backend import check_backend, resolve_backend
-from ._math import DEFAULT_CHUNK_MIB, compute_dtype
+from ._math import AMP_PRECISIONS, DEFAULT_CHUNK_MIB, autocast_dtype, autocast_softmax_dtype, compute_dtype
 from ._validate import check_pairing, check_same_device, feature_map_as_channels
 from .attention import DOT_PRECISIONS, part_attention
 from .mixup import part_mixup_, part_mixup_pool
@@ -89,6 +90,13 @@ class C2FHead(reference.C2FHead):
         self.materialize_parts = materialize_parts
         self.backend, self.chunk_mib, self.dot_precision = backend, chunk_mib, dot_precision
 
+    @classmethod
+    def from_checkpoint(cls, path: str, map_location="cpu", **overrides) -> "C2FHead":
+        """Rebuilds the head a ``best.pt`` / ``best.safetensors`` (``c2f.checkpoint.save_model``) holds, from
+        the constructor arguments stored with its weights; ``overrides`` replace some (e.g. ``backend``)."""
+        from .checkpoint import load_model
+        return load_model(path, cls=cls, map_location=map_location, **overrides)
+
     def forward(self, x: torch.Tensor, perm: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> C2FOutput:
         att = self.attention
@@ -111,6 +119,19 @@ class C2FHead(reference.C2FHead):
         att = self.attention
         h, c, p = att.num_heads, att.dim, att.num_parts
         cdt = compute_dtype(xv)
+        amp = autocast_dtype(xv.device.type)
+        with torch.autocast(xv.device.type, enabled=False) if amp is not None else contextlib.nullcontext():
+            out = self._fused_fp32(xv, perm, mask, cdt, AMP_PRECISIONS.get(amp, self.dot_precision))
+        if amp is None:
+            return C2FOutput(*(t.to(xv.dtype) for t in out))
+        # The reference's dtypes under autocast: attr_pred fp32 (parts times an fp32 weight), logits in the
+        # autocast dtype, attn as autocast returns a softmax on this device.
+        return C2FOutput(out.attr_pred, out.logits.to(amp), out.attn.to(autocast_softmax_dtype(xv.device.type, amp)))
+
+    def _fused_fp32(self, xv, perm, mask, cdt, precision) -> C2FOutput:
+        """The fused path in the compute dtype (parameters folded with ordinary autograd)."""
+        att = self.attention
+        h, c, p = att.num_heads, att.dim, att.num_parts
         gamma, beta = att.norm.weight.to(cdt), att.norm.bias.to(cdt)
         g = fold_queries(att.queries, att.k.weight, gamma, h, att.scale)
         wr, wc = self.regressor.weight.to(cdt), self.classifier.weight.to(cdt)
@@ -121,12 +142,12 @@ class C2FHead(reference.C2FHead):
             mask = xv.new_ones(1, b, p, dtype=torch.float32)
         attn, pred_raw, logits_raw = torch.ops.c2f.c2f_head(
             xv, g, wr * gamma, wc * gamma, att.k.bias, perm, mask, float(att.eps),
-            resolve_backend(self.backend, xv.device), float(self.chunk_mib), self.dot_precision)[:3]
-        attr_pred = pred_raw + (wr * beta).sum(-1) + self.regressor.bias
+            resolve_backend(self.backend, xv.device), float(self.chunk_mib), precision)[:3]
+        attr_pred = pred_raw + (wr * beta).sum(-1) + self.regressor.bias.to(cdt)
         logits = logits_raw + F.linear(beta, wc, self.classifier.bias.to(cdt))
         if unmixed:
             logits = logits[0]
-        return C2FOutput(attr_pred.to(xv.dtype), logits.to(xv.dtype), attn.to(xv.dtype))
+        return C2FOutput(attr_pred, logits, attn)
 
     def _forward_materialized(self, x, perm, mask) -> C2FOutput:
         att = self.attention

@@ -35,7 +35,12 @@ def attribute_loss(pred: torch.Tensor, target: torch.Tensor, weight: Optional[to
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against soft targets, averaged over all leading dims (``[..., num_classes]``)."""
+    """Cross-entropy against soft (probability) targets, averaged over all leading dims, in fp32.
+
+    ``F.cross_entropy`` with probability targets on ``[..., num_classes]`` flattened to 2-D (the
+    ``[K, B, classes]`` logits of K mixed views included).
+    """
     if logits.shape != targets.shape:
         raise ValueError(f"logits and targets must have one shape, got {describe(logits)} and {describe(targets)}")
-    return -(targets.float() * torch.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    classes = logits.shape[-1]
+    return F.cross_entropy(logits.float().reshape(-1, classes), targets.float().reshape(-1, classes))

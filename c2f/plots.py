@@ -1,4 +1,7 @@
-"""PNG plots of a run: learning curves and attention maps on the feature grid (matplotlib, Agg)."""
+"""PNG plots of a run: learning curves and attention maps on the feature grid (matplotlib, Agg).
+
+matplotlib is optional (the ``plots`` extra); it is imported only when a plot is drawn.
+"""
 from __future__ import annotations
 
 import os
@@ -7,7 +10,8 @@ import numpy as np
 
 
 def _pyplot():
-    import matplotlib
+    from .extras import require
+    matplotlib = require("matplotlib", "plots", "plotting")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
@@ -46,20 +50,27 @@ def pick_attributes(num_parts: int, count: int = 4) -> np.ndarray:
 
 def attention_maps(attn: np.ndarray, grid: tuple, attribute_names: list, labels, class_names: list,
                    path: str, attributes=None) -> None:
-    """``attn [S, P, N]``: one row per sample, one column per attribute, maps on the ``grid`` (H, W)."""
+    """``attn [S, P, N]``: one row per sample, one column per attribute, maps on the ``grid`` (H, W).
+
+    All maps share one colour scale (0 to the largest weight shown), with a colour bar beside them.
+    """
     plt = _pyplot()
     attributes = pick_attributes(attn.shape[1]) if attributes is None else np.asarray(attributes)
     s, k = attn.shape[0], len(attributes)
-    fig, axes = plt.subplots(s, k, figsize=(2.2 * k, 2.2 * s), squeeze=False)
+    vmax = float(attn[:, attributes].max()) if attn.size else 1.0
+    fig, axes = plt.subplots(s, k, figsize=(2.2 * k + 0.8, 2.2 * s), squeeze=False)
+    image = None
     for i in range(s):
         for j, a in enumerate(attributes):
             ax = axes[i, j]
-            ax.imshow(attn[i, a].reshape(grid), cmap="viridis")
+            image = ax.imshow(attn[i, a].reshape(grid), cmap="viridis", vmin=0.0, vmax=vmax)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(attribute_names[a][:28], fontsize=7)
             if j == 0:
                 ax.set_ylabel(class_names[int(labels[i])][:20], fontsize=7)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
     _save(fig, path)
     plt.close(fig)

@@ -12,11 +12,14 @@ From the saved probabilities P_j, readout Zhat_j and token statistics, with the 
   tokens two passes over token chunks, so no tile spans all of them).
 - ``_c2f_head_bwd_dwrg_kernel``: dWrg with the batch loop inside, one output tile per program
   (several heads; one head stacks dZ under dS for the attention's dG kernel instead).
-- ``_c2f_head_bwd_dxhat_kernel``: dxhat per (sample, head, channel block), only when dx is asked for;
+- ``_c2f_head_bwd_dxhat_kernel``: dxhat per (sample, head, channel block, token block), only when dx
+  is asked for;
   the attention's ``_part_attention_bwd_dx_kernel`` turns it into dx.
 """
 import triton
 import triton.language as tl
+
+from .dots import mma
 
 
 @triton.jit
@@ -35,7 +38,7 @@ def _probs_and_dp(Probs_ptr, Zhat_ptr, M_ptr, DAttn_ptr, DCoef_ptr, b, j, p, p_m
                          other=0.0)
             dcoef = tl.load(DCoef_ptr + (b * H + j) * V * N + (v[:, None] * N + n[None, :]),
                             mask=v_mask[:, None] & n_mask[None, :], other=0.0)
-            dp += tl.dot(mt, dcoef, input_precision=DOT_PRECISION)
+            dp = mma(mt, dcoef, dp, DOT_PRECISION)
     if HAS_DATTN:
         dattn = tl.load(DAttn_ptr + b * P * N + pn, mask=pn_mask, other=0.0)
         dp += dattn.to(tl.float32) * inv_h
@@ -62,7 +65,7 @@ def _c2f_head_bwd_kernel(
     HAS_DATTN: tl.constexpr, HAS_DPRED: tl.constexpr, HAS_DCOEF: tl.constexpr,
     SINGLE_PASS: tl.constexpr,    # all tokens in one BLOCK_N chunk; else two passes over the chunks
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # fp32 tl.dot on a GPU: "tf32", "tf32x3" or "ieee"
+    DOT_PRECISION: tl.constexpr,  # dots.mma precision
 ):
     pid = tl.program_id(0)
     num_pb = tl.cdiv(P, BLOCK_P)
@@ -114,7 +117,7 @@ def _c2f_head_bwd_dwrg_kernel(
     stride_tb,
     stride_xb, stride_xc, stride_xn,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # fp32 tl.dot on a GPU: "tf32", "tf32x3" or "ieee"
+    DOT_PRECISION: tl.constexpr,  # dots.mma precision
 ):
     # dWrg[:, head j] = sum_b (dZ_b,j * rstd_b) @ Xc_b,j^T: reduction length B * N (walked in BLOCK_N
     # token chunks); each program owns one output tile inside one head: no atomics, a fixed order.
@@ -139,7 +142,7 @@ def _c2f_head_bwd_dwrg_kernel(
             xt_mask = n_mask[:, None] & c_mask[None, :]
             xt = tl.load(x_base + (n[:, None] * stride_xn + c[None, :] * stride_xc), mask=xt_mask, other=0.0)
             xct = tl.where(xt_mask, xt.to(tl.float32) - mean[:, None], 0.0)
-            acc += tl.dot(dz * rstd[None, :], xct, input_precision=DOT_PRECISION)
+            acc = mma(dz * rstd[None, :], xct, acc, DOT_PRECISION)
         # Bases advance per sample (64-bit pointer arithmetic: no int32 offset overflow).
         x_base += stride_xb
         dz_base += stride_tb
@@ -160,15 +163,16 @@ def _c2f_head_bwd_dxhat_kernel(
     stride_tb,
     HAS_DPRED: tl.constexpr, HAS_DU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # fp32 tl.dot on a GPU: "tf32", "tf32x3" or "ieee"
+    DOT_PRECISION: tl.constexpr,  # dots.mma precision
 ):
-    # A channel block never straddles two heads: the grid is (sample, head, block within the head).
+    # A channel block never straddles two heads: grid (sample, head x block within the head, token block).
     b = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
-    cb = tl.program_id(2)
+    num_cb = tl.cdiv(D, BLOCK_C)
+    j = tl.program_id(1) // num_cb
+    cb = tl.program_id(1) % num_cb
     c = j * D + cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < (j + 1) * D
-    n = tl.arange(0, BLOCK_N)
+    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
     t_base = b * stride_tb
@@ -181,7 +185,7 @@ def _c2f_head_bwd_dxhat_kernel(
         gt = tl.load(G_ptr + (q[None, :] * C + c[:, None]), mask=c_mask[:, None] & q_mask[None, :], other=0.0)
         ds = tl.load(DS_ptr + t_base + (q[:, None] * N + n[None, :]), mask=q_mask[:, None] & n_mask[None, :],
                      other=0.0)
-        acc += tl.dot(gt, ds, input_precision=DOT_PRECISION)
+        acc = mma(gt, ds, acc, DOT_PRECISION)
     # Readout and pooled rows: head j's only.
     if HAS_DPRED:
         for p0 in range(0, P, BLOCK_P):
@@ -190,7 +194,7 @@ def _c2f_head_bwd_dxhat_kernel(
             wt = tl.load(Wrg_ptr + (p[None, :] * C + c[:, None]), mask=c_mask[:, None] & p_mask[None, :], other=0.0)
             dz = tl.load(DZ_ptr + t_base + j * P * N + (p[:, None] * N + n[None, :]),
                          mask=p_mask[:, None] & n_mask[None, :], other=0.0)
-            acc += tl.dot(wt, dz, input_precision=DOT_PRECISION)
+            acc = mma(wt, dz, acc, DOT_PRECISION)
     if HAS_DU:
         for v0 in range(0, V, BLOCK_V):
             v = v0 + tl.arange(0, BLOCK_V)
@@ -199,5 +203,5 @@ def _c2f_head_bwd_dxhat_kernel(
                           other=0.0)
             coef = tl.load(Coef_ptr + (b * H + j) * V * N + (v[:, None] * N + n[None, :]),
                            mask=v_mask[:, None] & n_mask[None, :], other=0.0)
-            acc += tl.dot(dut, coef, input_precision=DOT_PRECISION)
+            acc = mma(dut, coef, acc, DOT_PRECISION)
     tl.store(DXhat_ptr + b * C * N + (c[:, None] * N + n[None, :]), acc, mask=c_mask[:, None] & n_mask[None, :])

@@ -3,29 +3,32 @@
     python -m c2f.kernels.inspect [--arch sm_80 sm_90 gfx942 ...] [--op part_attention ...] [--json PATH]
                                   [--quick] [--jobs N]
 
-No GPU is needed. Every case of the shape grid (``cases()``: tokens N in {49, 196, 324, 576, 1024},
-heads {1, 3, 16}, fp32/bf16/fp16, every mixup kernel, the head with K in {1, 4} views) calls the real
-launchers on ``meta`` tensors inside ``launch.recording(target)``: the launches they would make are
-recorded, with their plans for that target, and compiled with ``triton.compile`` exactly as the JIT
-would (the argument types and divisibility come from the same arguments). Launches that compile to the same kernel are compiled
+No GPU is needed. Every case of the shape grid (``inspect_cases.cases()``: tokens N in {49, 196, 324,
+576, 1024}, heads {1, 3, 16}, fp32/bf16/fp16 maps with TF32 dots and bf16/fp16 maps with bf16/fp16
+operands (the autocast precisions), forward and backward with and without dattn and dx; every mixup
+kernel at K in {1, 4, 32} views, fp32/bf16/fp16; the head likewise at K in {1, 4}) calls the real launchers on ``meta`` tensors
+inside ``launch.recording(target)``: the launches they would make are recorded, with their plans for
+that target, and compiled with ``triton.compile`` exactly as the JIT would (the argument types and
+divisibility come from the same arguments). Launches that compile to the same kernel are compiled
 once and reported with every shape that maps to them.
 
 Per kernel, plan and target: registers, spills, shared memory (LDS on AMD) against the target's
-per-block limit (``targets.TARGETS``), tensor-core use (NVIDIA SASS) and an occupancy bound. The
-command exits 1 on a compile error, a spill, shared memory over the limit or zero occupancy.
+per-block limit (``targets.TARGETS``) and against the plan's own bound (``KernelPlan.smem_bound``),
+tensor-core use (from the PTX; MFMA on AMD) and an occupancy bound. The
+command exits 1 on a compile error, a spill, shared memory over the limit or the plan's bound, or zero
+occupancy.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -35,9 +38,10 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import targets as targets_mod
-from .launch import TL_DTYPES, Launch, recording
+from .inspect_cases import cases
+from .launch import Launch, recording
 
-TENSOR_CORE_SASS = re.compile(r"\b(HGMMA|HMMA|IMMA|UTCHMMA|UTCQMMA)\b")
+PTX_TENSOR_CORE = {"HMMA": r"\bmma\.sync\.", "HGMMA": r"\bwgmma\.mma_async\.", "UTCHMMA": r"\btcgen05\.mma\."}
 REG_ALLOC_UNIT = 256          # NVIDIA: registers are allocated per warp in units of 256
 RESERVED_SMEM_PER_BLOCK = 1024  # NVIDIA sm_80+: the system reserves 1 KiB of shared memory per block
 VGPR_GRANULE = 8              # AMD CDNA: VGPRs are allocated in granules of 8
@@ -59,8 +63,10 @@ class KernelReport:
     spill_stores: Optional[int] = None
     spill_loads: Optional[int] = None
     stack_bytes: Optional[int] = None
+    sgpr_spills: Optional[int] = None   # AMD: SGPRs spilled to VGPR lanes (no memory traffic; see parse_amdgcn)
     smem_bytes: Optional[int] = None
     smem_limit: Optional[int] = None
+    smem_bound: Optional[int] = None   # the plan's own bound (plans.py); the compiled figure must not exceed it
     tensor_cores: Optional[str] = None
     ctas_per_sm: Optional[int] = None
     compile_s: Optional[float] = None
@@ -77,86 +83,17 @@ class KernelReport:
         out = []
         if self.spills:
             out.append(f"spills {self.spill_stores} B stores / {self.spill_loads} B loads")
+        elif self.stack_bytes:
+            out.append(f"{self.stack_bytes} B of stack (local / scratch memory)")
         if self.smem_bytes is not None and self.smem_limit is not None and self.smem_bytes > self.smem_limit:
             out.append(f"shared memory {self.smem_bytes / 1024:.1f} KiB over the {self.smem_limit / 1024:.0f} KiB "
                        "per-block limit")
+        if self.smem_bytes is not None and self.smem_bound is not None and self.smem_bytes > self.smem_bound:
+            out.append(f"shared memory {self.smem_bytes / 1024:.1f} KiB over the plan's own bound "
+                       f"{self.smem_bound / 1024:.1f} KiB (plans.py: the rule that picked the tiles is wrong)")
         if self.ctas_per_sm == 0:
             out.append("zero occupancy (no block fits an SM)")
         return out
-
-
-# ------------------------------------------------------------------------------------------- cases
-
-ATTENTION_TOKENS = (49, 196, 324, 576, 1024)      # 7x7 .. 32x32 maps
-ATTENTION_HEADS = (1, 3, 16)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MIXUP_VIEWS = (1, 4, 32)
-HEAD_VIEWS = (1, 4)
-
-
-def _meta(*shape, dtype=torch.float32):
-    return torch.empty(*shape, dtype=dtype, device="meta")
-
-
-def _attention_case(n: int, h: int, dtype: torch.dtype) -> Callable[[], None]:
-    from . import part_attention as pa
-
-    c, p, b = (1536 if h == 3 else 2048), 312, 2    # C divisible by the heads; d = 512 or 128 or 2048
-
-    def run():
-        x = _meta(b, c, n, dtype=dtype)             # a [B, C, H, W] map viewed as [B, C, N]
-        g, gamma, beta = _meta(h, p, c), _meta(c), _meta(c)
-        parts, attn, probs, mean, rstd = pa.folded_fwd(x, g, gamma, beta, 1e-5, dtype, 16.0)
-        for dattn in (_meta(b, p, n, dtype=dtype), None):
-            pa.folded_bwd(x, g, gamma, attn, probs, mean, rstd, _meta(b, p, c, dtype=dtype), dattn, h, True, 16.0)
-    return run
-
-
-def _mixup_case(k: int, dtype: torch.dtype) -> Callable[[], None]:
-    from . import part_mixup as pm
-
-    b, p, c = 4, 312, 2048
-
-    def run():
-        parts, perm = _meta(b, p, c, dtype=dtype), _meta(b, dtype=torch.int64)
-        if k == MIXUP_VIEWS[1]:      # the in-place kernels have no K: once per dtype
-            pm.part_mixup_fwd_(parts, perm, _meta(b, p))
-            pm.part_mixup_bwd_(parts, perm, _meta(b, p))
-        mask = _meta(k, b, p)
-        pm.part_mixup_pool_fwd(parts, perm, mask)
-        pm.part_mixup_pool_bwd(_meta(k, b, c, dtype=dtype), perm, mask, dtype)
-    return run
-
-
-def _head_case(n: int, h: int, dtype: torch.dtype, k: int) -> Callable[[], None]:
-    from . import c2f_head as ch
-
-    c, p, b, classes = (1536 if h == 3 else 2048), 312, 2, 200
-
-    def run():
-        x = _meta(b, c, n, dtype=dtype)
-        g, wrg, wcg = _meta(h, p, c), _meta(p, c), _meta(classes, c)
-        perm, mask = _meta(b, dtype=torch.int64), _meta(k, b, p)
-        attn, _, _, probs, zhat, mean, rstd = ch.c2f_head_fwd(x, g, wrg, wcg, perm, mask, 1e-5, 16.0)
-        state = (attn, probs, zhat, mean, rstd)
-        dpred, dlogits = _meta(b, p), _meta(k, b, classes)
-        # Training (attention maps unused, frozen backbone), then every gradient with dx.
-        ch.c2f_head_bwd(x, g, wrg, wcg, perm, mask, *state, None, dpred, dlogits, False, 16.0)
-        ch.c2f_head_bwd(x, g, wrg, wcg, perm, mask, *state, _meta(b, p, n, dtype=dtype), dpred, dlogits, True, 16.0)
-    return run
-
-
-def cases(quick: bool = False) -> dict[str, list[tuple[str, Callable[[], None]]]]:
-    """``{op: [(shape label, run)]}``: the shape grid every plan is checked at. ``quick``: the production
-    shapes only (N = 196, 1 and 16 heads, K = 4 and 32 (4 for the head), fp32 and bf16)."""
-    tokens, heads, views, head_views, dtypes = ((196,), (1, 16), (4, 32), (4,), DTYPES[:2]) if quick else \
-        (ATTENTION_TOKENS, ATTENTION_HEADS, MIXUP_VIEWS, HEAD_VIEWS, DTYPES)
-    attention = [(f"N={n} h={h} {TL_DTYPES[dt]}", _attention_case(n, h, dt))
-                 for n in tokens for h in heads for dt in dtypes]
-    mixup = [(f"K={k} {TL_DTYPES[dt]}", _mixup_case(k, dt)) for k in views for dt in dtypes]
-    head = [(f"N={n} h={h} K={k} {TL_DTYPES[dt]}", _head_case(n, h, dt, k))
-            for n in tokens for h in heads for k in head_views for dt in dtypes]
-    return {"part_attention": attention, "part_mixup": mixup, "c2f_head": head}
 
 
 # ----------------------------------------------------------------------------------------- compiling
@@ -179,7 +116,7 @@ def compile_source(launch: Launch, target) -> tuple[Any, dict]:
     backend = make_backend(target.gpu_target())
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kwargs = dict(launch.args, **launch.plan.constexprs, num_warps=launch.plan.num_warps,
-                  num_stages=launch.plan.num_stages, debug=False,
+                  num_stages=launch.plan.num_stages, **launch.plan.options, debug=False,
                   instrumentation_mode=knobs.compilation.instrumentation_mode,
                   fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
     bound_args, specialization, options = binder(**kwargs)
@@ -193,13 +130,8 @@ def plan_key(launch: Launch, target) -> str:
     consts = ", ".join(f"{k}={v}" for k, v in sorted(launch.plan.constexprs.items()))
     sig = " ".join(f"{k}:{v}" for k, v in src.signature.items() if v != "constexpr")
     aligned = sorted(k for k, v in src.attrs.items() if v)
-    return f"{launch.name} [{consts}] w{options['num_warps']} s{options['num_stages']} {sig} aligned {aligned}"
-
-
-def _nvidia_tool(name: str) -> Optional[str]:
-    import triton
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-    return str(bundled) if bundled.exists() else shutil.which(name)
+    extra = "".join(f" {k}={options.get(k)}" for k in sorted(launch.plan.options))
+    return f"{launch.name} [{consts}] w{options['num_warps']} s{options['num_stages']}{extra} {sig} aligned {aligned}"
 
 
 def parse_ptxas_log(log: str) -> dict[str, int]:
@@ -217,25 +149,23 @@ def parse_ptxas_log(log: str) -> dict[str, int]:
 
 
 def parse_amdgcn(asm: str) -> dict[str, int]:
-    """Resource metadata of an AMD kernel from its amdgcn text: VGPRs (+AGPRs), spills, LDS bytes."""
+    """Resource metadata of an AMD kernel from its amdgcn text: VGPRs (+AGPRs), VGPR spills, SGPR spills,
+    scratch (private segment) bytes, LDS bytes. SGPR spills go to lanes of spare VGPRs (``v_writelane``)
+    and cost no memory; they count as spills only when the kernel also needs scratch memory."""
     def value(key: str) -> int:
         m = re.search(rf"\.{key}:\s+(\d+)", asm)
         return int(m.group(1)) if m else 0
-    return {"regs": value("vgpr_count") + value("agpr_count"), "spill_stores": value("vgpr_spill_count")
-            + value("sgpr_spill_count"), "stack_bytes": value("private_segment_fixed_size"),
+    return {"regs": value("vgpr_count") + value("agpr_count"), "spill_stores": value("vgpr_spill_count"),
+            "sgpr_spills": value("sgpr_spill_count"), "stack_bytes": value("private_segment_fixed_size"),
             "lds": value("group_segment_fixed_size")}
 
 
-def tensor_core_use(cubin: bytes) -> str:
-    """"HGMMA x4, HMMA x8" or "no": tensor-core instructions in the SASS (bundled cuobjdump)."""
-    cuobjdump = _nvidia_tool("cuobjdump")
-    if cuobjdump is None:
-        return "unknown"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    found = TENSOR_CORE_SASS.findall(sass)
+def tensor_core_use(ptx: str) -> str:
+    """"HMMA x12" (``mma.sync``), "HGMMA x4" (``wgmma``), "UTCHMMA x2" (``tcgen05.mma``) or "no": the
+    tensor-core instructions of the PTX, named by the SASS instruction each one becomes. Read from the
+    PTX rather than disassembled from the cubin: the same answer without a ``cuobjdump`` per kernel
+    (a second per compile, a third of the whole grid's time)."""
+    found = [name for name, pattern in PTX_TENSOR_CORE.items() for _ in re.finditer(pattern, ptx)]
     if not found:
         return "no"
     return ", ".join(f"{op} x{found.count(op)}" for op in sorted(set(found)))
@@ -265,7 +195,7 @@ def compile_launch(launch: Launch, target, op: str = "", shapes: Optional[list[s
     report = KernelReport(op=op, kernel=launch.name, target=target.name,
                           plan=", ".join(f"{k}={v}" for k, v in plan.constexprs.items()),
                           num_warps=plan.num_warps, num_stages=plan.num_stages, shapes=list(shapes or []),
-                          smem_limit=target.smem_per_block)
+                          smem_limit=target.smem_per_block, smem_bound=plan.smem_bound)
     log = io.StringIO()
     start = time.perf_counter()
     try:
@@ -283,6 +213,9 @@ def compile_launch(launch: Launch, target, op: str = "", shapes: Optional[list[s
     report.compile_s = time.perf_counter() - start
     if target.backend == "hip":
         stats = parse_amdgcn(compiled.asm["amdgcn"])
+        report.sgpr_spills = stats.pop("sgpr_spills")
+        if stats["stack_bytes"]:     # scratch memory: SGPR spills that did not fit in VGPR lanes, or VGPR spills
+            stats["spill_stores"] += report.sgpr_spills
         stats["spill_loads"] = stats["spill_stores"]
         report.smem_bytes = max(int(compiled.metadata.shared), stats.pop("lds"))
         report.tensor_cores = "mfma" if "v_mfma" in compiled.asm["amdgcn"] else "no"
@@ -292,7 +225,7 @@ def compile_launch(launch: Launch, target, op: str = "", shapes: Optional[list[s
             report.error = "no ptxas -v log was captured (registers and spills unknown)"
             return report
         report.smem_bytes = int(compiled.metadata.shared) + stats.get("static_smem", 0)
-        report.tensor_cores = tensor_core_use(compiled.asm["cubin"])
+        report.tensor_cores = tensor_core_use(compiled.asm["ptx"])
     report.regs = stats["regs"]
     report.spill_stores, report.spill_loads = stats.get("spill_stores", 0), stats.get("spill_loads", 0)
     report.stack_bytes = stats.get("stack_bytes", 0)
@@ -322,31 +255,38 @@ def distinct_launches(target, op_cases: dict[str, list[tuple[str, Callable[[], N
     return list(seen.values())
 
 
+@functools.lru_cache(maxsize=64)
+def _recorded(target_name: str, op: str, label: str) -> list[Launch]:
+    """The launches of one case, recorded once per worker (a case's launches are compiled by neighbouring jobs)."""
+    return record(targets_mod.TARGETS[target_name], dict(cases()[op])[label])
+
+
 def _compile_job(job: tuple[str, str, str, int]) -> dict:
     """Worker entry: re-record case ``label`` of ``op`` for ``target`` and compile its launch ``index``."""
     target_name, op, label, index = job
-    target = targets_mod.TARGETS[target_name]
-    launch = record(target, dict(cases()[op])[label])[index]
-    return asdict(compile_launch(launch, target, op))
+    return asdict(compile_launch(_recorded(target_name, op, label)[index], targets_mod.TARGETS[target_name], op))
 
 
 def run(target_names: list[str], ops: Optional[list[str]] = None, quick: bool = False,
         jobs: int = 1) -> list[KernelReport]:
-    """Compiles every distinct launch of the grid for every target: one report each."""
+    """Compiles every distinct launch of the grid for every target: one report each. With ``jobs`` > 1
+    the compiles of a target start while the next target's launches are still being recorded."""
     op_cases = {op: lst for op, lst in cases(quick).items() if ops is None or op in ops}
-    work = [((name, op, label, index), labels) for name in target_names
-            for op, label, index, labels in distinct_launches(targets_mod.TARGETS[name], op_cases)]
-    jobs_args = [w for w, _ in work]
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs) as pool:
-            results = list(pool.map(_compile_job, jobs_args))
-    else:
-        results = [_compile_job(w) for w in jobs_args]
-    reports = []
-    for result, (_, labels) in zip(results, work):
-        report = KernelReport(**result)
-        report.shapes = labels
-        reports.append(report)
+    pool = ProcessPoolExecutor(jobs) if jobs > 1 else None
+    pending = []
+    try:
+        for name in target_names:
+            for op, label, index, labels in distinct_launches(targets_mod.TARGETS[name], op_cases):
+                job = (name, op, label, index)
+                pending.append((pool.submit(_compile_job, job) if pool else job, labels))
+        reports = []
+        for job, labels in pending:
+            report = KernelReport(**(job.result() if pool else _compile_job(job)))
+            report.shapes = labels
+            reports.append(report)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     return reports
 
 
@@ -362,8 +302,9 @@ def format_table(reports: list[KernelReport]) -> str:
                         f"||||| {shapes} |")
             continue
         flags = " **" + "; ".join(r.problems()) + "**" if r.problems() else ""
+        sgpr = f" (+{r.sgpr_spills} SGPR to VGPR lanes)" if r.sgpr_spills else ""
         rows.append(f"| {r.kernel} | {r.target} | {r.plan} | {r.num_warps}/{r.num_stages} | {r.regs} | "
-                    f"{r.spill_stores}/{r.spill_loads} | {r.smem_bytes / 1024:.1f} ({r.smem_limit / 1024:.0f}) | "
+                    f"{r.spill_stores}/{r.spill_loads}{sgpr} | {r.smem_bytes / 1024:.1f} ({r.smem_limit / 1024:.0f}) | "
                     f"{r.ctas_per_sm}{flags} | {r.tensor_cores} | {shapes} |")
     return "\n".join(rows)
 

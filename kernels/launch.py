@@ -43,6 +43,8 @@ class KernelPlan:
     constexprs: dict[str, Any] = field(hash=False)
     num_warps: int = 4
     num_stages: int = 2
+    smem_bound: Optional[int] = None   # bytes of shared memory the plan's own rule allows (plans.py)
+    options: dict[str, Any] = field(default_factory=dict, hash=False)   # backend compile options (maxnreg)
 
 
 @dataclass
@@ -67,7 +69,7 @@ def launch(kernel, plan: KernelPlan, **args: Any) -> None:
     if record is not None:
         record.append(Launch(kernel, plan, dict(args)))
         return
-    kernel[plan.grid](**args, **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages)
+    kernel[plan.grid](**args, **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages, **plan.options)
 
 
 @contextlib.contextmanager

@@ -12,9 +12,11 @@ import torch
 
 from . import plans, targets
 from .launch import FLOAT_DTYPES, launch
-from .part_attention_bwd import (_part_attention_bwd_dg_kernel, _part_attention_bwd_dx_kernel,
-                                 _part_attention_bwd_dxhat_kernel, _part_attention_bwd_kernel)
-from .part_attention_fwd import _part_attention_fwd_kernel, _part_attention_stats_kernel
+from .part_attention_bwd import (_part_attention_bwd_dg_kernel, _part_attention_bwd_dp_kernel,
+                                 _part_attention_bwd_dx_kernel, _part_attention_bwd_dxhat_kernel,
+                                 _part_attention_bwd_softmax_kernel)
+from .part_attention_fwd import (_part_attention_fwd_parts_kernel, _part_attention_fwd_scores_kernel,
+                                 _part_attention_fwd_softmax_kernel, _part_attention_stats_kernel)
 
 __all__ = ["folded_fwd", "folded_bwd"]
 
@@ -47,8 +49,8 @@ def _check_x(x, g, h: int, p: int):
     if c == 0 or n == 0:
         raise ValueError(f"x must have C, N > 0, got {describe(x)}")
     if n > plans.MAX_TOKENS:
-        raise ValueError(f"x has N={n} tokens; the kernels hold all tokens of a sample in one block, "
-                         f"at most {plans.MAX_TOKENS}: {describe(x)}")
+        raise ValueError(f"x has N={n} tokens; the softmax kernels hold whole rows of at most "
+                         f"{plans.MAX_TOKENS} tokens: {describe(x)}")
     if not isinstance(h, int) or h <= 0 or c % h:
         raise ValueError(f"num_heads must be a positive divisor of C={c}, got {h!r}")
     if p <= 0:
@@ -56,10 +58,11 @@ def _check_x(x, g, h: int, p: int):
     if g is not None:
         check("g", g, (h, p, c), (torch.float32,), x.device, contiguous=True)
     # Offsets inside one sample (and within g) are int32 in the kernels; only per-sample bases are int64.
-    span = max((c - 1) * abs(x.stride(1)) + (n - 1) * abs(x.stride(2)) + 1, h * p * max(c, n))
+    span = max((c - 1) * abs(x.stride(1)) + (n - 1) * abs(x.stride(2)) + 1, h * p * max(c, n), bsz * h * p)
     if span >= 2 ** 31:
-        raise ValueError(f"one sample of x (or h * P * max(C, N) = {h * p * max(c, n)}) spans {span} elements, "
-                         f"more than int32 offsets address: x {describe(x)}")
+        raise ValueError(f"one sample of x (or h * P * max(C, N) = {h * p * max(c, n)}, or the B * h * P = "
+                         f"{bsz * h * p} rows of the probabilities) spans {span} elements, more than int32 offsets "
+                         f"address: x {describe(x)}")
     return bsz, c, n
 
 
@@ -70,7 +73,7 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
     ``x [B, C, N]`` any strides, fp32/fp16/bf16, read in place; ``g [h, P, C]``, ``gamma, beta [C]``
     fp32. Returns ``parts [B, P, C]`` (``out_dtype``), ``attn [B, P, N]``, ``probs [B, h, P, N]``
     (empty when h == 1), ``mean, rstd [B, N]``, all fp32 but parts. ``chunk_mib`` is the torch-op
-    path's; the kernels keep no per-chunk temporaries.
+    path's; the kernels keep no per-chunk temporaries. ``dot_precision``: ``plans.DOT_PRECISIONS``.
     """
     if not isinstance(g, torch.Tensor) or g.dim() != 3:
         raise ValueError(f"g must be a [h, P, C] tensor, got {describe(g) if isinstance(g, torch.Tensor) else g!r}")
@@ -82,6 +85,11 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     target = targets.current(dev)
+    plan = _plans(lambda: dict(
+        stats=plans.attention_stats(bsz, c, n, x.dtype, target),
+        scores=plans.attention_scores(bsz, c, n, p, h, x.dtype, target, dot_precision),
+        softmax=plans.attention_softmax(bsz * h * p, n, target),
+        parts=plans.attention_parts(bsz, c, n, p, h, x.dtype, target, dot_precision)), x, target, dot_precision)
     mean = torch.empty(bsz, n, device=dev, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     parts = torch.empty(bsz, p, c, device=dev, dtype=out_dtype)
@@ -89,12 +97,15 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
     probs = torch.empty((bsz, h, p, n) if h > 1 else (0,), device=dev, dtype=torch.float32)
     if bsz == 0:
         return parts, attn, probs, mean, rstd
+    scores = attn if h == 1 else probs      # the scores are written where their probabilities go
     xs = dict(stride_xb=x.stride(0), stride_xc=x.stride(1), stride_xn=x.stride(2))
-    launch(_part_attention_stats_kernel, plans.attention_stats(bsz, c, n, target),
-           X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, C=c, N=n, **xs, eps=float(eps))
-    launch(_part_attention_fwd_kernel, plans.attention_fwd(bsz, c, n, p, h, x.dtype, target, dot_precision),
-           X_ptr=x, G_ptr=g, Gamma_ptr=gamma, Beta_ptr=beta, Mean_ptr=mean, Rstd_ptr=rstd, Parts_ptr=parts,
-           Probs_ptr=attn if h == 1 else probs, C=c, N=n, P=p, D=c // h, H=h, **xs)
+    launch(_part_attention_stats_kernel, plan["stats"], X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, C=c, N=n, **xs,
+           eps=float(eps))
+    launch(_part_attention_fwd_scores_kernel, plan["scores"], X_ptr=x, G_ptr=g, Mean_ptr=mean, Rstd_ptr=rstd,
+           S_ptr=scores, C=c, N=n, HP=h * p, **xs)
+    launch(_part_attention_fwd_softmax_kernel, plan["softmax"], S_ptr=scores, R=bsz * h * p, N=n)
+    launch(_part_attention_fwd_parts_kernel, plan["parts"], X_ptr=x, Probs_ptr=scores, Gamma_ptr=gamma,
+           Beta_ptr=beta, Mean_ptr=mean, Rstd_ptr=rstd, Parts_ptr=parts, C=c, N=n, P=p, D=c // h, H=h, **xs)
     if h > 1:
         torch.mean(probs, 1, out=attn)
     return parts, attn, probs, mean, rstd
@@ -121,43 +132,59 @@ def folded_bwd(x: torch.Tensor, g: Optional[torch.Tensor], gamma: torch.Tensor, 
         check("probs", probs, (bsz, h, p, n), (torch.float32,), dev, contiguous=True)
     check("mean", mean, (bsz, n), (torch.float32,), dev, contiguous=True)
     check("rstd", rstd, (bsz, n), (torch.float32,), dev, contiguous=True)
-    if dparts is None:
-        dparts = torch.zeros(bsz, p, c, device=dev, dtype=x.dtype)
-    check("dparts", dparts, (bsz, p, c), FLOAT_DTYPES, dev)
-    dparts = dparts.contiguous()
+    if dparts is not None:
+        check("dparts", dparts, (bsz, p, c), FLOAT_DTYPES, dev)
+        dparts = dparts.contiguous()
     if dattn is not None:
         check("dattn", dattn, (bsz, p, n), FLOAT_DTYPES, dev)
         dattn = dattn.contiguous()
     target = targets.current(dev)
+    plan = _plans(lambda: dict(
+        dp=plans.attention_dp(bsz, c, n, p, h, x.dtype, target, dot_precision),
+        softmax=plans.attention_softmax_bwd(bsz * h * p, n, target, has_dattn=dattn is not None),
+        dg=plans.attention_dg(bsz, c, n, p, h, x.dtype, target, dot_precision),
+        dxhat=plans.attention_dxhat(bsz, c, n, p, h, x.dtype, target, dot_precision, needs_dx=needs_dx),
+        dx=plans.attention_dx(bsz, c, n, x.dtype, target)), x, target, dot_precision)
     dg = torch.zeros(h, p, c, device=dev, dtype=torch.float32)
-    dx = None
     if bsz == 0:
         zeros = torch.zeros(c, device=dev, dtype=torch.float32)
         return dg, zeros, zeros.clone(), torch.empty_like(x) if needs_dx else None
     probs = attn.unsqueeze(1) if h == 1 else probs
     xs = dict(stride_xb=x.stride(0), stride_xc=x.stride(1), stride_xn=x.stride(2))
-    num_pb = plans.attention_query_blocks(p, n, target)
     ds = torch.empty(bsz, h, p, n, device=dev, dtype=torch.float32)
-    dgamma_part = torch.empty(bsz * num_pb, c, device=dev, dtype=torch.float32)
-    dbeta_part = torch.empty_like(dgamma_part)
-    launch(_part_attention_bwd_kernel,
-           plans.attention_bwd(bsz, c, n, p, h, x.dtype, target, dot_precision, has_dattn=dattn is not None),
-           X_ptr=x, Gamma_ptr=gamma, Mean_ptr=mean, Rstd_ptr=rstd, Probs_ptr=probs, DParts_ptr=dparts,
-           DAttn_ptr=dattn if dattn is not None else dparts, DS_ptr=ds, DGammaPart_ptr=dgamma_part,
-           DBetaPart_ptr=dbeta_part, C=c, N=n, P=p, D=c // h, H=h, **xs, inv_h=1.0 / h)
-    launch(_part_attention_bwd_dg_kernel, plans.attention_dg(bsz, c, n, p, h, x.dtype, target, dot_precision),
-           X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, DS_ptr=ds, DG_ptr=dg, B=bsz, C=c, N=n, P=p, H=h, **xs)
+    if dparts is None:
+        ds.zero_()          # no gradient through the parts: dP comes from dattn alone
+        dparts = torch.zeros(bsz, p, c, device=dev, dtype=x.dtype)
+        dbeta = torch.zeros(c, device=dev, dtype=torch.float32)
+    else:
+        launch(_part_attention_bwd_dp_kernel, plan["dp"], X_ptr=x, Gamma_ptr=gamma, Mean_ptr=mean, Rstd_ptr=rstd,
+               DParts_ptr=dparts, DP_ptr=ds, C=c, N=n, P=p, D=c // h, H=h, **xs)
+        dbeta = dparts.sum((0, 1), dtype=torch.float32)
+    launch(_part_attention_bwd_softmax_kernel, plan["softmax"], Probs_ptr=probs,
+           DAttn_ptr=dattn if dattn is not None else ds, DS_ptr=ds, R=bsz * h * p, N=n, P=p, HP=h * p, inv_h=1.0 / h)
+    launch(_part_attention_bwd_dg_kernel, plan["dg"], X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, DS_ptr=ds, DG_ptr=dg,
+           B=bsz, C=c, N=n, P=p, H=h, **xs)
+    num_nb = plan["dxhat"].grid[1]
+    dgamma_part = torch.empty(bsz * num_nb, c, device=dev, dtype=torch.float32)
+    dxhat = torch.empty(bsz, c, n, device=dev, dtype=torch.float32) if needs_dx else dgamma_part
+    launch(_part_attention_bwd_dxhat_kernel, plan["dxhat"], X_ptr=x, G_ptr=g if needs_dx else gamma, Gamma_ptr=gamma,
+           Mean_ptr=mean, Rstd_ptr=rstd, Probs_ptr=probs, DS_ptr=ds, DParts_ptr=dparts, DGammaPart_ptr=dgamma_part,
+           DXhat_ptr=dxhat, C=c, N=n, P=p, D=c // h, H=h, **xs)
+    dx = None
     if needs_dx:
-        dxhat = torch.empty(bsz, c, n, device=dev, dtype=torch.float32)
-        launch(_part_attention_bwd_dxhat_kernel,
-               plans.attention_dxhat(bsz, c, n, p, h, x.dtype, target, dot_precision),
-               G_ptr=g, Gamma_ptr=gamma, Probs_ptr=probs, DS_ptr=ds, DParts_ptr=dparts, DXhat_ptr=dxhat,
-               C=c, N=n, P=p, D=c // h, H=h)
         # Same strides as x when x is dense (a [B, C, H, W] map, channels_last, token layout): the
         # caller views dx back into x's shape without a copy.
         dx = torch.empty_like(x)
-        launch(_part_attention_bwd_dx_kernel, plans.attention_dx(bsz, c, n, target),
-               X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, DXhat_ptr=dxhat, DX_ptr=dx, C=c, N=n, **xs,
-               stride_db=dx.stride(0), stride_dc=dx.stride(1), stride_dn=dx.stride(2))
-    return dg, dgamma_part.sum(0), dbeta_part.sum(0), dx
+        launch(_part_attention_bwd_dx_kernel, plan["dx"], X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, DXhat_ptr=dxhat,
+               DX_ptr=dx, C=c, N=n, **xs, stride_db=dx.stride(0), stride_dc=dx.stride(1), stride_dn=dx.stride(2))
+    return dg, dgamma_part.sum(0), dbeta, dx
 
+
+def _plans(make, x: torch.Tensor, target, dot_precision: str) -> dict:
+    """The plans of an op's kernels, made before anything is allocated or launched; a shape no plan
+    fits on ``target`` raises here, naming the shape, dtype, target and limit."""
+    try:
+        return make()
+    except plans.PlanError as e:
+        raise plans.PlanError(f"part attention on x {describe(x)} with dot_precision={dot_precision!r} cannot run "
+                              f"on {target.name} ({target.devices}): {e}") from None

@@ -1,58 +1,56 @@
 """Part attention backward kernels (folded formulation; docs/design.md, "The algebra" 4).
 
-- ``_part_attention_bwd_kernel``: per (sample, head, query block): dS, and per-program partial sums
-  of dgamma / dbeta (summed afterwards: deterministic, no atomics).
+- ``_part_attention_bwd_dp_kernel``: ``dP_j = rstd * ((dparts_j * gamma) @ Xc)``, a GEMM over the head's
+  channels tiled over queries and tokens, written into the dS buffer. (The beta term of dP is constant
+  along a row: the softmax backward cancels it.)
+- ``_part_attention_bwd_softmax_kernel``: ``dS = probs * (dP' - rowsum(probs * dP'))`` in place, with
+  ``dP' = dP + dattn / h``; a few full rows per program.
 - ``_part_attention_bwd_dg_kernel``: dG = sum_b (dS_b * rstd_b) @ Xc_b^T, the batch loop inside.
-- ``_part_attention_bwd_dxhat_kernel`` + ``_part_attention_bwd_dx_kernel``: the gradient of x, only
-  when asked for.
+- ``_part_attention_bwd_dxhat_kernel``: per (sample, head, channel block, token block) the values
+  gradient ``V = dparts_j^T @ probs_j`` and from it gamma's gradient through the values,
+  ``sum_n V * rstd * Xc`` (per-program partial sums, summed afterwards: deterministic, no atomics);
+  with dx asked for, also ``dxhat = G^T @ dS + gamma * V``.
+- ``_part_attention_bwd_dx_kernel``: the LayerNorm backward from dxhat, only when dx is asked for.
+
+As in the forward, every product is a tiled GEMM whose tiles do not depend on N; only the softmax
+backward holds whole rows.
 """
 import triton
 import triton.language as tl
 
-@triton.jit
-def _part_attention_bwd_kernel(
+from .dots import mma
+
+
+@triton.jit(do_not_specialize=["H"])
+def _part_attention_bwd_dp_kernel(
     X_ptr,            # [B, C, N] any strides
     Gamma_ptr,        # [C] fp32
     Mean_ptr,         # [B, N] fp32
     Rstd_ptr,         # [B, N] fp32
-    Probs_ptr,        # [B, h, P, N] fp32 contiguous
     DParts_ptr,       # [B, P, C] contiguous, any float dtype
-    DAttn_ptr,        # [B, P, N] contiguous, any float dtype (unused without HAS_DATTN)
-    DS_ptr,           # [B, h, P, N] fp32 out: gradient of the logits S
-    DGammaPart_ptr,   # [B * num_pb, C] fp32 out: per-program partial sums of dgamma
-    DBetaPart_ptr,    # [B * num_pb, C] fp32 out: per-program partial sums of dbeta
+    DP_ptr,           # [B, h, P, N] fp32 out: the gradient of the probabilities (through the parts)
     C, N, P, D, H,
     stride_xb, stride_xc, stride_xn,
-    inv_h,
-    HAS_DATTN: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # fp32 tl.dot on a GPU: "tf32", "tf32x3" or "ieee"
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # dots.mma precision
 ):
-    pid = tl.program_id(0)
+    # Query block fastest: the programs of one (sample, head, token block) share its x tiles in L2.
     num_pb = tl.cdiv(P, BLOCK_P)
+    pid = tl.program_id(0)
     pb = pid % num_pb
     j = (pid // num_pb) % H
-    b = (pid // (num_pb * H)).to(tl.int64)
-
+    b = (pid // num_pb // H).to(tl.int64)
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    n = tl.arange(0, BLOCK_N)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     p_mask = p < P
     n_mask = n < N
-    pn_mask = p_mask[:, None] & n_mask[None, :]
     x_base = X_ptr + b * stride_xb
     mean = tl.load(Mean_ptr + b * N + n, mask=n_mask, other=0.0)
     rstd = tl.load(Rstd_ptr + b * N + n, mask=n_mask, other=0.0)
-    probs_ptrs = Probs_ptr + (b * H + j) * P * N + (p[:, None] * N + n[None, :])
-    probs = tl.load(probs_ptrs, mask=pn_mask, other=0.0)
-    w = probs * rstd[None, :]
-
-    # One pass over the head's channels: dP = (dparts * gamma) @ Xc (times rstd below), and the
-    # gamma gradient through the values, dparts * ((probs * rstd) @ Xc^T), summed over this block's queries.
-    dp = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
     head_end = (j + 1) * D
-    part_row = (b * num_pb + pb) * C
-    for c0 in range(j * D, head_end, BLOCK_D):
-        c = c0 + tl.arange(0, BLOCK_D)
+    for c0 in range(j * D, head_end, BLOCK_K):
+        c = c0 + tl.arange(0, BLOCK_K)
         c_mask = c < head_end
         dpar = tl.load(DParts_ptr + b * P * C + (p[:, None] * C + c[None, :]),
                        mask=p_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
@@ -60,22 +58,37 @@ def _part_attention_bwd_kernel(
         x_mask = c_mask[:, None] & n_mask[None, :]
         x = tl.load(x_base + (c[:, None] * stride_xc + n[None, :] * stride_xn), mask=x_mask, other=0.0)
         xc = tl.where(x_mask, x.to(tl.float32) - mean[None, :], 0.0)
-        dp += tl.dot(dpar * gamma[None, :], xc, input_precision=DOT_PRECISION)
-        values = tl.dot(w, tl.trans(xc), input_precision=DOT_PRECISION)
-        tl.store(DGammaPart_ptr + part_row + c, tl.sum(dpar * values, axis=0), mask=c_mask)
-        tl.store(DBetaPart_ptr + part_row + c, tl.sum(dpar, axis=0), mask=c_mask)
+        acc = mma(dpar * gamma[None, :], xc, acc, DOT_PRECISION)
+    tl.store(DP_ptr + (b * H + j) * P * N + (p[:, None] * N + n[None, :]), acc * rstd[None, :],
+             mask=p_mask[:, None] & n_mask[None, :])
 
-    dp = dp * rstd[None, :]
+
+@triton.jit(do_not_specialize=["P", "HP"])
+def _part_attention_bwd_softmax_kernel(
+    Probs_ptr,        # [R, N] fp32 (R = B * h * P rows)
+    DAttn_ptr,        # [B, P, N] contiguous, any float dtype (unused without HAS_DATTN)
+    DS_ptr,           # [R, N] fp32: dP in, dS out (in place)
+    R, N, P, HP,
+    inv_h,
+    HAS_DATTN: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,   # BLOCK_N >= N: whole rows
+):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)    # int32: the launcher checks R < 2^31
+    n = tl.arange(0, BLOCK_N)
+    mask = (r < R)[:, None] & (n < N)[None, :]
+    offs = r.to(tl.int64)[:, None] * N + n[None, :]
+    probs = tl.load(Probs_ptr + offs, mask=mask, other=0.0)
+    dp = tl.load(DS_ptr + offs, mask=mask, other=0.0)
     if HAS_DATTN:
-        dattn = tl.load(DAttn_ptr + b * P * N + (p[:, None] * N + n[None, :]), mask=pn_mask, other=0.0)
+        # Row r is (sample r // hP, query r % P); attn is the mean of the heads' probabilities.
+        attn_row = ((r // HP) * P + r % P).to(tl.int64)
+        dattn = tl.load(DAttn_ptr + (attn_row[:, None] * N + n[None, :]), mask=mask, other=0.0)
         dp += dattn.to(tl.float32) * inv_h
-    # Softmax backward; the beta term of dP is constant along a row and cancels here.
     row = tl.sum(probs * dp, axis=1)
-    ds = probs * (dp - row[:, None])
-    tl.store(DS_ptr + (b * H + j) * P * N + (p[:, None] * N + n[None, :]), ds, mask=pn_mask)
+    tl.store(DS_ptr + offs, probs * (dp - row[:, None]), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "H"])
 def _part_attention_bwd_dg_kernel(
     X_ptr,            # [B, C, N] any strides
     Mean_ptr,         # [B, N] fp32
@@ -85,10 +98,11 @@ def _part_attention_bwd_dg_kernel(
     B, C, N, P, H,
     stride_xb, stride_xc, stride_xn,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # fp32 tl.dot on a GPU: "tf32", "tf32x3" or "ieee"
+    DOT_PRECISION: tl.constexpr,  # dots.mma precision
 ):
     # dG_j = sum_b (dS_b,j * rstd_b) @ Xc_b^T: a GEMM with reduction length B * N (walked in BLOCK_N
-    # token chunks); each program owns one output tile, so no atomics and a fixed summation order.
+    # token chunks, sample by sample); each program owns one output tile, so no atomics and a fixed
+    # summation order.
     j = tl.program_id(0)
     pb = tl.program_id(1)
     cb = tl.program_id(2)
@@ -96,69 +110,86 @@ def _part_attention_bwd_dg_kernel(
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     p_mask = p < P
     c_mask = c < C
-    x_base = X_ptr
-    ds_base = DS_ptr + j * P * N
-    stats_base = 0
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for _ in range(0, B):
-        for n0 in range(0, N, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = n < N
-            mean = tl.load(Mean_ptr + stats_base + n, mask=n_mask, other=0.0)
-            rstd = tl.load(Rstd_ptr + stats_base + n, mask=n_mask, other=0.0)
-            ds = tl.load(ds_base + (p[:, None] * N + n[None, :]), mask=p_mask[:, None] & n_mask[None, :], other=0.0)
-            xt_mask = n_mask[:, None] & c_mask[None, :]
-            xt = tl.load(x_base + (n[:, None] * stride_xn + c[None, :] * stride_xc), mask=xt_mask, other=0.0)
-            xct = tl.where(xt_mask, xt.to(tl.float32) - mean[:, None], 0.0)
-            acc += tl.dot(ds * rstd[None, :], xct, input_precision=DOT_PRECISION)
-        # Bases advance per sample (64-bit pointer arithmetic: no int32 offset overflow).
-        x_base += stride_xb
-        ds_base += H * P * N
-        stats_base += N
+    # One flat loop over (sample, token chunk): one pipelined loop, not a loop nest.
+    num_nc = tl.cdiv(N, BLOCK_N)
+    for t in range(0, B * num_nc):
+        b = (t // num_nc).to(tl.int64)
+        n = (t % num_nc) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        mean = tl.load(Mean_ptr + b * N + n, mask=n_mask, other=0.0)
+        rstd = tl.load(Rstd_ptr + b * N + n, mask=n_mask, other=0.0)
+        ds = tl.load(DS_ptr + (b * H + j) * P * N + (p[:, None] * N + n[None, :]),
+                     mask=p_mask[:, None] & n_mask[None, :], other=0.0)
+        xt_mask = n_mask[:, None] & c_mask[None, :]
+        xt = tl.load(X_ptr + b * stride_xb + (n[:, None] * stride_xn + c[None, :] * stride_xc), mask=xt_mask,
+                     other=0.0)
+        xct = tl.where(xt_mask, xt.to(tl.float32) - mean[:, None], 0.0)
+        acc = mma(ds * rstd[None, :], xct, acc, DOT_PRECISION)
     tl.store(DG_ptr + j * P * C + (p[:, None] * C + c[None, :]), acc, mask=p_mask[:, None] & c_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])
 def _part_attention_bwd_dxhat_kernel(
-    G_ptr,            # [h, P, C] fp32 contiguous
+    X_ptr,            # [B, C, N] any strides
+    G_ptr,            # [h * P, C] fp32 contiguous (unused without NEEDS_DX)
     Gamma_ptr,        # [C] fp32
+    Mean_ptr,         # [B, N] fp32
+    Rstd_ptr,         # [B, N] fp32
     Probs_ptr,        # [B, h, P, N] fp32 contiguous
-    DS_ptr,           # [B, h, P, N] fp32 contiguous
+    DS_ptr,           # [B, h, P, N] fp32 contiguous (unused without NEEDS_DX)
     DParts_ptr,       # [B, P, C] contiguous, any float dtype
-    DXhat_ptr,        # [B, C, N] fp32 out: gradient of the normalised tokens (before gamma, beta)
+    DGammaPart_ptr,   # [B * num_nb, C] fp32 out: per-program partial sums of dgamma
+    DXhat_ptr,        # [B, C, N] fp32 out: gradient of the normalised tokens (unused without NEEDS_DX)
     C, N, P, D, H,
-    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # fp32 tl.dot on a GPU: "tf32", "tf32x3" or "ieee"
+    stride_xb, stride_xc, stride_xn,
+    NEEDS_DX: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # dots.mma precision
 ):
-    # dxhat[c, n] = sum_i (G_i^T dS_i)[c, n] + gamma[c] * (dparts_j^T probs_j)[c, n], j = head of c.
-    # A channel block never straddles two heads: the grid is (sample, head, block within the head).
-    b = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
-    cb = tl.program_id(2)
+    # Grid: (channel block within the head fastest, head, sample) x token block. A channel block never
+    # straddles two heads.
+    num_cb = tl.cdiv(D, BLOCK_C)
+    pid = tl.program_id(0)
+    cb = pid % num_cb
+    j = (pid // num_cb) % H
+    b = (pid // num_cb // H).to(tl.int64)
+    nb = tl.program_id(1)
     c = j * D + cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = (c < (j + 1) * D) & (c < C)
-    n = tl.arange(0, BLOCK_N)
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_mask = c < (j + 1) * D
     n_mask = n < N
-    gamma = tl.load(Gamma_ptr + c, mask=c_mask, other=0.0)
-    acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
-    # G as [h * P, C] and dS_b as [h * P, N]: the sum over heads and queries is one contraction.
-    HP = H * P
-    for q0 in range(0, HP, BLOCK_P):
-        q = q0 + tl.arange(0, BLOCK_P)
-        q_mask = q < HP
-        gt = tl.load(G_ptr + (q[None, :] * C + c[:, None]), mask=c_mask[:, None] & q_mask[None, :], other=0.0)
-        ds = tl.load(DS_ptr + b * HP * N + (q[:, None] * N + n[None, :]),
-                     mask=q_mask[:, None] & n_mask[None, :], other=0.0)
-        acc += tl.dot(gt, ds, input_precision=DOT_PRECISION)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
+    cn_mask = c_mask[:, None] & n_mask[None, :]
+    # V = dparts_j^T @ probs_j: [C, P] x [P, N], the values' gradient.
+    probs_base = Probs_ptr + (b * H + j) * P * N
+    v = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_K):
+        p = p0 + tl.arange(0, BLOCK_K)
         p_mask = p < P
-        dpt = tl.load(DParts_ptr + b * P * C + (p[None, :] * C + c[:, None]),
-                      mask=c_mask[:, None] & p_mask[None, :], other=0.0).to(tl.float32)
-        probs = tl.load(Probs_ptr + (b * H + j) * P * N + (p[:, None] * N + n[None, :]),
-                        mask=p_mask[:, None] & n_mask[None, :], other=0.0)
-        acc += tl.dot(dpt * gamma[:, None], probs, input_precision=DOT_PRECISION)
-    tl.store(DXhat_ptr + b * C * N + (c[:, None] * N + n[None, :]), acc, mask=c_mask[:, None] & n_mask[None, :])
+        dpt = tl.load(DParts_ptr + b * P * C + (p[None, :] * C + c[:, None]), mask=c_mask[:, None] & p_mask[None, :],
+                      other=0.0)
+        probs = tl.load(probs_base + (p[:, None] * N + n[None, :]), mask=p_mask[:, None] & n_mask[None, :], other=0.0)
+        v = mma(dpt.to(tl.float32), probs, v, DOT_PRECISION)
+    # gamma's gradient through the values: sum_{p, n} dparts[p, c] probs[p, n] rstd[n] Xc[c, n].
+    mean = tl.load(Mean_ptr + b * N + n, mask=n_mask, other=0.0)
+    rstd = tl.load(Rstd_ptr + b * N + n, mask=n_mask, other=0.0)
+    x = tl.load(X_ptr + b * stride_xb + (c[:, None] * stride_xc + n[None, :] * stride_xn), mask=cn_mask, other=0.0)
+    xhat = tl.where(cn_mask, (x.to(tl.float32) - mean[None, :]) * rstd[None, :], 0.0)
+    tl.store(DGammaPart_ptr + (b * tl.num_programs(1) + nb) * C + c, tl.sum(v * xhat, axis=1), mask=c_mask)
+    if NEEDS_DX:
+        # dxhat[c, n] = sum_i (G_i^T dS_i)[c, n] + gamma[c] V[c, n]: G as [hP, C] and dS_b as [hP, N],
+        # so the sum over heads and queries is one contraction.
+        gamma = tl.load(Gamma_ptr + c, mask=c_mask, other=0.0)
+        acc = v * gamma[:, None]
+        HP = H * P
+        for q0 in range(0, HP, BLOCK_K):
+            q = q0 + tl.arange(0, BLOCK_K)
+            q_mask = q < HP
+            gt = tl.load(G_ptr + (q[None, :] * C + c[:, None]), mask=c_mask[:, None] & q_mask[None, :], other=0.0)
+            ds = tl.load(DS_ptr + b * HP * N + (q[:, None] * N + n[None, :]), mask=q_mask[:, None] & n_mask[None, :],
+                         other=0.0)
+            acc = mma(gt, ds, acc, DOT_PRECISION)
+        tl.store(DXhat_ptr + b * C * N + (c[:, None] * N + n[None, :]), acc, mask=cn_mask)
 
 
 @triton.jit

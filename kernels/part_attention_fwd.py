@@ -1,4 +1,4 @@
-"""Part attention forward kernels: token statistics, and scores + softmax + weighted sum.
+"""Part attention forward kernels: token statistics, scores, softmax, parts.
 
 Folded formulation (docs/design.md, "The algebra" 1-3): the caller folds the key projection into the
 queries, ``g [h, P, C] = (scale * Q_j @ Wk_j) * gamma``. With ``X_b`` one sample's map as ``[C, N]``
@@ -9,10 +9,22 @@ queries, ``g [h, P, C] = (scale * Q_j @ Wk_j) * gamma``. With ``X_b`` one sample
     parts_j = gamma * ((probs_j * rstd) @ Xc^T) + beta      (head-j channels; sum_n probs = 1)
 
 - ``_part_attention_stats_kernel``: token mean / rstd, one pass over C with Chan's chunk merge.
-- ``_part_attention_fwd_kernel``: per (sample, head, query block): S, softmax, probs, parts.
+- ``_part_attention_fwd_scores_kernel``: S for all heads at once, a GEMM ``[hP, C] x [C, N]`` per
+  sample tiled over queries and tokens (the scores land in the probabilities' buffer).
+- ``_part_attention_fwd_softmax_kernel``: softmax of those rows in place, a few full rows per program.
+- ``_part_attention_fwd_parts_kernel``: parts, a GEMM ``[P, N] x [N, d]`` per sample and head tiled
+  over queries and channels, walking the tokens in chunks.
+
+Every product is a tiled GEMM whose tiles do not depend on N (``plans.py``), so every supported N fits
+every target; only the softmax holds a whole row of N <= ``plans.MAX_TOKENS`` tokens, in registers.
 """
 import triton
 import triton.language as tl
+
+from .dots import mma
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
 
 @triton.jit
 def _part_attention_stats_kernel(
@@ -54,71 +66,105 @@ def _part_attention_stats_kernel(
     tl.store(Rstd_ptr + pid_b * N + n, rstd, mask=n_mask)
 
 
-@triton.jit
-def _part_attention_fwd_kernel(
+@triton.jit(do_not_specialize=["HP"])
+def _part_attention_fwd_scores_kernel(
     X_ptr,            # [B, C, N] any strides
-    G_ptr,            # [h, P, C] fp32 contiguous
+    G_ptr,            # [h * P, C] fp32 contiguous
+    Mean_ptr,         # [B, N] fp32
+    Rstd_ptr,         # [B, N] fp32
+    S_ptr,            # [B, h * P, N] fp32 out: the scores (the softmax kernel turns them into probs)
+    C, N, HP,
+    stride_xb, stride_xc, stride_xn,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # dots.mma precision
+):
+    # Query block fastest: the programs of one (sample, token block) run together and share its
+    # x tiles through L2.
+    num_qb = tl.cdiv(HP, BLOCK_Q)
+    pid = tl.program_id(0)
+    qb = pid % num_qb
+    b = (pid // num_qb).to(tl.int64)
+    # Per-sample bases in int64 (B x hP x N overflows int32); offsets inside one sample stay int32
+    # (the launcher checks they fit), which halves the registers of every offset tile.
+    q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    q_mask = q < HP
+    n_mask = n < N
+    x_base = X_ptr + b * stride_xb
+    mean = tl.load(Mean_ptr + b * N + n, mask=n_mask, other=0.0)
+    rstd = tl.load(Rstd_ptr + b * N + n, mask=n_mask, other=0.0)
+    acc = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_K):
+        c = c0 + tl.arange(0, BLOCK_K)
+        c_mask = c < C
+        g = tl.load(G_ptr + (q[:, None] * C + c[None, :]), mask=q_mask[:, None] & c_mask[None, :], other=0.0)
+        x_mask = c_mask[:, None] & n_mask[None, :]
+        x = tl.load(x_base + (c[:, None] * stride_xc + n[None, :] * stride_xn), mask=x_mask, other=0.0)
+        # The centring is a subtraction on load: exact, and offset-proof.
+        xc = tl.where(x_mask, x.to(tl.float32) - mean[None, :], 0.0)
+        acc = mma(g, xc, acc, DOT_PRECISION)
+    tl.store(S_ptr + b * HP * N + (q[:, None] * N + n[None, :]), acc * rstd[None, :],
+             mask=q_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _part_attention_fwd_softmax_kernel(
+    S_ptr,            # [R, N] fp32: scores in, probabilities out (in place)
+    R, N,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,   # BLOCK_N >= N: whole rows
+):
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    n = tl.arange(0, BLOCK_N)
+    mask = (r < R)[:, None] & (n < N)[None, :]
+    ptrs = S_ptr + (r[:, None] * N + n[None, :])
+    s = tl.where((n < N)[None, :], tl.load(ptrs, mask=mask, other=0.0), float("-inf"))
+    e = tl.exp2((s - tl.max(s, axis=1)[:, None]) * LOG2E)
+    tl.store(ptrs, e / tl.sum(e, axis=1)[:, None], mask=mask)
+
+
+@triton.jit(do_not_specialize=["H"])
+def _part_attention_fwd_parts_kernel(
+    X_ptr,            # [B, C, N] any strides
+    Probs_ptr,        # [B, h, P, N] fp32 contiguous
     Gamma_ptr,        # [C] fp32
     Beta_ptr,         # [C] fp32
     Mean_ptr,         # [B, N] fp32
     Rstd_ptr,         # [B, N] fp32
-    Parts_ptr,        # [B, P, C] contiguous
-    Probs_ptr,        # [B, h, P, N] fp32 contiguous
+    Parts_ptr,        # [B, P, C] contiguous out
     C, N, P, D, H,
     stride_xb, stride_xc, stride_xn,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # fp32 tl.dot on a GPU: "tf32", "tf32x3" or "ieee"
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # dots.mma precision
 ):
-    # Sample-major order (query block fastest): programs of one sample run together and re-read
-    # X_b from L2, not HBM.
-    pid = tl.program_id(0)
+    # parts_j = gamma * ((probs_j * rstd) @ Xc^T) + beta over head j's channels. Grid: (query block
+    # fastest, sample) x (head, channel block within the head): a block never straddles two heads.
     num_pb = tl.cdiv(P, BLOCK_P)
+    pid = tl.program_id(0)
     pb = pid % num_pb
-    j = (pid // num_pb) % H
-    b = (pid // (num_pb * H)).to(tl.int64)
-
-    # Per-sample bases in int64 (B x P x C overflows int32); offsets inside one sample's [C, N],
-    # [P, C] or [h, P, N] stay int32, which halves the registers of every [*, BLOCK_N] offset tile.
+    b = (pid // num_pb).to(tl.int64)
+    num_cb = tl.cdiv(D, BLOCK_C)
+    j = tl.program_id(1) // num_cb
+    cb = tl.program_id(1) % num_cb
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    n = tl.arange(0, BLOCK_N)
+    c = j * D + cb * BLOCK_C + tl.arange(0, BLOCK_C)
     p_mask = p < P
-    n_mask = n < N
+    c_mask = c < (j + 1) * D
     x_base = X_ptr + b * stride_xb
-    g_base = G_ptr + j * P * C
-    mean = tl.load(Mean_ptr + b * N + n, mask=n_mask, other=0.0)
-    rstd = tl.load(Rstd_ptr + b * N + n, mask=n_mask, other=0.0)
-
-    # S = G_j @ (X - mean): the centring is a subtraction on load, exact and offset-proof.
-    s = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_mask = c < C
-        g = tl.load(g_base + (p[:, None] * C + c[None, :]), mask=p_mask[:, None] & c_mask[None, :], other=0.0)
-        x_mask = c_mask[:, None] & n_mask[None, :]
-        x = tl.load(x_base + (c[:, None] * stride_xc + n[None, :] * stride_xn), mask=x_mask, other=0.0)
-        xc = tl.where(x_mask, x.to(tl.float32) - mean[None, :], 0.0)
-        s += tl.dot(g.to(tl.float32), xc, input_precision=DOT_PRECISION)
-
-    s = s * rstd[None, :]
-    s = tl.where(n_mask[None, :], s, float("-inf"))
-    row_max = tl.max(s, axis=1)
-    e = tl.exp2((s - row_max[:, None]) * 1.4426950408889634)  # log2(e)
-    probs = e / tl.sum(e, axis=1)[:, None]
-    pn_mask = p_mask[:, None] & n_mask[None, :]
-    tl.store(Probs_ptr + (b * H + j) * P * N + (p[:, None] * N + n[None, :]), probs, mask=pn_mask)
-
-    # parts_j = gamma * ((probs * rstd) @ Xc^T) + beta over the head's channels.
-    w = probs * rstd[None, :]
-    head_end = (j + 1) * D
-    for c0 in range(j * D, head_end, BLOCK_D):
-        c = c0 + tl.arange(0, BLOCK_D)
-        c_mask = c < head_end
+    probs_base = Probs_ptr + (b * H + j) * P * N
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        n = n0 + tl.arange(0, BLOCK_K)
+        n_mask = n < N
+        mean = tl.load(Mean_ptr + b * N + n, mask=n_mask, other=0.0)
+        rstd = tl.load(Rstd_ptr + b * N + n, mask=n_mask, other=0.0)
+        probs = tl.load(probs_base + (p[:, None] * N + n[None, :]), mask=p_mask[:, None] & n_mask[None, :],
+                        other=0.0)
         xt_mask = n_mask[:, None] & c_mask[None, :]
         xt = tl.load(x_base + (n[:, None] * stride_xn + c[None, :] * stride_xc), mask=xt_mask, other=0.0)
         xct = tl.where(xt_mask, xt.to(tl.float32) - mean[:, None], 0.0)
-        acc = tl.dot(w, xct, input_precision=DOT_PRECISION)
-        gamma = tl.load(Gamma_ptr + c, mask=c_mask, other=0.0)
-        beta = tl.load(Beta_ptr + c, mask=c_mask, other=0.0)
-        out = acc * gamma[None, :] + beta[None, :]
-        out_ptrs = Parts_ptr + b * P * C + (p[:, None] * C + c[None, :])
-        tl.store(out_ptrs, out.to(Parts_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+        acc = mma(probs * rstd[None, :], xct, acc, DOT_PRECISION)
+    gamma = tl.load(Gamma_ptr + c, mask=c_mask, other=0.0)
+    beta = tl.load(Beta_ptr + c, mask=c_mask, other=0.0)
+    out = acc * gamma[None, :] + beta[None, :]
+    tl.store(Parts_ptr + b * P * C + (p[:, None] * C + c[None, :]), out.to(Parts_ptr.dtype.element_ty),
+             mask=p_mask[:, None] & c_mask[None, :])

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import plans, targets
+from .dots import mma, round_operand
 from .launch import launch
 
 
@@ -96,6 +97,20 @@ def _part_mixup_bwd_kernel(
 
 
 @triton.jit
+def _mask_dot(m, f, acc, PRECISION: tl.constexpr, SPLIT: tl.constexpr):
+    """``acc + m @ f`` with the fp32 mask ``m`` exact to 2^-18: for 16-bit parts (``SPLIT``) ``m`` goes to
+    the dot as two 16-bit pieces, ``hi = round(m)`` and ``lo = round(m - hi)``, both multiplied at the
+    16-bit rate; fp32 parts multiply it at ``PRECISION`` (fp32-accurate)."""
+    if SPLIT:
+        hi = round_operand(m, PRECISION)
+        lo = round_operand(m - hi.to(tl.float32), PRECISION)
+        acc = mma(hi, f, acc, PRECISION)
+        return mma(lo, f, acc, PRECISION)
+    else:
+        return mma(m, f, acc, PRECISION)
+
+
+@triton.jit(do_not_specialize=["K"])
 def _part_mixup_pool_fwd_kernel(
     F_ptr,                      # [B, P, C] parts
     Perm_ptr,                   # [B] int64 permutation
@@ -106,8 +121,8 @@ def _part_mixup_pool_fwd_kernel(
     stride_mk, stride_mb,
     stride_ok, stride_ob,
     inv_P,                      # 1 / P
-    UPCAST: tl.constexpr,       # contract in fp32 (fp32 storage, or bf16 under the interpreter)
-    PRECISION: tl.constexpr,    # tl.dot input_precision of fp32 operands
+    PRECISION: tl.constexpr,    # dots.mma precision: the parts' own 16-bit dtype, or fp32-accurate
+    SPLIT: tl.constexpr,        # 16-bit parts: the mask as two 16-bit pieces (_mask_dot)
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -118,7 +133,6 @@ def _part_mixup_pool_fwd_kernel(
     pb = tl.load(Perm_ptr + b)
     c_ok = offs_c < C
     k_ok = offs_k < K
-    dot_dtype = tl.float32 if UPCAST else F_ptr.dtype.element_ty
     f_cols = offs_c[None, :].to(tl.int64) * stride_fc
     acc = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
@@ -126,19 +140,20 @@ def _part_mixup_pool_fwd_kernel(
         p_ok = offs_p < P
         tile_ok = p_ok[:, None] & c_ok[None, :]
         rows = offs_p[:, None] * stride_fp + f_cols
-        f_b = tl.load(F_ptr + b * stride_fb + rows, mask=tile_ok, other=0.0).to(dot_dtype)
-        f_pb = tl.load(F_ptr + pb * stride_fb + rows, mask=tile_ok, other=0.0).to(dot_dtype)
+        f_b = round_operand(tl.load(F_ptr + b * stride_fb + rows, mask=tile_ok, other=0.0), PRECISION)
+        f_pb = round_operand(tl.load(F_ptr + pb * stride_fb + rows, mask=tile_ok, other=0.0), PRECISION)
         m = tl.load(M_ptr + offs_k[:, None] * stride_mk + b * stride_mb + offs_p[None, :],
                     mask=k_ok[:, None] & p_ok[None, :], other=0.0)
-        # Two products of stored values (not one of F[b] - F[perm b]): 16-bit operands stay exact and
-        # the contraction runs on tensor cores with an fp32 accumulator.
-        acc = tl.dot(m.to(dot_dtype), f_b, acc, input_precision=PRECISION)
-        acc = tl.dot((1.0 - m).to(dot_dtype), f_pb, acc, input_precision=PRECISION)
+        # Two products of stored values (not one of F[b] - F[perm b]): 16-bit parts stay exact, and
+        # m and 1 - m are both fp32 values, so the weights of a part sum to 1 (not so if each were
+        # rounded to bf16 on its own: up to 2^-9 off).
+        acc = _mask_dot(m, f_b, acc, PRECISION, SPLIT)
+        acc = _mask_dot(1.0 - m, f_pb, acc, PRECISION, SPLIT)
     out_ptrs = Out_ptr + offs_k[:, None] * stride_ok + b * stride_ob + offs_c[None, :]
     tl.store(out_ptrs, (acc * inv_P).to(Out_ptr.dtype.element_ty), mask=k_ok[:, None] & c_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _part_mixup_pool_bwd_kernel(
     G_ptr,                      # [K, B, C] gradient of the pooled features
     Inv_ptr,                    # [B] int64 inverse permutation
@@ -149,8 +164,8 @@ def _part_mixup_pool_bwd_kernel(
     stride_mk, stride_mb,
     stride_db, stride_dp,
     inv_P,                      # 1 / P
-    UPCAST: tl.constexpr,       # contract in fp32 (fp32 storage, or bf16 under the interpreter)
-    PRECISION: tl.constexpr,    # tl.dot input_precision of fp32 operands
+    PRECISION: tl.constexpr,    # dots.mma precision: the gradient's own 16-bit dtype, or fp32-accurate
+    SPLIT: tl.constexpr,        # 16-bit gradient: the mask as two 16-bit pieces (_mask_dot)
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -161,7 +176,6 @@ def _part_mixup_pool_bwd_kernel(
     i = tl.load(Inv_ptr + j)    # the sample paired with j: its views took (1 - m) of F[j]
     p_ok = offs_p < P
     c_ok = offs_c < C
-    dot_dtype = tl.float32 if UPCAST else G_ptr.dtype.element_ty
     g_cols = offs_c[None, :].to(tl.int64) * stride_gc
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -173,10 +187,10 @@ def _part_mixup_pool_bwd_kernel(
         m_i = tl.load(M_ptr + i * stride_mb + m_rows, mask=m_ok, other=1.0)
         g_rows = offs_k[:, None] * stride_gk + g_cols
         g_ok = k_ok[:, None] & c_ok[None, :]
-        g_j = tl.load(G_ptr + j * stride_gb + g_rows, mask=g_ok, other=0.0).to(dot_dtype)
-        g_i = tl.load(G_ptr + i * stride_gb + g_rows, mask=g_ok, other=0.0).to(dot_dtype)
-        acc = tl.dot(m_j.to(dot_dtype), g_j, acc, input_precision=PRECISION)
-        acc = tl.dot((1.0 - m_i).to(dot_dtype), g_i, acc, input_precision=PRECISION)
+        g_j = round_operand(tl.load(G_ptr + j * stride_gb + g_rows, mask=g_ok, other=0.0), PRECISION)
+        g_i = round_operand(tl.load(G_ptr + i * stride_gb + g_rows, mask=g_ok, other=0.0), PRECISION)
+        acc = _mask_dot(m_j, g_j, acc, PRECISION, SPLIT)
+        acc = _mask_dot(1.0 - m_i, g_i, acc, PRECISION, SPLIT)
     df_ptrs = DF_ptr + j * stride_db + offs_p[:, None] * stride_dp + offs_c[None, :]
     tl.store(df_ptrs, (acc * inv_P).to(DF_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
 

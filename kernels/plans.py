@@ -2,19 +2,62 @@
 dtype and target. Launchers launch these plans and ``inspect.py`` compiles the same plans, so every
 number below lives here once, with the reason for it.
 
-GPU tiles (sm_80 / sm_90 at N = 196 -> 256 tokens per block), chosen from ptxas -v at production
-sizes: every kernel without spills on both architectures.
-- Forward holds S / probs [32, 256] fp32 plus a [32, 256] x chunk (BLOCK_P = 32).
-- Backward holds three [BLOCK_P, 256] tiles (probs, probs * rstd, dP) plus a [32, 256] x chunk, so
-  BLOCK_P = 16. dG walks its B x N reduction in 32-token chunks ([64, 32] dS, [32, 64] x tiles).
-- The statistics and the dx epilogue stream x in [64, 32] tiles: 7 programs per sample at N = 196.
-- num_stages = 2: one chunk in flight while the other is consumed; more costs shared memory.
-- fp32 dots run in TF32 on a GPU by default (``dot_precision="tf32"``, flash-attention's choice):
-  about 1e-3 relative error on the logits, below the resolution of the fp16 feature cache;
-  ``"ieee"`` gives fp32 products on the FMA units.
-The interpreter pays per Triton op (~0.1-1 ms of Python), not per element: big tiles, few programs
-and few loop trips make the same kernels 5-10x cheaper on CPU. Correctness does not depend on the
-tiles; tests also run the GPU tiles under the interpreter (``launch.plan_for``).
+How tiles are chosen
+--------------------
+Every product in the kernels is a tiled GEMM ``[M, K] x [K, N]`` whose tiles do not depend on the
+number of tokens: the kernels that once held all N tokens of a sample in one block (and needed 114 KiB
+at N = 196, 450 KiB at N = 1024) are split into tiled GEMMs plus two row kernels (the softmax and its
+backward), which hold whole rows but no dot operands. So one rule sizes every GEMM for a target, from
+its per-block shared memory (LDS) limit alone:
+
+- ``GEMM_LADDER`` lists tile shapes from large to small. A plan takes the first whose *pipelined
+  operand footprint*, ``stages * (M + N) * K * 4`` bytes (fp32 operand tiles, the widest a kernel
+  stages), is at most half the target's per-block limit (``SMEM_HEADROOM``). The other half is for what
+  Triton adds besides the pipeline buffers: the dot operands' layout conversion, the B operand copy a
+  wgmma reads from shared memory, the epilogue. ``inspect`` checks that bound at every grid point on
+  every target (``KernelPlan.smem_bound``: compiled shared memory <= 2 x footprint <= the limit), so
+  the rule is an upper bound of the compiled figure, not a guess; a device not in the table (read at
+  run time, ``targets.device_target``) gets tiles by the same rule from its own limit.
+- Registers: a plan also holds its fp32 accumulators to ``ACC_VALUES`` per thread, all accumulators
+  together: a [128, 64] tile is 32 values per thread at 8 warps of 32 lanes (16 with 64-lane
+  wavefronts), so the dxhat kernel with dx (two accumulators) takes [64, 64] where the others take
+  [128, 64]. Operand tiles and their offsets take about as much again: measured with ptxas, [64, 64]
+  tiles at 4 warps reached 252 of 255 registers (dxhat, sm_86), at 8 warps 200; dxhat's two [128, 64]
+  accumulators spilled on sm_90; a [128, 128] tile spilled at 8 warps on sm_80 and sm_90. NVIDIA plans
+  state their register budget (``maxnreg``, see ``_options``), or ptxas spills on its own.
+- The tiers that result: 227 KiB (sm_90, sm_100) and 163 / 160 KiB (sm_80, gfx950) run [128, 64, 32]
+  tiles; 99 KiB (sm_86, sm_89, sm_120) [64, 64, 32] with 3 stages; 64 KiB (gfx90a, gfx942) [64, 64, 32]
+  with 2 stages; all with 8 warps. AMD runs at most 2 stages (``HIP_MAX_STAGES``). Below 32 KiB of
+  shared memory per block: ``PlanError``.
+- Tiles shrink to the problem (a head of 25 channels, 7 queries) but never below ``MIN_DOT``.
+- The row kernels hold whole rows, ``BLOCK_N = next_pow2(N)`` wide (at most ``MAX_TOKENS``), and as
+  many rows as make ``ROW_VALUES`` fp32 values per thread: twice the rows with 64-lane wavefronts. The
+  streaming kernels (statistics, the LayerNorm backward, the in-place mix) read [64, 32] or [8, 512]
+  tiles: bytes in flight, not reuse. The pooled mix shrinks its stages, then its channel block, until
+  its bound fits.
+- The interpreter pays per Triton op (~0.1-1 ms of Python), not per element: big tiles, few programs
+  and few loop trips make the same kernels 5-10x cheaper on CPU. Correctness does not depend on the
+  tiles; tests also run the GPU tiles under the interpreter (``launch.plan_for``).
+
+Dot precision
+-------------
+``dot_precision`` (``DOT_PRECISIONS``, a user option): ``"tf32"`` (default, flash-attention's choice:
+fp32 operands on tensor cores, ~1e-3 relative error on the logits; docs/design.md "Precision"),
+``"ieee"`` (fp32 products: FMA units on NVIDIA, fp32 MFMA on AMD), ``"bf16"`` / ``"fp16"`` (operands cast
+to that dtype, fp32 accumulation: what ``torch.autocast`` does to a GEMM). ``dot_constexpr()`` maps
+it to what a target compiles (``kernels/dots.py``): AMD has TF32 (XF32) on gfx942 only, so "tf32" is
+"ieee" on gfx90a and gfx950 (Triton 3.9 ``HIPOptions.allowed_dot_input_precisions``); the
+interpreter's bf16 dot is broken, so there "bf16" rounds operands to bf16 and multiplies in fp32.
+
+Adding a plan function (the convention every kernel follows)
+-----------------------------------------------------------
+``def <op>_<kernel>(<shape ints>, dtype, target, dot_precision="tf32", <flags>) -> KernelPlan``, placed
+after the existing ones. A GEMM kernel returns ``_gemm_plan(grid, target, m, n, k, names,
+dot_constexpr(target, dot_precision), accumulators=..., **flags)``: tiles from ``gemm_tiles``, clamped
+with ``fit_tile``, ``smem_bound`` and ``options`` set, ``PlanError`` when nothing fits. A kernel without
+dots sets ``smem_bound=tile_bound(...)`` and ``options=_options(target)`` itself. Its kernel multiplies
+with ``dots.mma(a, b, acc, DOT_PRECISION)``, never ``tl.dot`` directly. The launcher makes all its plans
+before it allocates or launches anything, and the op's shape grid goes into ``inspect.cases()``.
 """
 from __future__ import annotations
 
@@ -22,132 +65,217 @@ from dataclasses import dataclass
 
 import torch
 
-from .launch import KernelPlan, next_pow2
+from .launch import KernelPlan, interpreting, next_pow2
 from .targets import Target
 
-DOT_PRECISIONS = ("tf32", "ieee")
-MIN_DOT = 16            # tl.dot wants every dimension >= 16
+DOT_PRECISIONS = ("tf32", "ieee", "bf16", "fp16")
+MIN_DOT = 16            # tl.dot wants M, N >= 16 for tensor cores and K >= 16 for 16-bit operands
+FP32_BYTES = 4
 
-# ---------------------------------------------------------------------------- part attention
-MAX_TOKENS = 1024       # all tokens of a sample sit in one block: up to 32 x 32 maps
-TOKENS_AT_BUDGET = 256  # query blocks shrink in proportion beyond 256 padded tokens (GPU)
 
+class PlanError(ValueError):
+    """No plan of a kernel fits a target (raised before anything is launched)."""
+
+
+# --------------------------------------------------------------------------------- dot precision
+
+def _has_tf32(target: Target) -> bool:
+    """TF32 dots: NVIDIA sm_80+, AMD gfx942 (XF32); elsewhere Triton 3.9 rejects "tf32"."""
+    if target.backend == "cuda":
+        return isinstance(target.arch, int) and target.arch >= 80
+    if target.backend == "hip":
+        return target.arch == "gfx942"
+    return True     # the interpreter accepts it (and multiplies exactly: tests emulate the rounding)
+
+
+def dot_constexpr(target: Target, requested: str) -> str:
+    """The ``DOT_PRECISION`` constexpr (``dots.mma``) for a user's ``dot_precision`` on ``target``."""
+    if requested not in DOT_PRECISIONS:
+        raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {requested!r}")
+    if requested == "tf32" and not _has_tf32(target):
+        return "ieee"
+    if requested == "bf16" and (target.backend == "interpreter" or interpreting()):
+        return "bf16_rounded"       # interpreted kernels, whatever target they are planned for
+    return requested
+
+
+# --------------------------------------------------------------------------------------- tiles
 
 @dataclass(frozen=True)
-class _AttentionTiles:
-    fwd_p: int      # queries per forward program
-    fwd_c: int      # contraction chunk of S = G (X - mean)
-    fwd_d: int      # value-channel chunk of parts = (probs * rstd) (X - mean)^T
-    bwd_p: int      # queries per backward program
-    bwd_d: int      # channel chunk of the backward's pass over the head's channels
-    dg_p: int       # dG output tile rows (queries) ...
-    dg_c: int       # ... and columns (channels)
-    dg_n: int       # token chunk of dG's reduction over B x N
-    dx_c: int       # dxhat output tile rows (channels) ...
-    dx_p: int       # ... and the contraction chunk over queries
-    stats_c: int    # token statistics tile [stats_c, stats_n]
-    stats_n: int
-    num_warps: int
-    stats_num_warps: int
-    num_stages: int
+class GemmTiles:
+    """An output tile [m, n] walking the reduction in k-wide chunks, with its warps and stages."""
+    m: int
+    n: int
+    k: int
+    stages: int
+    warps: int
+
+    def footprint(self) -> int:
+        """Bytes of the pipelined operand tiles: ``stages`` buffers of an [m, k] and a [k, n] fp32 tile."""
+        return self.stages * (self.m + self.n) * self.k * FP32_BYTES
+
+    def smem_bound(self) -> int:
+        """The shared memory a GEMM kernel with these tiles may use: ``SMEM_HEADROOM`` x footprint."""
+        return SMEM_HEADROOM * self.footprint()
 
 
-_GPU = _AttentionTiles(fwd_p=32, fwd_c=32, fwd_d=32, bwd_p=16, bwd_d=32, dg_p=64, dg_c=64, dg_n=32, dx_c=64,
-                       dx_p=32, stats_c=64, stats_n=32, num_warps=8, stats_num_warps=4, num_stages=2)
-_INTERPRETER = _AttentionTiles(fwd_p=128, fwd_c=256, fwd_d=256, bwd_p=128, bwd_d=256, dg_p=128, dg_c=256,
-                               dg_n=1024, dx_c=256, dx_p=128, stats_c=512, stats_n=256, num_warps=4,
-                               stats_num_warps=4, num_stages=1)
+SMEM_HEADROOM = 2       # pipeline buffers <= half the limit; the other half for conversions, epilogue
+ACC_VALUES = 32         # fp32 accumulator values per thread (all accumulators of a kernel together)
+HIP_MAX_STAGES = 2      # AMD's stream pipeliner holds stages beyond two in registers: 3 spilled (gfx950, pool)
+MAX_REGISTERS = 255     # NVIDIA: registers per thread a plan allows (.maxnreg; see _options)
+GEMM_LADDER = (
+    GemmTiles(128, 64, 32, stages=3, warps=8),   # 72 KiB footprint: needs >= 144 KiB per block
+    GemmTiles(64, 64, 32, stages=3, warps=8),    # 48 KiB: >= 96 KiB
+    GemmTiles(64, 64, 32, stages=2, warps=8),    # 32 KiB: >= 64 KiB
+    GemmTiles(32, 32, 32, stages=2, warps=4),    # 16 KiB: >= 32 KiB
+)
+INTERPRETER_GEMM = GemmTiles(128, 256, 128, stages=1, warps=4)
+MAX_TOKENS = 1024       # the row kernels hold a whole row of N tokens: 32 x 32 maps at most
+ROW_VALUES = 16         # fp32 values per thread in the row kernels (whole rows, registers only): the
+ROW_WARPS = 4           # softmax backward holds three such tiles and its row offsets; 32 spilled (sm_86)
+INTERPRETER_ROW_TILE = 1 << 16
+STREAM_TILE = (64, 32)  # statistics and dx: [channels, tokens] tiles, 7 programs per sample at N = 196
+INTERPRETER_STREAM_TILE = (512, 256)
+STREAM_WARPS = 4
 
 
-def _tiles(target: Target) -> _AttentionTiles:
-    return _INTERPRETER if target.backend == "interpreter" else _GPU
+def _interpreting(target: Target) -> bool:
+    return target.backend == "interpreter"
 
 
-def block_n(n: int) -> int:
-    """Tokens per block: all N in one power-of-two block."""
-    return max(MIN_DOT, next_pow2(n))
+def _stages(target: Target, stages: int) -> int:
+    return min(stages, HIP_MAX_STAGES) if target.backend == "hip" else stages
 
 
-def _block_p(p: int, bn: int, block: int) -> int:
-    """Queries per program: ``block``, fewer for small P and past 256 tokens (register tiles)."""
-    if bn > TOKENS_AT_BUDGET:
-        block = block * TOKENS_AT_BUDGET // bn
-    return max(MIN_DOT, min(block, next_pow2(p)))
+def _options(target: Target) -> dict:
+    """Backend compile options of every plan. NVIDIA: ``maxnreg`` states the register budget. Without it
+    ptxas (run by Triton with ``--regAllocOptLevel=2``) picks a register target of its own for occupancy
+    and spills below it: measured, the parts kernel on sm_80 at 128 registers with 12 B of spills, with
+    ``.maxnreg 255`` at 167 registers and none; the softmax backward on sm_120 likewise at 48 / 62."""
+    return {"maxnreg": MAX_REGISTERS} if target.backend == "cuda" else {}
 
 
-def _block_d(d: int, block: int) -> int:
-    """Channels per chunk: ``block``, fewer when a head (or C) is narrower."""
-    return max(MIN_DOT, min(block, next_pow2(d)))
+def gemm_tiles(target: Target, accumulators: int = 1) -> GemmTiles:
+    """The largest ``GEMM_LADDER`` entry whose ``smem_bound`` fits ``target``'s per-block limit and whose
+    ``accumulators`` [m, n] fp32 accumulators come to at most ``ACC_VALUES`` per thread."""
+    if _interpreting(target):
+        return INTERPRETER_GEMM
+    for tiles in GEMM_LADDER:
+        acc_per_thread = accumulators * tiles.m * tiles.n // (tiles.warps * target.warp_size)
+        if tiles.smem_bound() <= target.smem_per_block and acc_per_thread <= ACC_VALUES:
+            return tiles
+    raise PlanError(f"no GEMM tiles fit {target.name}: {target.smem_per_block / 1024:.0f} KiB of shared memory "
+                    f"per block, the smallest plan needs {GEMM_LADDER[-1].smem_bound() / 1024:.0f} KiB")
 
 
-def _precision(target: Target, dot_precision: str) -> str:
-    if dot_precision not in DOT_PRECISIONS:
-        raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
-    return "ieee" if target.backend == "interpreter" else dot_precision
+def fit_tile(block: int, extent: int) -> int:
+    """``block``, or the extent rounded up to a power of two when smaller, never below ``MIN_DOT``."""
+    return max(MIN_DOT, min(block, next_pow2(extent)))
 
 
-def attention_stats(b: int, c: int, n: int, target: Target) -> KernelPlan:
-    t = _tiles(target)
-    return KernelPlan(grid=(b, -(-n // t.stats_n)), constexprs=dict(BLOCK_C=t.stats_c, BLOCK_N=t.stats_n),
-                      num_warps=t.stats_num_warps, num_stages=t.num_stages)
+def tile_bound(*tiles: tuple[int, int]) -> int:
+    """Shared memory bound of a kernel without dots: layout conversions and cross-warp reductions
+    stage at most one fp32 copy of each live tile."""
+    return sum(r * c for r, c in tiles) * FP32_BYTES
 
 
-def attention_fwd(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
-                  dot_precision: str = "tf32") -> KernelPlan:
-    t = _tiles(target)
-    bn = block_n(n)
-    bp = _block_p(p, bn, t.fwd_p)
-    return KernelPlan(grid=(b * h * -(-p // bp),),
-                      constexprs=dict(BLOCK_P=bp, BLOCK_N=bn, BLOCK_C=_block_d(c, t.fwd_c),
-                                      BLOCK_D=_block_d(c // h, t.fwd_d),
-                                      DOT_PRECISION=_precision(target, dot_precision)),
-                      num_warps=t.num_warps, num_stages=t.num_stages)
+def _gemm_plan(grid, target: Target, m: int, n: int, k: int, names: tuple[str, str, str], precision: str,
+               accumulators: int = 1, **flags) -> KernelPlan:
+    """A GEMM kernel's plan on ``target``: tiles clamped to the problem (m x n output, k reduction)."""
+    tiles = gemm_tiles(target, accumulators)
+    tm, tn, tk = fit_tile(tiles.m, m), fit_tile(tiles.n, n), fit_tile(tiles.k, k)
+    sized = GemmTiles(tm, tn, tk, _stages(target, tiles.stages), tiles.warps)
+    return KernelPlan(grid=grid(tm, tn), constexprs=dict(flags, **dict(zip(names, (tm, tn, tk))),
+                                                          DOT_PRECISION=precision),
+                      num_warps=sized.warps, num_stages=sized.stages, smem_bound=sized.smem_bound(),
+                      options=_options(target))
 
 
-def attention_bwd(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
-                  dot_precision: str = "tf32", has_dattn: bool = True) -> KernelPlan:
-    t = _tiles(target)
-    bn = block_n(n)
-    bp = _block_p(p, bn, t.bwd_p)
-    return KernelPlan(grid=(b * h * -(-p // bp),),
-                      constexprs=dict(HAS_DATTN=has_dattn, BLOCK_P=bp, BLOCK_N=bn, BLOCK_D=_block_d(c // h, t.bwd_d),
-                                      DOT_PRECISION=_precision(target, dot_precision)),
-                      num_warps=t.num_warps, num_stages=t.num_stages)
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
-def attention_query_blocks(p: int, n: int, target: Target) -> int:
-    """Query blocks per (sample, head) of the backward kernel: rows of its per-program partial sums."""
-    bp = _block_p(p, block_n(n), _tiles(target).bwd_p)
-    return -(-p // bp)
+def row_block(n: int, target: Target) -> tuple[int, int]:
+    """``(BLOCK_R, BLOCK_N)`` of the row kernels: whole rows of ``n`` tokens."""
+    if n > MAX_TOKENS:
+        raise PlanError(f"the softmax holds whole rows of at most {MAX_TOKENS} tokens, got N = {n}")
+    bn = max(MIN_DOT, next_pow2(n))
+    tile = INTERPRETER_ROW_TILE if _interpreting(target) else ROW_VALUES * ROW_WARPS * target.warp_size
+    return max(1, tile // bn), bn
+
+
+def _stream_plan(b: int, n: int, target: Target) -> KernelPlan:
+    bc, bn = INTERPRETER_STREAM_TILE if _interpreting(target) else STREAM_TILE
+    return KernelPlan(grid=(b, _cdiv(n, bn)), constexprs=dict(BLOCK_C=bc, BLOCK_N=bn), num_warps=STREAM_WARPS,
+                      num_stages=1, smem_bound=tile_bound((bc, bn)), options=_options(target))
+
+
+# ---------------------------------------------------------------------------- part attention
+
+def attention_stats(b: int, c: int, n: int, dtype: torch.dtype, target: Target) -> KernelPlan:
+    """Token mean / rstd: one program per (sample, token block)."""
+    return _stream_plan(b, n, target)
+
+
+def attention_scores(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
+                     dot_precision: str = "tf32") -> KernelPlan:
+    """S = G @ Xc for all heads: [hP, C] x [C, N] per sample; grid (query block x sample, token block)."""
+    return _gemm_plan(lambda tm, tn: (_cdiv(h * p, tm) * b, _cdiv(n, tn)), target, h * p, n, c,
+                      ("BLOCK_Q", "BLOCK_N", "BLOCK_K"), dot_constexpr(target, dot_precision))
+
+
+def attention_softmax(rows: int, n: int, target: Target) -> KernelPlan:
+    """Softmax of ``rows`` rows of ``n`` tokens in place."""
+    br, bn = row_block(n, target)
+    return KernelPlan(grid=(_cdiv(rows, br),), constexprs=dict(BLOCK_R=br, BLOCK_N=bn), num_warps=ROW_WARPS,
+                      num_stages=1, smem_bound=tile_bound((br, bn)), options=_options(target))
+
+
+def attention_parts(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
+                    dot_precision: str = "tf32") -> KernelPlan:
+    """parts_j = gamma * ((probs_j * rstd) @ Xc_j^T) + beta: [P, N] x [N, d] per sample and head;
+    grid (query block x sample, head x channel block)."""
+    d = c // h
+    return _gemm_plan(lambda tm, tn: (_cdiv(p, tm) * b, h * _cdiv(d, tn)), target, p, d, n,
+                      ("BLOCK_P", "BLOCK_C", "BLOCK_K"), dot_constexpr(target, dot_precision))
+
+
+def attention_dp(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
+                 dot_precision: str = "tf32") -> KernelPlan:
+    """dP_j = rstd * ((dparts_j * gamma) @ Xc_j): [P, d] x [d, N] per sample and head;
+    grid (query block x head x sample, token block)."""
+    return _gemm_plan(lambda tm, tn: (_cdiv(p, tm) * h * b, _cdiv(n, tn)), target, p, n, c // h,
+                      ("BLOCK_P", "BLOCK_N", "BLOCK_K"), dot_constexpr(target, dot_precision))
+
+
+def attention_softmax_bwd(rows: int, n: int, target: Target, has_dattn: bool = True) -> KernelPlan:
+    """dS = probs * (dP' - rowsum(probs * dP')) in place over ``rows`` rows of ``n`` tokens."""
+    br, bn = row_block(n, target)
+    return KernelPlan(grid=(_cdiv(rows, br),), constexprs=dict(HAS_DATTN=has_dattn, BLOCK_R=br, BLOCK_N=bn),
+                      num_warps=ROW_WARPS, num_stages=1, smem_bound=tile_bound((br, bn)), options=_options(target))
 
 
 def attention_dg(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
                  dot_precision: str = "tf32") -> KernelPlan:
-    t = _tiles(target)
-    bn = block_n(n)
-    bp = _block_p(p, bn, t.dg_p)
-    bc = _block_d(c, t.dg_c)
-    return KernelPlan(grid=(h, -(-p // bp), -(-c // bc)),
-                      constexprs=dict(BLOCK_P=bp, BLOCK_N=min(bn, t.dg_n), BLOCK_C=bc,
-                                      DOT_PRECISION=_precision(target, dot_precision)),
-                      num_warps=t.num_warps, num_stages=t.num_stages)
+    """dG_j = sum_b (dS_b,j * rstd_b) @ Xc_b^T: [P, B*N] x [B*N, C]; grid (head, query block, channel
+    block), the batch loop inside."""
+    return _gemm_plan(lambda tm, tn: (h, _cdiv(p, tm), _cdiv(c, tn)), target, p, c, n,
+                      ("BLOCK_P", "BLOCK_C", "BLOCK_N"), dot_constexpr(target, dot_precision))
 
 
 def attention_dxhat(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
-                    dot_precision: str = "tf32") -> KernelPlan:
-    t = _tiles(target)
-    bn = block_n(n)
-    bc = _block_d(c // h, t.dx_c)
-    return KernelPlan(grid=(b, h, -(-(c // h) // bc)),
-                      constexprs=dict(BLOCK_C=bc, BLOCK_N=bn, BLOCK_P=_block_p(p, bn, t.dx_p),
-                                      DOT_PRECISION=_precision(target, dot_precision)),
-                      num_warps=t.num_warps, num_stages=t.num_stages)
+                    dot_precision: str = "tf32", needs_dx: bool = True) -> KernelPlan:
+    """V = dparts_j^T @ probs_j ([d, P] x [P, N]), gamma's partial gradients and, with ``needs_dx``,
+    dxhat = G^T @ dS + gamma * V ([C, hP] x [hP, N]); grid (channel block x head x sample, token block)."""
+    d = c // h
+    return _gemm_plan(lambda tm, tn: (_cdiv(d, tm) * h * b, _cdiv(n, tn)), target, d, n, p,
+                      ("BLOCK_C", "BLOCK_N", "BLOCK_K"), dot_constexpr(target, dot_precision),
+                      accumulators=2 if needs_dx else 1, NEEDS_DX=needs_dx)
 
 
-def attention_dx(b: int, c: int, n: int, target: Target) -> KernelPlan:
-    t = _tiles(target)
-    return KernelPlan(grid=(b, -(-n // t.stats_n)), constexprs=dict(BLOCK_C=t.stats_c, BLOCK_N=t.stats_n),
-                      num_warps=t.stats_num_warps, num_stages=t.num_stages)
+def attention_dx(b: int, c: int, n: int, dtype: torch.dtype, target: Target) -> KernelPlan:
+    """LayerNorm backward: one program per (sample, token block)."""
+    return _stream_plan(b, n, target)
 
 
 # ---------------------------------------------------------------------------- part mixup
@@ -163,176 +291,63 @@ POOL_BWD_BLOCK_P = 32      # backward writes d parts in [32, 128] tiles contract
 POOL_BWD_BLOCK_C = 128     # [64, 128] tiles spilled at K = 32 (fp32 and bf16, sm_80)
 POOL_BWD_NUM_STAGES = 1    # its loop runs over view blocks, once for K <= 32: nothing to pipeline
 POOL_NUM_WARPS = 8         # with 4 warps the fp32 (3xTF32) tiles need > 255 registers and spill
-POOL_FP32_PRECISION = "tf32x3"  # fp32 parts: three TF32 products give ~fp32 accuracy on tensor cores;
-                                # "ieee" runs on FMA units and spills the [32, 128] tiles
 
 
 def mixup_pairs(b: int, p: int, c: int, dtype: torch.dtype, target: Target) -> KernelPlan:
     """In-place pair mix (forward and backward): one program per (sample, part block, channel block)."""
     bp, bc = min(PAIR_BLOCK_P, next_pow2(p)), min(PAIR_BLOCK_C, next_pow2(c))
-    return KernelPlan(grid=(b, -(-p // bp), -(-c // bc)), constexprs=dict(BLOCK_P=bp, BLOCK_C=bc),
-                      num_warps=PAIR_NUM_WARPS, num_stages=1)
+    return KernelPlan(grid=(b, _cdiv(p, bp), _cdiv(c, bc)), constexprs=dict(BLOCK_P=bp, BLOCK_C=bc),
+                      num_warps=PAIR_NUM_WARPS, num_stages=1, smem_bound=tile_bound((bp, bc), (bp, bc)),
+                      options=_options(target))
 
 
 def _pool_dot(dtype: torch.dtype, target: Target) -> dict:
-    """16-bit operands go to tl.dot as stored (exact, tensor cores), fp32 ones at POOL_FP32_PRECISION;
-    the interpreter's bf16 dot is broken, so there bf16 is upcast."""
-    interp = target.backend == "interpreter"
-    upcast = dtype == torch.float32 or (dtype == torch.bfloat16 and interp)
-    return dict(UPCAST=upcast, PRECISION="ieee" if interp else POOL_FP32_PRECISION)
+    """Mask dots of the pooled mix (``part_mixup._mask_dot``): 16-bit parts are multiplied in their own
+    dtype, exact, with the fp32 mask as two 16-bit pieces (``SPLIT``); fp32 parts at an fp32-accurate
+    precision: three TF32 products on NVIDIA, fp32 MFMA on AMD, exact under the interpreter."""
+    if dtype == torch.float32:
+        return dict(PRECISION="tf32x3" if target.backend == "cuda" else "ieee", SPLIT=False)
+    return dict(PRECISION=dot_constexpr(target, "bf16" if dtype == torch.bfloat16 else "fp16"), SPLIT=True)
 
 
-def _pool_blocks(k: int, p: int, c: int, block_p: int, block_c: int) -> tuple[int, int, int]:
-    return (max(MIN_DOT, min(POOL_BLOCK_K, next_pow2(k))), max(MIN_DOT, min(block_p, next_pow2(p))),
-            max(MIN_DOT, min(block_c, next_pow2(c))))
+def _pool_plan(grid, extents: dict[str, int], blocks: dict[str, int], stages: int, dtype, target) -> KernelPlan:
+    """A pooled-mix plan: ``blocks`` (BLOCK_K, BLOCK_P, BLOCK_C) clamped to ``extents``; on a GPU, stages
+    and then the channel block shrink until the bound (``SMEM_HEADROOM`` x stages x the fp32 operand
+    tiles: the mask and the two samples' rows) fits the target's per-block limit."""
+    sizes = {name: fit_tile(block, extents[name]) for name, block in blocks.items()}
+    stages = _stages(target, stages)
+    while True:
+        operands = tile_bound(*_pool_operands(blocks, sizes))
+        while not _interpreting(target) and stages > 1 and SMEM_HEADROOM * stages * operands > target.smem_per_block:
+            stages -= 1
+        if _interpreting(target) or SMEM_HEADROOM * stages * operands <= target.smem_per_block:
+            break
+        if sizes["BLOCK_C"] <= MIN_DOT:
+            raise PlanError(f"no pooled-mixup tiles fit {target.name}: {target.smem_per_block / 1024:.0f} KiB of "
+                            f"shared memory per block, the smallest plan needs {SMEM_HEADROOM * operands / 1024:.0f} KiB")
+        sizes["BLOCK_C"] //= 2
+    return KernelPlan(grid=grid(sizes), constexprs=dict(**_pool_dot(dtype, target), **sizes),
+                      num_warps=POOL_NUM_WARPS, num_stages=stages, smem_bound=SMEM_HEADROOM * stages * operands,
+                      options=_options(target))
+
+
+def _pool_operands(blocks: dict[str, int], sizes: dict[str, int]):
+    """The operand tiles of a pool kernel: the mask and the two samples' rows, the first dot extent
+    being the output rows (views in the forward, parts in the backward) and BLOCK_C the columns."""
+    k, p, c = sizes["BLOCK_K"], sizes["BLOCK_P"], sizes["BLOCK_C"]
+    inner = p if next(iter(blocks)) == "BLOCK_K" else k      # the contracted extent
+    return (k, p), (inner, c), (inner, c)
 
 
 def mixup_pool_fwd(k: int, b: int, p: int, c: int, dtype: torch.dtype, target: Target) -> KernelPlan:
     """Pooled mix: one program per (sample, channel block, view block)."""
-    bk, bp, bc = _pool_blocks(k, p, c, POOL_FWD_BLOCK_P, POOL_FWD_BLOCK_C)
-    return KernelPlan(grid=(b, -(-c // bc), -(-k // bk)),
-                      constexprs=dict(**_pool_dot(dtype, target), BLOCK_K=bk, BLOCK_P=bp, BLOCK_C=bc),
-                      num_warps=POOL_NUM_WARPS, num_stages=POOL_FWD_NUM_STAGES)
+    return _pool_plan(lambda s: (b, _cdiv(c, s["BLOCK_C"]), _cdiv(k, s["BLOCK_K"])), dict(BLOCK_K=k, BLOCK_P=p, BLOCK_C=c),
+                      dict(BLOCK_K=POOL_BLOCK_K, BLOCK_P=POOL_FWD_BLOCK_P, BLOCK_C=POOL_FWD_BLOCK_C),
+                      POOL_FWD_NUM_STAGES, dtype, target)
 
 
 def mixup_pool_bwd(k: int, b: int, p: int, c: int, dtype: torch.dtype, target: Target) -> KernelPlan:
     """Gradient of the pooled mix: one program per (sample, part block, channel block)."""
-    bk, bp, bc = _pool_blocks(k, p, c, POOL_BWD_BLOCK_P, POOL_BWD_BLOCK_C)
-    return KernelPlan(grid=(b, -(-p // bp), -(-c // bc)),
-                      constexprs=dict(**_pool_dot(dtype, target), BLOCK_K=bk, BLOCK_P=bp, BLOCK_C=bc),
-                      num_warps=POOL_NUM_WARPS, num_stages=POOL_BWD_NUM_STAGES)
-
-
-# ---------------------------------------------------------------------------- c2f head
-# The fused head (kernels/c2f_head.py). Its own tiles, so the attention plans can change without it.
-# Forward programs hold two [BLOCK_P, BLOCK_N] fp32 accumulators (scores S and readout Zhat) where the
-# attention forward holds one, plus the [BLOCK_V, BLOCK_N] pooling coefficients of the query block.
-HEAD_MAX_VIEWS_BLOCK = 16   # rows of the pooling matrix M (2K: own views, then the partner's) per block:
-                            # K <= 8 in one block; [64, 256] coefficient tiles spill
-
-
-@dataclass(frozen=True)
-class _HeadTiles:
-    fwd_p: int        # queries per forward program
-    fwd_c: int        # channel chunk of S = G (X - mean) and Zhat = Wrg_j (X_j - mean)
-    pool_c: int       # channel chunk of the pooled rows U = (coef * rstd) (X_j - mean)^T ...
-    pool_split: int   # ... and channels per pool program: a head's channels split over grid axis 1
-    bwd_p: int        # queries per backward program (dS, dZ: elementwise, plus M^T dcoef) ...
-    bwd_n: int        # ... and tokens per chunk: two passes over the chunks past one chunk
-    dw_p: int         # dWrg output tile rows (queries) ...
-    dw_c: int         # ... and columns (channels of one head)
-    dw_n: int         # token chunk of dWrg's reduction over B x N
-    dx_c: int         # dxhat output tile rows (channels of one head) ...
-    dx_p: int         # ... and the contraction chunk over queries
-    num_warps: int
-    num_stages: int
-    pool_num_stages: int  # the pool loops hold x in one orientation each; prefetching a second chunk spills
-
-
-_HEAD_GPU = _HeadTiles(fwd_p=32, fwd_c=32, pool_c=32, pool_split=256, bwd_p=16, bwd_n=256, dw_p=64, dw_c=64,
-                       dw_n=32, dx_c=64, dx_p=32, num_warps=8, num_stages=2, pool_num_stages=1)
-_HEAD_INTERPRETER = _HeadTiles(fwd_p=128, fwd_c=256, pool_c=256, pool_split=4096, bwd_p=128, bwd_n=1024, dw_p=128,
-                               dw_c=256, dw_n=1024, dx_c=256, dx_p=128, num_warps=4, num_stages=1, pool_num_stages=1)
-
-
-def _head_tiles(target: Target) -> _HeadTiles:
-    return _HEAD_INTERPRETER if target.backend == "interpreter" else _HEAD_GPU
-
-
-def _head_block(count: int, block: int, bn: int = 0) -> int:
-    """Rows (or channels) per block: ``block``, fewer when ``count`` is smaller, and in proportion past
-    TOKENS_AT_BUDGET padded tokens when the tile spans ``bn`` tokens (register tiles)."""
-    if bn > TOKENS_AT_BUDGET:
-        block = block * TOKENS_AT_BUDGET // bn
-    return max(MIN_DOT, min(block, next_pow2(count)))
-
-
-def _head_stages(t: _HeadTiles, target: Target, stage_bytes: int) -> int:
-    """Pipeline stages whose operand buffers (``stage_bytes`` each) fit the target's shared memory per block."""
-    stages = t.num_stages
-    while stages > 1 and stages * stage_bytes > target.smem_per_block:
-        stages -= 1
-    return stages
-
-
-def head_query_blocks(p: int, n: int, target: Target) -> int:
-    """Query blocks per (sample, head) of the forward kernel: rows of its pooling-coefficient partials."""
-    return -(-p // _head_block(p, _head_tiles(target).fwd_p, block_n(n)))
-
-
-def head_fwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dtype, target: Target,
-             dot_precision: str = "tf32") -> KernelPlan:
-    """Scores, softmax, readout and pooling coefficients: one program per (sample, head, query block)."""
-    t = _head_tiles(target)
-    bn = block_n(n)
-    bp = _head_block(p, t.fwd_p, bn)
-    bc = _head_block(c, t.fwd_c, bn)
-    # A stage holds an x chunk [BLOCK_C, BLOCK_N] as loaded and the g and wrg chunks [BLOCK_P, BLOCK_C].
-    stage_bytes = bc * bn * dtype.itemsize + 2 * bp * bc * 4
-    return KernelPlan(grid=(b * h * -(-p // bp),),
-                      constexprs=dict(BLOCK_P=bp, BLOCK_N=bn, BLOCK_C=bc,
-                                      BLOCK_V=_head_block(views, HEAD_MAX_VIEWS_BLOCK),
-                                      DOT_PRECISION=_precision(target, dot_precision)),
-                      num_warps=t.num_warps, num_stages=_head_stages(t, target, stage_bytes))
-
-
-def head_pool_splits(c: int, h: int, target: Target) -> int:
-    """Pool programs per (sample, head): grid axis 1 of ``head_pool``."""
-    return -(-(c // h) // _head_tiles(target).pool_split)
-
-
-def head_pool(b: int, c: int, n: int, h: int, views: int, dtype: torch.dtype, target: Target,
-              dot_precision: str = "tf32", has_du: bool = False) -> KernelPlan:
-    """Pooled rows (and in backward the coefficient gradient): one program per (sample, head, split)."""
-    t = _head_tiles(target)
-    d = c // h
-    split = min(t.pool_split, d)
-    return KernelPlan(grid=(b * h, head_pool_splits(c, h, target)),
-                      constexprs=dict(HAS_DU=has_du, SPLIT_C=split, BLOCK_V=_head_block(views, HEAD_MAX_VIEWS_BLOCK),
-                                      BLOCK_N=block_n(n), BLOCK_C=_head_block(split, t.pool_c, block_n(n)),
-                                      DOT_PRECISION=_precision(target, dot_precision)),
-                      num_warps=t.num_warps, num_stages=t.pool_num_stages)
-
-
-def head_bwd(b: int, n: int, p: int, h: int, views: int, target: Target, dot_precision: str = "tf32",
-             has_dattn: bool = True, has_dpred: bool = True, has_dcoef: bool = True) -> KernelPlan:
-    """dS and dZ per (sample, head, query block); no pass over x."""
-    t = _head_tiles(target)
-    bn = min(block_n(n), t.bwd_n)
-    bp = _head_block(p, t.bwd_p)
-    return KernelPlan(grid=(b * h * -(-p // bp),),
-                      constexprs=dict(HAS_DATTN=has_dattn, HAS_DPRED=has_dpred, HAS_DCOEF=has_dcoef,
-                                      SINGLE_PASS=bn >= n, BLOCK_P=bp, BLOCK_N=bn,
-                                      BLOCK_V=_head_block(views, HEAD_MAX_VIEWS_BLOCK),
-                                      DOT_PRECISION=_precision(target, dot_precision)),
-                      num_warps=t.num_warps, num_stages=t.num_stages)
-
-
-def head_dwrg(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
-              dot_precision: str = "tf32") -> KernelPlan:
-    """dWrg over B x N, one program per output tile inside one head's channels (h > 1; one head stacks
-    dZ under dS and runs the attention's dG kernel)."""
-    t = _head_tiles(target)
-    bn = block_n(n)
-    bp = _head_block(p, t.dw_p, bn)
-    bc = _head_block(c // h, t.dw_c)
-    return KernelPlan(grid=(h, -(-p // bp), -(-(c // h) // bc)),
-                      constexprs=dict(BLOCK_P=bp, BLOCK_N=min(bn, t.dw_n), BLOCK_C=bc,
-                                      DOT_PRECISION=_precision(target, dot_precision)),
-                      num_warps=t.num_warps, num_stages=t.num_stages)
-
-
-def head_dxhat(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dtype, target: Target,
-               dot_precision: str = "tf32", has_dpred: bool = True, has_du: bool = True) -> KernelPlan:
-    """Gradient of the normalised tokens: one program per (sample, head, channel block of the head)."""
-    t = _head_tiles(target)
-    bn = block_n(n)
-    bc = _head_block(c // h, t.dx_c, bn)
-    bp = _head_block(p, t.dx_p, bn)
-    # A stage holds a g^T chunk [BLOCK_C, BLOCK_P] and a dS chunk [BLOCK_P, BLOCK_N], fp32.
-    stage_bytes = (bc * bp + bp * bn) * 4
-    return KernelPlan(grid=(b, h, -(-(c // h) // bc)),
-                      constexprs=dict(HAS_DPRED=has_dpred, HAS_DU=has_du, BLOCK_C=bc, BLOCK_N=bn, BLOCK_P=bp,
-                                      BLOCK_V=_head_block(views, HEAD_MAX_VIEWS_BLOCK),
-                                      DOT_PRECISION=_precision(target, dot_precision)),
-                      num_warps=t.num_warps, num_stages=_head_stages(t, target, stage_bytes))
+    return _pool_plan(lambda s: (b, _cdiv(p, s["BLOCK_P"]), _cdiv(c, s["BLOCK_C"])), dict(BLOCK_K=k, BLOCK_P=p, BLOCK_C=c),
+                      dict(BLOCK_P=POOL_BWD_BLOCK_P, BLOCK_K=POOL_BLOCK_K, BLOCK_C=POOL_BWD_BLOCK_C),
+                      POOL_BWD_NUM_STAGES, dtype, target)

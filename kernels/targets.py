@@ -1,11 +1,22 @@
 """The GPUs the kernels are planned for, with their per-block and per-SM limits.
 
 Plans (``plans.py``) size tiles from a ``Target``: at run time the device's own properties (read
-once per device), offline (``inspect.py``) the table below. Sources: NVIDIA CUDA C++ Programming
-Guide, "Technical Specifications per Compute Capability" (shared memory per block is the opt-in
-maximum a launch is held to); AMD CDNA2/CDNA3/CDNA4 instruction set architecture guides and the ROCm
-"GPU hardware specifications" page (LDS per workgroup, 512 VGPRs per SIMD lane, 4 SIMDs per CU,
-wave64). The interpreter has no limits that matter: its own tiles are sized for Python overhead.
+once per device, ``device_target``), offline (``inspect.py``) the table below. Checked against:
+
+- NVIDIA: CUDA C++ Programming Guide, "Technical Specifications per Compute Capability" (shared memory
+  per block is the opt-in maximum a launch is held to, 1 KiB below the per-SM figure: CUDA reserves
+  1 KiB per block), and the architecture tuning guides (docs.nvidia.com/cuda/ampere-tuning-guide,
+  ada-tuning-guide, hopper-tuning-guide, blackwell-tuning-guide): sm_80 163 / 164 KiB, 64 warps, 32
+  blocks per SM; sm_86 99 / 100 KiB, 48 warps, 16 blocks; sm_89 99 / 100 KiB, 48 warps, 24 blocks;
+  sm_90 and sm_100 227 / 228 KiB, 64 warps, 32 blocks; sm_120 99 / 100 KiB, 48 warps (an RTX 5090's
+  own device query: 101376 B per block opt-in, 102400 B per SM, 1536 threads per SM; pytorch/pytorch
+  issue 161376). 65536 32-bit registers per SM on all of them, at most 255 per thread.
+- AMD: ROCm "AMD GPU specifications" (rocm.docs.amd.com/en/latest/reference/gpu-specs.html): LDS
+  64 KiB per CU on gfx90a (MI210, MI250X) and gfx942 (MI300X, MI325X), 160 KiB on gfx950 (MI350X,
+  MI355X); wavefronts of 64; a 512 KiB VGPR file per CU, i.e. 512 VGPRs (with the AGPRs) per lane on
+  each of 4 SIMDs, up to 8 waves per SIMD. A workgroup may use the whole LDS of its CU.
+
+The interpreter has no limits that matter: its own tiles are sized for Python overhead.
 """
 from __future__ import annotations
 
@@ -72,8 +83,11 @@ def parse(name: str) -> Target:
 
 @functools.lru_cache(maxsize=None)
 def device_target(index: int) -> Target:
-    """The Target of CUDA (or ROCm) device ``index``, from its properties; limits missing from the
-    properties come from the table entry of the same architecture."""
+    """The Target of CUDA (or ROCm) device ``index``, from its properties (``torch.cuda.get_device_properties``,
+    read once per device): shared memory per block and per SM, registers, warp size. Limits missing
+    from the properties come from the table entry of the same architecture (or the nearest family:
+    sm_80 for an unknown NVIDIA part, gfx942 for an unknown AMD one); plans size tiles from the device's
+    own limits, so a part not in the table gets tiles by the same rule."""
     props = torch.cuda.get_device_properties(index)
     if getattr(torch.version, "hip", None):
         arch = props.gcnArchName.split(":")[0]
@@ -85,7 +99,8 @@ def device_target(index: int) -> Target:
         name, backend = f"sm_{arch}", "cuda"
     smem_block = getattr(props, "shared_memory_per_block_optin", 0) or base.smem_per_block
     smem_sm = getattr(props, "shared_memory_per_multiprocessor", 0) or base.smem_per_sm
-    regs = getattr(props, "regs_per_multiprocessor", 0) or base.regs_per_sm
+    # On AMD the table counts VGPRs per lane x SIMDs (what occupancy needs), not the device's figure.
+    regs = (getattr(props, "regs_per_multiprocessor", 0) if backend == "cuda" else 0) or base.regs_per_sm
     warp = getattr(props, "warp_size", 0) or base.warp_size
     return replace(base, name=name, backend=backend, arch=arch, warp_size=warp, smem_per_block=smem_block,
                    smem_per_sm=smem_sm, regs_per_sm=regs, devices=props.name)

@@ -9,10 +9,13 @@ import torch
 
 from c2f import reference
 from c2f.attention import PartAttention, part_attention, pick_formulation
+from tests.conftest import CUDA
 from tests.parity import assert_within_reference_error
 
 # (dtype, relative atol): fp32 runs exact-fp32 arithmetic in a different order; halves round inputs
-# and outputs only (everything is computed in fp32).
+# and outputs only (everything is computed in fp32). On a GPU the kernels run with "ieee" dots here (TF32
+# has its own bounds: tests/test_attention_contract.py); the interpreter is exact either way.
+DOT_PRECISION = "ieee" if CUDA else "tf32"
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3)]
 BACKENDS = ["torch", "triton"]
 
@@ -23,7 +26,8 @@ def make_pair(dim, parts, heads, qkv_bias=True, backend="torch", formulation="au
         ref.norm.weight.uniform_(0.5, 1.5)
         ref.norm.bias.normal_(0, 0.5)
         ref.queries.normal_(0, 1.0)
-    fused = PartAttention(dim, parts, heads, qkv_bias=qkv_bias, backend=backend, formulation=formulation)
+    fused = PartAttention(dim, parts, heads, qkv_bias=qkv_bias, backend=backend, formulation=formulation,
+                          dot_precision=DOT_PRECISION)
     fused.load_state_dict(ref.state_dict())
     return ref, fused
 
@@ -37,11 +41,12 @@ def run(module, x, grads, x_grad):
     out.update({name: p.grad.detach() for name, p in module.named_parameters()})
     if x_grad:
         out["x"] = x.grad.detach()
-    return out
+    return {name: t.cpu() for name, t in out.items()}
 
 
-def check_parity(ref, fused, x, dtype, atol, x_grad=False):
-    """Runs truth (reference, float64), reference and fused in ``dtype``; compares everything."""
+def check_parity(ref, fused, x, dtype, atol, x_grad=False, device="cpu"):
+    """Runs truth (reference, float64), reference and fused in ``dtype`` (the fused module on ``device``);
+    compares everything."""
     truth_module = reference.PartAttention(ref.dim, ref.num_parts, ref.num_heads, qkv_bias=ref.k.bias is not None)
     truth_module.load_state_dict(ref.state_dict())
     truth_module.double()
@@ -56,7 +61,7 @@ def check_parity(ref, fused, x, dtype, atol, x_grad=False):
     ref_lp.load_state_dict(ref.state_dict())
     ref_lp.to(dtype)
     baseline = run(ref_lp, x.to(dtype), grads, x_grad)
-    got = run(fused, x.to(dtype), grads, x_grad)
+    got = run(fused.to(device), x.to(dtype).to(device), [g.to(device) for g in grads], x_grad)
     assert got["parts"].dtype == dtype and got["attn"].dtype == dtype
     assert set(got) == set(truth)
     for name in truth:
@@ -67,14 +72,16 @@ def check_parity(ref, fused, x, dtype, atol, x_grad=False):
         assert_within_reference_error(name, got[name], baseline[name], truth[name], atol)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("heads", [1, 16])
-def test_real_shape(backend, heads):
+def test_real_shape(backend, heads, device):
     ref, fused = make_pair(2048, 312, heads, backend=backend)
     x = torch.randn(2, 2048, 14, 14)
-    check_parity(ref, fused, x, torch.float32, 1e-5)
+    check_parity(ref, fused, x, torch.float32, 1e-5, device=device)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,atol", DTYPES)
 @pytest.mark.parametrize("dim,parts,heads,hw", [
@@ -83,15 +90,16 @@ def test_real_shape(backend, heads):
     (96, 1, 2, (5, 3)),       # one part, odd token count
     (128, 16, 8, (14, 14)),   # many heads: the unfolded formulation on the torch path
 ])
-def test_shapes_and_dtypes(backend, dtype, atol, dim, parts, heads, hw):
+def test_shapes_and_dtypes(backend, dtype, atol, dim, parts, heads, hw, device):
     ref, fused = make_pair(dim, parts, heads, backend=backend)
     x = torch.randn(3, dim, *hw)
-    check_parity(ref, fused, x, dtype, atol, x_grad=True)
+    check_parity(ref, fused, x, dtype, atol, x_grad=True, device=device)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["channels_last", "tokens"])
-def test_strided_inputs(backend, layout):
+def test_strided_inputs(backend, layout, device):
     ref, fused = make_pair(64, 7, 2, backend=backend)
     x = torch.randn(2, 64, 7, 7)
     if layout == "channels_last":
@@ -99,21 +107,23 @@ def test_strided_inputs(backend, layout):
         assert not x.is_contiguous()
     else:
         x = x.flatten(2).transpose(1, 2).contiguous()          # tokens [B, N, C]
-    check_parity(ref, fused, x, torch.float32, 1e-5, x_grad=True)
+    check_parity(ref, fused, x, torch.float32, 1e-5, x_grad=True, device=device)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_large_offset_and_constant_tokens(backend):
+def test_large_offset_and_constant_tokens(backend, device):
     ref, fused = make_pair(128, 7, 1, backend=backend)
     x = torch.randn(2, 128, 7, 7) + 1000.0
     x[1, :, 0, :] = 3.0                                        # constant tokens: zero variance
-    check_parity(ref, fused, x, torch.float32, 1e-5, x_grad=True)
+    check_parity(ref, fused, x, torch.float32, 1e-5, x_grad=True, device=device)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bfloat16(backend):
+def test_bfloat16(backend, device):
     ref, fused = make_pair(64, 7, 1, backend=backend)
-    check_parity(ref, fused, torch.randn(2, 64, 7, 7), torch.bfloat16, 1e-2)
+    check_parity(ref, fused, torch.randn(2, 64, 7, 7), torch.bfloat16, 1e-2, device=device)
 
 
 @pytest.mark.parametrize("formulation", ["folded", "unfolded"])

@@ -1,6 +1,6 @@
 """The part-attention op contract (folded formulation), checked for both implementations: the Triton
-launchers (``c2f.kernels.part_attention``, under the interpreter) and the torch ops
-(``c2f.torch_ops.part_attention``), against float64 autograd.
+launchers (``c2f.kernels.part_attention``: compiled on a GPU, under the interpreter on CPU) and the torch
+ops (``c2f.torch_ops.part_attention``), against float64 autograd.
 
 The reference is the contract's math written plainly in float64 (LayerNorm, logits through the folded
 queries g, softmax, weighted sum of the normalised tokens) and differentiated by autograd, with g,
@@ -8,6 +8,8 @@ gamma, beta and x as independent leaves: so dgamma is the gradient through the v
 contract promises. Each case checks parts, attn, probs, mean, rstd and every gradient with one shared
 upstream gradient.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -15,6 +17,9 @@ from c2f.kernels import part_attention as triton_impl
 from c2f.kernels import targets
 from c2f.kernels.launch import plan_for
 from c2f.torch_ops import part_attention as torch_impl
+from tests.tf32 import emulating_tf32
+
+pytestmark = pytest.mark.cuda     # runs compiled on the GPU where there is one (make test-gpu)
 
 EPS = 1e-5
 IMPLS = {"triton": triton_impl, "torch": torch_impl}
@@ -27,7 +32,8 @@ def reference(x, g, gamma, beta, num_heads, dparts, dattn, eps=EPS):
     """float64: (parts, probs, mean, rstd, dg, dgamma, dbeta, dx) of the contract's math."""
     bsz, c, n = x.shape
     p, d = g.shape[1], c // num_heads
-    x64, g64, gamma64, beta64 = (t.detach().double().requires_grad_(True) for t in (x, g, gamma, beta))
+    x64, g64, gamma64, beta64 = (t.detach().cpu().double().requires_grad_(True) for t in (x, g, gamma, beta))
+    dparts, dattn = dparts.cpu(), None if dattn is None else dattn.cpu()
     mean = x64.mean(1, keepdim=True)
     rstd = torch.rsqrt(x64.var(1, unbiased=False, keepdim=True) + eps)
     xhat = (x64 - mean) * rstd                                               # [B, C, N]
@@ -54,9 +60,10 @@ def assert_close(name, actual, expected, atol, rtol):
                            f"mean abs diff {err.mean().item():.3g}")
 
 
-def make_inputs(bsz, c, n, p, num_heads, dtype=torch.float32, layout="nchw", offset=0.0, with_dattn=True):
+def make_inputs(bsz, c, n, p, num_heads, dtype=torch.float32, layout="nchw", offset=0.0, with_dattn=True,
+                device="cpu"):
     """x [B, C, N] in the requested layout (a view, as the module passes it), folded queries g scaled so
-    the logits spread over a few units (a non-trivial softmax), and upstream gradients."""
+    the logits spread over a few units (a non-trivial softmax), and upstream gradients, on ``device``."""
     if layout == "nchw":
         x = torch.randn(bsz, c, n)
     elif layout == "channels_last":      # x4d.flatten(2) of a channels_last map: channel stride 1
@@ -73,22 +80,31 @@ def make_inputs(bsz, c, n, p, num_heads, dtype=torch.float32, layout="nchw", off
     beta = 0.2 * torch.randn(c)
     dparts = torch.randn(bsz, p, c)
     dattn = torch.randn(bsz, p, n) if with_dattn else None
-    return x, g, gamma, beta, dparts, dattn
+    return tuple(None if t is None else t.to(device) for t in (x, g, gamma, beta, dparts, dattn))
 
 
-def run_and_compare(impl, x, g, gamma, beta, dparts, dattn, num_heads, atol, rtol, needs_dx=True, fp32_tol=None):
+def exact_precision(x: torch.Tensor) -> str:
+    """The dot precision the contract tests hold to fp32 tolerances: "tf32" under the interpreter (which
+    multiplies exactly whatever it is asked; the default path's constexpr is what runs), "ieee" on a GPU
+    (where "tf32" has its own bounds: ``test_tf32_error_within_bounds``)."""
+    return "ieee" if x.is_cuda else "tf32"
+
+
+def run_and_compare(impl, x, g, gamma, beta, dparts, dattn, num_heads, atol, rtol, needs_dx=True, fp32_tol=None,
+                    dot_precision=None):
     """Run ``impl`` = (name, chunk_mib) forward and backward, compare with ``reference``: (atol, rtol) for
     the outputs stored in x's dtype (parts, dx), ``fp32_tol`` (default FP32_TOL) for the fp32 ones."""
     name, chunk_mib = impl
     module = IMPLS[name]
     fp32_tol = FP32_TOL if fp32_tol is None else fp32_tol
-    parts, attn, probs, mean, rstd = module.folded_fwd(x, g, gamma, beta, EPS, x.dtype, chunk_mib)
+    prec = exact_precision(x) if dot_precision is None else dot_precision
+    parts, attn, probs, mean, rstd = module.folded_fwd(x, g, gamma, beta, EPS, x.dtype, chunk_mib, prec)
     dg, dgamma, dbeta, dx = module.folded_bwd(x, g if needs_dx else None, gamma, attn, probs, mean, rstd, dparts,
-                                              dattn, num_heads, needs_dx, chunk_mib)
+                                              dattn, num_heads, needs_dx, chunk_mib, prec)
     assert parts.dtype == x.dtype and attn.dtype == probs.dtype == torch.float32
     assert probs.shape == ((x.shape[0], num_heads) + attn.shape[1:] if num_heads > 1 else (0,))
     assert dg.dtype == dgamma.dtype == dbeta.dtype == torch.float32
-    ref = reference(x, g, gamma, beta, num_heads, dparts, dattn)
+    ref = [None if t is None else t.to(x.device) for t in reference(x, g, gamma, beta, num_heads, dparts, dattn)]
     got = {"parts": parts, "attn": attn, "mean": mean, "rstd": rstd, "dg": dg, "dgamma": dgamma, "dbeta": dbeta}
     want = dict(zip(("parts", "probs", "mean", "rstd", "dg", "dgamma", "dbeta"), ref[:7]))
     want["attn"] = want["probs"].mean(1)
@@ -116,10 +132,10 @@ DTYPE_TOLS = [
 
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("bsz, num_heads, needs_dx", [(2, 1, True), (1, 16, False)])
-def test_real_shape(impl, bsz, num_heads, needs_dx):
+def test_real_shape(impl, bsz, num_heads, needs_dx, device):
     """C=2048, 14x14, P=312: 1 head with dx (B=2), 16 heads without dx (the frozen-backbone case; B=1
     because the interpreter runs 16x the programs; batch handling is covered by every other case)."""
-    inputs = make_inputs(bsz, 2048, 196, 312, num_heads)
+    inputs = make_inputs(bsz, 2048, 196, 312, num_heads, device=device)
     run_and_compare(impl, *inputs, num_heads, *FP32_TOL, needs_dx=needs_dx)
 
 
@@ -131,64 +147,65 @@ def test_real_shape(impl, bsz, num_heads, needs_dx):
     (3, 64, 16, 1, 2),       # P = 1, N = 16
     (1, 48, 5, 3, 1),        # N = 5: a mostly padded token block
 ])
-def test_odd_shapes(impl, bsz, c, n, p, num_heads):
-    run_and_compare(impl, *make_inputs(bsz, c, n, p, num_heads), num_heads, *FP32_TOL)
+def test_odd_shapes(impl, bsz, c, n, p, num_heads, device):
+    run_and_compare(impl, *make_inputs(bsz, c, n, p, num_heads, device=device), num_heads, *FP32_TOL)
 
 
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("layout", ["channels_last", "tokens"])
-def test_strided_x_read_in_place(impl, layout):
-    x, g, gamma, beta, dparts, dattn = make_inputs(2, 256, 49, 40, 2, layout=layout)
+def test_strided_x_read_in_place(impl, layout, device):
+    x, g, gamma, beta, dparts, dattn = make_inputs(2, 256, 49, 40, 2, layout=layout, device=device)
     assert not x.is_contiguous()
     run_and_compare(impl, x, g, gamma, beta, dparts, dattn, 2, *FP32_TOL)
 
 
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLS)
-def test_dtypes(impl, dtype, atol, rtol):
-    run_and_compare(impl, *make_inputs(2, 256, 49, 40, 2, dtype=dtype), 2, atol, rtol)
+def test_dtypes(impl, dtype, atol, rtol, device):
+    run_and_compare(impl, *make_inputs(2, 256, 49, 40, 2, dtype=dtype, device=device), 2, atol, rtol)
 
 
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
-def test_large_common_offset(impl):
+def test_large_common_offset(impl, device):
     """x + 1000: fp32 itself resolves x only to 6e-5 there, and the mean stored in fp32 is off by up
     to half that; a sum-of-squares variance would lose everything."""
-    x, g, gamma, beta, dparts, dattn = make_inputs(2, 512, 49, 40, 1, offset=1000.0)
+    x, g, gamma, beta, dparts, dattn = make_inputs(2, 512, 49, 40, 1, offset=1000.0, device=device)
     run_and_compare(impl, x, g, gamma, beta, dparts, dattn, 1, 2e-3, 2e-3, fp32_tol=(2e-4, 2e-3))
 
 
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
-def test_constant_tokens(impl):
+def test_constant_tokens(impl, device):
     """Zero-variance tokens: rstd = 1/sqrt(eps), normalised values 0, no NaN anywhere."""
-    x, g, gamma, beta, dparts, dattn = make_inputs(2, 256, 49, 40, 2)
+    x, g, gamma, beta, dparts, dattn = make_inputs(2, 256, 49, 40, 2, device=device)
     x[:, :, 3] = 0.5
     x[1, :, 10] = -2.0
     run_and_compare(impl, x, g, gamma, beta, dparts, dattn, 2, *FP32_TOL)
 
 
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
-def test_without_dattn(impl):
-    x, g, gamma, beta, dparts, _ = make_inputs(2, 128, 49, 7, 1, with_dattn=False)
+def test_without_dattn(impl, device):
+    x, g, gamma, beta, dparts, _ = make_inputs(2, 128, 49, 7, 1, with_dattn=False, device=device)
     run_and_compare(impl, x, g, gamma, beta, dparts, None, 1, *FP32_TOL)
 
 
-def test_gpu_block_sizes():
+def test_gpu_block_sizes(device):
     """The production (GPU) tile sizes, several chunks per loop, on a small shape."""
     with plan_for(targets.TARGETS["sm_80"]):
-        run_and_compare(("triton", 16.0), *make_inputs(2, 200, 49, 70, 2), 2, *FP32_TOL)
-        run_and_compare(("triton", 16.0), *make_inputs(1, 96, 36, 7, 1, layout="channels_last"), 1, *FP32_TOL)
+        run_and_compare(("triton", 16.0), *make_inputs(2, 200, 49, 70, 2, device=device), 2, *FP32_TOL)
+        run_and_compare(("triton", 16.0), *make_inputs(1, 96, 36, 7, 1, layout="channels_last", device=device), 1,
+                        *FP32_TOL)
 
 
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
-def test_non_contiguous_upstream_gradients(impl):
-    x, g, gamma, beta, dparts, dattn = make_inputs(2, 64, 16, 7, 2)
+def test_non_contiguous_upstream_gradients(impl, device):
+    x, g, gamma, beta, dparts, dattn = make_inputs(2, 64, 16, 7, 2, device=device)
     run_and_compare(impl, x, g, gamma, beta, dparts.transpose(0, 1).contiguous().transpose(0, 1),
                     dattn.half()[:, :, :].transpose(1, 2).contiguous().transpose(1, 2), 2, *FP32_TOL)
 
 
-def test_bad_inputs_are_named():
+def test_bad_inputs_are_named(device):
     K = triton_impl
-    x, g, gamma, beta, dparts, dattn = make_inputs(1, 64, 16, 7, 2)
+    x, g, gamma, beta, dparts, dattn = make_inputs(1, 64, 16, 7, 2, device=device)
     with pytest.raises(ValueError, match="x must be a \\[B, C, N\\]"):
         K.folded_fwd(x[0], g, gamma, beta, EPS, x.dtype, 16.0)
     with pytest.raises(TypeError, match="x must be float32"):
@@ -196,11 +213,11 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="g must have shape"):
         K.folded_fwd(x, g[:, :, :32].contiguous(), gamma, beta, EPS, x.dtype, 16.0)
     with pytest.raises(ValueError, match="num_heads"):
-        K.folded_fwd(x, torch.randn(3, 7, 64), gamma, beta, EPS, x.dtype, 16.0)
+        K.folded_fwd(x, torch.randn(3, 7, 64, device=device), gamma, beta, EPS, x.dtype, 16.0)
     with pytest.raises(TypeError, match="gamma must have dtype"):
         K.folded_fwd(x, g, gamma.half(), beta, EPS, x.dtype, 16.0)
     with pytest.raises(ValueError, match="x has N=2000 tokens"):
-        K.folded_fwd(torch.randn(1, 64, 2000), g, gamma, beta, EPS, x.dtype, 16.0)
+        K.folded_fwd(torch.randn(1, 64, 2000, device=device), g, gamma, beta, EPS, x.dtype, 16.0)
     parts, attn, probs, mean, rstd = K.folded_fwd(x, g, gamma, beta, EPS, x.dtype, 16.0)
     with pytest.raises(ValueError, match="dparts must have shape"):
         K.folded_bwd(x, None, gamma, attn, probs, mean, rstd, dparts[:, :3], dattn, 2, False, 16.0)
@@ -216,3 +233,54 @@ def test_implementations_share_signatures():
     for name in triton_impl.__all__:
         assert name in torch_impl.__all__, name
         assert inspect.signature(getattr(triton_impl, name)) == inspect.signature(getattr(torch_impl, name)), name
+
+
+# ------------------------------------------------------------------------------------------ precision
+# Normwise relative error max|got - truth| / max|truth| of each quantity per dot precision (docs/design.md,
+# "Precision"), with u the unit roundoff of the operands' format: TF32 keeps 10 mantissa bits and a
+# tensor core truncates fp32 operands to them (u = 2^-10 per operand, not 2^-11: no rounding); bf16 keeps
+# 7 (2^-8 rounding to nearest), fp16 10 (2^-11). Measured with the interpreter's TF32 emulation
+# (tests/tf32.py), normwise, over B=2 at [C, N, P, h] = [256, 49, 40, 2], [512, 49, 40, 1] (also with
+# x + 1000) and the production [2048, 196, 312, 1]: TF32 parts <= 2.1e-3, attn <= 1.2e-3, dG <= 2.6e-3,
+# dgamma <= 2.1e-3, dx <= 2.5e-3, i.e. at most 2.7 u; bf16 operands parts <= 7.1e-3, attn <= 4.3e-3,
+# dG <= 5.9e-3, dgamma <= 5.0e-3, dx <= 4.9e-3, at most 1.9 u. Bounds: 4 u for every quantity (dbeta has
+# no product: fp32). The error of each quantity is that of one or two chained products of u-rounded
+# operands (scores, then probs x tokens), so it scales with u, not with C or N.
+PRECISION_BOUNDS = {"ieee": 2e-5, "tf32": 4 * 2 ** -10, "bf16": 4 * 2 ** -8, "fp16": 4 * 2 ** -11}
+PRECISION_FLOORS = {"tf32": 2 ** -14, "bf16": 2 ** -12, "fp16": 2 ** -15}   # rounding must be visible
+
+
+def precision_errors(dot_precision, device, shape=(2, 256, 49, 40, 2)):
+    """Normwise relative errors of the Triton path at ``dot_precision``: compiled on a GPU (real TF32),
+    under the interpreter on CPU with TF32 emulated."""
+    bsz, c, n, p, h = shape
+    x, g, gamma, beta, dparts, dattn = make_inputs(bsz, c, n, p, h, device=device)
+    emulate = emulating_tf32() if device == "cpu" else contextlib.nullcontext()
+    with emulate:
+        parts, attn, probs, mean, rstd = triton_impl.folded_fwd(x, g, gamma, beta, EPS, x.dtype, 16.0, dot_precision)
+        dg, dgamma, dbeta, dx = triton_impl.folded_bwd(x, g, gamma, attn, probs, mean, rstd, dparts, dattn, h, True,
+                                                       16.0, dot_precision)
+    ref = dict(zip(("parts", "probs", "mean", "rstd", "dg", "dgamma", "dbeta", "dx"),
+                   reference(x, g, gamma, beta, h, dparts, dattn)))
+    ref["attn"] = ref["probs"].mean(1)
+    got = dict(parts=parts, attn=attn, probs=probs, dg=dg, dgamma=dgamma, dbeta=dbeta, dx=dx)
+    return {k: ((v.detach().cpu().double() - ref[k]).abs().max() / ref[k].abs().max()).item() for k, v in got.items()}
+
+
+@pytest.mark.parametrize("dot_precision", ["tf32", "bf16", "fp16"])
+def test_reduced_precision_error_within_bounds(dot_precision, device):
+    """TF32 (the default on a GPU) and the autocast operand precisions: every quantity within its bound,
+    and the rounding visible (so the emulation, or the hardware, is really at work)."""
+    errors = precision_errors(dot_precision, device)
+    bound = PRECISION_BOUNDS[dot_precision]
+    for key in ("parts", "attn", "probs", "dg", "dgamma", "dx"):
+        assert errors[key] <= bound, f"{dot_precision} {key}: normwise error {errors[key]:.3g} > bound {bound:.3g}"
+    assert errors["dbeta"] <= PRECISION_BOUNDS["ieee"], errors
+    assert max(errors["parts"], errors["dg"]) > PRECISION_FLOORS[dot_precision], (
+        f"{dot_precision}: errors {errors} show no operand rounding")
+
+
+def test_ieee_is_exact_fp32_even_with_tf32_emulated(device):
+    """"ieee" dots are fp32 products: the TF32 emulation (or hardware) leaves them alone."""
+    errors = precision_errors("ieee", device)
+    assert max(errors.values()) <= PRECISION_BOUNDS["ieee"], errors

@@ -1,13 +1,17 @@
 """CUB reader, feature cache, extract (tiny TorchScript backbone, interrupted and resumed), synth, loader."""
 import os
+import sys
+import types
 
 import numpy as np
 import pytest
 import torch
 
-from c2f.data import (BatchPlan, CacheError, CacheWriter, CUBFormatError, FeatureCache, attribute_targets,
-                      extract, load_backbone, make_loader, read_cub, read_manifest, synthesize)
+from c2f.data import (BatchPlan, CacheError, CacheWriter, CUBFormatError, FeatureCache, ImageCheckError,
+                      attribute_targets, extract, load_backbone, make_loader, read_cub, read_manifest, synthesize)
+from c2f.data.cache import sha256_file
 from c2f.data.extract import ImageFolderDataset
+from c2f.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 
@@ -300,3 +304,155 @@ def test_extracted_cub_cache_trains(tmp_path, cub_and_backbone):
                                num_workers=0, progress=False, plots=False, head="reference",
                                attr_target="calibrated"))
     assert result["test"]["n"] == int((~read_cub(cub).is_train).sum()) and result["num_classes"] == N_CLASSES
+
+
+def test_split_flag_other_than_0_or_1_names_file_and_line(tmp_path):
+    write_cub(tmp_path)
+    path = tmp_path / "train_test_split.txt"
+    lines = path.read_text().splitlines()
+    lines[3] = "4 9"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CUBFormatError, match=r"train_test_split.txt:4: is_training_image flag must be one of 0, 1, got 9"):
+        read_cub(str(tmp_path))
+
+
+def test_every_bad_image_is_reported_before_anything_is_written(tmp_path, cub_and_backbone):
+    cub, backbone = cub_and_backbone
+    rec = read_cub(cub)
+    os.remove(rec.image_paths[1])
+    open(rec.image_paths[4], "wb").close()
+    with open(rec.image_paths[7], "wb") as f:
+        f.write(b"not an image at all")
+    out = tmp_path / "c"
+    with pytest.raises(ImageCheckError) as e:
+        extract(cub, str(out), backbone, **EXTRACT)
+    message = str(e.value)
+    assert message.startswith("3 of 10 images listed in")
+    for i, why in ((1, "missing"), (4, "empty"), (7, "not a readable image")):
+        assert f"img_{i}.png ({why}" in message, message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("arg, value", [("image_size", 0), ("batch_size", 0), ("num_workers", -1), ("shard_size", 0),
+                                        ("dtype", "bfloat16"), ("split", "val")])
+def test_extract_checks_its_arguments_before_creating_anything(tmp_path, cub_and_backbone, arg, value):
+    cub, backbone = cub_and_backbone
+    with pytest.raises(ConfigError, match=arg):
+        extract(cub, str(tmp_path / "c"), backbone, **{**EXTRACT, arg: value})
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_backbone_replaced_under_the_same_name_is_refused(tmp_path, cub_and_backbone, monkeypatch):
+    cub, backbone = cub_and_backbone
+    real = CacheWriter.write_shard
+
+    def crash_on_shard_1(self, i, features):
+        if i == 1:
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, i, features)
+
+    monkeypatch.setattr(CacheWriter, "write_shard", crash_on_shard_1)
+    out = str(tmp_path / "c")
+    with pytest.raises(KeyboardInterrupt):
+        extract(cub, out, backbone, **EXTRACT)
+    monkeypatch.setattr(CacheWriter, "write_shard", real)
+    recorded = read_manifest(out)["config"]
+    assert recorded["backbone_sha256"] == sha256_file(backbone) and recorded["amp"] == "off"
+    torch.manual_seed(1)
+    torch.jit.script(TinyBackbone()).save(backbone)                  # other weights, same file name
+    with pytest.raises(CacheError, match="config.backbone_sha256: cache has"):
+        extract(cub, out, backbone, **EXTRACT)
+
+
+def test_cache_labels_beyond_the_class_count_are_refused(tmp_path, tiny_cache):
+    import shutil
+    out = str(tmp_path / "c")
+    shutil.copytree(tiny_cache, out)
+    labels = np.load(os.path.join(out, "labels.npy"))
+    labels[3] = 7
+    np.save(os.path.join(out, "labels.npy"), labels)
+    with pytest.raises(CacheError, match=r"labels.npy: row 3 has class 7 but the cache names 5 classes"):
+        FeatureCache(out, verify="size")
+
+
+def test_timm_backbone_with_its_own_preprocessing(tmp_path, cub_and_backbone, monkeypatch):
+    """timm cannot be installed beside this torch: a stand-in module with timm's API is used."""
+    cub, _ = cub_and_backbone
+    calls = {}
+
+    class Net(torch.nn.Module):
+        num_prefix_tokens = 1
+
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Conv2d(3, 7, 4, stride=4)
+
+        def forward_features(self, x):                       # ViT-like: [B, 1 + H*W, C] tokens
+            t = self.proj(x).flatten(2).transpose(1, 2)
+            return torch.cat([t.mean(1, keepdim=True), t], 1)
+
+    def create_model(name, pretrained):
+        calls["model"] = (name, pretrained)
+        torch.manual_seed(0)
+        return Net()
+
+    def resolve_data_config(args, model):
+        calls["data"] = args
+        return dict(input_size=args["input_size"], interpolation="bicubic", mean=(0.5, 0.5, 0.5),
+                    std=(0.5, 0.5, 0.5), crop_pct=1.0, crop_mode="center")
+
+    def create_transform(input_size, mean, std, is_training, **kw):
+        assert not is_training
+        side = input_size[-1]
+
+        def transform(img):
+            arr = np.asarray(img.resize((side, side)), dtype=np.float32) / 255.0
+            return (torch.from_numpy(arr).permute(2, 0, 1) - 0.5) / 0.5
+        return transform
+
+    timm = types.ModuleType("timm")
+    timm.create_model, timm.__version__ = create_model, "0.0-test"
+    timm.data = types.SimpleNamespace(resolve_data_config=resolve_data_config, create_transform=create_transform)
+    monkeypatch.setitem(sys.modules, "timm", timm)
+    monkeypatch.setitem(sys.modules, "timm.data", timm.data)
+    weights = str(tmp_path / "w.pt")
+    torch.manual_seed(3)
+    torch.save(Net().state_dict(), weights)
+    out = extract(cub, str(tmp_path / "t"), "timm:vit_tiny_test", weights=weights, **EXTRACT)
+    assert calls["model"] == ("vit_tiny_test", False) and calls["data"] == {"input_size": (3, SIDE, SIDE)}
+    m = read_manifest(out)
+    assert m["feature_shape"] == [7, 4, 4]
+    assert m["config"]["preprocessing"]["interpolation"] == "bicubic" and m["config"]["package_version"] == "0.0-test"
+    assert m["config"]["weights_sha256"] == sha256_file(weights)
+    net = Net()
+    net.load_state_dict(torch.load(weights, weights_only=True))
+    from PIL import Image
+    img = Image.open(read_cub(cub).image_paths[2]).convert("RGB")
+    x = create_transform((3, SIDE, SIDE), None, None, False)(img)[None]
+    with torch.inference_mode():
+        expected = net.proj(x)[0].numpy()                    # the patch tokens back on their 4 x 4 grid
+    np.testing.assert_allclose(FeatureCache(out).read([2])[0].astype(np.float32), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_predict_images_through_the_extract_backbone(tmp_path, cub_and_backbone, capsys):
+    """Image files -> the cache's backbone (from its manifest) -> the head: as predicted from the cache."""
+    import json
+
+    from c2f.cli import main
+    from c2f.train import TrainConfig, train
+    cub, backbone = cub_and_backbone
+    cache = extract(cub, str(tmp_path / "c"), backbone, **EXTRACT)
+    run = str(tmp_path / "run")
+    train(TrainConfig(features=cache, run_dir=run, epochs=1, batch_size=2, num_workers=0, progress=False,
+                      plots=False))
+    images = [read_cub(cub).image_paths[i] for i in (0, 3, 8)]
+    assert main(["predict", run, "--images", *images, "--out", str(tmp_path / "img.json")]) == 0
+    by_image = json.load(open(tmp_path / "img.json"))["predictions"]
+    assert [p["sample"] for p in by_image] == images
+    assert main(["predict", run, "--features", cache, "--split", "all", "--out", str(tmp_path / "all.json")]) == 0
+    by_row = json.load(open(tmp_path / "all.json"))["predictions"]
+    for i, p in zip((0, 3, 8), by_image):
+        assert p["pred"] == by_row[i]["pred"] and p["prob"] == pytest.approx(by_row[i]["prob"], abs=1e-3)
+    capsys.readouterr()
+    assert main(["predict", run, "--images", str(tmp_path / "missing.png")]) == 2
+    assert "missing.png (missing)" in capsys.readouterr().err

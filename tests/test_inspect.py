@@ -6,6 +6,7 @@ compiles run in a subprocess; the toy kernel is a compiled-mode JITFunction what
 The toy kernels below are the check's own fixtures: one that uses tensor cores without spilling and
 one whose tile cannot fit in registers.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -153,21 +154,50 @@ def test_occupancy_bounds():
     assert kinspect.occupancy(gfx, regs=128, smem=32 * 1024, num_warps=4) == 2
 
 
-def test_launcher_plans_are_what_is_inspected():
-    """The inspected launches are the launchers' own: change a tile in the plan and the recorded
-    launch (so the compiled kernel) changes with it."""
+def test_launcher_plans_are_what_is_inspected(monkeypatch):
+    """The inspected launches are the launchers' own: change the tiles the plans choose from and the
+    recorded launch (so the compiled kernel) changes with it."""
     from c2f.kernels import plans
     sm90 = targets.TARGETS["sm_90"]
     run = dict(kinspect.cases(quick=True)["part_attention"])["N=196 h=1 fp32"]
     before = {l.name: l.plan.constexprs for l in kinspect.record(sm90, run)}
-    original = plans._GPU
-    plans._GPU = plans._AttentionTiles(**{**original.__dict__, "fwd_p": 16})
-    try:
-        after = {l.name: l.plan.constexprs for l in kinspect.record(sm90, run)}
-    finally:
-        plans._GPU = original
-    assert before["_part_attention_fwd_kernel"]["BLOCK_P"] == 32
-    assert after["_part_attention_fwd_kernel"]["BLOCK_P"] == 16
+    monkeypatch.setattr(plans, "GEMM_LADDER", (plans.GemmTiles(64, 32, 32, stages=2, warps=4),))
+    after = {l.name: (l.plan.constexprs, l.plan.num_stages) for l in kinspect.record(sm90, run)}
+    assert before["_part_attention_fwd_scores_kernel"]["BLOCK_Q"] == 128
+    assert after["_part_attention_fwd_scores_kernel"] == (dict(BLOCK_Q=64, BLOCK_N=32, BLOCK_K=32,
+                                                               DOT_PRECISION="tf32"), 2)
+
+
+def test_tensor_cores_from_ptx():
+    ptx = ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {...};\n"
+           "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...};\n"
+           "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 {...};\n")
+    assert kinspect.tensor_core_use(ptx) == "HGMMA x1, HMMA x2"
+    assert kinspect.tensor_core_use("tcgen05.mma.cta_group::1.kind::tf32 [%r1], ...") == "UTCHMMA x1"
+    assert kinspect.tensor_core_use("fma.rn.f32 %f1, %f2, %f3, %f4;") == "no"
+
+
+def test_parse_amdgcn_spills():
+    """VGPR spills count; SGPR spills to VGPR lanes are reported apart unless the kernel needs scratch."""
+    asm = (".vgpr_count: 128\n .agpr_count: 8\n .vgpr_spill_count: 0\n .sgpr_spill_count: 12\n"
+           " .private_segment_fixed_size: 0\n .group_segment_fixed_size: 16384\n")
+    assert kinspect.parse_amdgcn(asm) == {"regs": 136, "spill_stores": 0, "sgpr_spills": 12, "stack_bytes": 0,
+                                          "lds": 16384}
+    lane_spills = kinspect.KernelReport("m", "k", "gfx942", "", 4, 2, ok=True, regs=136, spill_stores=0, spill_loads=0,
+                                        stack_bytes=0, sgpr_spills=12, smem_bytes=16384, smem_limit=65536,
+                                        ctas_per_sm=2)
+    assert not lane_spills.problems() and "+12 SGPR" in kinspect.format_table([lane_spills])
+    scratch = dataclasses.replace(lane_spills, stack_bytes=64)
+    assert scratch.problems() == ["64 B of stack (local / scratch memory)"]
+
+
+def test_plan_bound_is_checked():
+    """Compiled shared memory above the plan's own bound fails the check even within the hardware limit:
+    the rule that chose the tiles would be wrong for a device with less."""
+    report = kinspect.KernelReport("m", "k", "sm_90", "", 8, 3, ok=True, regs=128, spill_stores=0, spill_loads=0,
+                                   smem_bytes=80 * 1024, smem_limit=227 * 1024, smem_bound=64 * 1024, ctas_per_sm=1)
+    assert report.problems() == ["shared memory 80.0 KiB over the plan's own bound 64.0 KiB (plans.py: the rule "
+                                 "that picked the tiles is wrong)"]
 
 
 def test_every_kernel_is_in_the_grid():

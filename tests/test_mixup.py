@@ -1,14 +1,22 @@
-"""Part-wise mixup: in place and pooled, both backends, against ``c2f.reference``; the PartMixup module."""
+"""Part-wise mixup: in place and pooled, both backends, against ``c2f.reference``; the PartMixup module.
+
+Tests marked ``cuda`` take the ``device`` fixture: compiled on the GPU where there is one. The others
+check autograd and argument semantics on CPU tensors, where the Triton backend is the interpreter (on a
+machine with a GPU, CPU tensors with backend="triton" are an error by design: those cases run there with
+the torch backend only).
+"""
 import pytest
 import torch
 
 from c2f import reference as ref
 from c2f.mixup import MixupOutput, PartMixup, mix_targets, part_mixup_, part_mixup_pool
+from tests.conftest import CUDA
 
 BACKENDS = ["torch", "triton"]
-# (dtype, atol): fp32 is compared directly (rtol 1e-5); fp16 by the half rule: its error against the
-# fp32 reference is at most twice the reference's own fp16 error, plus atol.
-DTYPES = [(torch.float32, 1e-5), (torch.float16, 1e-3)]
+CPU_BACKENDS = ["torch"] if CUDA else BACKENDS
+# (dtype, atol): fp32 is compared directly (rtol 1e-5); fp16 and bf16 by the half rule: the error against
+# the fp32 reference is at most twice the reference's own error in that dtype, plus atol.
+DTYPES = [(torch.float32, 1e-5), (torch.float16, 1e-3), (torch.bfloat16, 1e-2)]
 
 
 def _flip(b):
@@ -46,16 +54,16 @@ def _mask(kind, shape):
 
 
 def _assert_close(name, got, want, dtype, atol, ref_lowp=None):
-    """fp32: |got - want| <= atol + 1e-5 |want|. fp16: error <= 2 x error of the reference in fp16 + atol."""
-    got, want = got.double(), want.double()
+    """fp32: |got - want| <= atol + 1e-5 |want|. 16-bit: error <= 2 x error of the reference in that dtype + atol."""
+    got, want = got.double().cpu(), want.double().cpu()
     err = (got - want).abs()
     if dtype == torch.float32:
         ok = bool((err <= atol + 1e-5 * want.abs()).all())
         bound = f"atol {atol} rtol 1e-5"
     else:
-        ref_err = (ref_lowp.double() - want).abs().max().item()
+        ref_err = (ref_lowp.double().cpu() - want).abs().max().item()
         ok = err.max().item() <= 2 * ref_err + atol
-        bound = f"2 x reference fp16 error {ref_err:.3g} + {atol}"
+        bound = f"2 x reference {dtype} error {ref_err:.3g} + {atol}"
     assert ok, (f"{name}: max abs diff {err.max().item():.3g}, mean {err.mean().item():.3g} "
                 f"({dtype}, bound {bound})")
 
@@ -78,12 +86,14 @@ def _reference_grads(fn, x32, dtype, grad):
 @pytest.mark.parametrize("pairing,b", [("flip", 6), ("flip", 5), ("involution", 7)])
 @pytest.mark.parametrize("p,c,mask_kind", [(7, 40, "fractional"), (7, 40, "zeros"), (7, 40, "ones"),
                                             (13, 600, "fractional")])  # 600: several part and channel blocks
-def test_part_mixup_inplace_matches_reference(backend, dtype, atol, pairing, b, mask_kind, p, c):
+@pytest.mark.cuda
+def test_part_mixup_inplace_matches_reference(backend, dtype, atol, pairing, b, mask_kind, p, c, device):
     x32 = torch.randn(b, p, c)
     perm, mask = PERMS[pairing](b), _mask(mask_kind, (b, p))
     grad = torch.randn(b, p, c)
     want, want_dx, ref_lp, ref_dx_lp = _reference_grads(lambda x: ref.part_mixup(x, perm, mask), x32, dtype, grad)
 
+    x32, perm, mask, grad = (t.to(device) for t in (x32, perm, mask, grad))
     leaf = x32.to(dtype).requires_grad_()
     x = leaf.clone()
     ptr, version = x.data_ptr(), x._version
@@ -94,7 +104,7 @@ def test_part_mixup_inplace_matches_reference(backend, dtype, atol, pairing, b, 
     _assert_close("d parts", leaf.grad, want_dx, dtype, atol, ref_dx_lp)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_odd_batch_flip_leaves_middle_sample(backend):
     x = torch.randn(5, 7, 40)
     before = x.clone()
@@ -103,7 +113,7 @@ def test_odd_batch_flip_leaves_middle_sample(backend):
     assert not torch.equal(x[0], before[0])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_inplace_backward_keeps_shared_gradients_intact(backend):
     """A gradient another branch also reads (add's backward hands one tensor to both inputs, or the
     user's own ``backward(grad)``) must not be mixed in place under that branch."""
@@ -123,7 +133,7 @@ def test_inplace_backward_keeps_shared_gradients_intact(backend):
     torch.testing.assert_close(x.grad, want)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_inplace_on_saved_tensor_raises_autograd_error(backend):
     x = torch.randn(4, 3, 16, requires_grad=True)
     s = torch.sigmoid(x)                               # sigmoid saves its output for backward
@@ -132,7 +142,7 @@ def test_inplace_on_saved_tensor_raises_autograd_error(backend):
         s.sum().backward()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_inplace_without_grad(backend):
     x = torch.randn(4, 3, 16)
     perm, mask = _involution(4), torch.rand(4, 3)
@@ -149,7 +159,7 @@ def test_inplace_without_grad(backend):
     torch.testing.assert_close(leaf.detach(), want)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_inplace_on_tensor_saved_for_another_input_raises(backend):
     """parts needs no grad, but ``parts * w`` saved it for d w: mixing it must still be caught."""
     s, w = torch.randn(4, 3, 16), torch.randn(4, 3, 16, requires_grad=True)
@@ -180,7 +190,7 @@ def _bad_inplace_cases():
     ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name,args,parts,error,match", _bad_inplace_cases(),
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_inplace_inputs_raise_and_leave_parts_untouched(backend, name, args, parts, error, match):
@@ -197,13 +207,15 @@ def test_bad_inplace_inputs_raise_and_leave_parts_untouched(backend, name, args,
 @pytest.mark.parametrize("dtype,atol", DTYPES)
 @pytest.mark.parametrize("k", [1, 4, 16])
 @pytest.mark.parametrize("perm_kind", ["flip", "involution", "general"])
-def test_pool_matches_reference(backend, dtype, atol, k, perm_kind):
+@pytest.mark.cuda
+def test_pool_matches_reference(backend, dtype, atol, k, perm_kind, device):
     b, p, c = 5, 37, 150                                # P and C not multiples of the blocks
     x32 = torch.randn(b, p, c)
     perm, mask = PERMS[perm_kind](b), _mask("fractional", (k, b, p))
     grad = torch.randn(k, b, c)
     fn_ref = lambda x: ref.part_mixup_pool(x, perm, mask)  # noqa: E731
     want, want_dx, ref_lp, ref_dx_lp = _reference_grads(fn_ref, x32, dtype, grad)
+    x32, perm, mask, grad = (t.to(device) for t in (x32, perm, mask, grad))
     x = x32.to(dtype).requires_grad_()
     out = part_mixup_pool(x, perm, mask, backend=backend)
     assert out.shape == (k, b, c) and out.dtype == dtype
@@ -214,13 +226,14 @@ def test_pool_matches_reference(backend, dtype, atol, k, perm_kind):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask_kind", ["zeros", "ones", "binary"])
-def test_pool_mask_extremes_and_single_view(backend, mask_kind):
+@pytest.mark.cuda
+def test_pool_mask_extremes_and_single_view(backend, mask_kind, device):
     b, p, c = 4, 9, 24
-    x = torch.randn(b, p, c, requires_grad=True)
-    perm, mask = _general(b), _mask(mask_kind, (b, p))
+    x = torch.randn(b, p, c, device=device, requires_grad=True)
+    perm, mask = _general(b).to(device), _mask(mask_kind, (b, p)).to(device)
     out = part_mixup_pool(x, perm, mask, backend=backend)    # [B, P] mask: one view, [B, C]
     assert out.shape == (b, c)
-    grad = torch.randn(b, c)
+    grad = torch.randn(b, c, device=device)
     out.backward(grad)
     xr = x.detach().requires_grad_()
     want = ref.part_mixup(xr, perm, mask).mean(-2)
@@ -234,16 +247,60 @@ def test_pool_mask_extremes_and_single_view(backend, mask_kind):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_pool_expanded_gradient_and_strided_parts(backend):
+@pytest.mark.cuda
+def test_pool_expanded_gradient_and_strided_parts(backend, device):
     """``.sum()`` hands backward an expanded (stride 0) gradient; parts may be a transposed view."""
     b, p, c = 4, 5, 24
-    base = torch.randn(b, c, p, requires_grad=True)
+    base = torch.randn(b, c, p, device=device, requires_grad=True)
     parts = base.transpose(1, 2)
-    perm, mask = _general(b), torch.rand(3, b, p)
+    perm, mask = _general(b).to(device), torch.rand(3, b, p, device=device)
     part_mixup_pool(parts, perm, mask, backend=backend).sum().backward()
     base_ref = base.detach().requires_grad_()
     ref.part_mixup_pool(base_ref.transpose(1, 2), perm, mask).sum().backward()
     torch.testing.assert_close(base.grad, base_ref.grad, atol=1e-6, rtol=1e-5)
+
+
+def _half_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half the spacing of ``dtype`` at |x| (float64; the smallest normal's spacing below it)."""
+    info = torch.finfo(dtype)
+    exponent = torch.floor(torch.log2(x.abs().clamp_min(info.tiny)))
+    return 0.5 * info.eps * torch.exp2(exponent)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pool_16bit_exact_in_the_mask(backend, dtype, device):
+    """16-bit parts with fp32 mask math: each part's weights m and 1 - m sum to 1 to fp32 accuracy, so
+    every pooled value is the exact result rounded once. Paired samples are opposite (F[perm b] = -F[b])
+    and masks near 1/2, so the pooled values (2m - 1) F / P are small next to the terms: weights rounded
+    to 16 bits each (bf16(m) + bf16(1 - m) != 1, up to 2^-9 off) show as errors many ulps of the result.
+    Bound: one ulp of the result (the interpreter's bf16 stores truncate: up to one ulp, not a half) plus
+    the 16-bit mask pieces' 2^-17 (bf16) / 2^-21 (fp16) of the terms' magnitude."""
+    b, p, c, k = 6, 37, 150, 4
+    half = torch.randn(b // 2, p, c).to(dtype)
+    parts = torch.cat([half, -half.flip(0)])                   # flip pairing: F[b - 1 - i] = -F[i]
+    perm = _flip(b)
+    delta = (torch.rand(k, b // 2, p) * 2 - 1) * 2 ** -6
+    mask = 0.5 + torch.cat([delta, delta.flip(1)], 1)           # m[perm b] = m[b]: the backward cancels too
+    grad_half = torch.randn(k, b // 2, c).to(dtype)
+    grad = torch.cat([grad_half, -grad_half.flip(1)], 1)
+    mass = parts.double().abs().mean(1)                          # [B, C]: the terms' magnitude / P
+    truth = ref.part_mixup_pool(parts.double(), perm, mask.double())
+    x = parts.to(device).detach().requires_grad_()
+    out = part_mixup_pool(x, perm.to(device), mask.to(device), backend=backend)
+    out.backward(grad.to(device))
+    piece = 2 ** -17 if dtype == torch.bfloat16 else 2 ** -21
+    err = (out.detach().double().cpu() - truth).abs()
+    bound = 2 * _half_ulp(truth, dtype) + piece * mass
+    assert (err <= bound).all(), f"pooled: max error {err.max():.3g}, {int((err > bound).sum())} over the bound"
+    # Backward: dF[j] = (1/P) sum_k m[k,j] G[k,j] + (1 - m[k,i]) G[k,i], i = perm^-1 j, G[k,i] = -G[k,j].
+    xr = parts.detach().double().requires_grad_()
+    ref.part_mixup_pool(xr, perm, mask.double()).backward(grad.double())
+    gmass = grad.double().abs().sum(0)[:, None, :] / p           # [B, 1, C]
+    err = (x.grad.double().cpu() - xr.grad).abs()
+    bound = 2 * _half_ulp(xr.grad, dtype) + piece * gmass
+    assert (err <= bound).all(), f"d parts: max error {err.max():.3g}, {int((err > bound).sum())} over the bound"
 
 
 def test_pool_rejects_bad_inputs():
@@ -276,7 +333,7 @@ def test_targets_sum_to_one_and_match_part_fraction(k):
 
 # ---------------------------------------------------------------------------------------------- module
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("mode", ["binary", "blend", "part"])
 @pytest.mark.parametrize("views", [1, 3])
 @pytest.mark.parametrize("pairing", ["flip", "random"])

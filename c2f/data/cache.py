@@ -23,6 +23,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 META_FILES = ("labels", "is_train", "attributes", "certainty", "class_attributes", "image_ids")
 DTYPES = ("float16", "bfloat16", "float32")
+CACHE_DTYPES = ("float16", "float32")   # what a cache can be written in (numpy has no bfloat16)
 
 
 class CacheError(RuntimeError):
@@ -69,6 +70,24 @@ def read_manifest(directory: str) -> dict:
     return manifest
 
 
+def _differences(old: dict, new: dict, prefix: str = "") -> list:
+    """``(key, old value, new value)`` of the keys of ``new`` that differ, nested dicts by dotted key."""
+    out = []
+    for k, v in new.items():
+        o = old.get(k)
+        if isinstance(v, dict) and isinstance(o, dict):
+            out += _differences(o, v, f"{prefix}{k}.")
+            out += [(f"{prefix}{k}.{j}", o[j], None) for j in o if j not in v]
+        elif o != v:
+            out.append((f"{prefix}{k}", o, v))
+    return out
+
+
+def identity(manifest: dict) -> str:
+    """A hash of what a finished cache holds (its manifest: settings, shapes, per-file sha256)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
 class CacheWriter:
     """Creates a cache, or reopens a partial one made with the same ``config``, and fills it shard by shard.
 
@@ -102,9 +121,9 @@ class CacheWriter:
         path = os.path.join(directory, MANIFEST)
         if os.path.exists(path) and not overwrite:
             old = read_manifest(directory)
-            diffs = [k for k in identity if old.get(k) != identity[k]]
+            diffs = _differences(old, identity)
             if diffs:
-                details = "; ".join(f"{k}: cache has {old.get(k)!r}, asked for {identity[k]!r}" for k in diffs)
+                details = "; ".join(f"{k}: cache has {a!r}, asked for {b!r}" for k, a, b in diffs)
                 raise CacheError(f"{directory} holds a different cache ({details}). "
                                  "Use another directory or pass overwrite=True (--overwrite).")
             self.manifest = old
@@ -191,6 +210,12 @@ class FeatureCache:
                                  ("attributes", self.attributes, (n, a)), ("certainty", self.certainty, (n, a))):
             if arr.shape != shape:
                 raise CacheError(f"{directory}/{name}.npy has shape {arr.shape}, manifest says {shape}")
+        bad = np.flatnonzero((self.labels < 0) | (self.labels >= len(self.class_names)))
+        if bad.size:
+            raise CacheError(f"{directory}/labels.npy: row {bad[0]} has class {self.labels[bad[0]]} but the cache "
+                             f"names {len(self.class_names)} classes (0..{len(self.class_names) - 1}); "
+                             f"{bad.size} row(s) out of range")
+        self.identity = identity(m)
         self.starts = np.array([s["start"] for s in m["shards"]], dtype=np.int64)
         expected = 0
         for s in m["shards"]:

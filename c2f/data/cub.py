@@ -67,13 +67,16 @@ def _id_table(path: str) -> dict:
     return table
 
 
-def _pair_table(path: str, ids: dict, what: str) -> dict:
+def _pair_table(path: str, ids: dict, what: str, allowed=None) -> dict:
     table = {}
     for lineno, fields in _rows(path, 2):
         i = _int(path, lineno, fields[0], "the image id")
         if i not in ids:
             raise CUBFormatError(f"{path}:{lineno}: image id {i} is not in images.txt")
         table[i] = _int(path, lineno, fields[1], what)
+        if allowed is not None and table[i] not in allowed:
+            raise CUBFormatError(f"{path}:{lineno}: {what} must be one of {', '.join(map(str, allowed))}, "
+                                 f"got {table[i]}")
     missing = [i for i in ids if i not in table]
     if missing:
         raise CUBFormatError(f"{path}: no {what} for {len(missing)} image(s), first id {missing[0]}")
@@ -108,7 +111,7 @@ def read_cub(root: str) -> CUBRecord:
     labels_txt = os.path.join(root, "image_class_labels.txt")
     labels = _pair_table(labels_txt, images, "class id")
     split_txt = os.path.join(root, "train_test_split.txt")
-    split = _pair_table(split_txt, images, "is_training_image flag")
+    split = _pair_table(split_txt, images, "is_training_image flag", allowed=(0, 1))
     attributes_txt = find_file(root, "attributes.txt")
     attr_names = _id_table(attributes_txt)
     _dense_ids(attr_names, attributes_txt)

@@ -56,7 +56,6 @@ class BatchPlan(torch.utils.data.Sampler):
             mine = self.rows[self.rank::self.world]
             return [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
         order = self.rows[np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows))]
-        local = self.batch_size // self.world
         full = len(order) // self.batch_size
         batches = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(full)]
         tail = order[full * self.batch_size:]
@@ -79,3 +78,18 @@ def make_loader(cache: FeatureCache, rows: Sequence[int], targets: np.ndarray, b
     extra = dict(persistent_workers=True, prefetch_factor=prefetch) if num_workers > 0 else {}
     return torch.utils.data.DataLoader(CachedFeatures(cache, targets), sampler=plan, batch_size=None,
                                        num_workers=num_workers, pin_memory=pin_memory, **extra)
+
+
+def split_rows(labels: np.ndarray, is_train: np.ndarray, val_fraction: float, seed: int):
+    """``(train, val, test)`` row indices: val is carved per class from train, test is the cache's test split."""
+    rng = np.random.default_rng([seed, 1])
+    train, val = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    for k in np.unique(labels[is_train]):
+        rows = np.flatnonzero(is_train & (labels == k))
+        rows = rows[rng.permutation(len(rows))]
+        n_val = int(round(val_fraction * len(rows)))
+        if val_fraction > 0 and len(rows) >= 2:
+            n_val = max(n_val, 1)
+        val.append(rows[:n_val])
+        train.append(rows[n_val:])
+    return (np.sort(np.concatenate(train)), np.sort(np.concatenate(val)), np.flatnonzero(~is_train))

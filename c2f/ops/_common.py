@@ -1,9 +1,19 @@
 """Helpers shared by the custom-op registrations."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
+
+
+def no_autocast(t: Tensor):
+    """The implementations run the precision the op was given (``dot_precision``): autocast, still on
+    inside a custom op, must not recast their ops again."""
+    if t.device.type in ("cpu", "cuda"):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:

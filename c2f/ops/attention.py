@@ -13,9 +13,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from .._math import compute_dtype
-from ._common import chain_rule_error, empty_if_none
+from ._common import chain_rule_error, empty_if_none, no_autocast
 
 # Rows per block in the backward's parameter-gradient epilogue: [32, C] temporaries (0.25 MiB at
 # C=2048) instead of [P, C] or [C, C] ones, at no cost to the GEMMs' speed.
@@ -72,23 +73,26 @@ def _column_dot(a: Tensor, b: Tensor, rows: int = EPILOGUE_ROWS) -> Tensor:
 
 @torch.library.custom_op("c2f::part_attention_folded", mutates_args=())
 def part_attention_folded(x: Tensor, queries: Tensor, k_weight: Tensor, k_bias: Optional[Tensor], norm_weight: Tensor,
-                          norm_bias: Tensor, num_heads: int, scale: float, eps: float, backend: str,
-                          chunk_mib: float, dot_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(parts [B, P, C], attn [B, P, N], probs [B, h, P, N] or empty, mean [B, N], rstd [B, N])`` of
-    ``x [B, C, N]``; ``k_bias`` only receives its (exactly zero) gradient: the softmax cancels it."""
+                          norm_bias: Tensor, num_heads: int, scale: float, eps: float, out_dtype: torch.dtype,
+                          backend: str, chunk_mib: float, dot_precision: str
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(parts [B, P, C] in out_dtype, attn [B, P, N], probs [B, h, P, N] or empty, mean [B, N], rstd [B, N])``
+    of ``x [B, C, N]``; ``k_bias`` only receives its (exactly zero) gradient: the softmax cancels it."""
     dt = compute_dtype(x)
-    gamma, beta = norm_weight.to(dt), norm_bias.to(dt)
-    g = fold_queries(queries, k_weight, gamma, num_heads, scale)
-    return implementation(backend).folded_fwd(x, g, gamma, beta, eps, x.dtype, chunk_mib, dot_precision)
+    with no_autocast(x):
+        gamma, beta = norm_weight.to(dt), norm_bias.to(dt)
+        g = fold_queries(queries, k_weight, gamma, num_heads, scale)
+        return implementation(backend).folded_fwd(x, g, gamma, beta, eps, out_dtype, chunk_mib, dot_precision)
 
 
 @part_attention_folded.register_fake
-def _(x, queries, k_weight, k_bias, norm_weight, norm_bias, num_heads, scale, eps, backend, chunk_mib, dot_precision):
+def _(x, queries, k_weight, k_bias, norm_weight, norm_bias, num_heads, scale, eps, out_dtype, backend, chunk_mib,
+      dot_precision):
     b, c, n = x.shape
     p = queries.shape[0]
     dt = compute_dtype(x)
     probs_shape = (b, num_heads, p, n) if num_heads > 1 else (0,)
-    return (x.new_empty(b, p, c), x.new_empty(b, p, n, dtype=dt), x.new_empty(probs_shape, dtype=dt),
+    return (x.new_empty(b, p, c, dtype=out_dtype), x.new_empty(b, p, n, dtype=dt), x.new_empty(probs_shape, dtype=dt),
             x.new_empty(b, n, dtype=dt), x.new_empty(b, n, dtype=dt))
 
 
@@ -98,22 +102,23 @@ def part_attention_folded_backward(
         rstd: Tensor, dparts: Optional[Tensor], dattn: Optional[Tensor], num_heads: int, scale: float, backend: str,
         needs_dx: bool, chunk_mib: float, dot_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx or empty, dqueries, dk_weight, dnorm_weight, dnorm_bias)``, each in its input's dtype."""
-    dt = compute_dtype(x)
-    h, (p, c) = num_heads, queries.shape
-    gamma = norm_weight.to(dt)
-    g = fold_queries(queries, k_weight, gamma, h, scale) if needs_dx else None
-    dg, dgamma, dbeta, dx = implementation(backend).folded_bwd(
-        x, g, gamma, attn, probs, mean, rstd, dparts, dattn, h, needs_dx, chunk_mib, dot_precision)
-    del g
-    # G_j = scale * Q_j Wk_j * gamma: M_j = scale * Q_jᵀ dG_j gives dWk_j = M_j * gamma and gamma's
-    # gradient through G as the column sums of Wk * M.
-    wk = k_weight.to(dt)
-    m = torch.bmm(head_queries(queries, h, dt).transpose(1, 2), dg).mul_(scale)      # [h, d, C]
-    dq = _queries_grad_(dg, gamma, wk.view(h, c // h, c), scale)                     # [h, P, d]
-    del dg  # peak memory: dG is dead once dQ and M exist
-    dgamma += _column_dot(wk, m.view(c, c))
-    dwk = m.mul_(gamma).view(c, c)
-    dq = dq.transpose(0, 1).reshape(p, c)
+    with no_autocast(x):
+        dt = compute_dtype(x)
+        h, (p, c) = num_heads, queries.shape
+        gamma = norm_weight.to(dt)
+        g = fold_queries(queries, k_weight, gamma, h, scale) if needs_dx else None
+        dg, dgamma, dbeta, dx = implementation(backend).folded_bwd(
+            x, g, gamma, attn, probs, mean, rstd, dparts, dattn, h, needs_dx, chunk_mib, dot_precision)
+        del g
+        # G_j = scale * Q_j Wk_j * gamma: M_j = scale * Q_jᵀ dG_j gives dWk_j = M_j * gamma and gamma's
+        # gradient through G as the column sums of Wk * M.
+        wk = k_weight.to(dt)
+        m = torch.bmm(head_queries(queries, h, dt).transpose(1, 2), dg).mul_(scale)      # [h, d, C]
+        dq = _queries_grad_(dg, gamma, wk.view(h, c // h, c), scale)                     # [h, P, d]
+        del dg  # peak memory: dG is dead once dQ and M exist
+        dgamma += _column_dot(wk, m.view(c, c))
+        dwk = m.mul_(gamma).view(c, c)
+        dq = dq.transpose(0, 1).reshape(p, c)
     return (empty_if_none(dx, x), dq.to(queries.dtype), dwk.to(k_weight.dtype), dgamma.to(norm_weight.dtype),
             dbeta.to(norm_weight.dtype))
 
@@ -127,7 +132,7 @@ def _(x, queries, k_weight, norm_weight, attn, probs, mean, rstd, dparts, dattn,
 
 
 def _folded_setup(ctx, inputs, output):
-    x, queries, k_weight, k_bias, norm_weight, norm_bias, h, scale, eps, backend, chunk_mib, prec = inputs
+    x, queries, k_weight, k_bias, norm_weight, norm_bias, h, scale, eps, out_dtype, backend, chunk_mib, prec = inputs
     _, attn, probs, mean, rstd = output
     # Saved: x (the caller's, not a copy), attn (with one head: the probabilities), the per-head
     # probabilities (more heads), the token statistics; G is refolded from the parameters if dx is needed.
@@ -144,7 +149,7 @@ def _folded_backward(ctx, dparts, dattn, dprobs, dmean, drstd):
     dx, dq, dwk, dgamma, dbeta = torch.ops.c2f.part_attention_folded_backward(
         x, queries, k_weight, norm_weight, attn, probs, mean, rstd, dparts, dattn, h, scale, backend, needs_dx,
         chunk_mib, prec)
-    return (dx if needs_dx else None, dq, dwk, _bias_grad(ctx, x), dgamma, dbeta) + (None,) * 6
+    return (dx if needs_dx else None, dq, dwk, _bias_grad(ctx, x), dgamma, dbeta) + (None,) * 7
 
 
 def _bias_grad(ctx, x: Tensor) -> Optional[Tensor]:
@@ -169,21 +174,24 @@ def _unfolded_weights(queries: Tensor, k_weight: Tensor, gamma: Tensor, h: int, 
 @torch.library.custom_op("c2f::part_attention_unfolded", mutates_args=())
 def part_attention_unfolded(x: Tensor, queries: Tensor, k_weight: Tensor, k_bias: Optional[Tensor],
                             norm_weight: Tensor, norm_bias: Tensor, num_heads: int, scale: float, eps: float,
-                            backend: str, chunk_mib: float, dot_precision: str
+                            out_dtype: torch.dtype, backend: str, chunk_mib: float, dot_precision: str
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(parts [B, P, C], attn [B, P, N], keys [C, B, N], lse [B, h, P], mean [B, N], rstd [B, N])``."""
+    """``(parts [B, P, C] in out_dtype, attn [B, P, N], keys [C, B, N], lse [B, h, P], mean [B, N],
+    rstd [B, N])``."""
     dt = compute_dtype(x)
-    gamma, beta = norm_weight.to(dt), norm_bias.to(dt)
-    q, wg = _unfolded_weights(queries, k_weight, gamma, num_heads, scale)
-    return implementation(backend).unfolded_fwd(x, q, wg, gamma, beta, eps, x.dtype, chunk_mib, dot_precision)
+    with no_autocast(x):
+        gamma, beta = norm_weight.to(dt), norm_bias.to(dt)
+        q, wg = _unfolded_weights(queries, k_weight, gamma, num_heads, scale)
+        return implementation(backend).unfolded_fwd(x, q, wg, gamma, beta, eps, out_dtype, chunk_mib, dot_precision)
 
 
 @part_attention_unfolded.register_fake
-def _(x, queries, k_weight, k_bias, norm_weight, norm_bias, num_heads, scale, eps, backend, chunk_mib, dot_precision):
+def _(x, queries, k_weight, k_bias, norm_weight, norm_bias, num_heads, scale, eps, out_dtype, backend, chunk_mib,
+      dot_precision):
     b, c, n = x.shape
     p = queries.shape[0]
     dt = compute_dtype(x)
-    return (x.new_empty(b, p, c), x.new_empty(b, p, n, dtype=dt), x.new_empty(c, b, n, dtype=dt),
+    return (x.new_empty(b, p, c, dtype=out_dtype), x.new_empty(b, p, n, dtype=dt), x.new_empty(c, b, n, dtype=dt),
             x.new_empty(b, num_heads, p, dtype=dt), x.new_empty(b, n, dtype=dt), x.new_empty(b, n, dtype=dt))
 
 
@@ -193,17 +201,17 @@ def part_attention_unfolded_backward(
         rstd: Tensor, dparts: Optional[Tensor], dattn: Optional[Tensor], num_heads: int, scale: float, backend: str,
         needs_dx: bool, chunk_mib: float, dot_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx or empty, dqueries, dk_weight, dnorm_weight, dnorm_bias)``, each in its input's dtype."""
-    dt = compute_dtype(x)
-    h, (p, c) = num_heads, queries.shape
-    gamma = norm_weight.to(dt)
-    q, wg = _unfolded_weights(queries, k_weight, gamma, h, scale)
-    dq, dwg, dgamma, dbeta, dx = implementation(backend).unfolded_bwd(
-        x, q, wg, gamma, keys, lse, mean, rstd, dparts, dattn, needs_dx, chunk_mib, dot_precision)
-    # wg = Wk * gamma: dWk = dwg * gamma, and gamma's gradient through the keys is colsum(Wk * dwg).
-    wk = k_weight.to(dt)
-    dgamma += _column_dot(wk, dwg)
-    dwk = dwg.mul_(gamma)
-    dq = dq.mul_(scale).transpose(0, 1).reshape(p, c)
+    with no_autocast(x):
+        dt = compute_dtype(x)
+        h, (p, c) = num_heads, queries.shape
+        gamma = norm_weight.to(dt)
+        q, wg = _unfolded_weights(queries, k_weight, gamma, h, scale)
+        dq, dwg, dgamma, dbeta, dx = implementation(backend).unfolded_bwd(
+            x, q, wg, gamma, keys, lse, mean, rstd, dparts, dattn, needs_dx, chunk_mib, dot_precision)
+        # wg = Wk * gamma: dWk = dwg * gamma, and gamma's gradient through the keys is colsum(Wk * dwg).
+        dgamma += _column_dot(k_weight.to(dt), dwg)
+        dwk = dwg.mul_(gamma)
+        dq = dq.mul_(scale).transpose(0, 1).reshape(p, c)
     return (empty_if_none(dx, x), dq.to(queries.dtype), dwk.to(k_weight.dtype), dgamma.to(norm_weight.dtype),
             dbeta.to(norm_weight.dtype))
 
@@ -217,7 +225,7 @@ def _(x, queries, k_weight, norm_weight, keys, lse, mean, rstd, dparts, dattn, n
 
 
 def _unfolded_setup(ctx, inputs, output):
-    x, queries, k_weight, k_bias, norm_weight, norm_bias, h, scale, eps, backend, chunk_mib, prec = inputs
+    x, queries, k_weight, k_bias, norm_weight, norm_bias, h, scale, eps, out_dtype, backend, chunk_mib, prec = inputs
     _, _, keys, lse, mean, rstd = output
     # Saved: x, the keys and the logsumexp (backward recomputes the probabilities from them: cheaper
     # than keeping [B, h, P, N] with many heads), the token statistics.
@@ -234,8 +242,39 @@ def _unfolded_backward(ctx, dparts, dattn, dkeys, dlse, dmean, drstd):
     dx, dq, dwk, dgamma, dbeta = torch.ops.c2f.part_attention_unfolded_backward(
         x, queries, k_weight, norm_weight, keys, lse, mean, rstd, dparts, dattn, h, scale, backend, needs_dx,
         chunk_mib, prec)
-    return (dx if needs_dx else None, dq, dwk, _bias_grad(ctx, x), dgamma, dbeta) + (None,) * 6
+    return (dx if needs_dx else None, dq, dwk, _bias_grad(ctx, x), dgamma, dbeta) + (None,) * 7
 
 
 part_attention_unfolded.register_autograd(_unfolded_backward, setup_context=_unfolded_setup)
 part_attention_unfolded_backward.register_autograd(chain_rule_error("part attention"))
+
+
+# ------------------------------------------------------------------------------------- FLOP counts
+# FlopCounterMode sees a custom op as one call: these formulas give the GEMM FLOPs its implementations
+# run (2 per multiply-add; elementwise work is not counted, as for aten ops).
+
+@register_flop_formula(torch.ops.c2f.part_attention_folded)
+def _(x, queries, k_weight, k_bias, norm_weight, norm_bias, num_heads, *args, out_shape=None, **kwargs):
+    (b, c, n), p = x, queries[0]
+    return 2 * p * c * c + 2 * num_heads * p * c * b * n + 2 * p * n * c * b
+
+
+@register_flop_formula(torch.ops.c2f.part_attention_folded_backward)
+def _(x, queries, k_weight, norm_weight, attn, probs, mean, rstd, dparts, dattn, num_heads, scale, backend,
+      needs_dx, *args, out_shape=None, **kwargs):
+    (b, c, n), p = x, queries[0]
+    flops = 3 * 2 * p * c * b * n + 2 * num_heads * p * c * b * n + 2 * 2 * p * c * c
+    return flops + (2 * p * c * c + 2 * num_heads * p * c * b * n if needs_dx else 0)
+
+
+@register_flop_formula(torch.ops.c2f.part_attention_unfolded)
+def _(x, queries, *args, out_shape=None, **kwargs):
+    (b, c, n), p = x, queries[0]
+    return 2 * c * c * b * n + 2 * 2 * p * c * b * n
+
+
+@register_flop_formula(torch.ops.c2f.part_attention_unfolded_backward)
+def _(x, queries, k_weight, norm_weight, keys, lse, mean, rstd, dparts, dattn, num_heads, scale, backend,
+      needs_dx, *args, out_shape=None, **kwargs):
+    (b, c, n), p = x, queries[0]
+    return 5 * 2 * p * c * b * n + 2 * c * c * b * n + (2 * c * c * b * n if needs_dx else 0)

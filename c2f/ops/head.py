@@ -11,9 +11,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from .._math import compute_dtype
-from ._common import chain_rule_error, empty_if_none
+from ._common import chain_rule_error, empty_if_none, no_autocast
 
 
 def implementation(backend: str):
@@ -31,7 +32,8 @@ def c2f_head(x: Tensor, g: Tensor, wrg: Tensor, wcg: Tensor, k_bias: Optional[Te
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(attn [B, P, N], pred [B, P], logits [K, B, classes], probs, zhat, mean, rstd)`` of ``x [B, C, N]``,
     ``perm [B]`` a permutation and ``mask [K, B, P]`` fp32 (K = 1 and all ones: no mixup)."""
-    return implementation(backend).c2f_head_fwd(x, g, wrg, wcg, perm, mask, eps, chunk_mib, dot_precision)
+    with no_autocast(x):
+        return implementation(backend).c2f_head_fwd(x, g, wrg, wcg, perm, mask, eps, chunk_mib, dot_precision)
 
 
 @c2f_head.register_fake
@@ -51,9 +53,10 @@ def c2f_head_backward(x: Tensor, g: Tensor, wrg: Tensor, wcg: Tensor, perm: Tens
                       dpred: Optional[Tensor], dlogits: Optional[Tensor], needs_dx: bool, backend: str,
                       chunk_mib: float, dot_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx or empty, dg, dwrg, dwcg)``."""
-    dg, dwrg, dwcg, dx = implementation(backend).c2f_head_bwd(
-        x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd, dattn, dpred, dlogits, needs_dx, chunk_mib,
-        dot_precision)
+    with no_autocast(x):
+        dg, dwrg, dwcg, dx = implementation(backend).c2f_head_bwd(
+            x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd, dattn, dpred, dlogits, needs_dx, chunk_mib,
+            dot_precision)
     return empty_if_none(dx, x), dg, dwrg, dwcg
 
 
@@ -91,3 +94,24 @@ def _backward(ctx, dattn, dpred, dlogits, dprobs, dzhat, dmean, drstd):
 
 c2f_head.register_autograd(_backward, setup_context=_setup)
 c2f_head_backward.register_autograd(chain_rule_error("C2F head"))
+
+
+# FlopCounterMode sees a custom op as one call: the GEMM FLOPs of the implementations (2 per multiply-add).
+def _pooling_flops(b, c, n, h, p, k, classes):
+    """coef = M P_j (all heads), U = coef xhatᵀ, logits = U Wcgᵀ: [2K] rows per sample."""
+    return 2 * b * 2 * k * (h * p * n + n * c + c * classes)
+
+
+@register_flop_formula(torch.ops.c2f.c2f_head)
+def _(x, g, wrg, wcg, k_bias, perm, mask, *args, out_shape=None, **kwargs):
+    (b, c, n), (h, p, _), classes, k = x, g, wcg[0], mask[0]
+    return 2 * (h + 1) * p * c * b * n + _pooling_flops(b, c, n, h, p, k, classes)
+
+
+@register_flop_formula(torch.ops.c2f.c2f_head_backward)
+def _(x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd, dattn, dpred, dlogits, needs_dx, *args,
+      out_shape=None, **kwargs):
+    (b, c, n), (h, p, _), classes, k = x, g, wcg[0], mask[0]
+    # dG and dWrg; the pooled rows recomputed, dWcg, dU, dcoef and its pull-back to dP.
+    flops = 2 * (h + 1) * p * c * b * n + 2 * _pooling_flops(b, c, n, h, p, k, classes)
+    return flops + (2 * (h + 1) * p * c * b * n + 2 * b * 2 * k * c * n if needs_dx else 0)

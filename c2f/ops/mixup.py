@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 
 def implementation(backend: str):
@@ -75,7 +76,8 @@ class PartMixupInplace(torch.autograd.Function):
         perm, mask = ctx.saved_tensors
         if torch.is_grad_enabled():      # create_graph=True: keep the graph of the (linear) mix
             return mix_transposed(grad, perm, mask), None, None, None
-        if not _storage_is_private(grad):
+        # Under torch.compile the graph is functionalised: mix a copy and let the compiler reuse buffers.
+        if torch.compiler.is_compiling() or not _storage_is_private(grad):
             grad = grad.clone(memory_format=torch.contiguous_format)
         torch.ops.c2f.part_mixup_(grad, perm, mask, True, ctx.backend)
         return grad, None, None, None
@@ -133,3 +135,12 @@ def _pool_backward_backward(ctx, ggrad):
 
 part_mixup_pool.register_autograd(_pool_backward, setup_context=_pool_setup)
 part_mixup_pool_backward.register_autograd(_pool_backward_backward, setup_context=_pool_backward_setup)
+
+
+# FlopCounterMode sees a custom op as one call: the pooled mix is a [B, 2K, P] x [P, C] contraction per
+# sample (forward and backward); the in-place mix is elementwise, which is not counted (as for aten ops).
+@register_flop_formula([torch.ops.c2f.part_mixup_pool, torch.ops.c2f.part_mixup_pool_backward])
+def _(first, perm, mask, *args, out_shape=None, **kwargs):
+    k, b, p = mask
+    c = first[-1]
+    return 2 * b * 2 * k * p * c

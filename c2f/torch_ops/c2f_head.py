@@ -11,7 +11,8 @@ With ``xhat`` the normalised tokens ``[C, b, N]`` of a chunk of samples, ``g = s
     logits[k, b] = (U @ wcgᵀ)[b, k] + (U @ wcgᵀ)[perm b, K + k]
 
 Nothing of ``[B, P, C]`` (or ``[K, B, P, C]``) is formed: memory scales with B·P·N. ``dot_precision``
-is the Triton kernels'; matmuls here follow torch's own settings.
+"bf16" / "fp16" rounds the operands of the large GEMMs (scores, readout and their gradients) to that
+dtype, as autocast does; the small pooled products stay in the compute dtype.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from .._math import chunk_size, chunks, inverse_permutation, layernorm_bwd, normalised_tokens, softmax_, softmax_bwd_
+from .._math import (accumulate_mm_, chunk_size, chunks, inverse_permutation, layernorm_bwd, normalised_tokens,
+                     operand_dtype, softmax_, softmax_bwd_)
 
 __all__ = ["c2f_head_fwd", "c2f_head_bwd"]
 
@@ -73,13 +75,22 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     mean = torch.empty(b_total, n, dtype=dt, device=dev)
     rstd = torch.empty_like(mean)
     inv = inverse_permutation(perm)
-    wrg_h = wrg.view(p, h, d).transpose(0, 1)                                          # [h, P, d]
+    od = operand_dtype(dot_precision, dt)
+    go, wrg_h = g.view(h * p, c).to(od), wrg.to(od).view(p, h, d).transpose(0, 1)      # [h, P, d]
+    # One head: the scores and the readout both contract the whole map, so one [2P, C] GEMM does both.
+    stacked = torch.cat([go, wrg_h[0]]) if h == 1 else None
     step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, k, False), chunk_mib)
     for s in chunks(b_total, step):
         xhat, mean[s], rstd[s] = normalised_tokens(x[s], eps, dt)
+        xo = xhat.to(od)
         b = xhat.shape[1]
-        pr = softmax_(torch.mm(g.view(h * p, c), xhat.view(c, b * n)).view(h, p, b, n)).transpose(1, 2)
-        z = torch.bmm(wrg_h, xhat.view(h, d, b * n)).view(h, p, b, n).transpose(1, 2)  # [h, b, P, N]
+        if stacked is not None:
+            sz = torch.mm(stacked, xo.view(c, b * n)).view(2, p, b, n).to(dt)
+            scores, z = sz[:1], sz[1:].transpose(1, 2)                                 # z [1, b, P, N]
+        else:
+            scores = torch.mm(go, xo.view(c, b * n)).view(h, p, b, n).to(dt)
+            z = torch.bmm(wrg_h, xo.view(h, d, b * n)).view(h, p, b, n).to(dt).transpose(1, 2)
+        pr = softmax_(scores).transpose(1, 2)                                          # [h, b, P, N]
         if h == 1:
             attn[s] = pr[0]
         else:
@@ -107,17 +118,22 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     k = mask.shape[0]
     dt = g.dtype
     dev = x.device
-    dg = torch.zeros(h * p, c, dtype=dt, device=dev)
-    dwrg = torch.zeros(p, c, dtype=dt, device=dev)
+    # One head: dG and dWrg come from one [2P, b*N] x [b*N, C] GEMM of the stacked [dS; dZ].
+    stacked = h == 1
+    dgw = torch.zeros(2 * p if stacked else h * p, c, dtype=dt, device=dev)
+    dg = dgw[:p] if stacked else dgw
+    dwrg = dgw[p:] if stacked else torch.zeros(p, c, dtype=dt, device=dev)
     dwcg = torch.zeros_like(wcg)
     dx = torch.empty_like(x) if needs_dx else None
     inv = inverse_permutation(perm)
-    wrg_h = wrg.view(p, h, d).transpose(0, 1)
+    od = operand_dtype(dot_precision, dt)
+    wrg_h = wrg.to(od).view(p, h, d).transpose(0, 1)
     if dlogits is not None:   # rows of sample b: its own views, then the views it was mixed into
         drows = torch.cat([dlogits, dlogits[:, inv]]).transpose(0, 1).to(dt)         # [B, 2K, classes]
     step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, k, True), chunk_mib)
     for s in chunks(b_total, step):
         xhat, _, _ = normalised_tokens(x[s], 0.0, dt, mean[s], rstd[s])
+        xo = xhat.to(od)
         b = xhat.shape[1]
         pr = attn[s][None] if h == 1 else probs[s].transpose(0, 1)                   # [h, b, P, N]
         z = zhat[s].transpose(0, 1)
@@ -125,14 +141,17 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
         dxhat = torch.zeros(c, b, n, dtype=dt, device=dev) if needs_dx else None
         if dattn is not None:
             dp.add_(dattn[s].to(dt), alpha=1.0 / h)
+        dsz = torch.zeros(2 * p, b * n, dtype=od, device=dev) if stacked else None   # [dS; dZ]
         if dpred is not None:
             dpb = dpred[s].to(dt)[None, :, :, None]
             dp.addcmul_(z, dpb)
-            dz = (pr * dpb).transpose(1, 2)                                              # [h, P, b, N]
-            dwrg.view(p, h, d).transpose(0, 1).baddbmm_(
-                dz.reshape(h, p, b * n), xhat.view(h, d, b * n).transpose(1, 2))
+            dz = (pr * dpb).transpose(1, 2).reshape(h, p, b * n).to(od)                 # [h, P, b*N]
+            if stacked:
+                dsz[p:] = dz[0]
+            else:
+                dwrg.view(p, h, d).transpose(0, 1).add_(torch.bmm(dz, xo.view(h, d, b * n).transpose(1, 2)))
             if needs_dx:
-                dxhat.view(h, d, b * n).baddbmm_(wrg_h.transpose(1, 2), dz.reshape(h, p, b * n))
+                dxhat.view(h, d, b * n).add_(torch.bmm(wrg_h.transpose(1, 2), dz))
         if dlogits is not None:
             m = _pool_rows(mask, inv, s, dt)                                               # [b, 2K, P]
             coef = torch.stack([torch.bmm(m, pr[j]) for j in range(h)])                  # [h, b, 2K, N]
@@ -145,9 +164,15 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
                 dp[j].baddbmm_(m.transpose(1, 2), dcoef)
                 if needs_dx:
                     dxhat[cols] += torch.bmm(du[:, :, cols].transpose(1, 2), coef[j]).transpose(0, 1)
-        ds = softmax_bwd_(dp, pr).transpose(1, 2).reshape(h * p, b * n)
-        dg.addmm_(ds, xhat.view(c, b * n).T)
+        if stacked:
+            dsz[:p] = softmax_bwd_(dp, pr)[0].transpose(0, 1).reshape(p, b * n)
+            ds = dsz[:p]
+            accumulate_mm_(dgw, dsz, xo.view(c, b * n).T)
+        else:
+            ds = softmax_bwd_(dp, pr).transpose(1, 2).reshape(h * p, b * n).to(od)
+            accumulate_mm_(dg, ds, xo.view(c, b * n).T)
         if needs_dx:
-            dxhat.view(c, b * n).addmm_(g.view(h * p, c).T, ds)
+            accumulate_mm_(dxhat.view(c, b * n), g.view(h * p, c).T.to(od), ds)
             dx[s] = layernorm_bwd(dxhat, xhat, rstd[s]).transpose(0, 1)
-    return dg.view(h, p, c), dwrg, dwcg, dx
+    # Custom-op outputs must not share storage: one head's dG and dWrg are halves of one buffer.
+    return dg.clone().view(h, p, c) if stacked else dg.view(h, p, c), dwrg, dwcg, dx

@@ -2,8 +2,10 @@
 ``c2f.kernels.part_attention`` implements with Triton kernels (same functions, same signatures, same
 saved state; docs/design.md, "The op contract").
 
-``dot_precision`` is the Triton kernels' (``"tf32"`` or ``"ieee"`` fp32 dots on a GPU); here matmuls
-follow torch's own settings (``torch.backends.cuda.matmul.allow_tf32``). Both formulations work a chunk of samples at a time (``chunk_mib`` of temporaries): the token
+``dot_precision``: "bf16" / "fp16" round the GEMM operands to that dtype (autocast; statistics, softmax
+and logsumexp stay fp32); "tf32" / "ieee" keep fp32 operands, and the matmuls follow torch's own
+settings (``torch.backends.cuda.matmul.allow_tf32``); docs/design.md, "Precision". Both formulations
+work a chunk of samples at a time (``chunk_mib`` of temporaries): the token
 statistics and the normalised tokens ``xhat [C, b, N]`` of the chunk are formed once, so every large
 product is one GEMM over all ``b * N`` tokens of the chunk, never a Python loop over samples.
 
@@ -22,7 +24,8 @@ from typing import Optional
 
 import torch
 
-from .._math import chunk_size, chunks, layernorm_bwd, normalised_tokens, softmax_, softmax_bwd_
+from .._math import (accumulate_mm_, chunk_size, chunks, layernorm_bwd, normalised_tokens, operand_dtype, softmax_,
+                     softmax_bwd_)
 
 __all__ = ["folded_fwd", "folded_bwd", "unfolded_fwd", "unfolded_bwd"]
 
@@ -38,19 +41,20 @@ def _empty_stats(x: torch.Tensor, dt: torch.dtype):
     return torch.empty(b, n, dtype=dt, device=x.device), torch.empty(b, n, dtype=dt, device=x.device)
 
 
-def _weighted_sum_(parts: torch.Tensor, probs: torch.Tensor, xhat: torch.Tensor, gamma: torch.Tensor,
+def _weighted_sum_(parts: torch.Tensor, probs: torch.Tensor, xo: torch.Tensor, gamma: torch.Tensor,
                    beta: torch.Tensor) -> None:
     """``parts [b, P, C] = gamma * (probs_j @ xhat_jᵀ) + beta`` per head, ``probs [h, b, P, N]``,
-    ``xhat [C, b, N]``; computed in the compute dtype and rounded once to ``parts.dtype``."""
+    ``xo [C, b, N]`` (the normalised tokens in the operand dtype); rounded once to ``parts.dtype``."""
     h = probs.shape[0]
-    d = xhat.shape[0] // h
+    d = xo.shape[0] // h
     for j in range(h):
         cols = slice(j * d, (j + 1) * d)
-        xt = xhat[cols].permute(1, 2, 0)                                             # [b, N, d]
-        if h == 1 and parts.dtype == probs.dtype:
+        xt = xo[cols].permute(1, 2, 0)                                               # [b, N, d]
+        if h == 1 and parts.dtype == probs.dtype == xo.dtype:
             torch.bmm(probs[0], xt, out=parts).mul_(gamma).add_(beta)
         else:
-            parts[:, :, cols] = torch.bmm(probs[j], xt).mul_(gamma[cols]).add_(beta[cols])
+            value = torch.bmm(probs[j].to(xo.dtype), xt).to(gamma.dtype)
+            parts[:, :, cols] = value.mul_(gamma[cols]).add_(beta[cols])
 
 
 def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float,
@@ -69,35 +73,40 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
     attn = torch.empty(b_total, p, n, dtype=dt, device=x.device)
     probs = torch.empty((b_total, h, p, n) if h > 1 else (0,), dtype=dt, device=x.device)
     mean, rstd = _empty_stats(x, dt)
+    od = operand_dtype(dot_precision, dt)
+    go = g.view(h * p, c).to(od)
     step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, False), chunk_mib)
     for s in chunks(b_total, step):
         xhat, mean[s], rstd[s] = normalised_tokens(x[s], eps, dt)
+        xo = xhat.to(od)
         b = xhat.shape[1]
-        scores = torch.mm(g.view(h * p, c), xhat.view(c, b * n)).view(h, p, b, n)
+        scores = torch.mm(go, xo.view(c, b * n)).view(h, p, b, n).to(dt)
         pr = softmax_(scores).transpose(1, 2)                                         # [h, b, P, N]
         if h == 1:
             attn[s] = pr[0]
         else:
             probs[s] = pr.transpose(0, 1)
             torch.mean(pr, 0, out=attn[s])
-        _weighted_sum_(parts[s], attn[s][None] if h == 1 else pr, xhat, gamma, beta)
+        _weighted_sum_(parts[s], attn[s][None] if h == 1 else pr, xo, gamma, beta)
     return parts, attn, probs, mean, rstd
 
 
-def _values_and_dp(dparts, probs, xhat, gamma):
+def _values_and_dp(dparts, probs, xhat, gamma, od):
     """For one chunk: ``dP [h, b, P, N] = (dparts_j * gamma_j) @ xhat_j`` and the values
-    ``dparts_jᵀ @ probs_j`` as ``[C, b, N]`` (gamma's gradient through the values, and dxhat)."""
+    ``dparts_jᵀ @ probs_j`` as ``[C, b, N]`` (gamma's gradient through the values, and dxhat); GEMM
+    operands in ``od``, results in xhat's dtype."""
     h, b, p, n = probs.shape
     c = xhat.shape[0]
     d = c // h
-    xg = xhat * gamma[:, None, None]
+    xg = (xhat * gamma[:, None, None]).to(od)
+    dfo = dparts.to(od)
     dp = torch.empty(h, b, p, n, dtype=xhat.dtype, device=xhat.device)
     values = torch.empty(c, b, n, dtype=xhat.dtype, device=xhat.device)
     for j in range(h):
         cols = slice(j * d, (j + 1) * d)
-        df = dparts[:, :, cols]                                                        # [b, P, d]
-        torch.bmm(df, xg[cols].transpose(0, 1), out=dp[j])
-        values[cols] = torch.bmm(df.transpose(1, 2), probs[j]).transpose(0, 1)
+        df = dfo[:, :, cols]                                                           # [b, P, d]
+        dp[j] = torch.bmm(df, xg[cols].transpose(0, 1))
+        values[cols] = torch.bmm(df.transpose(1, 2), probs[j].to(od)).transpose(0, 1)
     return dp, values
 
 
@@ -119,6 +128,7 @@ def folded_bwd(x: torch.Tensor, g: Optional[torch.Tensor], gamma: torch.Tensor, 
     dgamma = torch.zeros(c, dtype=dt, device=x.device)
     dbeta = torch.zeros(c, dtype=dt, device=x.device)
     dx = torch.empty_like(x) if needs_dx else None
+    od = operand_dtype(dot_precision, dt)
     step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, True), chunk_mib)
     for s in chunks(b_total, step):
         xhat, _, _ = normalised_tokens(x[s], 0.0, dt, mean[s], rstd[s])
@@ -127,16 +137,16 @@ def folded_bwd(x: torch.Tensor, g: Optional[torch.Tensor], gamma: torch.Tensor, 
         if dparts is not None:
             df = dparts[s].to(dt)
             dbeta += df.sum((0, 1))
-            dp, values = _values_and_dp(df, pr, xhat, gamma)
+            dp, values = _values_and_dp(df, pr, xhat, gamma, od)
             dgamma += (values * xhat).sum((1, 2))
         else:
             dp, values = torch.zeros(h, b, p, n, dtype=dt, device=x.device), None
         if dattn is not None:
             dp.add_(dattn[s].to(dt), alpha=1.0 / h)
-        ds = softmax_bwd_(dp, pr).transpose(1, 2).reshape(h * p, b * n)               # [hP, b*N]
-        dg.addmm_(ds, xhat.view(c, b * n).T)
+        ds = softmax_bwd_(dp, pr).transpose(1, 2).reshape(h * p, b * n).to(od)       # [hP, b*N]
+        accumulate_mm_(dg, ds, xhat.view(c, b * n).T.to(od))
         if needs_dx:
-            dxhat = torch.mm(g.view(h * p, c).T, ds).view(c, b, n)
+            dxhat = torch.mm(g.view(h * p, c).T.to(od), ds).view(c, b, n).to(dt)
             if values is not None:
                 dxhat.addcmul_(values, gamma[:, None, None])
             dx[s] = layernorm_bwd(dxhat, xhat, rstd[s]).transpose(0, 1)
@@ -159,18 +169,21 @@ def unfolded_fwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torc
     keys = torch.empty(c, b_total, n, dtype=dt, device=x.device)
     lse = torch.empty(b_total, h, p, dtype=dt, device=x.device)
     mean, rstd = _empty_stats(x, dt)
+    od = operand_dtype(dot_precision, dt)
+    wgo, qo = wg.to(od), q.to(od)
     step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, False) + 4 * c * n, chunk_mib)
     for s in chunks(b_total, step):
         xhat, mean[s], rstd[s] = normalised_tokens(x[s], eps, dt)
+        xo = xhat.to(od)
         b = xhat.shape[1]
-        k = torch.mm(wg, xhat.view(c, b * n))                                         # [C, b*N]
+        k = torch.mm(wgo, xo.view(c, b * n))                                          # [C, b*N]
         keys[:, s] = k.view(c, b, n)
-        scores = torch.bmm(q, k.view(h, d, b * n)).view(h, p, b, n)
+        scores = torch.bmm(qo, k.view(h, d, b * n)).view(h, p, b, n).to(dt)
         m = torch.logsumexp(scores, -1)                                               # [h, P, b]
         lse[s] = m.permute(2, 0, 1)
         pr = scores.sub_(m[..., None]).exp_().transpose(1, 2)                         # [h, b, P, N]
         torch.mean(pr, 0, out=attn[s])
-        _weighted_sum_(parts[s], pr, xhat, gamma, beta)
+        _weighted_sum_(parts[s], pr, xo, gamma, beta)
     return parts, attn, keys, lse, mean, rstd
 
 
@@ -187,28 +200,30 @@ def unfolded_bwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torc
     dgamma = torch.zeros(c, dtype=dt, device=x.device)
     dbeta = torch.zeros(c, dtype=dt, device=x.device)
     dx = torch.empty_like(x) if needs_dx else None
+    od = operand_dtype(dot_precision, dt)
+    qo = q.to(od)
     step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, True) + 4 * c * n, chunk_mib)
     for s in chunks(b_total, step):
         xhat, _, _ = normalised_tokens(x[s], 0.0, dt, mean[s], rstd[s])
         b = xhat.shape[1]
-        k = keys[:, s].reshape(h, d, b * n)
-        scores = torch.bmm(q, k).view(h, p, b, n)
+        k = keys[:, s].reshape(h, d, b * n).to(od)
+        scores = torch.bmm(qo, k).view(h, p, b, n).to(dt)
         pr = scores.sub_(lse[s].permute(1, 2, 0)[..., None]).exp_().transpose(1, 2)  # [h, b, P, N]
         if dparts is not None:
             df = dparts[s].to(dt)
             dbeta += df.sum((0, 1))
-            dp, values = _values_and_dp(df, pr, xhat, gamma)
+            dp, values = _values_and_dp(df, pr, xhat, gamma, od)
             dgamma += (values * xhat).sum((1, 2))
         else:
             dp, values = torch.zeros(h, b, p, n, dtype=dt, device=x.device), None
         if dattn is not None:
             dp.add_(dattn[s].to(dt), alpha=1.0 / h)
-        ds = softmax_bwd_(dp, pr).transpose(1, 2).reshape(h, p, b * n)                # [h, P, b*N]
-        dq.baddbmm_(ds, k.transpose(1, 2))
-        dk = torch.bmm(q.transpose(1, 2), ds).view(c, b * n)                         # dkeys [C, b*N]
-        dwg.addmm_(dk, xhat.view(c, b * n).T)
+        ds = softmax_bwd_(dp, pr).transpose(1, 2).reshape(h, p, b * n).to(od)        # [h, P, b*N]
+        dq += torch.bmm(ds, k.transpose(1, 2))
+        dk = torch.bmm(qo.transpose(1, 2), ds).view(c, b * n)                        # dkeys [C, b*N]
+        accumulate_mm_(dwg, dk, xhat.view(c, b * n).T.to(od))
         if needs_dx:
-            dxhat = torch.mm(wg.T, dk).view(c, b, n)
+            dxhat = torch.mm(wg.T.to(od), dk).view(c, b, n).to(dt)
             if values is not None:
                 dxhat.addcmul_(values, gamma[:, None, None])
             dx[s] = layernorm_bwd(dxhat, xhat, rstd[s]).transpose(0, 1)

@@ -19,17 +19,22 @@ __all__ = ["part_mixup_fwd_", "part_mixup_bwd_", "part_mixup_pool_fwd", "part_mi
 CHUNK_ELEMS = 1 << 18
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _mix_(x: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor, backward: bool) -> None:
     b, p, c = x.shape
     if x.numel() == 0:
         return
+    dt = _compute_dtype(x.dtype)
     rows_per_chunk = max(1, CHUNK_ELEMS // (b * c))
     # Forward: F'[b] = m[b] F[b] + (1 - m[b]) F[perm b]; backward: dF[b] = m[b] dY[b] + (1 - m[perm b]) dY[perm b].
-    own = mask.unsqueeze(-1)                                      # [B, P, 1] fp32: m and 1 - m exact
-    other = (1 - (mask[perm] if backward else mask)).unsqueeze(-1)
+    own = mask.unsqueeze(-1).to(dt)                              # [B, P, 1]: m and 1 - m exact in fp32
+    other = (1 - (mask[perm] if backward else mask)).unsqueeze(-1).to(dt)
     for r0 in range(0, p, rows_per_chunk):
         rows = slice(r0, r0 + rows_per_chunk)
-        chunk = x[:, rows].float()
+        chunk = x[:, rows].to(dt)
         x[:, rows] = torch.mul(chunk, own[:, rows]).addcmul_(chunk[perm], other[:, rows])
 
 
@@ -52,10 +57,6 @@ def _pool_weights(mask: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype) -> 
     own = mask.transpose(0, 1)
     partner = (1 - mask[:, inv]).transpose(0, 1)
     return (torch.cat([own, partner], 1) / p).to(dtype)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def part_mixup_pool_fwd(parts: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

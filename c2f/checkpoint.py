@@ -1,0 +1,229 @@
+"""Checkpoints: atomic writes, safe loads, and model files that rebuild their module alone.
+
+A model file (``best.pt``, or any ``save_model`` output) is a dict loadable with
+``torch.load(weights_only=True)``::
+
+    format: "c2f-model", version: 1
+    model_class: "c2f.head.C2FHead"      the module's import path (only c2f classes are rebuilt)
+    model_args: {dim, num_parts, ...}     constructor arguments (``model_args(module)``)
+    model: state_dict
+    ...meta                               e.g. epoch, metrics, config, class_names, attribute_names
+
+Where ``safetensors`` is installed, ``save_model`` also writes ``<name>.safetensors`` with the same
+tensors and ``format``/``model_class``/``model_args`` (JSON) in its metadata. Every load here uses
+``weights_only=True``: a file holding pickled Python objects (a callable, a class instance) is refused
+with one line and nothing in it runs.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import pickle
+import random
+import re
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+MODEL_FORMAT = "c2f-model"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unsafe to load, or does not fit the model asked for."""
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save`` to a temporary name, then ``os.replace``: a killed writer leaves the old file whole."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _numpy_array_globals() -> list:
+    """What a pickled numpy array needs: it only rebuilds arrays (nested objects still pass this unpickler).
+
+    ``last.pt`` files of earlier c2f versions hold numpy's RNG state as an array; these let them resume.
+    """
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray
+    return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def safe_load(path: str, map_location="cpu") -> dict:
+    """``torch.load(path, weights_only=True)``; refuses pickled code with one clear line."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found is None and "Unsupported operand" in str(e):
+            raise CheckpointError(f"{path}: not a readable checkpoint (not a torch.save file)") from None
+        what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
+        raise CheckpointError(f"{path}: refused to load: it holds {what}, not only tensors and plain "
+                              "containers (loading it could run code); c2f writes no such files") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
+
+
+# ------------------------------------------------------------------------------- model files
+
+def _attention_args(att: nn.Module) -> dict:
+    return dict(dim=att.dim, num_parts=att.num_parts, num_heads=att.num_heads, qkv_bias=att.k.bias is not None,
+                qk_scale=float(att.scale), eps=float(att.eps))
+
+
+def model_args(module: nn.Module) -> dict:
+    """Constructor arguments that rebuild ``module`` (a c2f ``C2FHead`` or ``PartAttention``, either kind).
+
+    Only arguments of the class's own signature are returned; ``device``/``dtype`` factory arguments
+    are never stored (a checkpoint loads onto any device). ``qk_scale`` is stored as the scale in use.
+    """
+    if hasattr(module, "attention") and hasattr(module, "classifier"):
+        args = dict(_attention_args(module.attention), num_classes=module.classifier.out_features)
+    elif hasattr(module, "queries") and hasattr(module, "k"):
+        args = _attention_args(module)
+    else:
+        raise TypeError(f"model_args: {type(module).__name__} is not a c2f head or attention module")
+    for name in ("materialize_parts", "backend", "formulation"):
+        if hasattr(module, name):
+            args[name] = getattr(module, name)
+    accepted = inspect.signature(type(module).__init__).parameters
+    return {k: v for k, v in args.items() if k in accepted}
+
+
+def class_path(module_or_cls) -> str:
+    cls = module_or_cls if isinstance(module_or_cls, type) else type(module_or_cls)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _resolve_class(name: str) -> type:
+    """Imports a model class named in a checkpoint; only classes defined in c2f are accepted."""
+    module_name, _, attr = name.rpartition(".")
+    if not module_name.split(".")[0] == "c2f":
+        raise CheckpointError(f"the checkpoint names model class {name!r}, which is not a c2f class; "
+                              "pass cls= to load it into a class of your choice")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        raise CheckpointError(f"the checkpoint names model class {name!r}, which this c2f does not have") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise CheckpointError(f"the checkpoint names {name!r}, which is not an nn.Module class")
+    return cls
+
+
+def safetensors_path(path: str) -> str:
+    return os.path.splitext(path)[0] + ".safetensors"
+
+
+def save_model(path: str, module: nn.Module, **meta) -> None:
+    """Writes ``module``'s weights, class and constructor arguments (plus ``meta``) atomically.
+
+    ``meta`` values must be tensors or plain containers of str/int/float/bool/None (so the file loads
+    with ``weights_only=True``). Also writes ``<name>.safetensors`` where safetensors is installed.
+    """
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    args = model_args(module)
+    atomic_save(dict(format=MODEL_FORMAT, version=VERSION, model_class=class_path(module), model_args=args,
+                     model=state, **meta), path)
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        return
+    sidecar = safetensors_path(path)
+    if sidecar == path:
+        return
+    metadata = dict(format=MODEL_FORMAT, version=str(VERSION), model_class=class_path(module),
+                    model_args=json.dumps(args))
+    for key in ("epoch", "metrics", "class_names", "attribute_names"):
+        if key in meta:
+            metadata[key] = json.dumps(meta[key])
+    tmp = f"{sidecar}.tmp-{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+    os.replace(tmp, sidecar)
+
+
+def read_model_file(path: str) -> dict:
+    """A model file as a dict (``format``, ``model_class``, ``model_args``, ``model`` and any meta).
+
+    Reads ``.pt`` files with ``weights_only=True`` and ``.safetensors`` files (their JSON metadata decoded).
+    """
+    if path.endswith(".safetensors"):
+        from .extras import require
+        st = require("safetensors.torch", "safetensors", f"reading {path}")
+        from safetensors import safe_open
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: no such checkpoint file")
+        with safe_open(path, framework="pt") as f:
+            raw = f.metadata() or {}
+        state = st.load_file(path)
+        out = {k: (v if k in ("format", "model_class") else json.loads(v)) for k, v in raw.items()}
+        out["version"] = int(out.get("version", 0))
+        out["model"] = state
+        return out
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path}: not a c2f checkpoint (expected a dict with a 'model' state_dict)")
+    return ckpt
+
+
+def load_model(path: str, cls: Optional[type] = None, map_location="cpu", **overrides) -> nn.Module:
+    """Rebuilds the module saved by ``save_model`` from the file alone and loads its weights.
+
+    ``cls`` overrides the class recorded in the file (e.g. ``c2f.reference.C2FHead`` for a fused
+    head's checkpoint: the state_dicts match); ``overrides`` replace constructor arguments (e.g.
+    ``backend="torch"``). Returns the module in training mode, on ``map_location``.
+    """
+    ckpt = read_model_file(path)
+    if "model_args" not in ckpt:
+        raise CheckpointError(f"{path}: has no model_args (written before c2f stored them); build the model "
+                              "yourself and call load_state_dict(c2f.checkpoint.safe_load(path)['model'])")
+    cls = cls or _resolve_class(ckpt["model_class"])
+    accepted = inspect.signature(cls.__init__).parameters
+    args = {k: v for k, v in {**ckpt["model_args"], **overrides}.items() if k in accepted}
+    module = cls(**args)
+    load_state(module, ckpt["model"], path)
+    return module.to(map_location)
+
+
+def load_state(module: nn.Module, state: dict, path: str) -> None:
+    """``module.load_state_dict(state)`` with one clear line when the shapes or keys do not fit."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = "; ".join(lines[1:4]) or lines[0]
+        raise CheckpointError(f"{path}: its weights do not fit this {type(module).__name__} ({detail})") from None
+
+
+# ---------------------------------------------------------------------------------- RNG state
+
+def rng_state() -> dict:
+    """Global RNG states as tensors and plain containers (so ``last.pt`` loads with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return dict(torch=torch.get_rng_state(),
+                numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                           has_gauss=int(has_gauss), cached_gaussian=float(cached)),
+                python=dict(version=version, internal=list(internal), gauss_next=gauss_next),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(state: dict) -> None:
+    """Restores ``rng_state()``'s states (or the tuples that earlier c2f versions stored)."""
+    torch.set_rng_state(state["torch"])
+    n, p = state["numpy"], state["python"]
+    if isinstance(n, dict):
+        n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)
+    if isinstance(p, dict):
+        p = (p["version"], tuple(p["internal"]), p["gauss_next"])
+    random.setstate(p)
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

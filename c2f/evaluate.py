@@ -1,0 +1,209 @@
+"""Evaluation and prediction with a trained head: the code behind training's validation, ``c2f eval``
+and ``c2f predict`` (the same metrics everywhere, from ``c2f.metrics``)."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint, metrics
+from .data import FeatureCache, attribute_targets, make_loader, read_manifest, split_rows
+from .devices import autocast, resolve_amp, resolve_device
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("test", "val", "train", "all")
+
+
+def is_fused(model: nn.Module) -> bool:
+    """Fused c2f modules take the cache's fp16 features as they are; plain modules want their own dtype."""
+    from .nn import C2FHead
+    return isinstance(model, C2FHead)
+
+
+def model_input(x: torch.Tensor, model: nn.Module, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device``: in the cache dtype for a fused head (no fp32 copy), else in the parameters' dtype."""
+    x = x.to(device, non_blocking=True)
+    if not is_fused(model):
+        x = x.to(next(model.parameters()).dtype)
+    return x
+
+
+@torch.inference_mode()
+def collect(model: nn.Module, loader, device: torch.device, amp: str = "off", keep_attention: int = 0) -> dict:
+    """Runs ``model`` (unmixed) over ``loader``; numpy arrays ``logits [n, classes]``, ``attr_pred [n, A]``,
+    ``labels [n]``, ``targets [n, A]``, ``rows [n]`` and ``attn`` (the first ``keep_attention`` maps, or None)."""
+    was_training = model.training
+    model.eval()
+    out = {k: [] for k in ("logits", "attr_pred", "labels", "targets", "rows", "attn")}
+    kept = 0
+    for batch in loader:
+        x = model_input(batch["x"], model, device)
+        with autocast(device, amp):
+            res = model(x)
+        out["logits"].append(res.logits.float().cpu().numpy())
+        out["attr_pred"].append(res.attr_pred.float().cpu().numpy())
+        out["labels"].append(batch["labels"].numpy())
+        out["targets"].append(batch["attr_target"].numpy())
+        out["rows"].append(batch["index"].numpy())
+        if kept < keep_attention:
+            out["attn"].append(res.attn[:keep_attention - kept].float().cpu().numpy())
+            kept += len(out["attn"][-1])
+    model.train(was_training)
+    return concat([out])
+
+
+def concat(parts: list) -> dict:
+    """Outputs of several ``collect`` calls (e.g. one per process) joined row-wise."""
+    joined = {}
+    for key in ("logits", "attr_pred", "labels", "targets", "rows", "attn"):
+        arrays = [a for p in parts for a in (p[key] if isinstance(p[key], list) else [p[key]]) if a is not None]
+        joined[key] = np.concatenate(arrays) if arrays else None
+    if joined["labels"] is None:
+        joined.update(labels=np.empty(0, np.int64), rows=np.empty(0, np.int64))
+    return joined
+
+
+# ------------------------------------------------------------------------------ eval / predict
+
+def resolve_checkpoint(source: str) -> str:
+    """``source`` itself if a file, else ``source/best.pt`` (a run directory)."""
+    if os.path.isdir(source):
+        path = os.path.join(source, "best.pt")
+        if not os.path.isfile(path):
+            raise checkpoint.CheckpointError(f"{source} has no best.pt (no finished epoch yet?)")
+        return path
+    if not os.path.isfile(source):
+        raise checkpoint.CheckpointError(f"{source}: no such run directory or checkpoint file")
+    return source
+
+
+def open_model(source: str, device: torch.device) -> tuple:
+    """``(model, checkpoint dict)`` from a run directory or a model file (``c2f.checkpoint.load_model``)."""
+    path = resolve_checkpoint(source)
+    model = checkpoint.load_model(path, map_location=device)
+    model.eval()
+    return model, checkpoint.read_model_file(path)
+
+
+def _check_fits(model: nn.Module, cache: FeatureCache) -> None:
+    args = checkpoint.model_args(model)
+    c = cache.feature_shape[0]
+    for name, have, want in (("channels", c, args["dim"]), ("attributes", len(cache.attribute_names), args["num_parts"]),
+                             ("classes", len(cache.class_names), args["num_classes"])):
+        if have != want:
+            raise ConfigError("features", f"{cache.directory} has {have} {name}; the model was trained with {want}")
+
+
+def split_of(cache: FeatureCache, split: str, val_fraction: float, seed: int) -> np.ndarray:
+    """Cache rows of ``split``: the cache's test split, the run's validation or training rows, or all."""
+    if split not in SPLITS:
+        raise ConfigError("split", f"must be one of {', '.join(SPLITS)}; got {split!r}")
+    if split == "all":
+        return np.arange(len(cache))
+    train, val, test = split_rows(cache.labels, cache.is_train, val_fraction, seed)
+    return dict(train=train, val=val, test=test)[split]
+
+
+def evaluate_on_cache(source: str, features: Optional[str] = None, split: str = "test", batch_size: int = 64,
+                      device: Optional[str] = None, amp: str = "off", num_workers: int = 0,
+                      keep_attention: int = 0, verify: str = "size") -> tuple:
+    """``(metrics, outputs, cache, ckpt)`` of a checkpoint on one split of a feature cache.
+
+    ``features`` defaults to the cache the run trained on; val/train rows and the attribute targets
+    follow the run's saved settings (seed, val_fraction, attr_target, attr_loss).
+    """
+    if batch_size <= 0:
+        raise ConfigError("batch_size", f"must be > 0, got {batch_size}")
+    if num_workers < 0:
+        raise ConfigError("num_workers", f"must be >= 0, got {num_workers}")
+    dev = resolve_device(device)
+    amp = resolve_amp(amp, dev)
+    model, ckpt = open_model(source, dev)
+    cfg = ckpt.get("config") or {}
+    features = features or cfg.get("features")
+    if not features:
+        raise ConfigError("features", "the checkpoint does not name its feature cache; pass --features")
+    cache = FeatureCache(features, verify=verify)
+    _check_fits(model, cache)
+    rows = split_of(cache, split, cfg.get("val_fraction", 0.1), cfg.get("seed", 0))
+    targets = attribute_targets(cfg.get("attr_target", "binary"), cache.attributes, cache.certainty,
+                                cache.labels, cache.class_attributes)
+    loader = make_loader(cache, rows, targets, batch_size, shuffle=False, num_workers=num_workers)
+    outputs = collect(model, loader, dev, amp, keep_attention)
+    m = metrics.summarize(outputs, len(cache.class_names), cfg.get("attr_loss", "mse"))
+    return m, outputs, cache, ckpt
+
+
+def prediction_rows(outputs: dict, class_names: list, attribute_names: list, attr_loss: str = "mse",
+                    top_k: int = 5, names: Optional[list] = None, labels: Optional[np.ndarray] = None) -> list:
+    """One dict per sample: the top-k classes with probabilities and the attributes predicted present."""
+    logits = outputs["logits"].astype(np.float64)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+    scores = outputs["attr_pred"]
+    scores = 1 / (1 + np.exp(-scores)) if attr_loss == "bce" else scores
+    rows = []
+    for i in range(len(logits)):
+        r = dict(sample=names[i] if names is not None else int(outputs["rows"][i]))
+        if labels is not None:
+            r.update(label=int(labels[i]), label_name=class_names[int(labels[i])])
+        best = order[i]
+        r.update(pred=int(best[0]), pred_name=class_names[best[0]], prob=float(probs[i, best[0]]),
+                 top_k=" ".join(str(int(k)) for k in best),
+                 top_k_probs=" ".join(f"{probs[i, k]:.4f}" for k in best),
+                 attributes=";".join(attribute_names[a] for a in np.flatnonzero(scores[i] > 0.5)))
+        rows.append(r)
+    return rows
+
+
+@torch.inference_mode()
+def predict_images(source: str, images: list, backbone: Optional[str] = None, weights: Optional[str] = None,
+                   image_size: Optional[int] = None, device: Optional[str] = None, amp: str = "off",
+                   batch_size: int = 16) -> tuple:
+    """``(outputs, ckpt)`` for image files, through the extract backbone into the head.
+
+    ``backbone``, ``weights`` and ``image_size`` default to those recorded in the manifest of the cache
+    the run trained on; features are rounded to that cache's dtype, as training saw them.
+    """
+    from .data.backbones import ImageFolderDataset, open_backbone
+    from .data.extract import check_images
+    dev = resolve_device(device)
+    amp = resolve_amp(amp, dev)
+    model, ckpt = open_model(source, dev)
+    made = {}
+    features = (ckpt.get("config") or {}).get("features")
+    if features and os.path.isfile(os.path.join(features, "manifest.json")):
+        made = read_manifest(features)
+    recorded = made.get("config", {})
+    backbone = backbone or recorded.get("backbone")
+    if not backbone:
+        raise ConfigError("backbone", "the checkpoint's feature cache names no backbone; pass --backbone")
+    image_size = image_size or recorded.get("image_size") or 448
+    if image_size <= 0:
+        raise ConfigError("image_size", f"must be > 0, got {image_size}")
+    check_images([os.path.abspath(p) for p in images], os.getcwd(), progress=False)
+    net = open_backbone(backbone, weights if weights is not None else recorded.get("weights"), image_size)
+    for key in ("backbone_sha256", "weights_sha256"):
+        if recorded.get(key) and net.identity.get(key) and recorded[key] != net.identity[key]:
+            log.warning("the %s file differs from the one the training cache was extracted with (%s)",
+                        key.split("_")[0], key)
+    net.module.to(dev)
+    dataset = ImageFolderDataset(images, net.image_size, transform=net.transform)
+    dtype = getattr(torch, made.get("dtype", "float16"))
+    parts = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([dataset[i] for i in range(start, min(start + batch_size, len(images)))]).to(dev)
+        with autocast(dev, amp):
+            x = net.module(batch).to(dtype)
+        with autocast(dev, amp):
+            res = model(model_input(x, model, dev))
+        parts.append(dict(logits=res.logits.float().cpu().numpy(), attr_pred=res.attr_pred.float().cpu().numpy(),
+                          labels=None, targets=None, rows=np.arange(start, start + len(batch)), attn=None))
+    return concat(parts), ckpt

@@ -1,0 +1,207 @@
+"""Run directories: creation (never over an existing run), the saved config, resume checks, the metric
+logs (``metrics.jsonl``, ``metrics.csv``, optional TensorBoard) and the listing behind ``c2f runs``.
+
+A run directory holds ``config.json`` (every saved ``TrainConfig`` field, paths absolute, and a
+``_run`` section: the run directory and feature cache it was made with), ``metrics.jsonl`` and
+``metrics.csv`` (one row per epoch), ``last.pt`` (resume state), ``best.pt`` (a model file, see
+``c2f.checkpoint``), ``final.json`` and plots.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Optional
+
+from .config import ConfigError, TrainConfig, apply, from_dict, read_config_file, resume_conflicts
+from .metrics import csv_text, format_table
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+RUN_MARKERS = (CONFIG, "last.pt", "best.pt", "metrics.jsonl")
+
+
+class RunError(RuntimeError):
+    """A run directory that cannot be used as asked (exists already, or holds nothing to resume)."""
+
+
+class ResumeConflict(ConfigError):
+    """Settings given with ``--resume`` that differ from the run's saved config: ``(name, given, saved)``."""
+
+    def __init__(self, run_dir: str, conflicts: list):
+        self.run_dir, self.conflicts = run_dir, conflicts
+        listed = ", ".join(f"{k}={v!r} (the run has {s!r})" for k, v, s in conflicts)
+        super().__init__("resume", f"cannot resume {run_dir} with settings that differ from its saved config: "
+                                   f"{listed}; leave them out, or start a new run")
+
+
+def default_run_dir(stage: str, root: str = "runs") -> str:
+    """``runs/<stage>-<time>``, with a suffix if a run of that second exists already."""
+    base = os.path.join(root, f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+    path, i = base, 1
+    while os.path.exists(path):
+        i += 1
+        path = f"{base}-{i}"
+    return path
+
+
+def holds_run(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, name)) for name in RUN_MARKERS)
+
+
+def check_new(run_dir: str) -> None:
+    """Refuses a directory that already holds a run (its files are never overwritten)."""
+    if holds_run(run_dir):
+        raise RunError(f"{run_dir} already holds a run; continue it with --resume, or choose another --run-dir")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunError(f"{run_dir} exists and is not a directory")
+
+
+def check_resumable(run_dir: str) -> None:
+    if not os.path.isfile(os.path.join(run_dir, CONFIG)):
+        raise RunError(f"{run_dir} is not a c2f run directory (no {CONFIG}); nothing to resume")
+    if not os.path.isfile(os.path.join(run_dir, "last.pt")):
+        raise RunError(f"{run_dir} has no last.pt: it stopped before its first epoch ended; "
+                       "start a new run instead")
+
+
+def write_config(run_dir: str, cfg: TrainConfig, **run) -> None:
+    """``config.json``: the saved settings plus ``_run`` (absolute run directory and ``run`` facts)."""
+    data = dict(cfg.to_dict(saved_only=True), _run=dict(run_dir=os.path.abspath(run_dir), **run))
+    tmp = os.path.join(run_dir, f"{CONFIG}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, os.path.join(run_dir, CONFIG))
+
+
+def read_saved(run_dir: str) -> tuple:
+    """``(TrainConfig, run facts)`` saved in ``run_dir/config.json``; ``run_dir`` is set to the one given."""
+    data = read_config_file(os.path.join(run_dir, CONFIG))
+    cfg = from_dict(data, source=os.path.join(run_dir, CONFIG))
+    cfg.run_dir = run_dir
+    return cfg, data.get("_run", {})
+
+
+def load_run_config(run_dir: str) -> TrainConfig:
+    return read_saved(run_dir)[0]
+
+
+def resume_config(run_dir: str, given: Optional[dict] = None) -> TrainConfig:
+    """The saved config of ``run_dir`` with the explicitly ``given`` settings applied.
+
+    Operational settings (workers, progress, stop_after, a moved ``features`` path, ...) may differ;
+    ``epochs`` may grow (the run is extended); any other difference raises ``ResumeConflict``.
+    """
+    check_resumable(run_dir)
+    saved, _ = read_saved(run_dir)
+    given = {k: v for k, v in (given or {}).items() if k != "run_dir"}
+    conflicts = resume_conflicts(saved, given)
+    if conflicts:
+        raise ResumeConflict(run_dir, conflicts)
+    return apply(saved, given)
+
+
+# ------------------------------------------------------------------------------------ metric logs
+
+class MetricsLog:
+    """``metrics.jsonl`` (appended, one line an epoch), ``metrics.csv`` (rewritten from it) and TensorBoard."""
+
+    def __init__(self, run_dir: str, tensorboard: bool = False):
+        self.jsonl = os.path.join(run_dir, "metrics.jsonl")
+        self.csv = os.path.join(run_dir, "metrics.csv")
+        self.writer = None
+        if tensorboard:
+            from .extras import require
+            tb = require("torch.utils.tensorboard", "tensorboard", "--tensorboard", "tensorboard")
+            self.writer = tb.SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def records(self) -> list:
+        if not os.path.isfile(self.jsonl):
+            return []
+        with open(self.jsonl, encoding="utf-8") as f:
+            return [json.loads(ln) for ln in f if ln.strip()]
+
+    def start(self) -> None:
+        open(self.jsonl, "w").close()
+        self._write_csv([])
+
+    def truncate(self, epoch: int) -> None:
+        """Drops lines of epochs logged after the checkpoint being resumed was taken."""
+        kept = [r for r in self.records() if r["epoch"] <= epoch]
+        with open(self.jsonl, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        self._write_csv(kept)
+
+    def append(self, record: dict) -> None:
+        with open(self.jsonl, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        self._write_csv(self.records())
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "epoch" and value is not None:
+                    self.writer.add_scalar(key.replace("_", "/", 1), value, record["epoch"])
+            self.writer.flush()
+
+    def _write_csv(self, records: list) -> None:
+        tmp = f"{self.csv}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(csv_text(records) if records else "epoch\n")
+        os.replace(tmp, self.csv)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+# ------------------------------------------------------------------------------------ c2f runs
+
+RUN_COLUMNS = [("run", "run", None), ("stage", "stage", None), ("head", "head", None),
+               ("epochs", "epochs", None), ("status", "status", None), ("best_epoch", "best", None),
+               ("val_top1", "val top-1", ".1%"), ("val_attr_map", "val attr-mAP", ".3f"),
+               ("test_top1", "test top-1", ".1%"), ("test_attr_map", "test attr-mAP", ".3f")]
+
+
+def run_summary(run_dir: str) -> dict:
+    """One row of ``c2f runs``: settings, progress and the best validation and test metrics."""
+    with open(os.path.join(run_dir, CONFIG), encoding="utf-8") as f:
+        cfg = json.load(f)
+    records = MetricsLog(run_dir).records()
+    final = None
+    if os.path.isfile(os.path.join(run_dir, "final.json")):
+        with open(os.path.join(run_dir, "final.json"), encoding="utf-8") as f:
+            final = json.load(f)
+    done = records[-1]["epoch"] if records else 0
+    key = "val_reg" if cfg.get("stage") == "attention" else "val_top1"
+    scored = [r for r in records if r.get(key) is not None]
+    best = (min if key == "val_reg" else max)(scored, key=lambda r: r[key]) if scored else {}
+    test = (final or {}).get("test") or {}
+    status = "done" if final and done >= cfg.get("epochs", 0) else "stopped" if records else "empty"
+    return dict(run=os.path.basename(os.path.normpath(run_dir)), path=os.path.abspath(run_dir),
+                stage=cfg.get("stage"), head=cfg.get("head"), epochs=f"{done}/{cfg.get('epochs')}",
+                status=status, best_epoch=best.get("epoch"), val_top1=best.get("val_top1"),
+                val_attr_map=best.get("val_attr_map"), test_top1=test.get("top1"),
+                test_attr_map=test.get("attr_map"))
+
+
+def list_runs(root: str) -> list:
+    """Summaries of the runs directly under ``root`` (or ``root`` itself if it is a run), by name."""
+    if not os.path.isdir(root):
+        raise RunError(f"{root} is not a directory")
+    if os.path.isfile(os.path.join(root, CONFIG)):
+        return [run_summary(root)]
+    rows = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if os.path.isfile(os.path.join(path, CONFIG)):
+            try:
+                rows.append(run_summary(path))
+            except (OSError, ValueError) as e:
+                log.warning("skipping %s: %s", path, e)
+    return rows
+
+
+def runs_table(rows: list) -> str:
+    return format_table(rows, RUN_COLUMNS)

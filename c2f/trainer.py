@@ -1,0 +1,295 @@
+"""The training loop: one stage of the C2F head on a feature cache, resumable, with DDP under torchrun.
+
+``Trainer(cfg, resume)`` checks everything before it writes anything: the settings, the run directory
+(never an existing run unless resuming it), the cache (on resume: the very cache the run trained on,
+by its manifest) and the checkpoint. The step reads the losses back to the host once per
+``log_every`` steps; a non-finite loss or gradient stops the run with the epoch, step and cache rows
+of the batch before anything non-finite is checkpointed (or, with ``skip_nonfinite``, skips the batch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+from . import checkpoint, evaluate, metrics, plots, reference, runs
+from .config import TrainConfig, resume_conflicts
+from .data import CacheError, FeatureCache, attribute_targets, make_loader, split_rows, synthesize
+from .devices import resolve_amp
+from .distributed import Dist
+from .epoch import EpochLoop, cosine_lambda
+from .errors import ConfigError
+from .extras import available, install_hint, require
+from .mixup import PartMixup
+
+log = logging.getLogger(__name__)
+
+DEMO_CACHE = os.path.join(".cache", "c2f-demo")
+# The demo: CUB's feature and attribute shapes, few classes and images so it trains in minutes on 2 cores.
+DEMO_SYNTH = dict(num_classes=50, images_per_class=32, test_fraction=0.25, seed=0, shard_size=128)
+
+
+class Trainer(EpochLoop):
+    """One training stage: ``Trainer(cfg)`` sets up (in named steps, checking before writing), ``fit()``
+    trains and tests, ``close()`` releases the process group and writers. ``resume=True`` continues the
+    run in ``cfg.run_dir`` from its ``last.pt``."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        cfg.validate()
+        self.cfg, self.resuming = cfg, resume
+        self.dist = Dist(cfg.device)
+        self.device = self.dist.device
+        self.amp = resolve_amp(cfg.amp, self.device)
+        self.plots = cfg.plots and self._plots_available()
+        if cfg.tensorboard:
+            require("torch.utils.tensorboard", "tensorboard", "--tensorboard", "tensorboard")
+        if self.dist.main:
+            for warning in cfg.warnings():
+                log.warning(warning)
+        self._check_run_dir()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimiser()
+        self._setup_run_dir()
+
+    # ------------------------------------------------------------------------------------- setup
+    def _plots_available(self) -> bool:
+        if available("matplotlib"):
+            return True
+        if self.dist.main:
+            log.warning("plots skipped: matplotlib is not installed (%s adds them)", install_hint("plots"))
+        return False
+
+    def _check_run_dir(self) -> None:
+        """Picks the run directory and checks it, creating nothing."""
+        if self.resuming:
+            if not self.cfg.run_dir:
+                raise ConfigError("run_dir", "resuming needs the run directory")
+            self.run_dir = self.cfg.run_dir
+            runs.check_resumable(self.run_dir)
+            saved, self.saved_run = runs.read_saved(self.run_dir)
+            conflicts = resume_conflicts(saved, self.cfg.to_dict())
+            if conflicts:
+                raise runs.ResumeConflict(self.run_dir, conflicts)
+        else:
+            self.run_dir = self.dist.broadcast(self.cfg.run_dir or runs.default_run_dir(self.cfg.stage))
+            runs.check_new(self.run_dir)
+            self.saved_run = {}
+        self.dist.barrier()
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        features = cfg.features
+        if features is None:
+            features = DEMO_CACHE
+            if self.dist.main:
+                log.info("demo: synthetic cache at %s (%d classes, 2048 x 14 x 14 features, 312 attributes; "
+                         "made if absent, finished if partial)", features, DEMO_SYNTH["num_classes"])
+                try:
+                    synthesize(features, progress=cfg.progress, **DEMO_SYNTH)
+                except CacheError:   # made by another version of the demo: replace it
+                    synthesize(features, progress=cfg.progress, overwrite=True, **DEMO_SYNTH)
+            self.dist.barrier()
+        self.features = os.path.abspath(features)
+        if not os.path.isdir(self.features):
+            moved = " (if the cache moved, pass its new place with --features)" if self.resuming else ""
+            raise ConfigError("features", f"{self.features} is not a directory{moved}")
+        self.cache = FeatureCache(self.features, verify=cfg.verify, preload=cfg.preload)
+        trained_on = self.saved_run.get("cache_identity")
+        if trained_on and trained_on != self.cache.identity:
+            raise ConfigError("features", f"{self.features} is not the cache {self.run_dir} trained on (its "
+                                          f"manifest differs from the one recorded at {self.saved_run.get('features')})")
+        c, h, w = self.cache.feature_shape
+        self.dim, self.grid = c, (h, w)
+        self.num_parts, self.num_classes = len(self.cache.attribute_names), len(self.cache.class_names)
+        self.targets = attribute_targets(cfg.attr_target, self.cache.attributes, self.cache.certainty,
+                                         self.cache.labels, self.cache.class_attributes)
+        self.train_rows, self.val_rows, self.test_rows = split_rows(
+            self.cache.labels, self.cache.is_train, cfg.val_fraction, cfg.seed)
+        if len(self.train_rows) < cfg.batch_size:
+            raise ConfigError("batch_size", f"{cfg.batch_size} exceeds the {len(self.train_rows)} training images")
+        common = dict(rank=self.dist.rank, world=self.dist.world, pin_memory=self.device.type == "cuda")
+        self.train_loader = make_loader(self.cache, self.train_rows, self.targets, cfg.batch_size, shuffle=True,
+                                        seed=cfg.seed, drop_last=True, num_workers=cfg.num_workers, **common)
+        self.eval_loaders = {name: make_loader(self.cache, rows, self.targets, cfg.batch_size, shuffle=False,
+                                               num_workers=min(cfg.num_workers, 1), **common)
+                             for name, rows in (("val", self.val_rows), ("test", self.test_rows)) if len(rows)}
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        args = dict(dim=self.dim, num_parts=self.num_parts, num_classes=self.num_classes, num_heads=cfg.num_heads)
+        if cfg.head == "fused":
+            from . import nn as c2f_nn
+            self.head = c2f_nn.C2FHead(**args, backend=cfg.backend)
+        else:
+            self.head = reference.C2FHead(**args)
+        if cfg.init:
+            state = checkpoint.read_model_file(cfg.init)
+            checkpoint.load_state(self.head, state["model"], cfg.init)
+        self.head.to(self.device)
+        self._set_trainable()
+        self.model = self.head
+        if self.dist.world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.head, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.model = torch.compile(self.model, backend=cfg.compile_backend)
+        self.mixup = PartMixup(cfg.mixup_alpha, cfg.mixup_mode, cfg.mixup_views, cfg.mixup_pairing,
+                               self.num_classes, cfg.label_smoothing)
+
+    def _set_trainable(self) -> None:
+        stage = self.cfg.stage
+        train = dict(attention=stage != "fine" or not self.cfg.freeze_attention,
+                     regressor=stage != "fine", classifier=stage != "attention")
+        for name, flag in train.items():
+            for p in getattr(self.head, name).parameters():
+                p.requires_grad_(flag)
+
+    def _setup_optimiser(self) -> None:
+        cfg = self.cfg
+        self.params = [p for p in self.head.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps = len(self.train_loader)
+        self.lr_lambda = cosine_lambda(cfg.epochs * steps, max(1, int(cfg.warmup_epochs * steps)), cfg.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == "fp16" else None
+        self.epoch, self.best, self.best_epoch = 0, None, None
+
+    def _setup_run_dir(self) -> None:
+        main = self.dist.main
+        if self.resuming:
+            self._load(os.path.join(self.run_dir, "last.pt"))
+        if main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            runs.write_config(self.run_dir, dataclasses.replace(self.cfg, features=self.features),
+                              features=self.features, cache_identity=self.cache.identity)
+        self.log = runs.MetricsLog(self.run_dir, tensorboard=self.cfg.tensorboard and main)
+        if main:
+            if self.resuming:
+                self.log.truncate(self.epoch)
+            else:
+                self.log.start()
+        self.dist.barrier()
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def _checkpoint(self) -> dict:
+        return dict(model=self.head.state_dict(), optimizer=self.optimizer.state_dict(),
+                    scheduler=self.scheduler.state_dict(), epoch=self.epoch, best=self.best,
+                    best_epoch=self.best_epoch, rng=checkpoint.rng_state(), config=self.cfg.to_dict(),
+                    scaler=None if self.scaler is None else self.scaler.state_dict())
+
+    def _load(self, path: str) -> None:
+        state = checkpoint.safe_load(path)
+        checkpoint.load_state(self.head, state["model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule is rebuilt from this run's epochs: an extended run decays over its new total.
+        lrs = [base * self.lr_lambda(self.scheduler.last_epoch) for base in self.scheduler.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.best, self.best_epoch = state["epoch"], state["best"], state["best_epoch"]
+        checkpoint.set_rng_state(state["rng"])
+        if self.epoch > self.cfg.epochs:
+            raise ConfigError("epochs", f"{self.run_dir} has trained {self.epoch} epochs already; "
+                                        f"--epochs {self.cfg.epochs} would shorten it")
+        if self.dist.main:
+            moved = self.saved_run.get("run_dir")
+            if moved and os.path.abspath(self.run_dir) != moved:
+                log.info("the run was made in %s; continuing it in %s", moved, os.path.abspath(self.run_dir))
+            log.info("resuming %s after epoch %d of %d", self.run_dir, self.epoch, self.cfg.epochs)
+
+    def _save_best(self, val) -> None:
+        checkpoint.save_model(os.path.join(self.run_dir, "best.pt"), self.head, epoch=self.epoch, metrics=val,
+                              config=dict(self.cfg.to_dict(), features=self.features),
+                              class_names=list(self.cache.class_names),
+                              attribute_names=list(self.cache.attribute_names), grid=list(self.grid))
+
+    def evaluate(self, split: str, keep_attention: int = 0) -> dict:
+        """Metrics on ``split`` ("val" or "test") over all processes; ``keep_attention`` maps kept."""
+        local = evaluate.collect(self.head, self.eval_loaders[split], self.device, self.amp, keep_attention)
+        outputs = evaluate.concat(self.dist.gather(local))
+        m = metrics.summarize(outputs, self.num_classes, self.cfg.attr_loss)
+        if keep_attention:
+            m["_attention"] = outputs["attn"]
+            m["_rows"] = outputs["rows"][:keep_attention]
+        return m
+
+    # ----------------------------------------------------------------------------------- the loop
+    def _score(self, val: dict) -> tuple:
+        """Higher is better; ties on top-1 go to the lower validation cross-entropy."""
+        return (-val["reg"],) if self.cfg.stage == "attention" else (val["top1"], -val["ce"])
+
+    def fit(self) -> dict:
+        """Trains to ``cfg.epochs`` (or ``stop_after`` more epochs: then returns {}) and runs ``finish``."""
+        cfg, ran = self.cfg, 0
+        if self.epoch >= cfg.epochs and self.dist.main:
+            log.info("%s has trained all %d epochs; pass a larger --epochs to extend it", self.run_dir, cfg.epochs)
+        while self.epoch < cfg.epochs:
+            if cfg.stop_after is not None and ran >= cfg.stop_after:
+                if self.dist.main:
+                    log.info("stopped after epoch %d of %d (--stop-after %d); continue with: c2f train --resume %s",
+                             self.epoch, cfg.epochs, cfg.stop_after, self.run_dir)
+                return {}
+            start = time.perf_counter()
+            record = self.train_epoch()
+            self.epoch += 1
+            ran += 1
+            val = self.evaluate("val") if "val" in self.eval_loaders else None
+            record = dict(epoch=self.epoch, **record, epoch_s=time.perf_counter() - start)
+            if val is not None:
+                record.update({f"val_{k}": v for k, v in val.items()})
+            improved = val is None or self.best is None or self._score(val) > tuple(self.best)
+            if improved:
+                self.best, self.best_epoch = (self._score(val) if val else None), self.epoch
+            if self.dist.main:
+                self.log.append(record)
+                checkpoint.atomic_save(self._checkpoint(), os.path.join(self.run_dir, "last.pt"))
+                if improved:
+                    self._save_best(val)
+                log.info(metrics.format_epoch(record, cfg.epochs))
+            self.dist.barrier()
+        return self.finish()
+
+    def finish(self) -> dict:
+        """Tests the best epoch's model; writes ``final.json``, plots and attention maps; returns the result."""
+        self.dist.barrier()   # best.pt is written by process 0; torchrun's processes share one file system
+        best = os.path.join(self.run_dir, "best.pt")
+        checkpoint.load_state(self.head, checkpoint.read_model_file(best)["model"], best)
+        keep = self.cfg.save_attention
+        test = self.evaluate("test", keep_attention=keep) if "test" in self.eval_loaders else {}
+        val = self.evaluate("val", keep_attention=4) if "val" in self.eval_loaders else {}
+        result = dict(best_epoch=self.best_epoch, test={k: v for k, v in test.items() if not k.startswith("_")},
+                      num_classes=self.num_classes, chance=1.0 / self.num_classes,
+                      run_dir=os.path.abspath(self.run_dir))
+        if self.dist.main:
+            metrics.write_records(os.path.join(self.run_dir, "final.json"), result)
+            if keep and test.get("_attention") is not None:
+                self._write_attention(test["_attention"], test["_rows"])
+            if self.plots:
+                plots.learning_curves(self.log.records(), os.path.join(self.run_dir, "curves.png"))
+                if val.get("_attention") is not None:
+                    plots.attention_maps(val["_attention"], self.grid, self.cache.attribute_names,
+                                         self.cache.labels[val["_rows"]], self.cache.class_names,
+                                         os.path.join(self.run_dir, "attention.png"))
+        return result
+
+    def _write_attention(self, attn: np.ndarray, rows: np.ndarray) -> None:
+        maps = attn.reshape(len(attn), attn.shape[1], *self.grid).astype(np.float32)
+        for name, array in (("attention.npy", maps), ("attention_rows.npy", rows.astype(np.int64))):
+            path = os.path.join(self.run_dir, name)
+            with open(f"{path}.tmp", "wb") as f:
+                np.save(f, array)
+            os.replace(f"{path}.tmp", path)
+
+    def close(self) -> None:
+        if getattr(self, "log", None) is not None:
+            self.log.close()
+        self.dist.close()
