@@ -17,7 +17,8 @@ import torch
 from c2f.kernels import c2f_head as triton_impl
 from c2f.kernels import launch, targets
 from c2f.torch_ops import c2f_head as torch_impl
-from tests.test_attention_contract import FP32_TOL, assert_close
+from tests.test_attention_contract import FP32_TOL, PRECISION_BOUNDS, PRECISION_FLOORS, assert_close
+from tests.tf32 import emulating_tf32
 
 EPS = 1e-5
 IMPLS = {"triton": triton_impl, "torch": torch_impl}
@@ -239,3 +240,25 @@ def test_implementations_share_signatures():
     assert triton_impl.__all__ == torch_impl.__all__
     for name in triton_impl.__all__:
         assert inspect.signature(getattr(triton_impl, name)) == inspect.signature(getattr(torch_impl, name)), name
+
+
+@pytest.mark.parametrize("dot_precision", ["ieee", "tf32", "bf16", "fp16"])
+def test_dot_precision_error_within_bounds(dot_precision):
+    """The head's kernels multiply through dots.mma: at each dot precision every output and gradient stays
+    within the attention's normwise bound (docs/design.md, "Precision"; measured at most 2.8 u, the
+    pooled logits and dWrg going through two or three chained products), and the rounding is visible."""
+    bsz, c, n, p, h, k = 2, 256, 49, 40, 2, 3
+    x, g, wrg, wcg, perm, mask = make_inputs(bsz, c, n, p, h, k)
+    grads = upstream(bsz, p, n, k, 5)
+    with emulating_tf32():
+        out = triton_impl.c2f_head_fwd(x, g, wrg, wcg, perm, mask, EPS, 16.0, dot_precision)
+        dg, dwrg, dwcg, dx = triton_impl.c2f_head_bwd(x, g, wrg, wcg, perm, mask, out[0], *out[3:], *grads, True,
+                                                      16.0, dot_precision)
+    want, want_grads = reference(x, g, wrg, wcg, perm, mask, *grads)
+    truth = dict(want, **want_grads)
+    got = dict(attn=out[0], pred=out[1], logits=out[2], zhat=out[4], dg=dg, dwrg=dwrg, dwcg=dwcg, dx=dx)
+    errors = {key: ((v.double() - truth[key]).abs().max() / truth[key].abs().max()).item() for key, v in got.items()}
+    bound = PRECISION_BOUNDS[dot_precision]
+    assert max(errors.values()) <= bound, f"{dot_precision}: normwise errors {errors} over {bound:.3g}"
+    if dot_precision != "ieee":
+        assert max(errors.values()) > PRECISION_FLOORS[dot_precision], f"{dot_precision}: no rounding in {errors}"
