@@ -106,7 +106,7 @@ def _c2f_head_bwd_kernel(
                      mask=p_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _c2f_head_bwd_dwrg_kernel(
     X_ptr,            # [B, C, N] any strides
     Mean_ptr,         # [B, N] fp32
@@ -128,25 +128,22 @@ def _c2f_head_bwd_dwrg_kernel(
     c = j * D + cb * BLOCK_C + tl.arange(0, BLOCK_C)
     p_mask = p < P
     c_mask = c < (j + 1) * D
-    x_base = X_ptr
-    dz_base = DZ_ptr + j * P * N
-    stats_base = 0
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for _ in range(0, B):
-        for n0 in range(0, N, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = n < N
-            mean = tl.load(Mean_ptr + stats_base + n, mask=n_mask, other=0.0)
-            rstd = tl.load(Rstd_ptr + stats_base + n, mask=n_mask, other=0.0)
-            dz = tl.load(dz_base + (p[:, None] * N + n[None, :]), mask=p_mask[:, None] & n_mask[None, :], other=0.0)
-            xt_mask = n_mask[:, None] & c_mask[None, :]
-            xt = tl.load(x_base + (n[:, None] * stride_xn + c[None, :] * stride_xc), mask=xt_mask, other=0.0)
-            xct = tl.where(xt_mask, xt.to(tl.float32) - mean[:, None], 0.0)
-            acc = mma(dz * rstd[None, :], xct, acc, DOT_PRECISION)
-        # Bases advance per sample (64-bit pointer arithmetic: no int32 offset overflow).
-        x_base += stride_xb
-        dz_base += stride_tb
-        stats_base += N
+    # One flat loop over (sample, token chunk): one pipelined loop, not a loop nest (as the dG kernel).
+    num_nc = tl.cdiv(N, BLOCK_N)
+    for t in range(0, B * num_nc):
+        b = (t // num_nc).to(tl.int64)
+        n = (t % num_nc) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        mean = tl.load(Mean_ptr + b * N + n, mask=n_mask, other=0.0)
+        rstd = tl.load(Rstd_ptr + b * N + n, mask=n_mask, other=0.0)
+        dz = tl.load(DZ_ptr + b * stride_tb + j * P * N + (p[:, None] * N + n[None, :]),
+                     mask=p_mask[:, None] & n_mask[None, :], other=0.0)
+        xt_mask = n_mask[:, None] & c_mask[None, :]
+        xt = tl.load(X_ptr + b * stride_xb + (n[:, None] * stride_xn + c[None, :] * stride_xc), mask=xt_mask,
+                     other=0.0)
+        xct = tl.where(xt_mask, xt.to(tl.float32) - mean[:, None], 0.0)
+        acc = mma(dz * rstd[None, :], xct, acc, DOT_PRECISION)
     tl.store(DWrg_ptr + (p[:, None] * C + c[None, :]), acc, mask=p_mask[:, None] & c_mask[None, :])
 
 

@@ -35,8 +35,9 @@ HEAD_FWD_BLOCK_P = 32       # forward: queries per program (cap) ...
 HEAD_FWD_BLOCK_C = 32       # ... and the channel chunk of S = G Xc, Zhat = Wrg_j Xc_j (cap)
 HEAD_FWD_STAGES = 2         # one x chunk in flight while the other is consumed
 HEAD_POOL_SPLIT = 256       # pooled rows: channels per program (a head's channels split over grid axis 1)
-HEAD_POOL_BLOCK_C = 32      # ... walked in chunks of this many (cap); x in one orientation per loop,
-HEAD_POOL_STAGES = 1        # unpipelined: prefetching a second chunk spilled
+HEAD_POOL_BLOCK_C = 64      # ... in [2K, 64] output tiles (U) reducing over 64-token chunks, and
+HEAD_POOL_BLOCK_N = 64      # [2K, 64] tiles (dcoef) reducing over the channels; [., 256] token chunks
+HEAD_POOL_STAGES = 1        # spilled (sm_80, sm_90); x in one orientation per loop, unpipelined
 HEAD_BWD_BLOCK_P = 16       # dS / dZ: queries per program (cap; probs, dP and Zhat tiles)
 HEAD_BWD_ROW_TILES = 3
 HEAD_BLOCK_N = 256          # tokens per chunk of the row kernels: N = 196 (14 x 14 maps) in one chunk
@@ -107,7 +108,7 @@ def head_pool(b: int, c: int, n: int, h: int, views: int, dtype: torch.dtype, ta
               dot_precision: str = "tf32", has_du: bool = False) -> KernelPlan:
     """Pooled rows (and in backward the coefficient gradient): one program per (sample, head, split)."""
     d = c // h
-    bn = head_block_n(n, target)
+    bn = head_block_n(n, target) if _interpreting(target) else fit_tile(HEAD_POOL_BLOCK_N, n)
     bv = fit_tile(HEAD_VIEWS_BLOCK, views)
     split_cap, bc = INTERPRETER_POOL if _interpreting(target) else (HEAD_POOL_SPLIT, HEAD_POOL_BLOCK_C)
     split = min(split_cap, d)
