@@ -49,7 +49,7 @@ def _probs_and_dp(Probs_ptr, Zhat_ptr, M_ptr, DAttn_ptr, DCoef_ptr, b, j, p, p_m
     return probs, dp
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "stride_tb"])
 def _c2f_head_bwd_kernel(
     Probs_ptr,        # [B, h, P, N] fp32
     Zhat_ptr,         # [B, h, P, N] fp32 (HAS_DPRED)
@@ -106,7 +106,7 @@ def _c2f_head_bwd_kernel(
                      mask=p_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["B"])
+@triton.jit(do_not_specialize=["B", "N", "stride_tb"])
 def _c2f_head_bwd_dwrg_kernel(
     X_ptr,            # [B, C, N] any strides
     Mean_ptr,         # [B, N] fp32
@@ -147,7 +147,7 @@ def _c2f_head_bwd_dwrg_kernel(
     tl.store(DWrg_ptr + (p[:, None] * C + c[None, :]), acc, mask=p_mask[:, None] & c_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "stride_tb"])
 def _c2f_head_bwd_dxhat_kernel(
     G_ptr,            # [h, P, C] fp32 contiguous
     Wrg_ptr,          # [P, C] fp32 contiguous

@@ -86,7 +86,7 @@ def _emit(probs, zhat, M_ptr, Probs_ptr, part_base, rows, pn_mask, b, p, p_mask,
     return tl.sum(probs * zhat, axis=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H"])
 def _c2f_head_fwd_kernel(
     X_ptr,            # [B, C, N] any strides
     G_ptr,            # [h, P, C] fp32 contiguous: scale * Q Wk * gamma
@@ -171,7 +171,7 @@ def _c2f_head_fwd_kernel(
     tl.store(Pred_ptr + (b * H + j) * P + p, pred, mask=p_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H"])
 def _c2f_head_pool_kernel(
     X_ptr,            # [B, C, N] any strides
     Mean_ptr,         # [B, N] fp32
@@ -183,7 +183,6 @@ def _c2f_head_pool_kernel(
     C, N, D, H, V,
     stride_xb, stride_xc, stride_xn,
     HAS_DU: tl.constexpr,
-    SPLIT_C: tl.constexpr,        # channels per program
     BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # dots.mma precision
 ):
@@ -192,8 +191,10 @@ def _c2f_head_pool_kernel(
     num_splits = tl.num_programs(1)
     j = bh % H
     b = (bh // H).to(tl.int64)
-    c_start = j * D + split * SPLIT_C
-    c_end = tl.minimum(c_start + SPLIT_C, (j + 1) * D)
+    # The head's channels split evenly over grid axis 1 (a runtime figure: one compile for every head width).
+    split_c = tl.cdiv(D, num_splits)
+    c_start = j * D + split * split_c
+    c_end = tl.minimum(c_start + split_c, (j + 1) * D)
     x_base = X_ptr + b * stride_xb
     coef_base = Coef_ptr + (b * H + j) * V * N
     for v0 in range(0, V, BLOCK_V):

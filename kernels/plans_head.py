@@ -2,11 +2,12 @@
 from the target's limits, ``smem_bound`` set, ``PlanError`` when nothing fits, options from ``_options``.
 
 Two of the head's kernels are tiled GEMMs and take ``plans._gemm_plan`` as they are: dWrg (``[P, B*N] x
-[B*N, d]`` per head) and dxhat (``[d, hP] x [hP, N]`` plus the readout and pooled-row terms). Three fuse
-row-wise work and walk the tokens in chunks of at most ``HEAD_BLOCK_N``, so no tile depends on N beyond
-that: the forward (scores and readout, the softmax over the tokens, pred and the pooling coefficients;
-past one chunk two passes, an online softmax), the pooled rows (``[2K, N] x [N, c]`` and back) and dS /
-dZ (the softmax backward; two passes past one chunk). Their rule:
+[B*N, d]`` per head) and dxhat (``[d, hP] x [hP, N]`` plus the readout and pooled-row terms). The pooled
+rows (``U = [2K, N] x [N, c]`` and ``dcoef = [2K, c] x [c, N]``) are GEMMs with 2K output rows in
+``HEAD_POOL_*`` tiles. Two fuse row-wise work and walk the tokens in chunks of at most ``HEAD_BLOCK_N``,
+so no tile depends on N beyond that: the forward (scores and readout, the softmax over the tokens, pred
+and the pooling coefficients; past one chunk two passes, an online softmax) and dS / dZ (the softmax
+backward; two passes past one chunk). Their rule (the channel chunk and stages also the pooled rows'):
 
 - rows per block: at most the cap below, and as many as keep the row tiles held together (the forward's
   S and Zhat; probs, dP and Zhat in dS / dZ) at ``HEAD_ROW_VALUES`` fp32 values per thread, never below
@@ -35,15 +36,15 @@ HEAD_FWD_BLOCK_P = 32       # forward: queries per program (cap) ...
 HEAD_FWD_BLOCK_C = 32       # ... and the channel chunk of S = G Xc, Zhat = Wrg_j Xc_j (cap)
 HEAD_FWD_STAGES = 2         # one x chunk in flight while the other is consumed
 HEAD_POOL_SPLIT = 256       # pooled rows: channels per program (a head's channels split over grid axis 1)
-HEAD_POOL_BLOCK_C = 64      # ... in [2K, 64] output tiles (U) reducing over 64-token chunks, and
-HEAD_POOL_BLOCK_N = 64      # [2K, 64] tiles (dcoef) reducing over the channels; [., 256] token chunks
-HEAD_POOL_STAGES = 1        # spilled (sm_80, sm_90); x in one orientation per loop, unpipelined
+HEAD_POOL_BLOCK_C = 64      # ... U in [2K, 64] output tiles reducing over 64-token chunks, dcoef in
+HEAD_POOL_BLOCK_N = 64      # [2K, 64] tiles reducing over the channels ([., 256] token chunks spilled)
+HEAD_POOL_STAGES = 1        # x in one orientation per loop, unpipelined
 HEAD_BWD_BLOCK_P = 16       # dS / dZ: queries per program (cap; probs, dP and Zhat tiles)
 HEAD_BWD_ROW_TILES = 3
 HEAD_BLOCK_N = 256          # tokens per chunk of the row kernels: N = 196 (14 x 14 maps) in one chunk
 
 INTERPRETER_FWD = (128, 256)        # (BLOCK_P, BLOCK_C): few programs and loop trips on CPU
-INTERPRETER_POOL = (4096, 256)      # (SPLIT_C, BLOCK_C)
+INTERPRETER_POOL = (4096, 256)      # (channels per program, BLOCK_C)
 INTERPRETER_BWD_P = 128
 
 
@@ -117,7 +118,7 @@ def head_pool(b: int, c: int, n: int, h: int, views: int, dtype: torch.dtype, ta
     bc, stages, bound = _fit_channels(target, fit_tile(bc, split), HEAD_POOL_STAGES,
                                       lambda k: (bv * bn + bn * k) * FP32_BYTES, "head pooled-row")
     return KernelPlan(grid=(b * h, _cdiv(d, split)),
-                      constexprs=dict(HAS_DU=has_du, SPLIT_C=split, BLOCK_V=bv, BLOCK_N=bn, BLOCK_C=bc,
+                      constexprs=dict(HAS_DU=has_du, BLOCK_V=bv, BLOCK_N=bn, BLOCK_C=bc,
                                       DOT_PRECISION=dot_constexpr(target, dot_precision)),
                       num_warps=4 if _interpreting(target) else HEAD_WARPS, num_stages=stages, smem_bound=bound,
                       options=_options(target))
