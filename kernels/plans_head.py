@@ -35,10 +35,14 @@ HEAD_ROW_VALUES = 64        # fp32 values per thread in the row tiles held toget
 HEAD_FWD_BLOCK_P = 32       # forward: queries per program (cap) ...
 HEAD_FWD_BLOCK_C = 32       # ... and the channel chunk of S = G Xc, Zhat = Wrg_j Xc_j (cap)
 HEAD_FWD_STAGES = 2         # one x chunk in flight while the other is consumed
+HEAD_FWD_TWO_PASS_TILES = 3  # past one token chunk the forward also holds the rows' exponentials: at 32
+                             # rows it spilled (sm_90, 44-920 B), so it takes 16, unpipelined (2 stages
+                             # spilled 300 B with fp32 x, sm_90)
 HEAD_POOL_SPLIT = 256       # pooled rows: channels per program (a head's channels split over grid axis 1)
 HEAD_POOL_BLOCK_C = 64      # ... U in [2K, 64] output tiles reducing over 64-token chunks, dcoef in
 HEAD_POOL_BLOCK_N = 64      # [2K, 64] tiles reducing over the channels ([., 256] token chunks spilled)
 HEAD_POOL_STAGES = 1        # x in one orientation per loop, unpipelined
+HEAD_POOL_BLOCK_C_HIP = 32  # AMD: the dU pass at 64 spilled 4 B on gfx942 (16-bit x, N % 16 == 0)
 HEAD_BWD_BLOCK_P = 16       # dS / dZ: queries per program (cap; probs, dP and Zhat tiles)
 HEAD_BWD_ROW_TILES = 3
 HEAD_BLOCK_N = 256          # tokens per chunk of the row kernels: N = 196 (14 x 14 maps) in one chunk
@@ -93,11 +97,13 @@ def head_fwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dt
     if _interpreting(target):
         bp, bc = fit_tile(INTERPRETER_FWD[0], p), fit_tile(INTERPRETER_FWD[1], c)
     else:
-        bp, bc = _row_block(HEAD_FWD_BLOCK_P, p, 2, bn, target), fit_tile(HEAD_FWD_BLOCK_C, c)
+        bp = _row_block(HEAD_FWD_BLOCK_P, p, 2 if bn >= n else HEAD_FWD_TWO_PASS_TILES, bn, target)
+        bc = fit_tile(HEAD_FWD_BLOCK_C, c)
     # A stage: the g and wrg chunks [BLOCK_P, BLOCK_C] and an x chunk [BLOCK_C, BLOCK_N]; the epilogue
     # M [BLOCK_V, BLOCK_P] x probs [BLOCK_P, BLOCK_N] reuses the same memory.
-    bc, stages, bound = _fit_channels(target, bc, HEAD_FWD_STAGES, lambda k: (2 * bp * k + k * bn) * FP32_BYTES,
-                                      "head forward", fixed=tile_bound((bv, bp), (bp, bn)))
+    bc, stages, bound = _fit_channels(target, bc, HEAD_FWD_STAGES if bn >= n else 1,
+                                      lambda k: (2 * bp * k + k * bn) * FP32_BYTES, "head forward",
+                                      fixed=tile_bound((bv, bp), (bp, bn)))
     return KernelPlan(grid=(b * h * _cdiv(p, bp),),
                       constexprs=dict(SINGLE_PASS=bn >= n, BLOCK_P=bp, BLOCK_N=bn, BLOCK_C=bc, BLOCK_V=bv,
                                       DOT_PRECISION=dot_constexpr(target, dot_precision)),
@@ -111,7 +117,8 @@ def head_pool(b: int, c: int, n: int, h: int, views: int, dtype: torch.dtype, ta
     d = c // h
     bn = head_block_n(n, target) if _interpreting(target) else fit_tile(HEAD_POOL_BLOCK_N, n)
     bv = fit_tile(HEAD_VIEWS_BLOCK, views)
-    split_cap, bc = INTERPRETER_POOL if _interpreting(target) else (HEAD_POOL_SPLIT, HEAD_POOL_BLOCK_C)
+    split_cap, bc = INTERPRETER_POOL if _interpreting(target) else \
+        (HEAD_POOL_SPLIT, HEAD_POOL_BLOCK_C_HIP if target.backend == "hip" else HEAD_POOL_BLOCK_C)
     split = min(split_cap, d)
     # One product at a time: coef [BLOCK_V, BLOCK_N] x x^T [BLOCK_N, BLOCK_C], then dU [BLOCK_V, BLOCK_C]
     # x x [BLOCK_C, BLOCK_N].
