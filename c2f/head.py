@@ -141,8 +141,8 @@ class C2FHead(reference.C2FHead):
             perm = torch.arange(b, device=xv.device)
             mask = xv.new_ones(1, b, p, dtype=torch.float32)
         attn, pred_raw, logits_raw = torch.ops.c2f.c2f_head(
-            xv, g, wr * gamma, wc * gamma, att.k.bias, perm, mask, float(att.eps), "torch", float(self.chunk_mib),
-            precision)[:3]
+            xv, g, wr * gamma, wc * gamma, att.k.bias, perm, mask, float(att.eps),
+            resolve_backend(self.backend, xv.device), float(self.chunk_mib), precision)[:3]
         attr_pred = pred_raw + (wr * beta).sum(-1) + self.regressor.bias.to(cdt)
         logits = logits_raw + F.linear(beta, wc, self.classifier.bias.to(cdt))
         if unmixed:

@@ -2,6 +2,8 @@
 
 - ``part_attention`` (launchers) with ``part_attention_fwd`` / ``part_attention_bwd`` (kernels)
 - ``part_mixup`` (kernels and launchers)
+- ``c2f_head`` (launchers) with ``c2f_head_fwd`` / ``c2f_head_bwd`` (kernels): the fused head, which
+  never forms the part features
 - ``plans`` (one launch plan per kernel), ``targets`` (GPU limits), ``launch`` (launch and recording),
   ``inspect`` (the offline compile check: ``python -m c2f.kernels.inspect``)
 

@@ -3,10 +3,10 @@
     python -m c2f.kernels.inspect [--arch sm_80 sm_90 gfx942 ...] [--op part_attention ...] [--json PATH]
                                   [--quick] [--jobs N]
 
-No GPU is needed. Every case of the shape grid (``cases()``: tokens N in {49, 196, 324, 576, 1024},
-heads {1, 3, 16}, fp32/bf16/fp16 maps with TF32 dots and bf16/fp16 maps with bf16/fp16 operands (the
-autocast precisions), forward and backward with and without dattn and dx; every mixup kernel at K in
-{1, 4, 32} views, fp32/bf16/fp16) calls the real launchers on ``meta`` tensors
+No GPU is needed. Every case of the shape grid (``inspect_cases.cases()``: tokens N in {49, 196, 324,
+576, 1024}, heads {1, 3, 16}, fp32/bf16/fp16 maps with TF32 dots and bf16/fp16 maps with bf16/fp16
+operands (the autocast precisions), forward and backward with and without dattn and dx; every mixup
+kernel at K in {1, 4, 32} views, fp32/bf16/fp16; the head likewise at K in {1, 4}) calls the real launchers on ``meta`` tensors
 inside ``launch.recording(target)``: the launches they would make are recorded, with their plans for
 that target, and compiled with ``triton.compile`` exactly as the JIT would (the argument types and
 divisibility come from the same arguments). Launches that compile to the same kernel are compiled
@@ -38,7 +38,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import targets as targets_mod
-from .launch import TL_DTYPES, Launch, recording
+from .inspect_cases import cases
+from .launch import Launch, recording
 
 PTX_TENSOR_CORE = {"HMMA": r"\bmma\.sync\.", "HGMMA": r"\bwgmma\.mma_async\.", "UTCHMMA": r"\btcgen05\.mma\."}
 REG_ALLOC_UNIT = 256          # NVIDIA: registers are allocated per warp in units of 256
@@ -93,68 +94,6 @@ class KernelReport:
         if self.ctas_per_sm == 0:
             out.append("zero occupancy (no block fits an SM)")
         return out
-
-
-# ------------------------------------------------------------------------------------------- cases
-
-ATTENTION_TOKENS = (49, 196, 324, 576, 1024)      # 7x7 .. 32x32 maps
-ATTENTION_HEADS = (1, 3, 16)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MIXUP_VIEWS = (1, 4, 32)
-AUTOCAST = ((torch.bfloat16, "bf16"), (torch.float16, "fp16"))   # (storage dtype, dot_precision) pairs
-
-
-def _meta(*shape, dtype=torch.float32):
-    return torch.empty(*shape, dtype=dtype, device="meta")
-
-
-def _attention_case(n: int, h: int, dtype: torch.dtype, dot_precision: str = "tf32") -> Callable[[], None]:
-    from . import part_attention as pa
-
-    c, p, b = (1536 if h == 3 else 2048), 312, 2    # C divisible by the heads; d = 512 or 128 or 2048
-
-    def run():
-        x = _meta(b, c, n, dtype=dtype)             # a [B, C, H, W] map viewed as [B, C, N]
-        g, gamma, beta = _meta(h, p, c), _meta(c), _meta(c)
-        parts, attn, probs, mean, rstd = pa.folded_fwd(x, g, gamma, beta, 1e-5, dtype, 16.0, dot_precision)
-        # What backward receives from c2f.ops: dparts in the parts' dtype; dattn in fp32, since the public
-        # function returns attn.to(x.dtype), whose backward casts the gradient back to fp32.
-        for dattn in (_meta(b, p, n), None):
-            for needs_dx in (True, False):
-                pa.folded_bwd(x, g, gamma, attn, probs, mean, rstd, _meta(b, p, c, dtype=dtype), dattn, h, needs_dx,
-                              16.0, dot_precision)
-    return run
-
-
-def _mixup_case(k: int, dtype: torch.dtype) -> Callable[[], None]:
-    from . import part_mixup as pm
-
-    b, p, c = 4, 312, 2048
-
-    def run():
-        parts, perm = _meta(b, p, c, dtype=dtype), _meta(b, dtype=torch.int64)
-        if k == MIXUP_VIEWS[1]:      # the in-place kernels have no K: once per dtype
-            pm.part_mixup_fwd_(parts, perm, _meta(b, p))
-            pm.part_mixup_bwd_(parts, perm, _meta(b, p))
-        mask = _meta(k, b, p)
-        pm.part_mixup_pool_fwd(parts, perm, mask)
-        pm.part_mixup_pool_bwd(_meta(k, b, c, dtype=dtype), perm, mask, dtype)
-    return run
-
-
-def cases(quick: bool = False) -> dict[str, list[tuple[str, Callable[[], None]]]]:
-    """``{op: [(shape label, run)]}``: the shape grid every plan is checked at. Attention: every N, head
-    count and storage dtype with fp32 (TF32) dots, plus the autocast precisions (bf16 operands on bf16
-    maps, fp16 on fp16). ``quick``: the production shapes only (N = 196, 1 and 16 heads, K = 4 and 32,
-    fp32 and bf16)."""
-    tokens, heads, views, dtypes = ((196,), (1, 16), (4, 32), DTYPES[:2]) if quick else \
-        (ATTENTION_TOKENS, ATTENTION_HEADS, MIXUP_VIEWS, DTYPES)
-    attention = [(f"N={n} h={h} {TL_DTYPES[dt]}", _attention_case(n, h, dt))
-                 for n in tokens for h in heads for dt in dtypes]
-    attention += [(f"N={n} h={h} {TL_DTYPES[dt]} dot={prec}", _attention_case(n, h, dt, prec))
-                  for n in tokens for h in heads for dt, prec in AUTOCAST if dt in dtypes]
-    mixup = [(f"K={k} {TL_DTYPES[dt]}", _mixup_case(k, dt)) for k in views for dt in dtypes]
-    return {"part_attention": attention, "part_mixup": mixup}
 
 
 # ----------------------------------------------------------------------------------------- compiling

@@ -1,8 +1,8 @@
 """Parity of the fused C2F head (c2f.nn.C2FHead) with c2f.reference.C2FHead.
 
-Two paths: the fused algebra (parts never formed) and ``materialize_parts=True`` (fused attention,
-a readout that saves nothing, in-place ``part_mixup_`` / ``part_mixup_pool``) on the torch-op and
-Triton (interpreter) backends. Ground truth: the reference in float64; the fused head may err at
+Two paths, each on the torch-op and Triton (interpreter) backends: the fused algebra (parts never
+formed) and ``materialize_parts=True`` (fused attention, a readout that saves nothing, in-place
+``part_mixup_`` / ``part_mixup_pool``). Ground truth: the reference in float64; the fused head may err at
 most twice as much as the reference in fp32, plus a small relative atol.
 """
 import pytest
@@ -62,29 +62,37 @@ def masks(views, batch, parts, kind="fractional", seed=0):
     return torch.rand(views, batch, parts, generator=gen)
 
 
-@pytest.mark.parametrize("heads", [1, 16])
-@pytest.mark.parametrize("views", [None, 4])
-def test_fused_real_shape(heads, views):
-    ref, fused = make_heads(2048, 312, 200, heads)
+@pytest.mark.parametrize("backend, heads, views", [
+    ("torch", 1, None), ("torch", 1, 4), ("torch", 16, None), ("torch", 16, 4),
+    ("triton", 1, 4),    # the interpreter runs the real shape once: one head, four views
+])
+def test_fused_real_shape(backend, heads, views):
+    ref, fused = make_heads(2048, 312, 200, heads, backend=backend)
     x = torch.randn(2, 2048, 14, 14)
     perm = torch.tensor([1, 0])
     mask = None if views is None else masks(views, 2, 312, "binary")
     check(ref, fused, x, perm if views else None, mask)
 
 
-@pytest.mark.parametrize("heads", [1, 4])
-@pytest.mark.parametrize("views", [None, 1, 4])
-@pytest.mark.parametrize("perm_kind", ["flip", "general"])
-def test_fused_small(heads, views, perm_kind):
-    ref, fused = make_heads(64, 7, 5, heads, qkv_bias=True)
+SMALL_CASES = [(heads, views, perm_kind) for heads in (1, 4) for views in (None, 1, 4)
+               for perm_kind in ("flip", "general")]
+# The interpreter runs a third of them: both head counts, every view count, both pairings.
+SMALL_TRITON_CASES = [(1, None, "flip"), (1, 1, "general"), (4, 4, "general"), (4, 1, "flip")]
+
+
+@pytest.mark.parametrize("backend, heads, views, perm_kind",
+                         [("torch",) + case for case in SMALL_CASES] + [("triton",) + case for case in SMALL_TRITON_CASES])
+def test_fused_small(backend, heads, views, perm_kind):
+    ref, fused = make_heads(64, 7, 5, heads, qkv_bias=True, backend=backend)
     x = torch.randn(5, 64, 4, 4) + 3.0
     perm = torch.arange(5).flip(0) if perm_kind == "flip" else torch.tensor([2, 0, 4, 1, 3])
     mask = None if views is None else masks(views, 5, 7)
     check(ref, fused, x, perm if views else None, mask, x_grad=True)
 
 
-def test_single_view_mask_of_rank_two():
-    ref, fused = make_heads(64, 7, 5, 1)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_single_view_mask_of_rank_two(backend):
+    ref, fused = make_heads(64, 7, 5, 1, backend=backend)
     x = torch.randn(4, 64, 3, 3)
     mask = masks(1, 4, 7)[0]
     check(ref, fused, x, torch.tensor([3, 2, 1, 0]), mask)
@@ -101,10 +109,11 @@ def test_materialized(backend, views):
     check(ref, fused, x, perm if views else None, mask)
 
 
-def test_training_steps_match_reference():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_training_steps_match_reference(backend):
     """Same seed, same data: the fused head's losses follow the reference's over several steps."""
     torch.manual_seed(3)
-    ref, fused = make_heads(128, 12, 6, 1)
+    ref, fused = make_heads(128, 12, 6, 1, backend=backend)
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(8, 128, 5, 5, generator=gen)
     attrs = torch.rand(8, 12, generator=gen)

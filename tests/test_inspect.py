@@ -202,22 +202,23 @@ def test_plan_bound_is_checked():
 
 def test_every_kernel_is_in_the_grid():
     """Every @triton.jit kernel the launchers can launch appears in the inspected grid."""
-    from c2f.kernels import part_attention_bwd, part_attention_fwd, part_mixup
+    from c2f.kernels import c2f_head_bwd, c2f_head_fwd, part_attention_bwd, part_attention_fwd, part_mixup
     recorded = {l.name for op in kinspect.cases(quick=True).values() for _, run in op
                 for l in kinspect.record(targets.TARGETS["sm_90"], run)}
-    defined = {name for module in (part_attention_fwd, part_attention_bwd, part_mixup)
-               for name in dir(module) if name.endswith("_kernel") and name.startswith("_part")}
+    defined = {name for module in (part_attention_fwd, part_attention_bwd, part_mixup, c2f_head_fwd, c2f_head_bwd)
+               for name in dir(module) if name.endswith("_kernel") and name.startswith(("_part", "_c2f"))}
     assert defined <= recorded, defined - recorded
 
 
 @pytest.mark.slow
 def test_inspect_command_on_real_kernels(tmp_path):
-    """`python -m c2f.kernels.inspect --arch sm_90 --quick` exits 0: every plan compiles, none spills,
-    all fit. One target at N = 196 only: `make inspect` runs the whole grid on every target."""
+    """`python -m c2f.kernels.inspect --arch sm_90 --quick --op part_attention part_mixup` exits 0: every
+    plan compiles, none spills, all fit. One target at N = 196 only: `make inspect` runs the whole grid,
+    the head's kernels included (about two dozen more compiles than this test can afford), on every target."""
     out = tmp_path / "inspect.json"
     proc = subprocess.run([sys.executable, "-m", "c2f.kernels.inspect", "--arch", "sm_90", "--quick", "--jobs", "1",
-                           "--json", str(out)], cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
-                          timeout=600)
+                           "--op", *REAL_OPS, "--json", str(out)], cwd=ROOT, env=_clean_env(), capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, f"kernels.inspect failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     result = json.loads(out.read_text())
     assert set(REAL_OPS) <= {r["op"] for r in result["kernels"]}

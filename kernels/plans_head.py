@@ -1,0 +1,173 @@
+"""Launch plans of the fused C2F head (``kernels/c2f_head.py``), by the convention of ``plans.py``: tiles
+from the target's limits, ``smem_bound`` set, ``PlanError`` when nothing fits, options from ``_options``.
+
+Two of the head's kernels are tiled GEMMs and take ``plans._gemm_plan`` as they are: dWrg (``[P, B*N] x
+[B*N, d]`` per head) and dxhat (``[d, hP] x [hP, N]`` plus the readout and pooled-row terms). The pooled
+rows (``U = [2K, N] x [N, c]`` and ``dcoef = [2K, c] x [c, N]``) are GEMMs with 2K output rows in
+``HEAD_POOL_*`` tiles. Two fuse row-wise work and walk the tokens in chunks of at most ``HEAD_BLOCK_N``,
+so no tile depends on N beyond that: the forward (scores and readout, the softmax over the tokens, pred
+and the pooling coefficients; past one chunk two passes, an online softmax) and dS / dZ (the softmax
+backward; two passes past one chunk). Their rule (the channel chunk and stages also the pooled rows'):
+
+- rows per block: at most the cap below, and as many as keep the row tiles held together (the forward's
+  S and Zhat; probs, dP and Zhat in dS / dZ) at ``HEAD_ROW_VALUES`` fp32 values per thread, never below
+  ``MIN_DOT``;
+- shared memory: ``SMEM_HEADROOM`` x stages x the fp32 operand tiles of a channel loop, as for the
+  GEMMs, and one fp32 copy of the operands of a product after the loop (``tile_bound``: its layout
+  conversion); stages, then the channel chunk, shrink until that fits the target's per-block limit;
+  below ``MIN_DOT`` channels: ``PlanError``.
+- The interpreter takes all tokens in one chunk and large tiles (few Python-level ops).
+"""
+from __future__ import annotations
+
+import torch
+
+from .launch import KernelPlan, next_pow2
+from .plans import (FP32_BYTES, MAX_TOKENS, MIN_DOT, SMEM_HEADROOM, PlanError, _cdiv, _gemm_plan, _interpreting,
+                    _options, _stages, dot_constexpr, fit_tile, tile_bound)
+from .targets import Target
+
+HEAD_VIEWS_BLOCK = 16       # rows of the pooling matrix M (2K: own views, then the partner's) per block:
+                            # K <= 8 in one block; [64, 256] coefficient tiles spill
+HEAD_WARPS = 8
+HEAD_ROW_VALUES = 64        # fp32 values per thread in the row tiles held together: the forward's S and
+                            # Zhat at [32, 256] with 8 warps of 32 lanes (no spills on sm_80 / sm_90)
+HEAD_FWD_BLOCK_P = 32       # forward: queries per program (cap) ...
+HEAD_FWD_BLOCK_C = 32       # ... and the channel chunk of S = G Xc, Zhat = Wrg_j Xc_j (cap)
+HEAD_FWD_STAGES = 2         # one x chunk in flight while the other is consumed
+HEAD_FWD_TWO_PASS_TILES = 3  # past one token chunk the forward also holds the rows' exponentials: at 32
+                             # rows it spilled (sm_90, 44-920 B), so it takes 16, unpipelined (2 stages
+                             # spilled 300 B with fp32 x, sm_90)
+HEAD_POOL_SPLIT = 256       # pooled rows: channels per program (a head's channels split over grid axis 1)
+HEAD_POOL_BLOCK_C = 64      # ... U in [2K, 64] output tiles reducing over 64-token chunks, dcoef in
+HEAD_POOL_BLOCK_N = 64      # [2K, 64] tiles reducing over the channels ([., 256] token chunks spilled)
+HEAD_POOL_STAGES = 1        # x in one orientation per loop, unpipelined
+HEAD_POOL_BLOCK_C_HIP = 32  # AMD: the dU pass at 64 spilled 4 B on gfx942 (16-bit x, N % 16 == 0)
+HEAD_BWD_BLOCK_P = 16       # dS / dZ: queries per program (cap; probs, dP and Zhat tiles)
+HEAD_BWD_ROW_TILES = 3
+HEAD_BLOCK_N = 256          # tokens per chunk of the row kernels: N = 196 (14 x 14 maps) in one chunk
+
+INTERPRETER_FWD = (128, 256)        # (BLOCK_P, BLOCK_C): few programs and loop trips on CPU
+INTERPRETER_POOL = (4096, 256)      # (channels per program, BLOCK_C)
+INTERPRETER_BWD_P = 128
+
+
+def head_block_n(n: int, target: Target) -> int:
+    """Tokens per chunk of the row kernels: all N up to ``HEAD_BLOCK_N`` (up to ``MAX_TOKENS`` in the
+    interpreter), in a power-of-two block."""
+    return max(MIN_DOT, min(next_pow2(n), MAX_TOKENS if _interpreting(target) else HEAD_BLOCK_N))
+
+
+def _row_block(cap: int, extent: int, tiles: int, bn: int, target: Target) -> int:
+    """Rows per block: ``cap`` or fewer, so that ``tiles`` [rows, bn] fp32 tiles stay at ``HEAD_ROW_VALUES``
+    per thread; at least ``MIN_DOT``; clamped to the extent."""
+    rows = cap
+    while rows > MIN_DOT and tiles * rows * bn > HEAD_ROW_VALUES * HEAD_WARPS * target.warp_size:
+        rows //= 2
+    return fit_tile(rows, extent)
+
+
+def _fit_channels(target: Target, bc: int, stages: int, operands, what: str, fixed: int = 0) -> tuple[int, int, int]:
+    """``(BLOCK_C, stages, smem_bound)``: stages, then the channel chunk, shrink until ``SMEM_HEADROOM`` x
+    ``stages`` x ``operands(bc)`` (bytes of one stage's fp32 operand tiles), and ``fixed`` (one copy of
+    the operands of a product after the loop), fit the per-block limit."""
+    def bound_at(k: int, s: int) -> int:
+        return max(SMEM_HEADROOM * s * operands(k), fixed)
+
+    stages = _stages(target, stages)
+    if _interpreting(target):
+        return bc, 1, bound_at(bc, 1)
+    while True:
+        while stages > 1 and bound_at(bc, stages) > target.smem_per_block:
+            stages -= 1
+        bound = bound_at(bc, stages)
+        if bound <= target.smem_per_block:
+            return bc, stages, bound
+        if bc <= MIN_DOT:
+            raise PlanError(f"no {what} tiles fit {target.name}: {target.smem_per_block / 1024:.0f} KiB of shared "
+                            f"memory per block, the smallest plan needs {bound / 1024:.0f} KiB")
+        bc //= 2
+
+
+def head_fwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dtype, target: Target,
+             dot_precision: str = "tf32") -> KernelPlan:
+    """Scores, softmax, readout and pooling coefficients: one program per (sample, head, query block)."""
+    bn = head_block_n(n, target)
+    bv = fit_tile(HEAD_VIEWS_BLOCK, views)
+    if _interpreting(target):
+        bp, bc = fit_tile(INTERPRETER_FWD[0], p), fit_tile(INTERPRETER_FWD[1], c)
+    else:
+        bp = _row_block(HEAD_FWD_BLOCK_P, p, 2 if bn >= n else HEAD_FWD_TWO_PASS_TILES, bn, target)
+        bc = fit_tile(HEAD_FWD_BLOCK_C, c)
+    # A stage: the g and wrg chunks [BLOCK_P, BLOCK_C] and an x chunk [BLOCK_C, BLOCK_N]; the epilogue
+    # M [BLOCK_V, BLOCK_P] x probs [BLOCK_P, BLOCK_N] reuses the same memory.
+    bc, stages, bound = _fit_channels(target, bc, HEAD_FWD_STAGES if bn >= n else 1,
+                                      lambda k: (2 * bp * k + k * bn) * FP32_BYTES, "head forward",
+                                      fixed=tile_bound((bv, bp), (bp, bn)))
+    return KernelPlan(grid=(b * h * _cdiv(p, bp),),
+                      constexprs=dict(SINGLE_PASS=bn >= n, BLOCK_P=bp, BLOCK_N=bn, BLOCK_C=bc, BLOCK_V=bv,
+                                      DOT_PRECISION=dot_constexpr(target, dot_precision)),
+                      num_warps=4 if _interpreting(target) else HEAD_WARPS, num_stages=stages, smem_bound=bound,
+                      options=_options(target))
+
+
+def head_pool(b: int, c: int, n: int, h: int, views: int, dtype: torch.dtype, target: Target,
+              dot_precision: str = "tf32", has_du: bool = False) -> KernelPlan:
+    """Pooled rows (and in backward the coefficient gradient): one program per (sample, head, split)."""
+    d = c // h
+    bn = head_block_n(n, target) if _interpreting(target) else fit_tile(HEAD_POOL_BLOCK_N, n)
+    bv = fit_tile(HEAD_VIEWS_BLOCK, views)
+    split_cap, bc = INTERPRETER_POOL if _interpreting(target) else \
+        (HEAD_POOL_SPLIT, HEAD_POOL_BLOCK_C_HIP if target.backend == "hip" else HEAD_POOL_BLOCK_C)
+    split = min(split_cap, d)
+    # One product at a time: coef [BLOCK_V, BLOCK_N] x x^T [BLOCK_N, BLOCK_C], then dU [BLOCK_V, BLOCK_C]
+    # x x [BLOCK_C, BLOCK_N].
+    bc, stages, bound = _fit_channels(target, fit_tile(bc, split), HEAD_POOL_STAGES,
+                                      lambda k: (bv * bn + bn * k) * FP32_BYTES, "head pooled-row")
+    return KernelPlan(grid=(b * h, _cdiv(d, split)),
+                      constexprs=dict(HAS_DU=has_du, BLOCK_V=bv, BLOCK_N=bn, BLOCK_C=bc,
+                                      DOT_PRECISION=dot_constexpr(target, dot_precision)),
+                      num_warps=4 if _interpreting(target) else HEAD_WARPS, num_stages=stages, smem_bound=bound,
+                      options=_options(target))
+
+
+def head_bwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dtype, target: Target,
+             dot_precision: str = "tf32", has_dattn: bool = True, has_dpred: bool = True,
+             has_dcoef: bool = True) -> KernelPlan:
+    """dS and dZ per (sample, head, query block); no pass over x."""
+    bn = head_block_n(n, target)
+    bv = fit_tile(HEAD_VIEWS_BLOCK, views)
+    if _interpreting(target):
+        bp = fit_tile(INTERPRETER_BWD_P, p)
+    else:
+        bp = _row_block(HEAD_BWD_BLOCK_P, p, HEAD_BWD_ROW_TILES, bn, target)
+    # M^T [BLOCK_P, BLOCK_V] x dcoef [BLOCK_V, BLOCK_N], unpipelined.
+    bound = SMEM_HEADROOM * (bp * bv + bv * bn) * FP32_BYTES
+    if not _interpreting(target) and bound > target.smem_per_block:
+        raise PlanError(f"no head dS tiles fit {target.name}: {target.smem_per_block / 1024:.0f} KiB of shared "
+                        f"memory per block, the plan needs {bound / 1024:.0f} KiB")
+    return KernelPlan(grid=(b * h * _cdiv(p, bp),),
+                      constexprs=dict(HAS_DATTN=has_dattn, HAS_DPRED=has_dpred, HAS_DCOEF=has_dcoef,
+                                      SINGLE_PASS=bn >= n, BLOCK_P=bp, BLOCK_N=bn, BLOCK_V=bv,
+                                      DOT_PRECISION=dot_constexpr(target, dot_precision)),
+                      num_warps=4 if _interpreting(target) else HEAD_WARPS, num_stages=1, smem_bound=bound,
+                      options=_options(target))
+
+
+def head_dwrg(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
+              dot_precision: str = "tf32") -> KernelPlan:
+    """dWrg_j = sum_b (dZ_b,j * rstd_b) @ Xc_b,j^T: [P, B*N] x [B*N, d] per head (h > 1; one head stacks
+    dZ under dS and runs the attention's dG kernel); grid (head, query block, channel block)."""
+    d = c // h
+    return _gemm_plan(lambda tm, tn: (h, _cdiv(p, tm), _cdiv(d, tn)), target, p, d, n,
+                      ("BLOCK_P", "BLOCK_C", "BLOCK_N"), dot_constexpr(target, dot_precision))
+
+
+def head_dxhat(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dtype, target: Target,
+               dot_precision: str = "tf32", has_dpred: bool = True, has_du: bool = True) -> KernelPlan:
+    """dxhat = G^T dS + Wrg_j^T dZ_j + dU_j^T coef_j: [d, hP] x [hP, N] per sample and head, plus the
+    readout and pooled-row terms; grid (sample, head x channel block, token block)."""
+    d = c // h
+    return _gemm_plan(lambda tm, tn: (b, h * _cdiv(d, tm), _cdiv(n, tn)), target, d, n, p,
+                      ("BLOCK_C", "BLOCK_N", "BLOCK_P"), dot_constexpr(target, dot_precision),
+                      HAS_DPRED=has_dpred, HAS_DU=has_du, BLOCK_V=fit_tile(HEAD_VIEWS_BLOCK, views))
