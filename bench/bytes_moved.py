@@ -2,7 +2,7 @@
 
     TRITON_INTERPRET=1 python -m bench.bytes_moved [--quick] [--inspect-json results/inspect.json] [--json PATH]
 
-The report's cases (part attention forward and backward, the in-place and pooled mixups) run at the
+The report's cases (part attention forward and backward, the in-place and pooled mixups, the fused head) run at the
 real C=2048, N=196, P=312 and a small batch, extrapolated to B=64 by ``bench.bytes_trace.measure_launch``
 (logical bytes, compulsory bytes, and an HBM estimate with L2 reuse within a wave; its docstring
 explains the model). CTAs per SM come from ``kernels.inspect``'s sm_90 rows when given.
@@ -17,7 +17,7 @@ from .bytes_trace import H100_SMS, L2_BYTES, SECTOR_BYTES, _require_interpreter,
 
 __all__ = ["measure_launch", "H100_SMS", "L2_BYTES", "SECTOR_BYTES", "run_cases", "markdown", "main"]
 
-GOALS = {"attention": 1.5, "mixup": 1.1}  # HBM estimate / compulsory (issue 6)
+GOALS = {"attention": 1.5, "mixup": 1.1, "head": 1.3}  # HBM estimate / compulsory (issues 6 and 11)
 
 
 def _cases(quick: bool) -> list[tuple[str, str, Callable[[int], tuple[Callable[[], Any], list]]]]:
@@ -65,12 +65,29 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[int], tuple[Callable[[
             return lambda: pm.part_mixup_pool_fwd(x, perm, mask)
         return build
 
+    def head(backward: bool):
+        def build(B: int):
+            from c2f.kernels import c2f_head as hd
+            x = torch.randn(B, C, N)
+            g, wrg, wcg = torch.randn(1, P, C) * 0.02, torch.randn(P, C) * 0.02, torch.randn(200, C) * 0.02
+            perm, mask = torch.arange(B - 1, -1, -1), torch.rand(K, B, P)
+            if not backward:
+                return lambda: hd.c2f_head_fwd(x, g, wrg, wcg, perm, mask, 1e-5, 16.0)
+            attn = torch.softmax(torch.randn(B, P, N), -1)
+            zhat, mean, rstd = torch.randn(B, 1, P, N), torch.randn(B, N), torch.rand(B, N) + 0.5
+            dattn, dpred, dlogits = torch.randn(B, P, N), torch.randn(B, P), torch.randn(K, B, 200)
+            return lambda: hd.c2f_head_bwd(x, g, wrg, wcg, perm, mask, attn, torch.empty(0), zhat, mean, rstd,
+                                           dattn, dpred, dlogits, False, 16.0)
+        return build
+
     cases = [("attention fwd h=1", "attention", attention(1, False)),
              ("attention bwd h=1 (x frozen)", "attention", attention(1, True)),
              ("part_mixup_ fwd", "mixup", mixup(False)),
              ("part_mixup_ bwd", "mixup", mixup(True)),
              (f"part_mixup_pool fwd K={K}", "mixup", pool(False)),
-             (f"part_mixup_pool bwd K={K}", "mixup", pool(True))]
+             (f"part_mixup_pool bwd K={K}", "mixup", pool(True)),
+             (f"C2F head fwd K={K}", "head", head(False)),
+             (f"C2F head bwd K={K} (x frozen)", "head", head(True))]
     if not quick:
         cases.insert(1, ("attention fwd h=16", "attention", attention(16, False)))
     return cases

@@ -178,6 +178,32 @@ def reference_mixup_pool(sh: Shape, dtype: str, backward: bool) -> list[OpCost]:
         OpCost(f"ref: mean over parts (K={K})", "reference", dtype, K * B * P * C * s + K * B * C * s, 0)]
 
 
+def head_step(sh: Shape, dtype: str) -> list[OpCost]:
+    """The fused C2F head's kernels (docs/design.md, "The algebra" 8): forward reads x once for the scores
+    and the readout (``4 P C N`` per sample) and the pooled rows (``2 (2K) N C``); backward forms dS and
+    dZ ``[B, P, N]`` and contracts them with x for dG and dWrg (``4 P N C``). ``[B, P, C]`` never exists."""
+    s = DTYPE_BYTES[dtype]
+    B, C, N, P, K, h = sh.B, sh.C, sh.N, sh.P, sh.K, sh.h
+    x, pn, w = B * C * N * s, B * P * N * F32, 2 * P * C * F32
+    fwd = OpCost(f"head fwd (K={K})", "fused", dtype, x + w + 3 * pn + 2 * B * N * F32 + B * 2 * K * C * F32,
+                 B * (4 * h * P * C * N + 2 * (2 * K) * N * C))
+    bwd_ds = OpCost("head bwd dS, dZ", "fused", dtype, 4 * pn + B * 2 * K * N * F32, 2 * B * (2 * K) * N * C)
+    bwd_dw = OpCost("head bwd dG, dWrg", "fused", dtype, x + 2 * pn + 2 * B * N * F32 + w, B * 4 * h * P * N * C)
+    return [fwd, bwd_ds, bwd_dw]
+
+
+def reference_head_step(sh: Shape, dtype: str) -> list[OpCost]:
+    """c2f.reference.C2FHead, forward and backward: the attention, the per-part regressor on ``[B, P, C]``,
+    the part mixup of K views, the mean over parts and the classifier, each op paying its own traffic."""
+    s = DTYPE_BYTES[dtype]
+    B, C, P, K = sh.B, sh.C, sh.P, sh.K
+    parts = B * P * C * s
+    regressor = [OpCost("ref: attribute regressor on parts", "reference", dtype, parts + P * C * s, 2 * B * P * C),
+                 OpCost("ref bwd: attribute regressor", "reference", dtype, 2 * parts + P * C * s, 4 * B * P * C)]
+    return (reference_attention_fwd(sh, dtype) + reference_attention_bwd(sh, dtype) + regressor
+            + reference_mixup_pool(sh, dtype, False) + reference_mixup_pool(sh, dtype, True))
+
+
 def ops(B: int = 64) -> list[tuple[str, list[OpCost]]]:
     """(group, fused ops + reference ops) for every group the report projects."""
     groups = []
@@ -186,6 +212,8 @@ def ops(B: int = 64) -> list[tuple[str, list[OpCost]]]:
             sh = Shape(B=B, h=h)
             groups.append((f"attention fwd h={h}", attention_fwd(sh, dtype) + reference_attention_fwd(sh, dtype)))
             groups.append((f"attention bwd h={h}", attention_bwd(sh, dtype) + reference_attention_bwd(sh, dtype)))
+        sh = Shape(B=B, K=4)
+        groups.append(("C2F head step K=4", head_step(sh, dtype) + reference_head_step(sh, dtype)))
         sh = Shape(B=B)
         groups.append(("part_mixup fwd", mixup_inplace(sh, dtype) + reference_mixup(sh, dtype)))
         groups.append(("part_mixup bwd", mixup_inplace(sh, dtype) + reference_mixup_bwd(sh, dtype)))

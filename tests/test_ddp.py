@@ -29,7 +29,7 @@ def test_two_gloo_processes_match_one(tmp_path, stage):
     for k, v in ARGS.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=str(tmp_path))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=480, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "held-out test split" in proc.stdout
 
