@@ -89,6 +89,17 @@ def _fit_channels(target: Target, bc: int, stages: int, operands, what: str, fix
         bc //= 2
 
 
+def _head_fwd_stages(target: Target, dtype: torch.dtype, dot_precision: str) -> int:
+    """Pipeline stages of the one-pass forward. Measured (``kernels.inspect``, N = 196, 32 x 256 rows):
+    AMD takes 1 (gfx950, where the LDS allows 2: 274-284 VGPRs, no 8-wave workgroup fits a CU; 1 stage:
+    149-185), and so does sm_100 with 16-bit x under fp32 dots (x widened in registers: 254 registers and
+    12 B of spills at 2 stages, 239 and none at 1); sm_80 to sm_90 and sm_120 keep 2 without spills."""
+    widened = dtype.itemsize == 2 and dot_precision in ("tf32", "ieee")
+    if target.backend == "hip" or (target.name == "sm_100" and widened):
+        return 1
+    return HEAD_FWD_STAGES
+
+
 def head_fwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dtype, target: Target,
              dot_precision: str = "tf32") -> KernelPlan:
     """Scores, softmax, readout and pooling coefficients: one program per (sample, head, query block)."""
@@ -101,7 +112,7 @@ def head_fwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dt
         bc = fit_tile(HEAD_FWD_BLOCK_C, c)
     # A stage: the g and wrg chunks [BLOCK_P, BLOCK_C] and an x chunk [BLOCK_C, BLOCK_N]; the epilogue
     # M [BLOCK_V, BLOCK_P] x probs [BLOCK_P, BLOCK_N] reuses the same memory.
-    bc, stages, bound = _fit_channels(target, bc, HEAD_FWD_STAGES if bn >= n else 1,
+    bc, stages, bound = _fit_channels(target, bc, _head_fwd_stages(target, dtype, dot_precision) if bn >= n else 1,
                                       lambda k: (2 * bp * k + k * bn) * FP32_BYTES, "head forward",
                                       fixed=tile_bound((bv, bp), (bp, bn)))
     return KernelPlan(grid=(b * h * _cdiv(p, bp),),
