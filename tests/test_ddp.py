@@ -1,6 +1,7 @@
 """`torchrun --nproc_per_node 2 -m c2f train` on CPU (gloo) matches one process on the same global batches."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -29,9 +30,17 @@ def test_two_gloo_processes_match_one(tmp_path, stage):
     for k, v in ARGS.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=480, env=env, cwd=str(tmp_path))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "held-out test split" in proc.stdout
+    # Its own process group: on a timeout torchrun's workers are killed with it, not left waiting in a collective.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=str(tmp_path), start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=480)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 480 s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "held-out test split" in stdout
 
     # One process on the same global batches: DDP's gradient average is the global-batch mean.
     train(TrainConfig(features=cache, run_dir=str(tmp_path / "one"), stage=stage, head="reference",
