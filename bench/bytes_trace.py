@@ -18,7 +18,9 @@ Scaling. The interpreter runs about a millisecond per program, so the trace is t
 (B=2, real C, N, P) and extrapolated to the real batch: ``target_fn`` (the same launch at the target
 batch) is dry-run to read its grids without executing; every target program is the copy of a traced
 program on another sample. The grid axis that grows with B is found by comparing the grids, and the
-batch must be the slowest index of that axis (``pid = b * inner + rest``, or an axis of its own).
+batch must be the slowest index of that axis (``pid = b * inner + rest``, or an axis of its own); a row
+kernel whose blocks of rows straddle samples (its grid grows by other than the batch ratio) is scaled
+linearly (each row is read and written once).
 A tensor argument whose size grows with the batch (per-sample data: x, parts, probs, outputs) has its
 addresses relabelled per copy; the others (folded queries, LayerNorm weights) are shared by all
 samples. A kernel whose grid does not grow with B (a reduction over the batch inside each program)
@@ -158,14 +160,18 @@ def _unique_bytes(accesses: list[_Access], kind: str) -> int:
     return sum(e * _unique(v).size for e, v in by_elem.items())
 
 
+class _NotBatchAligned(ValueError):
+    """The grid does not grow by whole copies of the traced batch (rows of B * h * P split into blocks)."""
+
+
 def _target_programs(trace: _Launch, target_grid: tuple[int, int, int], batch: int, copies: int):
     """Target programs in dispatch order as (traced program index, copy or None for all copies)."""
     index = {p.grid_idx: i for i, p in enumerate(trace.programs)}
     gs, gt = trace.grid, target_grid
     grown = [a for a in range(3) if gs[a] != gt[a]]
     if len(grown) > 1 or (grown and gt[grown[0]] != gs[grown[0]] * copies):
-        raise ValueError(f"{trace.kernel}: grid {gs} at the traced batch and {gt} at the target batch: "
-                         "expected one axis to grow by the batch ratio")
+        raise _NotBatchAligned(f"{trace.kernel}: grid {gs} at the traced batch and {gt} at the target batch: "
+                               "expected one axis to grow by the batch ratio")
     axis = grown[0] if grown else None
     inner = gs[axis] // batch if axis is not None else 0
     if axis is not None and gs[axis] % batch:
@@ -267,7 +273,20 @@ def measure_launch(fn: Callable[[], Any], *, batch: int = 1,
     for launch, target in zip(traced, dry):
         occ = ctas_per_sm.get(launch.kernel, 1) if isinstance(ctas_per_sm, dict) else ctas_per_sm
         ranges = _batched_ranges(launch, target, copies)
-        summary, load, store = _summarise(launch, target.grid, batch, copies, sms * max(occ, 1), ranges)
+        wave = sms * max(occ, 1)
+        try:
+            summary, load, store = _summarise(launch, target.grid, batch, copies, wave, ranges)
+        except _NotBatchAligned:
+            # A row kernel over all B * h * P rows in blocks that straddle samples: each row is read and
+            # written once by one program, so its bytes scale with the batch; the traced figures times
+            # the batch ratio, in the target grid's waves.
+            summary, load, store = _summarise(launch, launch.grid, batch, 1, wave, ranges)
+            for key in ("logical_load", "logical_store", "unique_load", "unique_store", "hbm_load", "hbm_store",
+                        "logical", "compulsory", "hbm_estimate"):
+                summary[key] *= copies
+            programs = target.grid[0] * target.grid[1] * target.grid[2]
+            summary.update(grid=list(target.grid), programs=programs, waves=-(-programs // wave),
+                           per_program_load=summary["logical_load"] / max(programs, 1), extrapolation="linear")
         results.append(summary)
         loads += load
         stores += store
