@@ -24,7 +24,7 @@ from . import plans, plans_head, targets
 from .c2f_head_bwd import _c2f_head_bwd_dwrg_kernel, _c2f_head_bwd_dxhat_kernel, _c2f_head_bwd_kernel
 from .c2f_head_fwd import _c2f_head_fwd_kernel, _c2f_head_pool_kernel
 from .launch import FLOAT_DTYPES, launch
-from .part_attention import _check_x, check, describe
+from .part_attention import _check_x, check, describe, make_plans
 from .part_attention_bwd import _part_attention_bwd_dg_kernel, _part_attention_bwd_dx_kernel
 from .part_attention_fwd import _part_attention_stats_kernel
 
@@ -63,16 +63,6 @@ def _xstrides(x: torch.Tensor) -> dict:
     return dict(stride_xb=x.stride(0), stride_xc=x.stride(1), stride_xn=x.stride(2))
 
 
-def _plans(make, x: torch.Tensor, target, dot_precision: str) -> dict:
-    """The plans of a launcher's kernels, made before anything is allocated or launched; a shape no plan
-    fits on ``target`` raises here, naming the shape, dtype, target and limit."""
-    try:
-        return make()
-    except plans.PlanError as e:
-        raise plans.PlanError(f"the C2F head on x {describe(x)} with dot_precision={dot_precision!r} cannot run "
-                              f"on {target.name} ({target.devices}): {e}") from None
-
-
 def _pooled_rows(x, mean, rstd, coef, du, views, plan):
     """``U [B, 2K, C]`` from ``coef [B, h, 2K, N]``; with ``du`` also ``dcoef [B, h, 2K, N]``."""
     bsz, c, n = x.shape
@@ -100,10 +90,11 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     dev, f32 = x.device, torch.float32
     target = targets.current(dev)
     views = 2 * k
-    plan = _plans(lambda: dict(
+    plan = make_plans(lambda: dict(
         stats=plans.attention_stats(bsz, c, n, x.dtype, target),
         fwd=plans_head.head_fwd(bsz, c, n, p, h, views, x.dtype, target, dot_precision),
-        pool=plans_head.head_pool(bsz, c, n, h, views, x.dtype, target, dot_precision)), x, target, dot_precision)
+        pool=plans_head.head_pool(bsz, c, n, h, views, x.dtype, target, dot_precision)), x, target, dot_precision,
+        "the C2F head")
     attn = torch.empty(bsz, p, n, device=dev, dtype=f32)
     probs = torch.empty((bsz, h, p, n) if h > 1 else (0,), device=dev, dtype=f32)
     zhat = torch.empty(bsz, h, p, n, device=dev, dtype=f32)
@@ -177,7 +168,7 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
                                                   has_dpred=dpred is not None, has_du=dlogits is not None)
             made["dx"] = plans.attention_dx(bsz, c, n, x.dtype, target)
         return made
-    plan = _plans(make, x, target, dot_precision)
+    plan = make_plans(make, x, target, dot_precision, "the C2F head")
     if bsz == 0:
         return (torch.zeros(h, p, c, device=dev, dtype=f32), torch.zeros(p, c, device=dev, dtype=f32),
                 torch.zeros(classes, c, device=dev, dtype=f32), torch.empty_like(x) if needs_dx else None)

@@ -94,7 +94,7 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     target = targets.current(dev)
-    plan = _plans(lambda: dict(
+    plan = make_plans(lambda: dict(
         stats=plans.attention_stats(bsz, c, n, x.dtype, target),
         scores=plans.attention_scores(bsz, c, n, p, h, x.dtype, target, dot_precision),
         softmax=plans.attention_softmax(bsz * h * p, n, target),
@@ -148,7 +148,7 @@ def folded_bwd(x: torch.Tensor, g: Optional[torch.Tensor], gamma: torch.Tensor, 
         check("dattn", dattn, (bsz, p, n), FLOAT_DTYPES, dev)
         dattn = dattn.contiguous()
     target = targets.current(dev)
-    plan = _plans(lambda: dict(
+    plan = make_plans(lambda: dict(
         dp=plans.attention_dp(bsz, c, n, p, h, x.dtype, target, dot_precision),
         softmax=plans.attention_softmax_bwd(bsz * h * p, n, target, has_dattn=dattn is not None),
         dg=plans.attention_dg(bsz, c, n, p, h, x.dtype, target, dot_precision),
@@ -189,11 +189,11 @@ def folded_bwd(x: torch.Tensor, g: Optional[torch.Tensor], gamma: torch.Tensor, 
     return dg, dgamma_part.sum(0), dbeta, dx
 
 
-def _plans(make, x: torch.Tensor, target, dot_precision: str) -> dict:
+def make_plans(make, x: torch.Tensor, target, dot_precision: str, op: str = "part attention") -> dict:
     """The plans of an op's kernels, made before anything is allocated or launched; a shape no plan
-    fits on ``target`` raises here, naming the shape, dtype, target and limit."""
+    fits on ``target`` raises here, naming the op, shape, dtype, target and limit."""
     try:
         return make()
     except plans.PlanError as e:
-        raise plans.PlanError(f"part attention on x {describe(x)} with dot_precision={dot_precision!r} cannot run "
+        raise plans.PlanError(f"{op} on x {describe(x)} with dot_precision={dot_precision!r} cannot run "
                               f"on {target.name} ({target.devices}): {e}") from None
