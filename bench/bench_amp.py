@@ -16,10 +16,9 @@ import contextlib
 import pytest
 import torch
 
-from bench.common import autocast, failure_note, record, zero_grads
+from bench.common import autocast, failure_note, head_inputs, record, zero_grads
 from bench.machine import native_bf16
 from c2f import nn as c2fnn
-from c2f import reference
 from c2f.losses import attribute_loss, soft_cross_entropy
 
 HW, P, CLASSES, K = 14, 312, 200, 4
@@ -53,14 +52,8 @@ def _finish(benchmark, outputs, device):
 @pytest.mark.parametrize("amp", ["off", "bf16"])
 def test_head_amp(benchmark, device, amp):
     B, C, rounds, warmup = _shape(device)
-    gen = torch.Generator().manual_seed(0)
     model = c2fnn.C2FHead(C, P, CLASSES).to(device)
-    x = torch.randn(B, C, HW, HW, generator=gen).to(device)
-    attrs = torch.rand(B, P, generator=gen).to(device)
-    labels = torch.randint(0, CLASSES, (B,), generator=gen).to(device)
-    perm = torch.arange(B, device=device).flip(0)
-    mask = (torch.rand(K, B, P, generator=gen) < 0.5).float().to(device)
-    targets = reference.mix_targets(labels, perm, mask, CLASSES)
+    x, attrs, perm, mask, targets = head_inputs(B, C, HW, P, CLASSES, K, device)
     outputs = []
 
     def step():

@@ -10,7 +10,7 @@ state, and a compile that fails is recorded in the report rather than failing th
 import pytest
 import torch
 
-from bench.common import failure_note, record, sweep, zero_grads
+from bench.common import failure_note, head_inputs, record, sweep, zero_grads
 from c2f import nn as c2fnn
 from c2f import reference
 from c2f.losses import attribute_loss, soft_cross_entropy
@@ -38,13 +38,7 @@ def _model(impl, device):
 
 def _case(benchmark, device, impl, B, K, sweep_name):
     model = _model(impl, device)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(B, C, HW, HW, generator=gen).to(device)
-    attrs = torch.rand(B, P, generator=gen).to(device)
-    labels = torch.randint(0, CLASSES, (B,), generator=gen).to(device)
-    perm = torch.arange(B, device=device).flip(0)
-    mask = (torch.rand(K, B, P, generator=gen) < 0.5).float().to(device)
-    targets = reference.mix_targets(labels, perm, mask, CLASSES)
+    x, attrs, perm, mask, targets = head_inputs(B, C, HW, P, CLASSES, K, device)
 
     def forward():
         return model(x, perm, mask)

@@ -42,7 +42,7 @@ from .memtrack import LiveTensorTracker, count_flops, cuda_kernel_launches, devi
     profiler_peak_bytes, saved_tensor_bytes
 
 __all__ = ["B_SWEEP", "K_SWEEP", "IMPLS", "AMPS", "quick", "sweep", "default_rounds", "bench_device", "record",
-           "zero_grads", "synchronize", "autocast", "failure_note"]
+           "zero_grads", "synchronize", "autocast", "failure_note", "head_inputs"]
 
 # Sweeps of the report's plots: batch sizes up to a realistic training batch, mixup views up to 32.
 B_SWEEP = (8, 16, 32, 64)
@@ -90,6 +90,19 @@ def autocast(device: torch.device | str, amp: str = "off"):
     if AMPS[amp] is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=AMPS[amp])
+
+
+def head_inputs(b: int, c: int, hw: int, p: int, classes: int, k: int, device: torch.device) -> tuple:
+    """``(x, attrs, perm, mask, targets)`` of a head step, seeded: a feature map, attribute labels, the
+    flip pairing, K binary masks and the mixed class targets."""
+    from c2f import reference
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, c, hw, hw, generator=gen).to(device)
+    attrs = torch.rand(b, p, generator=gen).to(device)
+    labels = torch.randint(0, classes, (b,), generator=gen).to(device)
+    perm = torch.arange(b, device=device).flip(0)
+    mask = (torch.rand(k, b, p, generator=gen) < 0.5).float().to(device)
+    return x, attrs, perm, mask, reference.mix_targets(labels, perm, mask, classes)
 
 
 def zero_grads(*objs: Any) -> None:
