@@ -212,12 +212,9 @@ def tiny_cache(tmp_path_factory):
     return synthesize(str(tmp_path_factory.mktemp("synth") / "cache"), **TINY)
 
 
-def test_synth_deterministic_and_resumable(tmp_path, tiny_cache, monkeypatch):
-    cache = FeatureCache(tiny_cache)
-    assert cache.feature_shape == (32, 7, 7) and len(cache) == 40 and len(cache.attribute_names) == 12
-    assert cache.is_train.sum() == 30 and np.bincount(cache.labels).tolist() == [8] * 5
-    again = str(tmp_path / "again")
-    os.makedirs(again)
+def killed_before_shard_1(monkeypatch, run):
+    """Runs ``run()`` with the cache writer killed as it is about to write shard 1 (a simulated kill:
+    ``KeyboardInterrupt``, asserted), then restores the writer."""
     real = CacheWriter.write_shard
 
     def crash_on_shard_1(self, i, features):
@@ -227,8 +224,17 @@ def test_synth_deterministic_and_resumable(tmp_path, tiny_cache, monkeypatch):
 
     monkeypatch.setattr(CacheWriter, "write_shard", crash_on_shard_1)
     with pytest.raises(KeyboardInterrupt):
-        synthesize(again, **TINY)
+        run()
     monkeypatch.setattr(CacheWriter, "write_shard", real)
+
+
+def test_synth_deterministic_and_resumable(tmp_path, tiny_cache, monkeypatch):
+    cache = FeatureCache(tiny_cache)
+    assert cache.feature_shape == (32, 7, 7) and len(cache) == 40 and len(cache.attribute_names) == 12
+    assert cache.is_train.sum() == 30 and np.bincount(cache.labels).tolist() == [8] * 5
+    again = str(tmp_path / "again")
+    os.makedirs(again)
+    killed_before_shard_1(monkeypatch, lambda: synthesize(again, **TINY))
     synthesize(again, **TINY)
     np.testing.assert_array_equal(FeatureCache(again).read(range(40)), cache.read(range(40)))
     with pytest.raises(CacheError, match="seed"):
@@ -344,18 +350,8 @@ def test_extract_checks_its_arguments_before_creating_anything(tmp_path, cub_and
 
 def test_a_backbone_replaced_under_the_same_name_is_refused(tmp_path, cub_and_backbone, monkeypatch):
     cub, backbone = cub_and_backbone
-    real = CacheWriter.write_shard
-
-    def crash_on_shard_1(self, i, features):
-        if i == 1:
-            raise KeyboardInterrupt("simulated kill")
-        return real(self, i, features)
-
-    monkeypatch.setattr(CacheWriter, "write_shard", crash_on_shard_1)
     out = str(tmp_path / "c")
-    with pytest.raises(KeyboardInterrupt):
-        extract(cub, out, backbone, **EXTRACT)
-    monkeypatch.setattr(CacheWriter, "write_shard", real)
+    killed_before_shard_1(monkeypatch, lambda: extract(cub, out, backbone, **EXTRACT))
     recorded = read_manifest(out)["config"]
     assert recorded["backbone_sha256"] == sha256_file(backbone) and recorded["amp"] == "off"
     torch.manual_seed(1)
