@@ -29,7 +29,9 @@ from ._validate import check_float, check_same_device, describe, feature_map_as_
 from .ops import attention as _ops  # noqa: F401  (registers torch.ops.c2f.part_attention_*)
 
 FORMULATIONS = ("auto", "folded", "unfolded")
-DOT_PRECISIONS = ("tf32", "ieee", "bf16", "fp16")   # kernels/plans.py DOT_PRECISIONS
+# kernels/plans.py DOT_PRECISIONS: c2f imports no kernels module until the Triton backend runs (a source
+# checkout on the path has no c2f.kernels).
+DOT_PRECISIONS = ("tf32", "ieee", "bf16", "fp16")
 
 
 def pick_formulation(formulation: str, num_heads: int, dim: int, num_parts: int) -> str:
@@ -64,7 +66,8 @@ def part_attention(x: torch.Tensor, queries: torch.Tensor, k_weight: torch.Tenso
     parts in the autocast dtype, attn as autocast returns a softmax (fp32 on CUDA, the autocast dtype
     on CPU). ``k_bias`` only receives its (exactly zero) gradient: a
     key bias drops out of the softmax. ``chunk_mib`` bounds the torch-op path's temporaries per chunk
-    of samples; ``dot_precision`` ("tf32" or "ieee") sets the fp32 dots of the Triton kernels on a GPU.
+    of samples; ``dot_precision`` (``DOT_PRECISIONS``: "tf32", "ieee", "bf16", "fp16") sets the operand
+    precision of the Triton kernels' dots on a GPU (autocast picks bf16/fp16 itself).
     """
     check_options(backend, formulation, chunk_mib, dot_precision)
     check_float("queries", queries)

@@ -198,3 +198,9 @@ def test_auto_backend_picks_triton_on_rocm(monkeypatch):
     monkeypatch.setattr(_backend, "triton_available", lambda: True)
     assert _backend.resolve_backend("auto", torch.device("cuda", 0)) == "triton"
     assert _backend.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_the_public_dot_precisions_are_the_kernels():
+    """c2f.attention keeps its own copy of the list (no kernels import on the torch path): it must not drift."""
+    from c2f.attention import DOT_PRECISIONS as public
+    assert public == plans.DOT_PRECISIONS
