@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from .._math import inverse_permutation
 from . import plans, plans_head, targets
 from .c2f_head_bwd import _c2f_head_bwd_dwrg_kernel, _c2f_head_bwd_dxhat_kernel, _c2f_head_bwd_kernel
 from .c2f_head_fwd import _c2f_head_fwd_kernel, _c2f_head_pool_kernel
@@ -103,7 +104,7 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     rstd = torch.empty_like(mean)
     if bsz == 0:
         return attn, pred, torch.empty(k, 0, wcg.shape[0], device=dev, dtype=f32), probs, zhat, mean, rstd
-    m = _pool_matrix(mask, torch.argsort(perm))
+    m = _pool_matrix(mask, inverse_permutation(perm))
     launch(_part_attention_stats_kernel, plan["stats"], X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, C=c, N=n,
            **_xstrides(x), eps=float(eps))
     num_pb = plan["fwd"].grid[0] // (bsz * h)
@@ -176,7 +177,7 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     xs = _xstrides(x)
     m = coef = du = dcoef = None
     if dlogits is not None:
-        inv = torch.argsort(perm)
+        inv = inverse_permutation(perm)
         m = _pool_matrix(mask, inv)
         # Rows of sample b: its own views, then the views it was mixed into (logits[k, perm^-1 b]).
         drows = torch.cat([dlogits, dlogits[:, inv]]).transpose(0, 1).to(f32).contiguous()  # [B, 2K, classes]

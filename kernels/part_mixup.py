@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._math import inverse_permutation
 from . import plans, targets
 from .dots import mma, round_operand
 from .launch import launch
@@ -272,7 +273,7 @@ def part_mixup_pool_bwd(grad: torch.Tensor, perm: torch.Tensor, mask: torch.Tens
         return out
     if k == 0:
         return out.zero_()
-    inv = torch.argsort(perm)   # the sample paired with j took (1 - m) of F[j] in its views
+    inv = inverse_permutation(perm)   # the sample paired with j took (1 - m) of F[j] in its views
     launch(_part_mixup_pool_bwd_kernel, plans.mixup_pool_bwd(k, b, p, c, grad.dtype, targets.current(grad.device)),
            G_ptr=grad, Inv_ptr=inv, M_ptr=mask, DF_ptr=out, K=k, P=p, C=c,
            stride_gk=grad.stride(0), stride_gb=grad.stride(1), stride_gc=grad.stride(2),
