@@ -69,4 +69,8 @@ class Dist:
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
+            # Every process reaches the end before any tears the group down: a process that destroyed it
+            # and exited while a peer still finished its last collective left that peer waiting for ever
+            # (seen about one run in six with gloo).
+            dist.barrier()
             dist.destroy_process_group()
