@@ -9,9 +9,11 @@ of the batch before anything non-finite is checkpointed (or, with ``skip_nonfini
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -292,4 +294,19 @@ class Trainer(EpochLoop):
     def close(self) -> None:
         if getattr(self, "log", None) is not None:
             self.log.close()
+        if self.dist.world > 1:
+            # DDP's reducer holds a reference to the process group. Were it the last one, the group (and gloo's
+            # worker threads) would be torn down in the reducer's destructor with the GIL held, while a worker
+            # thread may still need the GIL to free a finished collective's tensors: a deadlock, seen in 1 of 15
+            # two-process runs. Freed here, the reducer leaves the group to destroy_process_group, whose
+            # destructor releases the GIL.
+            model = getattr(self, "model", None)
+            model = getattr(model, "_orig_mod", model)   # under torch.compile: the DDP it wraps
+            ddp = None if model is None else weakref.ref(model)
+            del model
+            self.model = None
+            gc.collect()
+            if ddp is not None and ddp() is not None:
+                log.warning("the DistributedDataParallel wrapper is still referenced; its process group may be "
+                            "destroyed with the GIL held")
         self.dist.close()

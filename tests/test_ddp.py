@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -14,6 +15,33 @@ from c2f.train import TrainConfig, train
 TINY = dict(num_classes=4, images_per_class=12, num_attributes=12, dim=32, grid=7, num_locations=4,
             test_fraction=0.25, classes_per_genus=1, shard_size=16, progress=False)
 ARGS = dict(epochs=2, batch_size=8, lr=1e-2, num_workers=0, seed=3)
+
+
+TIMEOUT_S = 480   # a run takes 10-20 s; a loaded 2-core machine has taken it past 240 s
+
+
+def descendants(pid: int) -> list:
+    """Every process below ``pid`` (torchrun starts each worker in a session of its own: killpg misses them)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        return []
+    return kids + [d for k in kids for d in descendants(k)]
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGABRT to the workers (their stacks go to the log), then SIGKILL to all of them and torchrun."""
+    workers = descendants(proc.pid)
+    for sig, pids in ((signal.SIGABRT, workers), (signal.SIGKILL, workers + [proc.pid])):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if sig == signal.SIGABRT:
+            time.sleep(2)
+    proc.wait()
 
 
 def records(run_dir):
@@ -29,18 +57,23 @@ def test_two_gloo_processes_match_one(tmp_path, stage):
            "--head", "reference", "--no-progress", "--no-plots"]
     for k, v in ARGS.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # Its own process group: on a timeout torchrun's workers are killed with it, not left waiting in a collective.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=str(tmp_path), start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=480)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish in 480 s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    # PYTHONFAULTHANDLER: a worker sent SIGABRT on a timeout prints every thread's stack.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    # Output to a file, not a pipe: a worker that outlives torchrun would hold a pipe open and block the read.
+    log_path = tmp_path / "torchrun.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(tmp_path),
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc)
+            pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s:\n{log_path.read_text()[-6000:]}")
+    stdout = log_path.read_text()
+    assert proc.returncode == 0, stdout[-6000:]
     assert "held-out test split" in stdout
+    # The trainer frees DDP before destroying the group (else gloo can deadlock at exit, see Trainer.close).
+    assert "still referenced" not in stdout
 
     # One process on the same global batches: DDP's gradient average is the global-batch mean.
     train(TrainConfig(features=cache, run_dir=str(tmp_path / "one"), stage=stage, head="reference",
