@@ -36,7 +36,8 @@ bench: venv
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m bench.report --out results $(ARGS)
 
-# Compiles every kernel plan for every target without a GPU (`make inspect ARGS="--arch sm_86 --json out.json"`).
+# Compiles every kernel plan for every target without a GPU (`make inspect ARGS="--arch sm_86 --json out.json"`);
+# results are kept per compile in ~/.cache/c2f/inspect (ARGS=--no-cache compiles everything).
 inspect: venv
 	$(PY) -m c2f.kernels.inspect $(ARGS)
 

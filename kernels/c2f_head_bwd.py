@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .dots import mma
+from .part_attention_bwd import rows_times_centred_x
 
 
 @triton.jit
@@ -128,22 +129,8 @@ def _c2f_head_bwd_dwrg_kernel(
     c = j * D + cb * BLOCK_C + tl.arange(0, BLOCK_C)
     p_mask = p < P
     c_mask = c < (j + 1) * D
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    # One flat loop over (sample, token chunk): one pipelined loop, not a loop nest (as the dG kernel).
-    num_nc = tl.cdiv(N, BLOCK_N)
-    for t in range(0, B * num_nc):
-        b = (t // num_nc).to(tl.int64)
-        n = (t % num_nc) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = n < N
-        mean = tl.load(Mean_ptr + b * N + n, mask=n_mask, other=0.0)
-        rstd = tl.load(Rstd_ptr + b * N + n, mask=n_mask, other=0.0)
-        dz = tl.load(DZ_ptr + b * stride_tb + j * P * N + (p[:, None] * N + n[None, :]),
-                     mask=p_mask[:, None] & n_mask[None, :], other=0.0)
-        xt_mask = n_mask[:, None] & c_mask[None, :]
-        xt = tl.load(X_ptr + b * stride_xb + (n[:, None] * stride_xn + c[None, :] * stride_xc), mask=xt_mask,
-                     other=0.0)
-        xct = tl.where(xt_mask, xt.to(tl.float32) - mean[:, None], 0.0)
-        acc = mma(dz * rstd[None, :], xct, acc, DOT_PRECISION)
+    acc = rows_times_centred_x(X_ptr, Mean_ptr, Rstd_ptr, DZ_ptr + j * P * N, stride_tb, p, p_mask, c, c_mask,
+                               B, N, stride_xb, stride_xc, stride_xn, BLOCK_P, BLOCK_N, BLOCK_C, DOT_PRECISION)
     tl.store(DWrg_ptr + (p[:, None] * C + c[None, :]), acc, mask=p_mask[:, None] & c_mask[None, :])
 
 

@@ -12,6 +12,13 @@ that target, and compiled with ``triton.compile`` exactly as the JIT would (the 
 divisibility come from the same arguments). Launches that compile to the same kernel are compiled
 once and reported with every shape that maps to them.
 
+Results are kept per compile in ``~/.cache/c2f/inspect`` (``$C2F_INSPECT_CACHE`` moves it; ``off``, or
+``--no-cache``, turns it off), under Triton's own cache key (the kernel's source and the sources of the
+functions it calls, the argument specialisation, constexprs, options, target, Triton's build and the
+environment variables that change code generation). A run after an edit recompiles the kernels of the
+edited files (Triton's key includes each kernel's line number, so the kernels below an edit count as
+changed); occupancy and the pass/fail verdict are recomputed from the target table every run.
+
 Per kernel, plan and target: registers, spills, shared memory (LDS on AMD) against the target's
 per-block limit (``targets.TARGETS``) and against the plan's own bound (``KernelPlan.smem_bound``),
 tensor-core use (from the PTX; MFMA on AMD) and an occupancy bound. The
@@ -38,6 +45,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import targets as targets_mod
+from .inspect_cache import CACHE_ENV, COMPILED_FIELDS, cache_dir, cache_read, cache_write, compile_key
 from .inspect_cases import cases
 from .launch import Launch, recording
 
@@ -70,6 +78,7 @@ class KernelReport:
     tensor_cores: Optional[str] = None
     ctas_per_sm: Optional[int] = None
     compile_s: Optional[float] = None
+    cached: bool = False                # read from the result cache (compile_s: the original compile's)
     error: Optional[str] = None
 
     @property
@@ -200,6 +209,9 @@ def compile_launch(launch: Launch, target, op: str = "", shapes: Optional[list[s
     start = time.perf_counter()
     try:
         src, options = compile_source(launch, target)
+        key = compile_key(src, options, target)
+        if (entry := cache_read(key)) is not None:
+            return _finish(report, target, entry, cached=True)
         # Compile every time (a cache hit skips ptxas and its -v log) and capture the log triton prints.
         with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
             knobs.compilation.always_compile = True
@@ -210,26 +222,35 @@ def compile_launch(launch: Launch, target, op: str = "", shapes: Optional[list[s
         report.error = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
         report.compile_s = time.perf_counter() - start
         return report
-    report.compile_s = time.perf_counter() - start
+    entry = dict(compile_s=time.perf_counter() - start, sgpr_spills=None)
     if target.backend == "hip":
         stats = parse_amdgcn(compiled.asm["amdgcn"])
-        report.sgpr_spills = stats.pop("sgpr_spills")
+        entry["sgpr_spills"] = stats.pop("sgpr_spills")
         if stats["stack_bytes"]:     # scratch memory: SGPR spills that did not fit in VGPR lanes, or VGPR spills
-            stats["spill_stores"] += report.sgpr_spills
+            stats["spill_stores"] += entry["sgpr_spills"]
         stats["spill_loads"] = stats["spill_stores"]
-        report.smem_bytes = max(int(compiled.metadata.shared), stats.pop("lds"))
-        report.tensor_cores = "mfma" if "v_mfma" in compiled.asm["amdgcn"] else "no"
+        entry["smem_bytes"] = max(int(compiled.metadata.shared), stats.pop("lds"))
+        entry["tensor_cores"] = "mfma" if "v_mfma" in compiled.asm["amdgcn"] else "no"
     else:
         stats = parse_ptxas_log(log.getvalue())
         if "regs" not in stats:
             report.error = "no ptxas -v log was captured (registers and spills unknown)"
+            report.compile_s = entry["compile_s"]
             return report
-        report.smem_bytes = int(compiled.metadata.shared) + stats.get("static_smem", 0)
-        report.tensor_cores = tensor_core_use(compiled.asm["ptx"])
-    report.regs = stats["regs"]
-    report.spill_stores, report.spill_loads = stats.get("spill_stores", 0), stats.get("spill_loads", 0)
-    report.stack_bytes = stats.get("stack_bytes", 0)
-    report.ctas_per_sm = occupancy(target, report.regs, report.smem_bytes, plan.num_warps)
+        entry["smem_bytes"] = int(compiled.metadata.shared) + stats.get("static_smem", 0)
+        entry["tensor_cores"] = tensor_core_use(compiled.asm["ptx"])
+    entry.update(regs=stats["regs"], spill_stores=stats.get("spill_stores", 0),
+                 spill_loads=stats.get("spill_loads", 0), stack_bytes=stats.get("stack_bytes", 0))
+    cache_write(key, entry)
+    return _finish(report, target, entry, cached=False)
+
+
+def _finish(report: KernelReport, target, entry: dict, cached: bool) -> KernelReport:
+    """The report from a compile's figures; occupancy from the target table as it is now."""
+    for name in COMPILED_FIELDS:
+        setattr(report, name, entry[name])
+    report.cached = cached
+    report.ctas_per_sm = occupancy(target, report.regs, report.smem_bytes, report.num_warps)
     report.ok = True
     return report
 
@@ -331,11 +352,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="production shapes only: N = 196, 1 and 16 heads, K = 4 and 32, fp32 and bf16")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--json", type=Path, default=None, help="also write one row per kernel, plan and target")
+    parser.add_argument("--no-cache", action="store_true",
+                        help=f"compile everything, ignoring and not writing the result cache (${CACHE_ENV}=off)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         # Kernels decorated under the interpreter cannot be compiled for a GPU: start clean.
         return _rerun_without_interpreter(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if args.no_cache:
+        os.environ[CACHE_ENV] = "off"   # before the workers start: they read it
     names = [targets_mod.parse(a).name for a in args.arch]
     start = time.perf_counter()
     reports = run(names, args.op, args.quick, args.jobs)
@@ -344,8 +369,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         for problem in r.problems():
             print(f"ERROR {r.kernel} on {r.target} ({r.plan}; shapes {', '.join(r.shapes)}): {problem}",
                   file=sys.stderr)
-    print(f"{len(reports)} distinct compiles for {len(names)} targets in {time.perf_counter() - start:.0f} s",
-          file=sys.stderr)
+    cached = sum(r.cached for r in reports)
+    where = f" in {cache_dir()}; --no-cache compiles all" if cached else ""
+    print(f"{len(reports)} distinct compiles for {len(names)} targets in {time.perf_counter() - start:.0f} s "
+          f"({len(reports) - cached} compiled, {cached} from the cache{where})", file=sys.stderr)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"targets": names, "quick": args.quick,

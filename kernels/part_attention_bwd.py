@@ -21,6 +21,32 @@ import triton.language as tl
 from .dots import mma
 
 
+@triton.jit
+def rows_times_centred_x(X_ptr, Mean_ptr, Rstd_ptr, R_ptr, stride_rb, p, p_mask, c, c_mask, B, N,
+                         stride_xb, stride_xc, stride_xn, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``sum_b (R_b[p] * rstd_b) @ Xc_b[c]^T``, ``[BLOCK_P, BLOCK_C]`` fp32, with ``R_b = R_ptr + b *
+    stride_rb`` a ``[P, N]`` fp32 block (dS or dZ of one head): a GEMM of reduction length B * N, walked
+    in one flat loop over (sample, token chunk), one pipelined loop rather than a loop nest. Each caller's
+    program owns its output tile: no atomics, a fixed summation order. (dG here, dWrg in the head.)"""
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    num_nc = tl.cdiv(N, BLOCK_N)
+    for t in range(0, B * num_nc):
+        b = (t // num_nc).to(tl.int64)
+        n = (t % num_nc) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        mean = tl.load(Mean_ptr + b * N + n, mask=n_mask, other=0.0)
+        rstd = tl.load(Rstd_ptr + b * N + n, mask=n_mask, other=0.0)
+        r = tl.load(R_ptr + b * stride_rb + (p[:, None] * N + n[None, :]), mask=p_mask[:, None] & n_mask[None, :],
+                    other=0.0)
+        xt_mask = n_mask[:, None] & c_mask[None, :]
+        xt = tl.load(X_ptr + b * stride_xb + (n[:, None] * stride_xn + c[None, :] * stride_xc), mask=xt_mask,
+                     other=0.0)
+        xct = tl.where(xt_mask, xt.to(tl.float32) - mean[:, None], 0.0)
+        acc = mma(r * rstd[None, :], xct, acc, DOT_PRECISION)
+    return acc
+
+
 @triton.jit(do_not_specialize=["H"])
 def _part_attention_bwd_dp_kernel(
     X_ptr,            # [B, C, N] any strides
@@ -110,22 +136,8 @@ def _part_attention_bwd_dg_kernel(
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     p_mask = p < P
     c_mask = c < C
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    # One flat loop over (sample, token chunk): one pipelined loop, not a loop nest.
-    num_nc = tl.cdiv(N, BLOCK_N)
-    for t in range(0, B * num_nc):
-        b = (t // num_nc).to(tl.int64)
-        n = (t % num_nc) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = n < N
-        mean = tl.load(Mean_ptr + b * N + n, mask=n_mask, other=0.0)
-        rstd = tl.load(Rstd_ptr + b * N + n, mask=n_mask, other=0.0)
-        ds = tl.load(DS_ptr + (b * H + j) * P * N + (p[:, None] * N + n[None, :]),
-                     mask=p_mask[:, None] & n_mask[None, :], other=0.0)
-        xt_mask = n_mask[:, None] & c_mask[None, :]
-        xt = tl.load(X_ptr + b * stride_xb + (n[:, None] * stride_xn + c[None, :] * stride_xc), mask=xt_mask,
-                     other=0.0)
-        xct = tl.where(xt_mask, xt.to(tl.float32) - mean[:, None], 0.0)
-        acc = mma(ds * rstd[None, :], xct, acc, DOT_PRECISION)
+    acc = rows_times_centred_x(X_ptr, Mean_ptr, Rstd_ptr, DS_ptr + j * P * N, H * P * N, p, p_mask, c, c_mask,
+                               B, N, stride_xb, stride_xc, stride_xn, BLOCK_P, BLOCK_N, BLOCK_C, DOT_PRECISION)
     tl.store(DG_ptr + j * P * C + (p[:, None] * C + c[None, :]), acc, mask=p_mask[:, None] & c_mask[None, :])
 
 

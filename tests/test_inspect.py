@@ -70,9 +70,10 @@ def _compile_toys_main() -> None:
     print(json.dumps([asdict(r) for r in reports]))
 
 
-def _clean_env() -> dict:
+def _clean_env(cache: str = "off") -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env[kinspect.CACHE_ENV] = cache   # off: the toys compile every time, and no user cache is touched
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -215,13 +216,44 @@ def test_inspect_command_on_real_kernels(tmp_path):
     """`python -m c2f.kernels.inspect --arch sm_90 --quick --op part_attention part_mixup` exits 0: every
     plan compiles, none spills, all fit. One target at N = 196 only: `make inspect` runs the whole grid,
     the head's kernels included (about two dozen more compiles than this test can afford), on every target."""
-    out = tmp_path / "inspect.json"
-    proc = subprocess.run([sys.executable, "-m", "c2f.kernels.inspect", "--arch", "sm_90", "--quick", "--jobs", "1",
-                           "--op", *REAL_OPS, "--json", str(out)], cwd=ROOT, env=_clean_env(), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, f"kernels.inspect failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    result = json.loads(out.read_text())
-    assert set(REAL_OPS) <= {r["op"] for r in result["kernels"]}
-    for r in result["kernels"]:
+    def inspect(out):
+        proc = subprocess.run([sys.executable, "-m", "c2f.kernels.inspect", "--arch", "sm_90", "--quick", "--jobs",
+                               "1", "--op", *REAL_OPS, "--json", str(out)], cwd=ROOT,
+                              env=_clean_env(str(tmp_path / "cache")), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"kernels.inspect failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        return json.loads(out.read_text())["kernels"], proc.stderr
+
+    rows, _ = inspect(tmp_path / "inspect.json")
+    assert set(REAL_OPS) <= {r["op"] for r in rows}
+    for r in rows:
         assert r["ok"] and r["spill_stores"] == 0 and r["smem_bytes"] <= r["smem_limit"], r
-    assert {r["target"] for r in result["kernels"]} == {"sm_90"}
+        assert not r["cached"]
+    assert {r["target"] for r in rows} == {"sm_90"}
+    # Run again: every figure comes from the result cache, the same as compiled.
+    again, log = inspect(tmp_path / "again.json")
+    assert all(r["cached"] for r in again) and f"0 compiled, {len(rows)} from the cache" in log
+    figures = ("kernel", "plan", "regs", "spill_stores", "smem_bytes", "ctas_per_sm", "tensor_cores")
+    assert [[r[k] for k in figures] for r in again] == [[r[k] for k in figures] for r in rows]
+
+
+def test_cache_key_follows_the_kernel_and_plan(tmp_path, monkeypatch):
+    """The result cache is keyed on what the compile depends on: a changed plan or kernel source is a
+    new key; an entry is written atomically and read back; off means neither."""
+    monkeypatch.setenv(kinspect.CACHE_ENV, str(tmp_path))
+    good, spills = toy_launches()
+    sm90 = targets.TARGETS["sm_90"]
+    key = kinspect.compile_key(*kinspect.compile_source(good, sm90), sm90)
+    assert key == kinspect.compile_key(*kinspect.compile_source(toy_launches()[0], sm90), sm90)
+    assert key != kinspect.compile_key(*kinspect.compile_source(good, targets.TARGETS["sm_80"]), targets.TARGETS["sm_80"])
+    assert key != kinspect.compile_key(*kinspect.compile_source(spills, sm90), sm90)
+    edited = JITFunction(_toy_dot)
+    edited._unsafe_update_src(edited.src.replace("acc += tl.dot(a, b)", "acc += tl.dot(a, b) * 2"))
+    assert key != kinspect.compile_key(*kinspect.compile_source(Launch(edited, good.plan, good.args), sm90), sm90)
+    entry = dict(regs=1, spill_stores=0, spill_loads=0, stack_bytes=0, sgpr_spills=None, smem_bytes=2,
+                 tensor_cores="no", compile_s=0.5)
+    kinspect.cache_write(key, entry)
+    assert kinspect.cache_read(key) == entry and not list(tmp_path.glob(".*.tmp"))
+    (tmp_path / f"{key}.json").write_text("{half")
+    assert kinspect.cache_read(key) is None
+    monkeypatch.setenv(kinspect.CACHE_ENV, "off")
+    assert kinspect.cache_dir() is None and kinspect.cache_read(key) is None

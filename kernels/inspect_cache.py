@@ -1,0 +1,71 @@
+"""The result cache of ``python -m c2f.kernels.inspect``: one small JSON file per compile.
+
+Keyed on Triton's own cache key (``triton.runtime.cache.get_cache_key``: Triton's build, the kernel's source
+and the sources of the functions it calls, the argument specialisation, constexprs, options, target and
+the environment variables that change code generation), so an entry is reused only for the compile it
+came from. Only what the compile produced is kept (registers, spills, shared memory, matrix instructions,
+compile time); occupancy and the verdict are recomputed from the target table on every run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["CACHE_ENV", "COMPILED_FIELDS", "cache_dir", "compile_key", "cache_read", "cache_write"]
+
+CACHE_ENV = "C2F_INSPECT_CACHE"
+_CACHE_FORMAT = 1
+COMPILED_FIELDS = ("regs", "spill_stores", "spill_loads", "stack_bytes", "sgpr_spills", "smem_bytes",
+                   "tensor_cores", "compile_s")
+
+
+def cache_dir() -> Optional[Path]:
+    """Where compile results are kept, or None when ``$C2F_INSPECT_CACHE`` is ``off``."""
+    value = os.environ.get(CACHE_ENV, "")
+    if value.lower() in ("off", "0", "none"):
+        return None
+    if value:
+        return Path(value)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "c2f" / "inspect"
+
+
+def compile_key(src, options: dict, target) -> str:
+    """Triton's own cache key for this compile (what ``triton.compile`` would look up), hashed."""
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.compiler import make_backend
+    from triton.runtime.cache import get_cache_key
+
+    backend = make_backend(target.gpu_target())
+    parsed = backend.parse_options(dict(options, **src.parse_options()))
+    key = get_cache_key(src, backend, parsed, get_cache_invalidating_env_vars())
+    return hashlib.sha256(f"c2f-inspect-{_CACHE_FORMAT}-{key}".encode()).hexdigest()
+
+
+def cache_read(key: str) -> Optional[dict]:
+    """The entry stored under ``key``, or None (no cache, no entry, or an unreadable one)."""
+    folder = cache_dir()
+    if folder is None:
+        return None
+    try:
+        with open(folder / f"{key}.json") as f:
+            entry = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(entry, dict) and set(COMPILED_FIELDS) <= set(entry) else None
+
+
+def cache_write(key: str, entry: dict) -> None:
+    """Atomic (a temporary file, then a rename): a killed run leaves no half-written entry."""
+    folder = cache_dir()
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{key}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(entry))
+        os.replace(tmp, folder / f"{key}.json")
+    except OSError:   # a read-only or full disk costs the cache, not the check
+        pass
