@@ -67,10 +67,12 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self, barrier: bool = True) -> None:
+        """Destroys the process group. With ``barrier``, every process reaches the end before any tears the
+        group down: a process that destroyed it and exited while a peer still finished its last collective
+        left that peer waiting for ever (seen about one run in six with gloo). On an error path pass False:
+        a peer that did not fail may be waiting in another collective, and would meet the barrier there."""
         if self.world > 1 and dist.is_initialized():
-            # Every process reaches the end before any tears the group down: a process that destroyed it
-            # and exited while a peer still finished its last collective left that peer waiting for ever
-            # (seen about one run in six with gloo).
-            dist.barrier()
+            if barrier:
+                dist.barrier()
             dist.destroy_process_group()

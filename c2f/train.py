@@ -31,6 +31,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """
     trainer = Trainer(cfg, resume=resume)
     try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+        result = trainer.fit()
+    except BaseException:
+        trainer.close(barrier=False)   # no barrier: a peer that did not fail may be in another collective
+        raise
+    trainer.close()
+    return result

@@ -52,11 +52,17 @@ class Trainer(EpochLoop):
         if self.dist.main:
             for warning in cfg.warnings():
                 log.warning(warning)
-        self._check_run_dir()
-        self._setup_data()
-        self._setup_model()
-        self._setup_optimiser()
-        self._setup_run_dir()
+        try:
+            self._check_run_dir()
+            self._setup_data()
+            self._setup_model()
+            self._setup_optimiser()
+            self._setup_run_dir()
+        except BaseException:
+            # A failed set-up (a resume conflict, say) still tears the process group down safely; no barrier,
+            # since a peer that did not fail may be waiting in another collective.
+            self.close(barrier=False)
+            raise
 
     # ------------------------------------------------------------------------------------- setup
     def _plots_available(self) -> bool:
@@ -291,22 +297,33 @@ class Trainer(EpochLoop):
                 np.save(f, array)
             os.replace(f"{path}.tmp", path)
 
-    def close(self) -> None:
+    def close(self, barrier: bool = True) -> None:
+        """Closes the writers and the process group; ``barrier=False`` on an error path (see ``Dist.close``)."""
         if getattr(self, "log", None) is not None:
             self.log.close()
-        if self.dist.world > 1:
-            # DDP's reducer holds a reference to the process group. Were it the last one, the group (and gloo's
-            # worker threads) would be torn down in the reducer's destructor with the GIL held, while a worker
-            # thread may still need the GIL to free a finished collective's tensors: a deadlock, seen in 1 of 15
-            # two-process runs. Freed here, the reducer leaves the group to destroy_process_group, whose
-            # destructor releases the GIL.
-            model = getattr(self, "model", None)
-            model = getattr(model, "_orig_mod", model)   # under torch.compile: the DDP it wraps
-            ddp = None if model is None else weakref.ref(model)
-            del model
-            self.model = None
-            gc.collect()
-            if ddp is not None and ddp() is not None:
-                log.warning("the DistributedDataParallel wrapper is still referenced; its process group may be "
-                            "destroyed with the GIL held")
-        self.dist.close()
+        self._release_ddp()
+        self.dist.close(barrier)
+
+    def _release_ddp(self) -> None:
+        """Drops DDP's reducer before the process group is destroyed.
+
+        The reducer holds a reference to the group. Were it the last one, the group (and gloo's worker
+        threads) would be torn down in the reducer's destructor with the GIL held, while a worker thread may
+        still need the GIL to free a finished collective's tensors: a deadlock (2 of 24 two-process runs hung
+        so; gdb showed ``~Reducer -> ~ProcessGroupGloo -> join`` against ``~AsyncAllgatherWork -> decref``).
+        Without the reducer, ``destroy_process_group`` drops the last reference from Python, in a destructor
+        that releases the GIL. The reducer and DDP's logger (which holds it too) are taken off the wrapper
+        itself, so a wrapper still referenced elsewhere (an exception's traceback, say) no longer matters.
+        """
+        model = getattr(self, "model", None)
+        ddp = getattr(model, "_orig_mod", model)   # under torch.compile: the DDP it wraps
+        if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            return
+        for name in ("logger", "reducer"):
+            ddp.__dict__.pop(name, None)
+        ref = weakref.ref(ddp)
+        del model, ddp
+        self.model = None
+        gc.collect()
+        if ref() is not None:
+            log.debug("the DistributedDataParallel wrapper outlives the trainer (its reducer is released)")

@@ -16,8 +16,9 @@ Results are kept per compile in ``~/.cache/c2f/inspect`` (``$C2F_INSPECT_CACHE``
 ``--no-cache``, turns it off), under Triton's own cache key (the kernel's source and the sources of the
 functions it calls, the argument specialisation, constexprs, options, target, Triton's build and the
 environment variables that change code generation). A run after an edit recompiles the kernels of the
-edited files (Triton's key includes each kernel's line number, so the kernels below an edit count as
-changed); occupancy and the pass/fail verdict are recomputed from the target table every run.
+edited files and of every kernel that calls into them (Triton's key holds the sources of a kernel's callees
+and each kernel's line number); the code here that reads the figures is part of the key too. Occupancy and
+the pass/fail verdict are recomputed from the target table every run.
 
 Per kernel, plan and target: registers, spills, shared memory (LDS on AMD) against the target's
 per-block limit (``targets.TARGETS``) and against the plan's own bound (``KernelPlan.smem_bound``),
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import io
 import json
 import os
@@ -209,7 +211,7 @@ def compile_launch(launch: Launch, target, op: str = "", shapes: Optional[list[s
     start = time.perf_counter()
     try:
         src, options = compile_source(launch, target)
-        key = compile_key(src, options, target)
+        key = compile_key(src, options, target, _derivation())
         if (entry := cache_read(key)) is not None:
             return _finish(report, target, entry, cached=True)
         # Compile every time (a cache hit skips ptxas and its -v log) and capture the log triton prints.
@@ -243,6 +245,14 @@ def compile_launch(launch: Launch, target, op: str = "", shapes: Optional[list[s
                  spill_loads=stats.get("spill_loads", 0), stack_bytes=stats.get("stack_bytes", 0))
     cache_write(key, entry)
     return _finish(report, target, entry, cached=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _derivation() -> str:
+    """A digest of the code that reads a compile's figures: editing it retires the cached entries."""
+    import inspect as pyinspect
+    code = "".join(pyinspect.getsource(f) for f in (parse_ptxas_log, parse_amdgcn, tensor_core_use, compile_launch))
+    return hashlib.sha256(code.encode()).hexdigest()[:16]
 
 
 def _finish(report: KernelReport, target, entry: dict, cached: bool) -> KernelReport:

@@ -2,8 +2,9 @@
 
 Keyed on Triton's own cache key (``triton.runtime.cache.get_cache_key``: Triton's build, the kernel's source
 and the sources of the functions it calls, the argument specialisation, constexprs, options, target and
-the environment variables that change code generation), so an entry is reused only for the compile it
-came from. Only what the compile produced is kept (registers, spills, shared memory, matrix instructions,
+the environment variables that change code generation) and a digest of c2f's own code that reads the
+figures, so an entry is reused only for the compile it came from. (Environment variables that change code
+generation without Triton counting them as such escape the key, as they escape Triton's own cache.) Only what the compile produced is kept (registers, spills, shared memory, matrix instructions,
 compile time); occupancy and the verdict are recomputed from the target table on every run.
 """
 from __future__ import annotations
@@ -32,8 +33,10 @@ def cache_dir() -> Optional[Path]:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "c2f" / "inspect"
 
 
-def compile_key(src, options: dict, target) -> str:
-    """Triton's own cache key for this compile (what ``triton.compile`` would look up), hashed."""
+def compile_key(src, options: dict, target, derivation: str = "") -> str:
+    """Triton's own cache key for this compile (what ``triton.compile`` would look up), with ``derivation``
+    (a digest of the code that turns a compile into figures: a change there must not serve old figures),
+    hashed."""
     from triton._C.libtriton import get_cache_invalidating_env_vars
     from triton.compiler import make_backend
     from triton.runtime.cache import get_cache_key
@@ -41,7 +44,7 @@ def compile_key(src, options: dict, target) -> str:
     backend = make_backend(target.gpu_target())
     parsed = backend.parse_options(dict(options, **src.parse_options()))
     key = get_cache_key(src, backend, parsed, get_cache_invalidating_env_vars())
-    return hashlib.sha256(f"c2f-inspect-{_CACHE_FORMAT}-{key}".encode()).hexdigest()
+    return hashlib.sha256(f"c2f-inspect-{_CACHE_FORMAT}-{derivation}-{key}".encode()).hexdigest()
 
 
 def cache_read(key: str) -> Optional[dict]:
@@ -54,7 +57,13 @@ def cache_read(key: str) -> Optional[dict]:
             entry = json.load(f)
     except (OSError, ValueError):
         return None
-    return entry if isinstance(entry, dict) and set(COMPILED_FIELDS) <= set(entry) else None
+    if not isinstance(entry, dict) or not set(COMPILED_FIELDS) <= set(entry):
+        return None
+    ints = [entry[k] for k in COMPILED_FIELDS if k not in ("sgpr_spills", "tensor_cores", "compile_s")]
+    if not all(isinstance(v, int) for v in ints) or not isinstance(entry["tensor_cores"], str) \
+            or not isinstance(entry["compile_s"], (int, float)) or not isinstance(entry["sgpr_spills"], (int, type(None))):
+        return None   # not what cache_write writes: compile again
+    return entry
 
 
 def cache_write(key: str, entry: dict) -> None:
@@ -62,10 +71,13 @@ def cache_write(key: str, entry: dict) -> None:
     folder = cache_dir()
     if folder is None:
         return
+    tmp = folder / f".{key}.{os.getpid()}.tmp"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{key}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(entry))
         os.replace(tmp, folder / f"{key}.json")
     except OSError:   # a read-only or full disk costs the cache, not the check
-        pass
+        try:
+            tmp.unlink()
+        except OSError:
+            pass

@@ -1,4 +1,5 @@
 """`torchrun --nproc_per_node 2 -m c2f train` on CPU (gloo) matches one process on the same global batches."""
+import glob
 import json
 import os
 import signal
@@ -21,17 +22,25 @@ TIMEOUT_S = 480   # a run takes 10-20 s; a loaded 2-core machine has taken it pa
 
 
 def descendants(pid: int) -> list:
-    """Every process below ``pid`` (torchrun starts each worker in a session of its own: killpg misses them)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            kids = [int(k) for k in f.read().split()]
-    except OSError:
-        return []
+    """Every process below ``pid`` (torchrun starts each worker in a session of its own: killpg misses them),
+    from the children of each of its threads."""
+    kids = []
+    for task in glob.glob(f"/proc/{pid}/task/*/children"):
+        try:
+            with open(task) as f:
+                kids += [int(k) for k in f.read().split()]
+        except OSError:
+            pass
     return kids + [d for k in kids for d in descendants(k)]
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGABRT to the workers (their stacks go to the log), then SIGKILL to all of them and torchrun."""
+    """Stops torchrun (so it neither restarts nor reaps its workers: their PIDs stay theirs), sends SIGABRT to
+    the workers (faulthandler writes their stacks to the log), then SIGKILL to all of them and torchrun."""
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        return
     workers = descendants(proc.pid)
     for sig, pids in ((signal.SIGABRT, workers), (signal.SIGKILL, workers + [proc.pid])):
         for pid in pids:
@@ -69,11 +78,12 @@ def test_two_gloo_processes_match_one(tmp_path, stage):
         except subprocess.TimeoutExpired:
             kill_tree(proc)
             pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s:\n{log_path.read_text()[-6000:]}")
+        finally:
+            if proc.poll() is None:   # left by another exit (pytest-timeout, an interrupt): no orphans
+                kill_tree(proc)
     stdout = log_path.read_text()
     assert proc.returncode == 0, stdout[-6000:]
     assert "held-out test split" in stdout
-    # The trainer frees DDP before destroying the group (else gloo can deadlock at exit, see Trainer.close).
-    assert "still referenced" not in stdout
 
     # One process on the same global batches: DDP's gradient average is the global-batch mean.
     train(TrainConfig(features=cache, run_dir=str(tmp_path / "one"), stage=stage, head="reference",
@@ -87,3 +97,33 @@ def test_two_gloo_processes_match_one(tmp_path, stage):
     wb = torch.load(tmp_path / "one" / "last.pt", weights_only=False)["model"]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_trainer_releases_ddps_reducer_before_the_group(tmp_path):
+    """Trainer.close takes DDP's reducer (and its logger) off the wrapper before the process group is destroyed,
+    even while something else still holds the wrapper, so the group's last owner is never the reducer (whose
+    destructor, holding the GIL, joined gloo's threads while one of them waited for the GIL: a hang)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from c2f.trainer import Trainer
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(torch.nn.Linear(4, 2))
+        ddp(torch.randn(3, 4)).sum().backward()
+        assert "reducer" in ddp.__dict__ and "logger" in ddp.__dict__
+
+        class Stub:
+            model = ddp
+
+        stub = Stub()
+        Trainer._release_ddp(stub)
+        assert stub.model is None
+        assert "reducer" not in ddp.__dict__ and "logger" not in ddp.__dict__   # held here, released all the same
+        # A plain module (one process, no DDP) is left alone.
+        stub.model = torch.nn.Linear(4, 2)
+        Trainer._release_ddp(stub)
+        assert isinstance(stub.model, torch.nn.Linear)
+    finally:
+        dist.destroy_process_group()

@@ -246,6 +246,7 @@ def test_cache_key_follows_the_kernel_and_plan(tmp_path, monkeypatch):
     assert key == kinspect.compile_key(*kinspect.compile_source(toy_launches()[0], sm90), sm90)
     assert key != kinspect.compile_key(*kinspect.compile_source(good, targets.TARGETS["sm_80"]), targets.TARGETS["sm_80"])
     assert key != kinspect.compile_key(*kinspect.compile_source(spills, sm90), sm90)
+    assert key != kinspect.compile_key(*kinspect.compile_source(good, sm90), sm90, derivation="other parser")
     edited = JITFunction(_toy_dot)
     edited._unsafe_update_src(edited.src.replace("acc += tl.dot(a, b)", "acc += tl.dot(a, b) * 2"))
     assert key != kinspect.compile_key(*kinspect.compile_source(Launch(edited, good.plan, good.args), sm90), sm90)
@@ -254,6 +255,8 @@ def test_cache_key_follows_the_kernel_and_plan(tmp_path, monkeypatch):
     kinspect.cache_write(key, entry)
     assert kinspect.cache_read(key) == entry and not list(tmp_path.glob(".*.tmp"))
     (tmp_path / f"{key}.json").write_text("{half")
+    assert kinspect.cache_read(key) is None
+    (tmp_path / f"{key}.json").write_text(json.dumps(dict(entry, regs="many")))
     assert kinspect.cache_read(key) is None
     monkeypatch.setenv(kinspect.CACHE_ENV, "off")
     assert kinspect.cache_dir() is None and kinspect.cache_read(key) is None

@@ -110,6 +110,7 @@ def test_a_core_only_environment_imports_c2f_nn_and_trains(cache, tmp_path):
 
 
 @pytest.mark.venv
+@pytest.mark.timeout(1800)   # venv, two pip installs and a training run: its own steps allow 1620 s
 @pytest.mark.skipif(os.environ.get("C2F_TEST_VENV") != "1", reason="builds a venv with pip: opt-in, C2F_TEST_VENV=1")
 def test_a_fresh_pip_venv_with_the_core_install_trains(cache, tmp_path):
     env = tmp_path / "venv"
