@@ -13,7 +13,6 @@ import gc
 import logging
 import os
 import time
-import weakref
 
 import numpy as np
 import torch
@@ -321,9 +320,5 @@ class Trainer(EpochLoop):
             return
         for name in ("logger", "reducer"):
             ddp.__dict__.pop(name, None)
-        ref = weakref.ref(ddp)
-        del model, ddp
         self.model = None
-        gc.collect()
-        if ref() is not None:
-            log.debug("the DistributedDataParallel wrapper outlives the trainer (its reducer is released)")
+        gc.collect()   # a reference cycle still holding the reducer goes now, while the group is alive

@@ -4,8 +4,9 @@ Keyed on Triton's own cache key (``triton.runtime.cache.get_cache_key``: Triton'
 and the sources of the functions it calls, the argument specialisation, constexprs, options, target and
 the environment variables that change code generation) and a digest of c2f's own code that reads the
 figures, so an entry is reused only for the compile it came from. (Environment variables that change code
-generation without Triton counting them as such escape the key, as they escape Triton's own cache.) Only what the compile produced is kept (registers, spills, shared memory, matrix instructions,
-compile time); occupancy and the verdict are recomputed from the target table on every run.
+generation without Triton counting them as such escape the key, as they escape Triton's own cache.) Only
+what the compile produced is kept (registers, spills, shared memory, matrix instructions, compile time);
+occupancy and the verdict are recomputed from the target table on every run.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ __all__ = ["CACHE_ENV", "COMPILED_FIELDS", "cache_dir", "compile_key", "cache_re
 
 CACHE_ENV = "C2F_INSPECT_CACHE"
 _CACHE_FORMAT = 1
-COMPILED_FIELDS = ("regs", "spill_stores", "spill_loads", "stack_bytes", "sgpr_spills", "smem_bytes",
-                   "tensor_cores", "compile_s")
+# What a compile produced, and the type each figure has as cache_write writes it.
+_FIELD_TYPES = dict(regs=int, spill_stores=int, spill_loads=int, stack_bytes=int, sgpr_spills=(int, type(None)),
+                    smem_bytes=int, tensor_cores=str, compile_s=(int, float))
+COMPILED_FIELDS = tuple(_FIELD_TYPES)
 
 
 def cache_dir() -> Optional[Path]:
@@ -57,11 +60,7 @@ def cache_read(key: str) -> Optional[dict]:
             entry = json.load(f)
     except (OSError, ValueError):
         return None
-    if not isinstance(entry, dict) or not set(COMPILED_FIELDS) <= set(entry):
-        return None
-    ints = [entry[k] for k in COMPILED_FIELDS if k not in ("sgpr_spills", "tensor_cores", "compile_s")]
-    if not all(isinstance(v, int) for v in ints) or not isinstance(entry["tensor_cores"], str) \
-            or not isinstance(entry["compile_s"], (int, float)) or not isinstance(entry["sgpr_spills"], (int, type(None))):
+    if not isinstance(entry, dict) or not all(k in entry and isinstance(entry[k], t) for k, t in _FIELD_TYPES.items()):
         return None   # not what cache_write writes: compile again
     return entry
 
