@@ -9,8 +9,15 @@ TORCH ?= torch==2.13.0
 EXTRAS ?= test,triton
 PYTEST_WORKERS ?= 2
 ARGS ?=
+# The oldest supported pair (pyproject.toml's lower bounds; tests/test_packaging.py keeps them equal). From
+# the index these are CUDA builds (about 4.7 GB with their NVIDIA libraries); they run on the CPU too.
+# Triton before 3.7 interprets with int(1-element array), which numpy 2.4 refuses: numpy < 2.4 beside it.
+COMPAT_VENV ?= .venv-compat
+COMPAT_TORCH ?= torch==2.11.0
+COMPAT_TRITON ?= triton==3.6.0
+COMPAT_NUMPY ?= numpy<2.4
 
-.PHONY: venv test test-gpu demo bench inspect clean
+.PHONY: venv test test-compat test-gpu demo bench inspect clean
 
 venv: $(VENV)/.installed
 
@@ -24,6 +31,17 @@ $(VENV)/.installed: pyproject.toml
 
 test: venv
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests $(ARGS)
+
+# The whole suite on the oldest supported torch and Triton, in a venv of its own.
+test-compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) tests $(ARGS)
+
+$(COMPAT_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(COMPAT_VENV)/bin/python -m pip uninstall -q -y c2f 2>/dev/null || true
+	$(COMPAT_VENV)/bin/python -m pip install -q "$(COMPAT_TORCH)" "$(COMPAT_TRITON)" "$(COMPAT_NUMPY)" -e ".[$(EXTRAS)]"
+	touch $@
 
 # On a machine with a CUDA (or ROCm) GPU: the kernel, contract and parity tests, compiled for the device.
 test-gpu: venv
@@ -42,4 +60,4 @@ inspect: venv
 	$(PY) -m c2f.kernels.inspect $(ARGS)
 
 clean:
-	rm -rf $(VENV) results .pytest_cache .benchmarks
+	rm -rf $(VENV) $(COMPAT_VENV) results .pytest_cache .benchmarks

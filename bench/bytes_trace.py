@@ -108,15 +108,17 @@ def _tracing(execute: bool = True):
         elem = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
         return np.asarray(ptrs.data)[on].astype(np.uint64), elem
 
-    def masked_load(ptrs, mask, other, cache_policy, is_volatile):
+    # The cache and eviction arguments after the first three differ between Triton releases (3.6: cache
+    # modifier, eviction policy, volatile; 3.9: cache policy, volatile): passed on as they come.
+    def masked_load(ptrs, mask, other, *policy):
         if launches and launches[-1].programs:
             launches[-1].programs[-1].loads.append(lanes(ptrs, mask))
-        return orig_load(ptrs, mask, other, cache_policy, is_volatile)
+        return orig_load(ptrs, mask, other, *policy)
 
-    def masked_store(ptrs, value, mask, cache_policy):
+    def masked_store(ptrs, value, mask, *policy):
         if launches and launches[-1].programs:
             launches[-1].programs[-1].stores.append(lanes(ptrs, mask))
-        return orig_store(ptrs, value, mask, cache_policy)
+        return orig_store(ptrs, value, mask, *policy)
 
     interp.GridExecutor.__call__ = call
     builder.set_grid_idx, builder.set_grid_dim = set_grid_idx, set_grid_dim

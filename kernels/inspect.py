@@ -116,6 +116,9 @@ def _jit_function(kernel):
     return kernel
 
 
+COMPILATION_KNOBS = ("instrumentation_mode", "fpsan_homomorphic_casts")
+
+
 def compile_source(launch: Launch, target) -> tuple[Any, dict]:
     """``(ASTSource, options)`` for a recorded launch on ``target``: the JIT's own binder specialises
     the arguments (types, ints equal to 1, 16-byte divisibility) as a real launch would."""
@@ -127,9 +130,12 @@ def compile_source(launch: Launch, target) -> tuple[Any, dict]:
     backend = make_backend(target.gpu_target())
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kwargs = dict(launch.args, **launch.plan.constexprs, num_warps=launch.plan.num_warps,
-                  num_stages=launch.plan.num_stages, **launch.plan.options, debug=False,
-                  instrumentation_mode=knobs.compilation.instrumentation_mode,
-                  fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+                  num_stages=launch.plan.num_stages, **launch.plan.options, debug=False)
+    # The compilation knobs a launch passes to the binder, as JITFunction.run does: Triton 3.6 has
+    # instrumentation_mode only, 3.9 adds fpsan_homomorphic_casts.
+    for knob in COMPILATION_KNOBS:
+        if hasattr(knobs.compilation, knob):
+            kwargs[knob] = getattr(knobs.compilation, knob)
     bound_args, specialization, options = binder(**kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
     return ASTSource(kernel, signature, constexprs, attrs), options.__dict__

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -34,6 +35,21 @@ def interpreting() -> bool:
 
     from .part_attention_fwd import _part_attention_stats_kernel
     return not isinstance(_part_attention_stats_kernel, JITFunction)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+@functools.lru_cache(maxsize=None)
+def check_interpreter() -> None:
+    """Raises, in one line, where this Triton's interpreter cannot run the kernels: before 3.7 it turns a
+    scalar argument into a Python int with ``int(array)``, which numpy 2.4 refuses for 1-element arrays."""
+    import numpy
+    import triton
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        raise RuntimeError(f"the Triton {triton.__version__} interpreter needs numpy < 2.4 (numpy "
+                           f"{numpy.__version__} is installed): pip install 'numpy<2.4', or triton >= 3.7")
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,8 @@ def launch(kernel, plan: KernelPlan, **args: Any) -> None:
     if record is not None:
         record.append(Launch(kernel, plan, dict(args)))
         return
+    if interpreting():
+        check_interpreter()
     kernel[plan.grid](**args, **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages, **plan.options)
 
 

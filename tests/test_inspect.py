@@ -58,7 +58,7 @@ def toy_launches() -> list[Launch]:
         plan = KernelPlan(grid=(1, 1), constexprs=dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), block)),
                           num_warps=warps, num_stages=stages)
         return Launch(_toy_dot_kernel, plan, args)
-    return [launch(torch.bfloat16, (128, 128, 64), 8, 3), launch(torch.float32, (128, 64, 32), 2, 1)]
+    return [launch(torch.bfloat16, (128, 128, 64), 8, 3), launch(torch.float32, (128, 64, 64), 2, 1)]
 
 
 def _compile_toys_main() -> None:
