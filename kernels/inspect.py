@@ -49,7 +49,7 @@ import torch
 from . import targets as targets_mod
 from .inspect_cache import CACHE_ENV, COMPILED_FIELDS, cache_dir, cache_read, cache_write, compile_key
 from .inspect_cases import cases
-from .launch import Launch, recording
+from .launch import MIN_TRITON, Launch, recording, version_tuple
 
 PTX_TENSOR_CORE = {"HMMA": r"\bmma\.sync\.", "HGMMA": r"\bwgmma\.mma_async\.", "UTCHMMA": r"\btcgen05\.mma\."}
 REG_ALLOC_UNIT = 256          # NVIDIA: registers are allocated per warp in units of 256
@@ -356,6 +356,18 @@ def _rerun_without_interpreter(argv: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", "c2f.kernels.inspect", *argv], env=env)
 
 
+def unsupported_triton(version: Optional[str] = None) -> Optional[str]:
+    """One line naming the Triton this tool needs, or None where the installed one will do. It drives Triton's
+    compiler through internals (the JIT's binder, ``_pack_args``, ``knobs``, ``get_cache_key``) as of 3.6."""
+    if version is None:
+        import triton
+        version = triton.__version__
+    if version_tuple(version) < MIN_TRITON:
+        return (f"c2f.kernels.inspect needs Triton >= {'.'.join(map(str, MIN_TRITON))} (Triton {version} is "
+                f"installed): the offline compile uses Triton's compiler internals as of that release")
+    return None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m c2f.kernels.inspect", description=__doc__.split("\n\n")[0])
@@ -371,6 +383,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-cache", action="store_true",
                         help=f"compile everything, ignoring and not writing the result cache (${CACHE_ENV}=off)")
     args = parser.parse_args(argv)
+    if (problem := unsupported_triton()) is not None:
+        print(problem, file=sys.stderr)
+        return 2
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         # Kernels decorated under the interpreter cannot be compiled for a GPU: start clean.
         return _rerun_without_interpreter(argv)

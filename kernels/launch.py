@@ -37,7 +37,12 @@ def interpreting() -> bool:
     return not isinstance(_part_attention_stats_kernel, JITFunction)
 
 
-def _version(text: str) -> tuple[int, ...]:
+# The oldest Triton c2f supports (pyproject.toml's triton extra; `make test-compat` runs the suite on it).
+MIN_TRITON = (3, 6)
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """``(major, minor)`` of a version string such as ``3.6.0`` or ``3.10.1+git``."""
     return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
 
 
@@ -47,7 +52,7 @@ def check_interpreter() -> None:
     scalar argument into a Python int with ``int(array)``, which numpy 2.4 refuses for 1-element arrays."""
     import numpy
     import triton
-    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+    if version_tuple(triton.__version__) < (3, 7) and version_tuple(numpy.__version__) >= (2, 4):
         raise RuntimeError(f"the Triton {triton.__version__} interpreter needs numpy < 2.4 (numpy "
                            f"{numpy.__version__} is installed): pip install 'numpy<2.4', or triton >= 3.7")
 

@@ -38,6 +38,8 @@ HEAD_FWD_STAGES = 2         # one x chunk in flight while the other is consumed
 HEAD_FWD_TWO_PASS_TILES = 3  # past one token chunk the forward also holds the rows' exponentials: at 32
                              # rows it spilled (sm_90, 44-920 B), so it takes 16, unpipelined (2 stages
                              # spilled 300 B with fp32 x, sm_90)
+HEAD_FWD_TWO_PASS_BLOCK_C_SM90 = 16  # ... and on sm_90 a 16-channel chunk: at 32 Triton 3.6 used 255 registers
+                                     # and spilled 8 B (fp32 x, N = 324); at 16, 204-214 on Triton 3.6 and 3.9
 HEAD_POOL_SPLIT = 256       # pooled rows: channels per program (a head's channels split over grid axis 1)
 HEAD_POOL_BLOCK_C = 64      # ... U in [2K, 64] output tiles reducing over 64-token chunks, dcoef in
 HEAD_POOL_BLOCK_N = 64      # [2K, 64] tiles reducing over the channels ([., 256] token chunks spilled)
@@ -109,7 +111,8 @@ def head_fwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dt
         bp, bc = fit_tile(INTERPRETER_FWD[0], p), fit_tile(INTERPRETER_FWD[1], c)
     else:
         bp = _row_block(HEAD_FWD_BLOCK_P, p, 2 if bn >= n else HEAD_FWD_TWO_PASS_TILES, bn, target)
-        bc = fit_tile(HEAD_FWD_BLOCK_C, c)
+        two_pass_sm90 = bn < n and target.name == "sm_90"
+        bc = fit_tile(HEAD_FWD_TWO_PASS_BLOCK_C_SM90 if two_pass_sm90 else HEAD_FWD_BLOCK_C, c)
     # A stage: the g and wrg chunks [BLOCK_P, BLOCK_C] and an x chunk [BLOCK_C, BLOCK_N]; the epilogue
     # M [BLOCK_V, BLOCK_P] x probs [BLOCK_P, BLOCK_N] reuses the same memory.
     bc, stages, bound = _fit_channels(target, bc, _head_fwd_stages(target, dtype, dot_precision) if bn >= n else 1,
