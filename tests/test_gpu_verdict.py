@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import gpu, gpu_cases, gpu_device
+from bench import gpu, gpu_cases, gpu_check, gpu_device
 from tests.conftest import CUDA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_a_wrong_fused_result_fails_its_case(monkeypatch, tmp_path):
 
     monkeypatch.setattr(gpu_cases.Bundle, "step", corrupted)
     b = gpu_cases.bundle(_mixup_case(), gpu_cases.PRECISION["fp32-tf32"], gpu_cases.SMOKE, _device())
-    verdict = gpu_cases.check(b)
+    verdict = gpu_check.check(b)
     bad = [r["tensor"] for r in verdict["checks"] if not r["passed"]]
     assert verdict["passed"] is False and bad == ["out"], verdict["checks"]
 
@@ -122,7 +122,7 @@ def test_a_fused_step_on_the_torch_path_fails(monkeypatch):
     monkeypatch.setattr(c2f.mixup, "part_mixup_pool", lambda *a, backend="auto": real(*a, backend="torch"))
     b = gpu_cases.bundle(_mixup_case("part_mixup_pool_k4"), gpu_cases.PRECISION["fp32-ieee"], gpu_cases.SMOKE,
                          _device())
-    verdict = gpu_cases.check(b)
+    verdict = gpu_check.check(b)
     backend = next(r for r in verdict["checks"] if r["tensor"] == "backend")
     assert verdict["passed"] is False and backend["fused"] == ["torch"]
 
