@@ -33,7 +33,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
-from .gpu_report import JSON_NAME, MD_NAME, markdown, write_json  # noqa: E402
+from .gpu_report import JSON_NAME, MD_NAME, ROOT, markdown, write_json  # noqa: E402
 from .gpu_run import Run  # noqa: E402  (torch is imported when a Run starts, after _environment)
 
 __all__ = ["main", "Run", "parse_args", "write_json", "markdown", "JSON_NAME", "MD_NAME"]
@@ -75,10 +75,31 @@ def _environment(smoke: bool) -> None:
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+def _use_source_tree() -> None:
+    """Where pip could not install c2f (``--no-build-isolation`` with a setuptools older than 70.1 and no
+    ``wheel``: "invalid command 'bdist_wheel'"), the verdict runs from this checkout all the same: c2f from
+    ./c2f (on the path when run from the repository root) and c2f.kernels from ./kernels, as pyproject.toml
+    maps them."""
+    import importlib.util
+    if str(ROOT) not in sys.path and importlib.util.find_spec("c2f") is None:
+        sys.path.insert(0, str(ROOT))
+    import c2f
+    if importlib.util.find_spec("c2f.kernels") is not None:
+        return
+    spec = importlib.util.spec_from_file_location("c2f.kernels", ROOT / "kernels" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "kernels")])
+    kernels = importlib.util.module_from_spec(spec)
+    sys.modules["c2f.kernels"] = kernels
+    spec.loader.exec_module(kernels)
+    c2f.kernels = kernels
+    print(f"note: c2f is not installed here; running from the source tree {ROOT}", file=sys.stderr)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     _environment(args.smoke)
+    _use_source_tree()
     import torch
     if not args.smoke and not torch.cuda.is_available():
         print("python -m bench.gpu needs a CUDA device; without one run it with --smoke (tiny shapes under "
