@@ -94,14 +94,15 @@ def drop_nonfinite(outputs: dict, split: str, skip: bool, row_name: str = "cache
         if n and outputs.get(key) is not None:
             rows_bad = ~np.isfinite(outputs[key].reshape(n, -1)).all(1)
             if rows_bad.any():
-                found.append(f"{what} of {row_name} {_listed(outputs['rows'][rows_bad])} (its {feeds})")
+                found.append(f"{what} at {row_name} {_listed(outputs['rows'][rows_bad])} (its {feeds} would be "
+                             "non-finite)")
                 bad |= rows_bad
     if not bad.any():
         return outputs, 0
     if not skip:
-        raise NonFiniteError(f"non-finite values on the {split} split: the {'; the '.join(found)} are not finite "
-                             f"({int(bad.sum())} of {n} rows); check those rows, or pass --skip-nonfinite to leave "
-                             "such rows out (counted as nonfinite_rows)")
+        raise NonFiniteError(f"non-finite values on the {split} split: {'; '.join(found)}; {int(bad.sum())} of {n} "
+                             "rows. Check those rows, or pass --skip-nonfinite to leave such rows out (counted as "
+                             "nonfinite_rows)")
     log.warning("%s split: left out %d of %d rows with non-finite outputs (%s %s)", split, int(bad.sum()), n,
                 row_name, _listed(outputs["rows"][bad]))
     keep = ~bad
