@@ -109,17 +109,23 @@ def atomic_save(obj: dict, path: str) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def _verified(path: str, obj, trailer: Optional[bool]):
-    """``obj`` without its checksum, once both checksums match; refuses a file that changed after it was written."""
+def _changed(path: str) -> CheckpointError:
+    return CheckpointError(f"{path}: fails its checksum: it changed after c2f wrote it (a damaged or edited "
+                           "file); restore it from a copy, or use another checkpoint")
+
+
+def _unverified(path: str) -> None:
+    log.warning("%s: no checksum: written before c2f stored one; loaded unverified", path)
+
+
+def _verified(path: str, obj, trailer: Optional[bool]) -> tuple:
+    """``(obj without its checksum, verified)``; refuses a file that changed after it was written."""
     if not isinstance(obj, dict) or CHECKSUM not in obj:
-        if trailer is None:
-            log.warning("%s: no checksum: written before c2f stored one; loaded unverified", path)
-        return obj
+        return obj, bool(trailer)
     body = {k: v for k, v in obj.items() if k != CHECKSUM}
     if trailer is None or obj[CHECKSUM] != content_digest(body):
-        raise CheckpointError(f"{path}: fails its checksum: it changed after c2f wrote it (a damaged or edited "
-                              "file); restore it from a copy, or use another checkpoint")
-    return body
+        raise _changed(path)
+    return body, True
 
 
 def _numpy_array_globals() -> list:
@@ -134,14 +140,21 @@ def _numpy_array_globals() -> list:
 def safe_load(path: str, map_location="cpu") -> dict:
     """``torch.load(path, weights_only=True)`` with its checksum checked and removed; refuses pickled code, a
     file that is not a checkpoint and a changed byte with one clear line each."""
+    obj, verified = _load(path, map_location)
+    if not verified and isinstance(obj, dict):
+        _unverified(path)
+    return obj
+
+
+def _load(path: str, map_location="cpu") -> tuple:
+    """``(what the file holds, whether a checksum verified it)``: ``safe_load`` without the warning."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     with open(path, "rb") as f:
         data = f.read()
     trailer = _trailer_matches(data)
     if trailer is False:
-        raise CheckpointError(f"{path}: fails its checksum: it changed after c2f wrote it (a damaged or edited "
-                              "file); restore it from a copy, or use another checkpoint")
+        raise _changed(path)
     try:
         with torch.serialization.safe_globals(_numpy_array_globals()):
             obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
@@ -236,7 +249,8 @@ def save_model(path: str, module: nn.Module, **meta) -> None:
     atomic_write(sidecar, lambda f: f.write(data))
 
 
-def _read_safetensors(path: str) -> dict:
+def _read_safetensors(path: str) -> tuple:
+    """``(the model file as read_model_file returns it, whether its checksum verified it)``."""
     from .extras import require
     st = require("safetensors.torch", "safetensors", f"reading {path}")
     from safetensors import safe_open
@@ -250,14 +264,11 @@ def _read_safetensors(path: str) -> dict:
     except Exception as e:  # noqa: BLE001 - a damaged header or metadata
         raise CheckpointError(f"{path}: not a readable safetensors model file ({type(e).__name__}: {e})") from None
     stored = out.pop(CHECKSUM, None)
-    if stored is None:
-        log.warning("%s: no checksum: written before c2f stored one; loaded unverified", path)
-    elif stored != content_digest(dict(sorted(state.items()))):
-        raise CheckpointError(f"{path}: fails its checksum: its content changed after c2f wrote it (a damaged "
-                              "or edited file); restore it from a copy, or use another checkpoint")
+    if stored is not None and stored != content_digest(dict(sorted(state.items()))):
+        raise _changed(path)
     out["version"] = int(out.get("version", 0))
     out["model"] = state
-    return out
+    return out, stored is not None
 
 
 def _check_model_file(path: str, ckpt) -> None:
@@ -283,8 +294,10 @@ def read_model_file(path: str) -> dict:
     Reads ``.pt`` files with ``weights_only=True`` and ``.safetensors`` files (their JSON metadata decoded),
     each with its checksum checked; anything else (a run's ``last.pt``, a foreign file) is refused.
     """
-    ckpt = _read_safetensors(path) if path.endswith(".safetensors") else safe_load(path)
+    ckpt, verified = _read_safetensors(path) if path.endswith(".safetensors") else _load(path)
     _check_model_file(path, ckpt)
+    if not verified:
+        _unverified(path)
     return ckpt
 
 
