@@ -4,7 +4,9 @@ logs (``metrics.jsonl``, ``metrics.csv``, optional TensorBoard) and the listing 
 A run directory holds ``config.json`` (every saved ``TrainConfig`` field, paths absolute, and a
 ``_run`` section: the run directory and feature cache it was made with), ``metrics.jsonl`` and
 ``metrics.csv`` (one row per epoch), ``last.pt`` (resume state), ``best.pt`` (a model file, see
-``c2f.checkpoint``), ``final.json`` and plots.
+``c2f.checkpoint``), ``final.json``, plots, and ``.c2f-lock``: the lock one training holds for its life
+(``lock_run``; not a run file: a directory holding only it holds no run). Resume reads ``last.pt``
+through its checksum and refuses a ``config.json`` that differs from the config stored in it.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import os
 import time
 from typing import Optional
 
+from . import checkpoint
 from .config import ConfigError, TrainConfig, apply, from_dict, read_config_file, resume_conflicts
 from .files import DirLock, atomic_write_text, lock_directory
 from .metrics import csv_text, format_table
@@ -90,6 +93,22 @@ def check_resumable(run_dir: str) -> None:
         what = f"{len(logged)} epoch(s) logged" if logged else "a best.pt"
         raise RunError(f"{run_dir} has {what} but no last.pt to resume from (was it removed?); restore it, "
                        "or start a new run")
+
+
+def read_last(run_dir: str, saved: TrainConfig, saved_run: dict) -> Optional[dict]:
+    """``last.pt`` (checksum verified) once ``config.json`` (``saved`` settings, ``saved_run`` facts) is found to
+    be the config it was trained with (else ``EditedConfig``); None for a run stopped before its first epoch."""
+    path = os.path.join(run_dir, "last.pt")
+    if not os.path.isfile(path):
+        return None
+    state = checkpoint.safe_load(path)
+    edited = stored_config_conflicts(saved, state.get("config") or {})
+    identity = state.get("cache_identity")
+    if identity is not None and identity != saved_run.get("cache_identity"):
+        edited.append(("_run.cache_identity", saved_run.get("cache_identity"), identity))
+    if edited:
+        raise EditedConfig(run_dir, edited)
+    return state
 
 
 def stored_config_conflicts(saved: TrainConfig, stored: dict) -> list:

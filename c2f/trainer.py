@@ -1,8 +1,9 @@
 """The training loop: one stage of the C2F head on a feature cache, resumable, with DDP under torchrun.
 
 ``Trainer(cfg, resume)`` checks everything before it writes anything: the settings, the run directory
-(never an existing run unless resuming it), the cache (on resume: the very cache the run trained on,
-by its manifest) and the checkpoint. The step reads the losses back to the host once per
+(never an existing run unless resuming it; its lock taken before the first write, or before a resume
+reads it), the cache (on resume: the very cache the run trained on, by its manifest) and the checkpoint
+(its checksum, and ``config.json`` against the config stored in it). The step reads the losses back to the host once per
 ``log_every`` steps; a non-finite loss or gradient stops the run with the epoch, step and cache rows
 of the batch before anything non-finite is checkpointed (or, with ``skip_nonfinite``, skips the batch).
 """
@@ -90,7 +91,10 @@ class Trainer(EpochLoop):
             conflicts = resume_conflicts(saved, self.cfg.to_dict())
             if conflicts:
                 raise runs.ResumeConflict(self.run_dir, conflicts)
-            self.resume_state = self._read_last(saved)
+            self.resume_state = runs.read_last(self.run_dir, saved, self.saved_run)
+            if self.resume_state is None and self.dist.main:
+                log.info("%s stopped before its first epoch ended (no last.pt): starting it again from epoch 1",
+                         self.run_dir)
         else:
             self.run_dir = self.dist.broadcast(self.cfg.run_dir or runs.default_run_dir(self.cfg.stage))
             runs.check_new(self.run_dir)
@@ -110,24 +114,6 @@ class Trainer(EpochLoop):
             raise failure
         if refused:
             raise LockedError(refused)
-
-    def _read_last(self, saved: TrainConfig):
-        """``last.pt``, checksum verified, after checking that ``config.json`` is the config it was trained with;
-        None for a run stopped before its first epoch ended (it starts again from epoch 1)."""
-        path = os.path.join(self.run_dir, "last.pt")
-        if not os.path.isfile(path):
-            if self.dist.main:
-                log.info("%s stopped before its first epoch ended (no last.pt): starting it again from epoch 1",
-                         self.run_dir)
-            return None
-        state = checkpoint.safe_load(path)
-        edited = runs.stored_config_conflicts(saved, state.get("config") or {})
-        identity = state.get("cache_identity")
-        if identity is not None and identity != self.saved_run.get("cache_identity"):
-            edited.append(("_run.cache_identity", self.saved_run.get("cache_identity"), identity))
-        if edited:
-            raise runs.EditedConfig(self.run_dir, edited)
-        return state
 
     def _setup_data(self) -> None:
         cfg = self.cfg
