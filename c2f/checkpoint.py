@@ -14,10 +14,12 @@ tensors and ``format``/``model_class``/``model_args`` (JSON) in its metadata. Ev
 ``weights_only=True``: a file holding pickled Python objects (a callable, a class instance) is refused
 with one line and nothing in it runs.
 
-Every file ``atomic_save`` writes (``last.pt``, ``best.pt``) carries ``checksum``: the sha256 of all it
-holds (each tensor's dtype, shape and bytes, each value, in order; ``content_digest``), checked by
-``safe_load``, so a changed byte is refused instead of loading as a wrong number. Files written before c2f
-stored one load with a warning.
+Every file ``atomic_save`` writes (``last.pt``, ``best.pt``) carries two checksums, both checked by
+``safe_load``: ``checksum``, the sha256 of all the dict holds (each tensor's dtype, shape and bytes, each
+value, in order; ``content_digest``), and the sha256 of the file's own bytes, in the zip archive's comment
+(``TRAILER``; ``torch.load`` reads the file as ever). A byte changed anywhere is refused with one line
+instead of loading as a wrong number. ``best.safetensors`` holds its tensors' ``content_digest`` in its
+metadata. Files written before c2f stored checksums load with a warning that they are unverified.
 """
 from __future__ import annotations
 
@@ -83,14 +85,6 @@ def content_digest(obj) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def _with_trailer(data: bytes) -> bytes:
-    """torch.save's zip archive with its comment set to ``TRAILER`` and the sha256 of every byte before it."""
-    if data[-2:] != b"\0\0":
-        raise RuntimeError("torch.save wrote a zip comment of its own; c2f cannot add its checksum trailer")
-    head = data[:-2] + struct.pack("<H", TRAILER_LEN)
-    return head + TRAILER + hashlib.sha256(head).hexdigest().encode()
-
-
 def _trailer_matches(data: bytes) -> Optional[bool]:
     """Whether the file's bytes match its trailer; None when it has none."""
     if data[-TRAILER_LEN:-64] != TRAILER:
@@ -105,8 +99,14 @@ def atomic_save(obj: dict, path: str) -> None:
     body = {k: v for k, v in obj.items() if k != CHECKSUM}
     buf = io.BytesIO()
     torch.save({**body, CHECKSUM: content_digest(body)}, buf)
-    data = _with_trailer(buf.getvalue())
-    atomic_write(path, lambda f: f.write(data))
+    archive = buf.getbuffer()
+    if archive[-2:] != b"\0\0":   # the archive's comment length, the last field of a zip file
+        raise RuntimeError("torch.save wrote a zip comment of its own; c2f cannot add its checksum")
+    head = [archive[:-2], struct.pack("<H", TRAILER_LEN)]   # the comment length now covers the trailer
+    h = hashlib.sha256()
+    for part in head:
+        h.update(part)
+    atomic_write(path, lambda f: f.writelines([*head, TRAILER, h.hexdigest().encode()]))
 
 
 def _changed(path: str) -> CheckpointError:

@@ -27,6 +27,23 @@ log = logging.getLogger(__name__)
 LOCK_FILE = ".c2f-lock"
 HOLDER_WAIT_S = 1.0   # how long a refused process waits for the holder to write its pid (it does so at once)
 
+# The descriptors of the locks this process holds. A forked child (a data-loader worker) closes its copies at
+# once: the lock stays with the holder alone, and dies with it even while orphaned workers linger.
+_held: set = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _held:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
 
 def atomic_write(path: str, write: Callable, binary: bool = True) -> None:
     """Calls ``write(f)`` on a temporary file beside ``path``, fsyncs it and moves it onto ``path``.
@@ -58,8 +75,7 @@ class LockedError(RuntimeError):
 class DirLock:
     """The held lock of one directory; ``release()`` (or leaving a ``with`` block) frees it.
 
-    Only the process that took it releases it: a forked child (a data-loader worker) shares the lock
-    while it lives but never frees it for its parent.
+    Only the process that took it releases it; a forked child has closed its copy of the descriptor.
     """
 
     def __init__(self, directory: str, fd: Optional[int]):
@@ -72,6 +88,7 @@ class DirLock:
             os.ftruncate(self.fd, 0)   # the next holder writes its own pid; a reader never sees a stale one
             fcntl.flock(self.fd, fcntl.LOCK_UN)
         finally:
+            _held.discard(self.fd)
             os.close(self.fd)
             self.fd = None
 
@@ -103,11 +120,11 @@ def lock_directory(directory: str, what: str, hint: str) -> DirLock:
     ``what`` names the directory in the error ("run directory", "feature cache"), ``hint`` says what to
     do instead. Only the directory and its lock file are created; a refused caller changes nothing.
     """
+    os.makedirs(directory, exist_ok=True)
     if fcntl is None:
         log.warning("cannot lock %s: this platform has no fcntl; never write into it from two processes at once",
                     directory)
         return DirLock(directory, None)
-    os.makedirs(directory, exist_ok=True)
     fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -118,6 +135,7 @@ def lock_directory(directory: str, what: str, hint: str) -> DirLock:
             raise
         raise LockedError(f"{directory} is in use: another c2f process ({holder}) is writing this {what}; "
                           f"{hint}") from None
+    _held.add(fd)
     info = dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime("%Y-%m-%d %H:%M:%S"))
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)

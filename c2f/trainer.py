@@ -3,8 +3,8 @@
 ``Trainer(cfg, resume)`` checks everything before it writes anything: the settings, the run directory
 (never an existing run unless resuming it; its lock taken before the first write, or before a resume
 reads it), the cache (on resume: the very cache the run trained on, by its manifest) and the checkpoint
-(its checksum, and ``config.json`` against the config stored in it). The step reads the losses back to the host once per
-``log_every`` steps; a non-finite loss or gradient stops the run with the epoch, step and cache rows
+(its checksum, and ``config.json`` against the config stored in it). The step reads the losses back to
+the host once per ``log_every`` steps; a non-finite loss or gradient stops the run with the epoch, step and cache rows
 of the batch before anything non-finite is checkpointed (or, with ``skip_nonfinite``, skips the batch).
 """
 from __future__ import annotations
@@ -83,10 +83,9 @@ class Trainer(EpochLoop):
             if not self.cfg.run_dir:
                 raise ConfigError("run_dir", "resuming needs the run directory")
             self.run_dir = self.cfg.run_dir
-            if not os.path.isdir(self.run_dir):
-                raise runs.RunError(f"{self.run_dir} is not a directory; nothing to resume")
+            runs.check_resumable(self.run_dir)   # before the lock: no lock file is left in what is not a run
             self._lock()
-            runs.check_resumable(self.run_dir)
+            runs.check_resumable(self.run_dir)   # again, now that no other process writes the run
             saved, self.saved_run = runs.read_saved(self.run_dir)
             conflicts = resume_conflicts(saved, self.cfg.to_dict())
             if conflicts:

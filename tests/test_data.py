@@ -569,6 +569,8 @@ def test_a_cache_another_process_writes_is_refused(tmp_path, cub_and_backbone, c
         holder.wait(30)
     finally:
         holder.kill()
-        holder.communicate()
+        holder.wait(30)
+        holder.stdout.close()
+        holder.stderr.close()
     extract(cub, out, backbone, **EXTRACT)
     assert len(FeatureCache(out)) == N_IMAGES

@@ -18,6 +18,7 @@ from c2f import devices
 from c2f.checkpoint import safe_load
 from c2f.cli import main
 from c2f.data import FeatureCache, split_rows, synthesize
+from c2f.files import LockedError
 from c2f.train import NonFiniteError, ResumeConflict, RunError, TrainConfig, Trainer, resume_config, train
 from tests.tamper import edit_json, flip_bytes, nan_rows
 
@@ -268,6 +269,14 @@ while not os.path.exists(sys.argv[1]):
 sys.exit(main(sys.argv[2:]))"""
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Kills ``proc`` if it runs and closes its pipes without waiting for them (a forked child may hold them)."""
+    proc.kill()
+    proc.wait(30)
+    proc.stdout.close()
+    proc.stderr.close()
+
+
 def start_cli(go: str, *args) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", STARTER, go, *args], stdout=subprocess.PIPE,
@@ -289,8 +298,7 @@ def test_two_runs_into_one_directory_at_once(cache, tmp_path):
         results = {lr: (p.wait(SUBPROCESS_TIMEOUT), p.stderr.read()) for lr, p in procs.items()}
     finally:
         for p in procs.values():
-            p.kill()
-            p.communicate()
+            stop(p)
     assert sorted(code for code, _ in results.values()) == [0, 2], results
     (winner,) = [lr for lr, (code, _) in results.items() if code == 0]
     (loser,) = [lr for lr, (code, _) in results.items() if code == 2]
@@ -304,10 +312,12 @@ def test_two_runs_into_one_directory_at_once(cache, tmp_path):
 
 def test_a_running_holder_is_named_and_its_lock_dies_with_it(cache, tmp_path, capsys):
     """While a run trains, a resume of its directory exits 2 naming its pid and host; once the holder is
-    SIGKILLed, the OS has freed the lock and a resume continues the run with no epoch lost or repeated."""
+    SIGKILLed, the OS has freed the lock (its data-loader workers, orphaned for a few seconds, hold none) and a
+    resume continues the run with no epoch lost or repeated."""
     run, go = tmp_path / "run", str(tmp_path / "go")
     open(go, "w").close()
-    proc = start_cli(go, "train", "--features", cache, "--run-dir", str(run), "--epochs", "400", *FLAGS)
+    proc = start_cli(go, "train", "--features", cache, "--run-dir", str(run), "--epochs", "400", *FLAGS,
+                     "--num-workers", "2")
     try:
         deadline = time.monotonic() + SUBPROCESS_TIMEOUT
         while not (run / "metrics.jsonl").is_file() or not epochs_of(run):
@@ -321,11 +331,41 @@ def test_a_running_holder_is_named_and_its_lock_dies_with_it(cache, tmp_path, ca
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
-        proc.kill()
-        proc.communicate()
-    assert main(["train", "--resume", str(run), "--stop-after", "1", "--no-progress"]) == 0
+        stop(proc)
+    assert main(["train", "--resume", str(run), "--stop-after", "1", "--num-workers", "0", "--no-progress"]) == 0
     done = safe_load(str(run / "last.pt"))["epoch"]
     assert done >= 2 and epochs_of(run) == list(range(1, done + 1))
+
+
+HOLD_AND_FORK = """import os, sys, time
+from c2f.runs import lock_run
+lock = lock_run(sys.argv[1])
+child = os.fork()                       # as a data-loader worker is forked
+if child == 0:
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(120)"""
+
+
+def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path):
+    """Orphaned data-loader workers outlive a SIGKILLed run by seconds; the lock must not live on in them."""
+    from c2f.runs import lock_run
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    child = None
+    try:
+        child = int(holder.stdout.readline())
+        with pytest.raises(LockedError, match=f"pid {holder.pid} on host"):
+            lock_run(str(tmp_path))
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+        os.kill(child, 0)                                        # the child still runs ...
+        lock_run(str(tmp_path)).release()                       # ... and holds no lock
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)
+        stop(holder)
 
 
 # ---------------------------------------------------------------------------- verified resume state
