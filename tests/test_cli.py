@@ -17,8 +17,9 @@ from tests.tamper import nan_rows
 
 SMALL = dict(num_classes=4, images_per_class=8, num_attributes=6, dim=16, grid=4, num_locations=3,
              test_fraction=0.25, classes_per_genus=1, shard_size=16, progress=False)
+# --amp off: auto picks bf16 on a CPU with AVX512-BF16/AMX, and eval (--amp off) must reproduce training's metrics.
 FLAGS = ["--batch-size", "4", "--lr", "0.01", "--num-workers", "0", "--no-progress", "--no-plots",
-         "--val-fraction", "0.25"]
+         "--val-fraction", "0.25", "--amp", "off"]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from c2f.train import TrainConfig, train
 
 TINY = dict(num_classes=4, images_per_class=12, num_attributes=12, dim=32, grid=7, num_locations=4,
             test_fraction=0.25, classes_per_genus=1, shard_size=16, progress=False)
-ARGS = dict(epochs=2, batch_size=8, lr=1e-2, num_workers=0, seed=3)
+# amp off: --amp auto picks bf16 on a CPU with AVX512-BF16/AMX, and these comparisons are at fp32 tolerances.
+ARGS = dict(epochs=2, batch_size=8, lr=1e-2, num_workers=0, seed=3, amp="off")
 
 
 TIMEOUT_S = 480   # a run takes 10-20 s; a loaded 2-core machine has taken it past 240 s
