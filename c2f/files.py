@@ -117,7 +117,7 @@ def _holder(fd: int) -> str:
 def lock_directory(directory: str, what: str, hint: str) -> DirLock:
     """Takes the exclusive lock of ``directory`` (made if absent) or raises ``LockedError``.
 
-    ``what`` names the directory in the error ("run directory", "feature cache"), ``hint`` says what to
+    ``what`` names what the directory holds in the error ("run", "feature cache"), ``hint`` says what to
     do instead. Only the directory and its lock file are created; a refused caller changes nothing.
     """
     os.makedirs(directory, exist_ok=True)

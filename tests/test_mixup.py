@@ -411,7 +411,8 @@ def test_sample_mix_targets_and_losses_name_bad_arguments():
     """Each was a raw torch RuntimeError naming no argument (or no error at all)."""
     from c2f.losses import attribute_loss, soft_cross_entropy
     mixup = PartMixup(num_classes=5)
-    for args, match in [((-1, 3), r"batch_size must be an int >= 1, got -1"), ((4, 0), r"num_parts must be an int >= 1"),
+    for args, match in [((-1, 3), r"batch_size must be an int >= 1, got -1"),
+                        ((4, 0), r"num_parts must be an int >= 1"),
                         ((2.5, 3), r"batch_size must be an int >= 1, got 2.5")]:
         with pytest.raises(ValueError, match=match):
             mixup.sample(*args)
