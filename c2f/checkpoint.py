@@ -13,35 +13,119 @@ Where ``safetensors`` is installed, ``save_model`` also writes ``<name>.safetens
 tensors and ``format``/``model_class``/``model_args`` (JSON) in its metadata. Every load here uses
 ``weights_only=True``: a file holding pickled Python objects (a callable, a class instance) is refused
 with one line and nothing in it runs.
+
+Every file ``atomic_save`` writes (``last.pt``, ``best.pt``) carries two checksums, both checked by
+``safe_load``: ``checksum``, the sha256 of all the dict holds (each tensor's dtype, shape and bytes, each
+value, in order; ``content_digest``), and the sha256 of the file's own bytes, in the zip archive's comment
+(``TRAILER``; ``torch.load`` reads the file as ever). A byte changed anywhere is refused with one line
+instead of loading as a wrong number. ``best.safetensors`` holds its tensors' ``content_digest`` in its
+metadata. Files written before c2f stored checksums load with a warning that they are unverified.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
+import io
 import json
+import logging
 import os
 import pickle
 import random
 import re
+import struct
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from .files import atomic_write
+
+log = logging.getLogger(__name__)
+
 MODEL_FORMAT = "c2f-model"
 VERSION = 1
+CHECKSUM = "checksum"   # the key of the content digest in every dict atomic_save writes
+TRAILER = b"c2f-sha256:"   # the zip comment atomic_save ends each file with, then the hex sha256 of the bytes before
+TRAILER_LEN = len(TRAILER) + 64
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unsafe to load, or does not fit the model asked for."""
 
 
-def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to a temporary name, then ``os.replace``: a killed writer leaves the old file whole."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _feed(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{obj.dtype}{tuple(obj.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy())
+    elif isinstance(obj, np.ndarray):
+        h.update(f"A{obj.dtype}{obj.shape}|".encode())
+        h.update(np.ascontiguousarray(obj).tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}|".encode())
+        for key, value in obj.items():
+            _feed(h, key)
+            _feed(h, value)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}|".encode())
+        for value in obj:
+            _feed(h, value)
+    else:
+        text = repr(obj)
+        h.update(f"{type(obj).__name__}:{len(text)}:{text}|".encode())
+
+
+def content_digest(obj) -> str:
+    """``"sha256:<hex>"`` of everything ``obj`` holds: each tensor's dtype, shape and bytes (on the CPU), each
+    plain value and container, in order. Equal before ``torch.save`` and after ``torch.load``."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return f"sha256:{h.hexdigest()}"
+
+
+def _trailer_matches(data: bytes) -> Optional[bool]:
+    """Whether the file's bytes match its trailer; None when it has none."""
+    if data[-TRAILER_LEN:-64] != TRAILER:
+        return None
+    head = data[:-TRAILER_LEN]
+    return head[-2:] == struct.pack("<H", TRAILER_LEN) and hashlib.sha256(head).hexdigest().encode() == data[-64:]
+
+
+def atomic_save(obj: dict, path: str) -> None:
+    """``torch.save`` of ``obj`` plus its ``checksum`` (``content_digest``) and the file's own sha256 in the
+    zip comment, written with ``files.atomic_write``: a killed writer leaves the old file whole."""
+    body = {k: v for k, v in obj.items() if k != CHECKSUM}
+    buf = io.BytesIO()
+    torch.save({**body, CHECKSUM: content_digest(body)}, buf)
+    archive = buf.getbuffer()
+    if archive[-2:] != b"\0\0":   # the archive's comment length, the last field of a zip file
+        raise RuntimeError("torch.save wrote a zip comment of its own; c2f cannot add its checksum")
+    head = [archive[:-2], struct.pack("<H", TRAILER_LEN)]   # the comment length now covers the trailer
+    h = hashlib.sha256()
+    for part in head:
+        h.update(part)
+    atomic_write(path, lambda f: f.writelines([*head, TRAILER, h.hexdigest().encode()]))
+
+
+def _changed(path: str) -> CheckpointError:
+    return CheckpointError(f"{path}: fails its checksum: it changed after c2f wrote it (a damaged or edited "
+                           "file); restore it from a copy, or use another checkpoint")
+
+
+def _unverified(path: str) -> None:
+    log.warning("%s: no checksum: written before c2f stored one; loaded unverified", path)
+
+
+def _verified(path: str, obj, trailer: Optional[bool]) -> tuple:
+    """``(obj without its checksum, verified)``; refuses a file that changed after it was written."""
+    if not isinstance(obj, dict) or CHECKSUM not in obj:
+        return obj, bool(trailer)
+    body = {k: v for k, v in obj.items() if k != CHECKSUM}
+    if trailer is None or obj[CHECKSUM] != content_digest(body):
+        raise _changed(path)
+    return body, True
 
 
 def _numpy_array_globals() -> list:
@@ -54,12 +138,26 @@ def _numpy_array_globals() -> list:
 
 
 def safe_load(path: str, map_location="cpu") -> dict:
-    """``torch.load(path, weights_only=True)``; refuses pickled code with one clear line."""
+    """``torch.load(path, weights_only=True)`` with its checksum checked and removed; refuses pickled code, a
+    file that is not a checkpoint and a changed byte with one clear line each."""
+    obj, verified = _load(path, map_location)
+    if not verified and isinstance(obj, dict):
+        _unverified(path)
+    return obj
+
+
+def _load(path: str, map_location="cpu") -> tuple:
+    """``(what the file holds, whether a checksum verified it)``: ``safe_load`` without the warning."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        data = f.read()
+    trailer = _trailer_matches(data)
+    if trailer is False:
+        raise _changed(path)
     try:
         with torch.serialization.safe_globals(_numpy_array_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         if found is None and "Unsupported operand" in str(e):
@@ -67,9 +165,11 @@ def safe_load(path: str, map_location="cpu") -> dict:
         what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
         raise CheckpointError(f"{path}: refused to load: it holds {what}, not only tensors and plain "
                               "containers (loading it could run code); c2f writes no such files") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
+    except Exception as e:  # noqa: BLE001 - whatever a damaged or foreign file makes torch.load raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first}); c2f reads "
+                              "the files torch.save writes (last.pt, best.pt)") from None
+    return _verified(path, obj, trailer)
 
 
 # ------------------------------------------------------------------------------- model files
@@ -133,43 +233,71 @@ def save_model(path: str, module: nn.Module, **meta) -> None:
     atomic_save(dict(format=MODEL_FORMAT, version=VERSION, model_class=class_path(module), model_args=args,
                      model=state, **meta), path)
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save as safetensors_bytes
     except ImportError:
         return
     sidecar = safetensors_path(path)
     if sidecar == path:
         return
+    # safetensors reads its tensors back in its own order: the digest is taken over the names sorted.
     metadata = dict(format=MODEL_FORMAT, version=str(VERSION), model_class=class_path(module),
-                    model_args=json.dumps(args))
+                    model_args=json.dumps(args), checksum=content_digest(dict(sorted(state.items()))))
     for key in ("epoch", "metrics", "class_names", "attribute_names"):
         if key in meta:
             metadata[key] = json.dumps(meta[key])
-    tmp = f"{sidecar}.tmp-{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-    os.replace(tmp, sidecar)
+    data = safetensors_bytes({k: v.contiguous() for k, v in state.items()}, metadata=metadata)
+    atomic_write(sidecar, lambda f: f.write(data))
+
+
+def _read_safetensors(path: str) -> tuple:
+    """``(the model file as read_model_file returns it, whether its checksum verified it)``."""
+    from .extras import require
+    st = require("safetensors.torch", "safetensors", f"reading {path}")
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = f.metadata() or {}
+        state = st.load_file(path)
+        out = {k: (v if k in ("format", "model_class", CHECKSUM) else json.loads(v)) for k, v in raw.items()}
+    except Exception as e:  # noqa: BLE001 - a damaged header or metadata
+        raise CheckpointError(f"{path}: not a readable safetensors model file ({type(e).__name__}: {e})") from None
+    stored = out.pop(CHECKSUM, None)
+    if stored is not None and stored != content_digest(dict(sorted(state.items()))):
+        raise _changed(path)
+    out["version"] = int(out.get("version", 0))
+    out["model"] = state
+    return out, stored is not None
+
+
+def _check_model_file(path: str, ckpt) -> None:
+    """Refuses what is not a c2f model file, naming what it is where that is known."""
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path}: not a c2f model file (expected a dict with a 'model' state_dict)")
+    if "optimizer" in ckpt and "format" not in ckpt:
+        raise CheckpointError(f"{path} is a run's resume state (last.pt), not a model file: pass the run "
+                              "directory or its best.pt")
+    if ckpt.get("format", MODEL_FORMAT) != MODEL_FORMAT:
+        raise CheckpointError(f"{path}: format {ckpt.get('format')!r}, expected {MODEL_FORMAT!r}")
+    model = ckpt["model"]
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise CheckpointError(f"{path}: its 'model' is not a state_dict (a dict of tensors)")
+    for key, kind in (("model_class", str), ("model_args", dict)):
+        if key in ckpt and not isinstance(ckpt[key], kind):
+            raise CheckpointError(f"{path}: its {key!r} must be a {kind.__name__}, got {type(ckpt[key]).__name__}")
 
 
 def read_model_file(path: str) -> dict:
     """A model file as a dict (``format``, ``model_class``, ``model_args``, ``model`` and any meta).
 
-    Reads ``.pt`` files with ``weights_only=True`` and ``.safetensors`` files (their JSON metadata decoded).
+    Reads ``.pt`` files with ``weights_only=True`` and ``.safetensors`` files (their JSON metadata decoded),
+    each with its checksum checked; anything else (a run's ``last.pt``, a foreign file) is refused.
     """
-    if path.endswith(".safetensors"):
-        from .extras import require
-        st = require("safetensors.torch", "safetensors", f"reading {path}")
-        from safetensors import safe_open
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path}: no such checkpoint file")
-        with safe_open(path, framework="pt") as f:
-            raw = f.metadata() or {}
-        state = st.load_file(path)
-        out = {k: (v if k in ("format", "model_class") else json.loads(v)) for k, v in raw.items()}
-        out["version"] = int(out.get("version", 0))
-        out["model"] = state
-        return out
-    ckpt = safe_load(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise CheckpointError(f"{path}: not a c2f checkpoint (expected a dict with a 'model' state_dict)")
+    ckpt, verified = _read_safetensors(path) if path.endswith(".safetensors") else _load(path)
+    _check_model_file(path, ckpt)
+    if not verified:
+        _unverified(path)
     return ckpt
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import tomllib
 import typing
@@ -42,9 +43,12 @@ CHECKS = {
 
 
 def check_value(name: str, value, check: Optional[str] = None, choices=None) -> None:
-    """Raises ``ConfigError`` unless ``value`` passes ``check`` and lies in ``choices`` (None passes)."""
+    """Raises ``ConfigError`` unless ``value`` passes ``check`` and lies in ``choices`` (None passes); a float
+    must be finite whatever its check (``--lr inf`` is refused here, not by the first non-finite loss)."""
     if value is None:
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(name, f"must be a finite number, got {value!r}")
     if choices is not None and value not in choices:
         raise ConfigError(name, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
     if check is not None:
@@ -103,8 +107,9 @@ class TrainConfig:
     amp: str = opt("auto", "mixed precision of the forward: bf16, fp16 (with a gradient scaler) or off; auto: "
                    "bf16 where the device runs it fast (CUDA with bf16, a CPU with AVX512-BF16/AMX), else off",
                    choices=AMP_MODES)
-    skip_nonfinite: bool = opt(False, "skip batches whose loss or gradient is not finite (counted and logged) "
-                               "instead of stopping; checks every step (one host sync a step)", operational=True)
+    skip_nonfinite: bool = opt(False, "skip batches whose loss or gradient is not finite, and validation or test "
+                               "rows whose outputs are not finite (counted and logged), instead of stopping; "
+                               "checks every step (one host sync a step)", operational=True)
     compile: bool = opt(False, "wrap the head in torch.compile", operational=True)
     compile_backend: str = opt("inductor", "torch.compile backend (aot_eager: no code generation, no C++ "
                                "compiler needed)", operational=True)

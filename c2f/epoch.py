@@ -11,13 +11,10 @@ from tqdm.auto import tqdm
 
 from . import evaluate, losses
 from .devices import autocast
+from .errors import NonFiniteError
 from .mixup import mix_targets
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteError(FloatingPointError):
-    """Training produced a non-finite loss or gradient; the message names epoch, step and batch rows."""
 
 
 def cosine_lambda(total_steps: int, warmup_steps: int, min_ratio: float):

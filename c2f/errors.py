@@ -1,4 +1,5 @@
-"""Errors that name the setting at fault; the CLI prints them as one line naming the flag."""
+"""Errors that name what is at fault; the CLI prints each as one line (exit code 2 for a bad setting, 1 for a
+run stopped by a non-finite value)."""
 from __future__ import annotations
 
 
@@ -8,3 +9,8 @@ class ConfigError(ValueError):
     def __init__(self, name: str, problem: str):
         self.name, self.problem = name, problem
         super().__init__(f"{name}: {problem}")
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss, gradient, model output or metric; the message names where (epoch and step, or the
+    split), the cache rows and what went non-finite."""

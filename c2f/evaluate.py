@@ -13,7 +13,7 @@ from torch import nn
 from . import checkpoint, metrics
 from .data import FeatureCache, attribute_targets, make_loader, read_manifest, split_rows
 from .devices import autocast, resolve_amp, resolve_device
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,63 @@ def concat(parts: list) -> dict:
     return joined
 
 
+# --------------------------------------------------------------------------------- non-finite rows
+
+# Each collected output, its name in messages, and the metrics it feeds.
+FEEDS = (("logits", "logits", "ce, top1, top5, mean_class_acc"),
+         ("attr_pred", "attribute predictions", "reg, attr_acc, attr_map"),
+         ("targets", "attribute targets", "reg, attr_acc, attr_map"))
+FINITE_METRICS = ("ce", "reg", "top1", "top5", "mean_class_acc", "attr_acc")   # attr_map is NaN by definition
+LISTED = 10   # rows named in a message; the rest are counted
+
+
+def _listed(rows: np.ndarray) -> str:
+    more = f" and {len(rows) - LISTED} more" if len(rows) > LISTED else ""
+    return f"{rows[:LISTED].tolist()}{more}"
+
+
+def drop_nonfinite(outputs: dict, split: str, skip: bool, row_name: str = "cache rows") -> tuple:
+    """``(outputs, dropped)``: ``outputs`` without the rows whose logits, attribute predictions or targets are
+    not finite, and how many those were. Without ``skip`` such rows raise ``NonFiniteError`` naming the split,
+    the rows and the metrics they would make non-finite."""
+    n = len(outputs["rows"])
+    found, bad = [], np.zeros(n, dtype=bool)
+    for key, what, feeds in FEEDS:
+        if n and outputs.get(key) is not None:
+            rows_bad = ~np.isfinite(outputs[key].reshape(n, -1)).all(1)
+            if rows_bad.any():
+                found.append(f"{what} at {row_name} {_listed(outputs['rows'][rows_bad])} (its {feeds} would be "
+                             "non-finite)")
+                bad |= rows_bad
+    if not bad.any():
+        return outputs, 0
+    if not skip:
+        raise NonFiniteError(f"non-finite values on the {split} split: {'; '.join(found)}; {int(bad.sum())} of {n} "
+                             "rows. Check those rows, or pass --skip-nonfinite to leave such rows out (counted as "
+                             "nonfinite_rows)")
+    log.warning("%s split: left out %d of %d rows with non-finite outputs (%s %s)", split, int(bad.sum()), n,
+                row_name, _listed(outputs["rows"][bad]))
+    keep = ~bad
+    kept = {k: (v[keep] if v is not None and k != "attn" and len(v) == n else v) for k, v in outputs.items()}
+    if outputs.get("attn") is not None:
+        kept["attn"] = outputs["attn"][keep[:len(outputs["attn"])]]
+    return kept, int(bad.sum())
+
+
+def split_metrics(outputs: dict, split: str, num_classes: int, attr_loss: str, skip: bool = False) -> tuple:
+    """``(metrics, outputs)`` of one split, rows with non-finite outputs refused or left out (``skip``, counted
+    as ``nonfinite_rows``); a metric that is still not finite raises ``NonFiniteError`` naming it."""
+    outputs, dropped = drop_nonfinite(outputs, split, skip)
+    m = metrics.summarize(outputs, num_classes, attr_loss)
+    bad = [f"{k} {m[k]}" for k in FINITE_METRICS if k in m and not np.isfinite(m[k])]
+    if bad:
+        raise NonFiniteError(f"the {split} split's {', '.join(bad)} although every row's outputs are finite (they "
+                             "overflow the metric's precision); the model has diverged")
+    if dropped:
+        m["nonfinite_rows"] = dropped
+    return m, outputs
+
+
 # ------------------------------------------------------------------------------ eval / predict
 
 def resolve_checkpoint(source: str) -> str:
@@ -112,11 +169,12 @@ def split_of(cache: FeatureCache, split: str, val_fraction: float, seed: int) ->
 
 def evaluate_on_cache(source: str, features: Optional[str] = None, split: str = "test", batch_size: int = 64,
                       device: Optional[str] = None, amp: str = "off", num_workers: int = 0,
-                      keep_attention: int = 0, verify: str = "size") -> tuple:
+                      keep_attention: int = 0, verify: str = "size", skip_nonfinite: bool = False) -> tuple:
     """``(metrics, outputs, cache, ckpt)`` of a checkpoint on one split of a feature cache.
 
     ``features`` defaults to the cache the run trained on; val/train rows and the attribute targets
-    follow the run's saved settings (seed, val_fraction, attr_target, attr_loss).
+    follow the run's saved settings (seed, val_fraction, attr_target, attr_loss). Rows with non-finite
+    outputs raise ``NonFiniteError``, or are left out and counted with ``skip_nonfinite``.
     """
     if batch_size <= 0:
         raise ConfigError("batch_size", f"must be > 0, got {batch_size}")
@@ -136,7 +194,7 @@ def evaluate_on_cache(source: str, features: Optional[str] = None, split: str = 
                                 cache.labels, cache.class_attributes)
     loader = make_loader(cache, rows, targets, batch_size, shuffle=False, num_workers=num_workers)
     outputs = collect(model, loader, dev, amp, keep_attention)
-    m = metrics.summarize(outputs, len(cache.class_names), cfg.get("attr_loss", "mse"))
+    m, outputs = split_metrics(outputs, split, len(cache.class_names), cfg.get("attr_loss", "mse"), skip_nonfinite)
     return m, outputs, cache, ckpt
 
 
@@ -166,11 +224,12 @@ def prediction_rows(outputs: dict, class_names: list, attribute_names: list, att
 @torch.inference_mode()
 def predict_images(source: str, images: list, backbone: Optional[str] = None, weights: Optional[str] = None,
                    image_size: Optional[int] = None, device: Optional[str] = None, amp: str = "off",
-                   batch_size: int = 16) -> tuple:
+                   batch_size: int = 16, skip_nonfinite: bool = False) -> tuple:
     """``(outputs, ckpt)`` for image files, through the extract backbone into the head.
 
     ``backbone``, ``weights`` and ``image_size`` default to those recorded in the manifest of the cache
-    the run trained on; features are rounded to that cache's dtype, as training saw them.
+    the run trained on; features are rounded to that cache's dtype, as training saw them. ``rows`` index
+    ``images``; images with non-finite outputs raise ``NonFiniteError`` (or are left out: ``skip_nonfinite``).
     """
     from .data.backbones import ImageFolderDataset, open_backbone
     from .data.extract import check_images
@@ -206,4 +265,6 @@ def predict_images(source: str, images: list, backbone: Optional[str] = None, we
             res = model(model_input(x, model, dev))
         parts.append(dict(logits=res.logits.float().cpu().numpy(), attr_pred=res.attr_pred.float().cpu().numpy(),
                           labels=None, targets=None, rows=np.arange(start, start + len(batch)), attn=None))
-    return concat(parts), ckpt
+    outputs = dict(concat(parts), rows=np.arange(len(images)))
+    outputs, _ = drop_nonfinite(outputs, "--images", skip_nonfinite, row_name="images")
+    return outputs, ckpt

@@ -5,13 +5,13 @@ import csv
 import io
 import json
 import math
-import os
 from typing import Optional
 
 import numpy as np
 import torch
 
 from . import losses
+from .files import atomic_write_text
 
 # The metrics of one split, in the order they are printed and written.
 METRIC_KEYS = ("n", "top1", "top5", "mean_class_acc", "ce", "reg", "attr_acc", "attr_map")
@@ -86,6 +86,8 @@ def _f(value, fmt: str) -> str:
 
 def format_epoch(r: dict, epochs: int) -> str:
     skipped = f" | skipped {r['skipped_batches']} non-finite batches" if r.get("skipped_batches") else ""
+    if r.get("val_nonfinite_rows"):
+        skipped += f" | left out {r['val_nonfinite_rows']} non-finite val rows"
     return (f"epoch {r['epoch']}/{epochs} | train reg {_f(r.get('train_reg'), '.4f')} ce "
             f"{_f(r.get('train_ce'), '.4f')} | val reg {_f(r.get('val_reg'), '.4f')} ce {_f(r.get('val_ce'), '.4f')} "
             f"top1 {_f(r.get('val_top1'), '.1%')} top5 {_f(r.get('val_top5'), '.1%')} mean-class "
@@ -96,11 +98,12 @@ def format_epoch(r: dict, epochs: int) -> str:
 
 def format_metrics(m: dict) -> str:
     """One line: accuracy and attribute metrics of one split."""
+    left_out = f"; {m['nonfinite_rows']} non-finite rows left out" if m.get("nonfinite_rows") else ""
     if not m.get("n"):
-        return "no images"
+        return f"no images{left_out}"
     return (f"top-1 {m['top1']:.1%}   top-5 {m['top5']:.1%}   mean per-class {m['mean_class_acc']:.1%}   "
             f"attr-acc {m['attr_acc']:.1%}   attr-mAP {_f(m['attr_map'], '.3f')}   ce {m['ce']:.4f}   "
-            f"reg {m['reg']:.4f}   ({m['n']} images)")
+            f"reg {m['reg']:.4f}   ({m['n']} images{left_out})")
 
 
 def format_final(result: dict) -> str:
@@ -122,13 +125,6 @@ def format_table(rows: list, columns: list) -> str:
 
 # ----------------------------------------------------------------------------------- writing
 
-def _atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def csv_text(records: list, columns: Optional[list] = None) -> str:
     """CSV of ``records`` (dicts) with a header; columns in first-seen order unless given; missing: empty."""
     if columns is None:
@@ -146,6 +142,6 @@ def csv_text(records: list, columns: Optional[list] = None) -> str:
 def write_records(path: str, records, columns: Optional[list] = None) -> None:
     """Writes ``records`` (a dict or a list of dicts) as JSON, or as CSV when ``path`` ends in ``.csv``."""
     if path.endswith(".csv"):
-        _atomic_text(path, csv_text(records if isinstance(records, list) else [records], columns))
+        atomic_write_text(path, csv_text(records if isinstance(records, list) else [records], columns))
     else:
-        _atomic_text(path, json.dumps(records, indent=1) + "\n")
+        atomic_write_text(path, json.dumps(records, indent=1) + "\n")

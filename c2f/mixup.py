@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ._backend import check_backend, resolve_backend
-from ._validate import check_float, check_pairing, check_same_device, describe
+from ._validate import check_float, check_pairing, check_perm, check_same_device, describe, values_checked
 from .ops import mixup as _ops
 
 __all__ = ["part_mixup_", "part_mixup_pool", "mix_targets", "mix_attributes", "PartMixup", "MixupOutput",
@@ -83,6 +83,27 @@ def mix_attributes(attrs: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) 
     return torch.lerp(attrs[perm], attrs, m)
 
 
+def _check_targets_args(labels, perm, mask, num_classes, smoothing) -> None:
+    """``mix_targets``'s arguments, each named with its valid range (values read where validation is on)."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.dim() != 1:
+        got = describe(labels) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an int64 tensor [B] of class indices, got {got}")
+    b = labels.shape[0]
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 3) or mask.shape[-2] != b:
+        got = describe(mask) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be [B={b}, P] or [K, B={b}, P], got {got}")
+    check_perm(perm, b, involution=False)
+    if b and values_checked(labels):
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"labels must be class indices in [0, num_classes={num_classes}), got values in "
+                             f"[{low}, {high}]")
+
+
 def mix_targets(labels: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor, num_classes: int,
                 part_weights: Optional[torch.Tensor] = None, smoothing: float = 0.0) -> torch.Tensor:
     """Soft class targets of mixed samples: ``[B, num_classes]`` or ``[K, B, num_classes]`` (fp32).
@@ -90,8 +111,7 @@ def mix_targets(labels: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor, nu
     The weight on ``labels[b]`` is the (``part_weights``-weighted) mean of ``mask[..., b, :]`` over parts;
     the rest goes to ``labels[perm[b]]``. ``smoothing`` spreads that much mass uniformly first.
     """
-    if not 0.0 <= smoothing < 1.0:
-        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    _check_targets_args(labels, perm, mask, num_classes, smoothing)
     mask = mask.float()
     if part_weights is None:
         lam = mask.mean(-1)
@@ -168,6 +188,9 @@ class PartMixup(nn.Module):
         Drawn on the generator's device (CPU without one, from torch's default generator) in this order:
         the pairing, the lambdas, the binary mask, so one generator state gives one result anywhere.
         """
+        for name, value in (("batch_size", batch_size), ("num_parts", num_parts)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         gen_device = generator.device if generator is not None else torch.device("cpu")
         b, p, v = batch_size, num_parts, self.views
         if self.pairing == "flip":

@@ -4,9 +4,9 @@ matplotlib is optional (the ``plots`` extra); it is imported only when a plot is
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
+
+from .files import atomic_write
 
 
 def _pyplot():
@@ -18,9 +18,7 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> None:
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
 
 
 def learning_curves(records: list, path: str) -> None:

@@ -4,17 +4,22 @@ logs (``metrics.jsonl``, ``metrics.csv``, optional TensorBoard) and the listing 
 A run directory holds ``config.json`` (every saved ``TrainConfig`` field, paths absolute, and a
 ``_run`` section: the run directory and feature cache it was made with), ``metrics.jsonl`` and
 ``metrics.csv`` (one row per epoch), ``last.pt`` (resume state), ``best.pt`` (a model file, see
-``c2f.checkpoint``), ``final.json`` and plots.
+``c2f.checkpoint``), ``final.json``, plots, and ``.c2f-lock``: the lock one training holds for its life
+(``lock_run``; not a run file: a directory holding only it holds no run). Resume reads ``last.pt``
+through its checksum and refuses a ``config.json`` that differs from the config stored in it.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from typing import Optional
 
+from . import checkpoint
 from .config import ConfigError, TrainConfig, apply, from_dict, read_config_file, resume_conflicts
+from .files import DirLock, atomic_write_text, lock_directory
 from .metrics import csv_text, format_table
 
 log = logging.getLogger(__name__)
@@ -25,6 +30,18 @@ RUN_MARKERS = (CONFIG, "last.pt", "best.pt", "metrics.jsonl")
 
 class RunError(RuntimeError):
     """A run directory that cannot be used as asked (exists already, or holds nothing to resume)."""
+
+
+class EditedConfig(RunError):
+    """A run whose ``config.json`` differs from the config its ``last.pt`` was trained with:
+    ``conflicts`` are ``(name, config.json value, last.pt value)``."""
+
+    def __init__(self, run_dir: str, conflicts: list):
+        self.run_dir, self.conflicts = run_dir, conflicts
+        listed = ", ".join(f"{k} {v!r} (last.pt has {s!r})" for k, v, s in conflicts)
+        super().__init__(f"cannot resume {run_dir}: its {CONFIG} differs from the config stored in its last.pt: "
+                         f"{listed}; {CONFIG} was edited: restore those values (a resumed run keeps its "
+                         "settings; rerun them in a new directory with --config)")
 
 
 class ResumeConflict(ConfigError):
@@ -59,21 +76,52 @@ def check_new(run_dir: str) -> None:
         raise RunError(f"{run_dir} exists and is not a directory")
 
 
+def lock_run(run_dir: str) -> DirLock:
+    """The run directory's writer lock (``c2f.files.lock_directory``): one training writes a run at a time."""
+    return lock_directory(run_dir, "run", "wait for it to end, or choose another --run-dir")
+
+
 def check_resumable(run_dir: str) -> None:
+    """Refuses what cannot be resumed. A run stopped before its first epoch ended (``config.json``, no epoch
+    logged, no checkpoint) can: it starts again from epoch 1 with its saved settings."""
     if not os.path.isfile(os.path.join(run_dir, CONFIG)):
         raise RunError(f"{run_dir} is not a c2f run directory (no {CONFIG}); nothing to resume")
-    if not os.path.isfile(os.path.join(run_dir, "last.pt")):
-        raise RunError(f"{run_dir} has no last.pt: it stopped before its first epoch ended; "
-                       "start a new run instead")
+    if os.path.isfile(os.path.join(run_dir, "last.pt")):
+        return
+    logged = MetricsLog(run_dir).records()
+    if logged or os.path.isfile(os.path.join(run_dir, "best.pt")):
+        what = f"{len(logged)} epoch(s) logged" if logged else "a best.pt"
+        raise RunError(f"{run_dir} has {what} but no last.pt to resume from (was it removed?); restore it, "
+                       "or start a new run")
+
+
+def read_last(run_dir: str, saved: TrainConfig, saved_run: dict) -> Optional[dict]:
+    """``last.pt`` (checksum verified) once ``config.json`` (``saved`` settings, ``saved_run`` facts) is found to
+    be the config it was trained with (else ``EditedConfig``); None for a run stopped before its first epoch."""
+    path = os.path.join(run_dir, "last.pt")
+    if not os.path.isfile(path):
+        return None
+    state = checkpoint.safe_load(path)
+    edited = stored_config_conflicts(saved, state.get("config") or {})
+    identity = state.get("cache_identity")
+    if identity is not None and identity != saved_run.get("cache_identity"):
+        edited.append(("_run.cache_identity", saved_run.get("cache_identity"), identity))
+    if edited:
+        raise EditedConfig(run_dir, edited)
+    return state
+
+
+def stored_config_conflicts(saved: TrainConfig, stored: dict) -> list:
+    """``(name, config.json value, last.pt value)`` of the settings a resume keeps fixed that differ between
+    ``config.json`` (``saved``) and the config stored in ``last.pt`` (``stored``): an edited config.json."""
+    fixed = resume_conflicts(saved, {k: v for k, v in stored.items() if hasattr(saved, k)})
+    return [(name, on_disk, in_checkpoint) for name, in_checkpoint, on_disk in fixed]
 
 
 def write_config(run_dir: str, cfg: TrainConfig, **run) -> None:
     """``config.json``: the saved settings plus ``_run`` (absolute run directory and ``run`` facts)."""
     data = dict(cfg.to_dict(saved_only=True), _run=dict(run_dir=os.path.abspath(run_dir), **run))
-    tmp = os.path.join(run_dir, f"{CONFIG}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, os.path.join(run_dir, CONFIG))
+    atomic_write_text(os.path.join(run_dir, CONFIG), json.dumps(data, indent=1))
 
 
 def read_saved(run_dir: str) -> tuple:
@@ -145,10 +193,7 @@ class MetricsLog:
             self.writer.flush()
 
     def _write_csv(self, records: list) -> None:
-        tmp = f"{self.csv}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(csv_text(records) if records else "epoch\n")
-        os.replace(tmp, self.csv)
+        atomic_write_text(self.csv, csv_text(records) if records else "epoch\n")
 
     def close(self) -> None:
         if self.writer is not None:
@@ -175,7 +220,7 @@ def run_summary(run_dir: str) -> dict:
             final = json.load(f)
     done = records[-1]["epoch"] if records else 0
     key = "val_reg" if cfg.get("stage") == "attention" else "val_top1"
-    scored = [r for r in records if r.get(key) is not None]
+    scored = [r for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
     best = (min if key == "val_reg" else max)(scored, key=lambda r: r[key]) if scored else {}
     test = (final or {}).get("test") or {}
     status = "done" if final and done >= cfg.get("epochs", 0) else "stopped" if records else "empty"

@@ -11,8 +11,8 @@ from __future__ import annotations
 from .checkpoint import CheckpointError, atomic_save, rng_state, set_rng_state
 from .config import HEADS, STAGES, TrainConfig
 from .data import split_rows
-from .epoch import NonFiniteError, cosine_lambda
-from .errors import ConfigError
+from .epoch import cosine_lambda
+from .errors import ConfigError, NonFiniteError
 from .metrics import average_precision, classification_metrics, format_epoch, format_final
 from .runs import ResumeConflict, RunError, load_run_config, resume_config
 from .trainer import DEMO_CACHE, DEMO_SYNTH, Trainer

@@ -1,9 +1,10 @@
 """The training loop: one stage of the C2F head on a feature cache, resumable, with DDP under torchrun.
 
 ``Trainer(cfg, resume)`` checks everything before it writes anything: the settings, the run directory
-(never an existing run unless resuming it), the cache (on resume: the very cache the run trained on,
-by its manifest) and the checkpoint. The step reads the losses back to the host once per
-``log_every`` steps; a non-finite loss or gradient stops the run with the epoch, step and cache rows
+(never an existing run unless resuming it; its lock taken before the first write, or before a resume
+reads it), the cache (on resume: the very cache the run trained on, by its manifest) and the checkpoint
+(its checksum, and ``config.json`` against the config stored in it). The step reads the losses back to
+the host once per ``log_every`` steps; a non-finite loss or gradient stops the run with the epoch, step and cache rows
 of the batch before anything non-finite is checkpointed (or, with ``skip_nonfinite``, skips the batch).
 """
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import math
 import os
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -25,6 +28,7 @@ from .distributed import Dist
 from .epoch import EpochLoop, cosine_lambda
 from .errors import ConfigError
 from .extras import available, install_hint, require
+from .files import LockedError, atomic_write
 from .mixup import PartMixup
 
 log = logging.getLogger(__name__)
@@ -72,21 +76,43 @@ class Trainer(EpochLoop):
         return False
 
     def _check_run_dir(self) -> None:
-        """Picks the run directory and checks it, creating nothing."""
+        """Picks the run directory and checks it. A new run creates nothing yet; a resumed run takes the
+        directory's lock first, then reads its config.json and last.pt and checks that they agree."""
+        self.lock, self.resume_state = None, None
         if self.resuming:
             if not self.cfg.run_dir:
                 raise ConfigError("run_dir", "resuming needs the run directory")
             self.run_dir = self.cfg.run_dir
-            runs.check_resumable(self.run_dir)
+            runs.check_resumable(self.run_dir)   # before the lock: no lock file is left in what is not a run
+            self._lock()
+            runs.check_resumable(self.run_dir)   # again, now that no other process writes the run
             saved, self.saved_run = runs.read_saved(self.run_dir)
             conflicts = resume_conflicts(saved, self.cfg.to_dict())
             if conflicts:
                 raise runs.ResumeConflict(self.run_dir, conflicts)
+            self.resume_state = runs.read_last(self.run_dir, saved, self.saved_run)
+            if self.resume_state is None and self.dist.main:
+                log.info("%s stopped before its first epoch ended (no last.pt): starting it again from epoch 1",
+                         self.run_dir)
         else:
             self.run_dir = self.dist.broadcast(self.cfg.run_dir or runs.default_run_dir(self.cfg.stage))
             runs.check_new(self.run_dir)
             self.saved_run = {}
         self.dist.barrier()
+
+    def _lock(self) -> None:
+        """Process 0 takes the run directory's lock for the run's life; every process fails if it cannot."""
+        failure = None
+        if self.dist.main:
+            try:
+                self.lock = runs.lock_run(self.run_dir)
+            except (LockedError, OSError) as e:
+                failure = e
+        refused = self.dist.broadcast(None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        if refused:
+            raise LockedError(refused)
 
     def _setup_data(self) -> None:
         cfg = self.cfg
@@ -169,15 +195,18 @@ class Trainer(EpochLoop):
 
     def _setup_run_dir(self) -> None:
         main = self.dist.main
-        if self.resuming:
-            self._load(os.path.join(self.run_dir, "last.pt"))
+        if self.resume_state is not None:
+            self._load(self.resume_state, os.path.join(self.run_dir, "last.pt"))
+            self.resume_state = None
+        if not self.resuming:
+            self._lock()
+            runs.check_new(self.run_dir)   # again, under the lock: a run started meanwhile is never joined
         if main:
-            os.makedirs(self.run_dir, exist_ok=True)
             runs.write_config(self.run_dir, dataclasses.replace(self.cfg, features=self.features),
                               features=self.features, cache_identity=self.cache.identity)
         self.log = runs.MetricsLog(self.run_dir, tensorboard=self.cfg.tensorboard and main)
         if main:
-            if self.resuming:
+            if self.epoch:
                 self.log.truncate(self.epoch)
             else:
                 self.log.start()
@@ -188,10 +217,10 @@ class Trainer(EpochLoop):
         return dict(model=self.head.state_dict(), optimizer=self.optimizer.state_dict(),
                     scheduler=self.scheduler.state_dict(), epoch=self.epoch, best=self.best,
                     best_epoch=self.best_epoch, rng=checkpoint.rng_state(), config=self.cfg.to_dict(),
+                    cache_identity=self.cache.identity,
                     scaler=None if self.scaler is None else self.scaler.state_dict())
 
-    def _load(self, path: str) -> None:
-        state = checkpoint.safe_load(path)
+    def _load(self, state: dict, path: str) -> None:
         checkpoint.load_state(self.head, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -203,6 +232,10 @@ class Trainer(EpochLoop):
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best, self.best_epoch = state["epoch"], state["best"], state["best_epoch"]
+        if self.best is not None and not all(map(math.isfinite, self.best)):
+            log.warning("%s: the best score recorded in last.pt is not finite (%s): the next epoch's "
+                        "validation score replaces it", path, self.best)
+            self.best = None
         checkpoint.set_rng_state(state["rng"])
         if self.epoch > self.cfg.epochs:
             raise ConfigError("epochs", f"{self.run_dir} has trained {self.epoch} epochs already; "
@@ -223,16 +256,28 @@ class Trainer(EpochLoop):
         """Metrics on ``split`` ("val" or "test") over all processes; ``keep_attention`` maps kept."""
         local = evaluate.collect(self.head, self.eval_loaders[split], self.device, self.amp, keep_attention)
         outputs = evaluate.concat(self.dist.gather(local))
-        m = metrics.summarize(outputs, self.num_classes, self.cfg.attr_loss)
+        m, outputs = evaluate.split_metrics(outputs, split, self.num_classes, self.cfg.attr_loss,
+                                            self.cfg.skip_nonfinite)
         if keep_attention:
             m["_attention"] = outputs["attn"]
             m["_rows"] = outputs["rows"][:keep_attention]
         return m
 
     # ----------------------------------------------------------------------------------- the loop
-    def _score(self, val: dict) -> tuple:
-        """Higher is better; ties on top-1 go to the lower validation cross-entropy."""
+    def _score(self, val: Optional[dict]) -> Optional[tuple]:
+        """Higher is better; ties on top-1 go to the lower validation cross-entropy. None without a finite
+        score (no validation rows left), so that selection never compares NaN."""
+        keys = ("reg",) if self.cfg.stage == "attention" else ("top1", "ce")
+        if not val or not all(isinstance(val.get(k), float) and math.isfinite(val[k]) for k in keys):
+            return None
         return (-val["reg"],) if self.cfg.stage == "attention" else (val["top1"], -val["ce"])
+
+    def _improves(self, val: Optional[dict], score: Optional[tuple]) -> bool:
+        """Whether this epoch's model becomes best.pt: without validation, every epoch; otherwise the first
+        epoch, then an epoch whose finite score beats the best one (an unscored epoch never does)."""
+        if val is None or self.best_epoch is None:
+            return True
+        return score is not None and (self.best is None or score > tuple(self.best))
 
     def fit(self) -> dict:
         """Trains to ``cfg.epochs`` (or ``stop_after`` more epochs: then returns {}) and runs ``finish``."""
@@ -253,9 +298,10 @@ class Trainer(EpochLoop):
             record = dict(epoch=self.epoch, **record, epoch_s=time.perf_counter() - start)
             if val is not None:
                 record.update({f"val_{k}": v for k, v in val.items()})
-            improved = val is None or self.best is None or self._score(val) > tuple(self.best)
+            score = self._score(val)
+            improved = self._improves(val, score)
             if improved:
-                self.best, self.best_epoch = (self._score(val) if val else None), self.epoch
+                self.best, self.best_epoch = score, self.epoch
             if self.dist.main:
                 self.log.append(record)
                 checkpoint.atomic_save(self._checkpoint(), os.path.join(self.run_dir, "last.pt"))
@@ -291,15 +337,15 @@ class Trainer(EpochLoop):
     def _write_attention(self, attn: np.ndarray, rows: np.ndarray) -> None:
         maps = attn.reshape(len(attn), attn.shape[1], *self.grid).astype(np.float32)
         for name, array in (("attention.npy", maps), ("attention_rows.npy", rows.astype(np.int64))):
-            path = os.path.join(self.run_dir, name)
-            with open(f"{path}.tmp", "wb") as f:
-                np.save(f, array)
-            os.replace(f"{path}.tmp", path)
+            atomic_write(os.path.join(self.run_dir, name), lambda f, a=array: np.save(f, a))
 
     def close(self, barrier: bool = True) -> None:
         """Closes the writers and the process group; ``barrier=False`` on an error path (see ``Dist.close``)."""
         if getattr(self, "log", None) is not None:
             self.log.close()
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+            self.lock = None
         self._release_ddp()
         self.dist.close(barrier)
 

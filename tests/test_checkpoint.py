@@ -150,3 +150,46 @@ def test_head_rebuilds_from_its_checkpoint(tmp_path):
     for got, want in zip(again(x), head(x)):
         torch.testing.assert_close(got, want)
     assert cn.C2FHead.from_checkpoint(path, backend="torch").backend == "torch"
+
+
+# ------------------------------------------------------------------------------------- checksums
+
+def test_every_changed_byte_of_a_model_file_is_refused(tmp_path):
+    """best.pt carries the sha256 of its bytes and of its content: a byte changed anywhere (a tensor, the pickle,
+    the zip headers, the checksum itself) is refused with one line, not loaded as a wrong number."""
+    path = str(tmp_path / "best.pt")
+    save_model(path, reference.C2FHead(dim=8, num_parts=3, num_classes=2), epoch=1, metrics={"top1": 0.5})
+    good = open(path, "rb").read()
+    assert load_model(path) is not None and "checksum" not in safe_load(path)
+    refused = 0
+    for offset in range(0, len(good), 3):
+        data = bytearray(good)
+        data[offset] ^= 0x01
+        open(path, "wb").write(bytes(data))
+        with pytest.raises(CheckpointError) as e:
+            safe_load(path)
+        assert len(str(e.value).splitlines()) == 1
+        refused += "fails its checksum" in str(e.value)
+    assert refused == len(range(0, len(good), 3))
+    sidecar = str(tmp_path / "best.safetensors")
+    data = bytearray(open(sidecar, "rb").read())
+    data[-5] ^= 0x01                                               # the tensors' bytes are at the end
+    open(sidecar, "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match="best.safetensors: fails its checksum"):
+        load_model(sidecar)
+
+
+def test_files_written_before_checksums_still_load_and_say_so(tmp_path, caplog):
+    path = str(tmp_path / "old.pt")
+    module = reference.C2FHead(dim=8, num_parts=2, num_classes=2)
+    torch.save(dict(format="c2f-model", version=1, model_class=checkpoint.class_path(module),
+                    model_args=model_args(module), model=module.state_dict()), path)
+    with caplog.at_level("WARNING", logger="c2f"):
+        load_model(path)
+    assert "old.pt: no checksum: written before c2f stored one; loaded unverified" in caplog.text
+    caplog.clear()
+    save_model(path, module)
+    with caplog.at_level("WARNING", logger="c2f"):
+        load_model(path)
+    assert "no checksum" not in caplog.text
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]

@@ -452,3 +452,125 @@ def test_predict_images_through_the_extract_backbone(tmp_path, cub_and_backbone,
     capsys.readouterr()
     assert main(["predict", run, "--images", str(tmp_path / "missing.png")]) == 2
     assert "missing.png (missing)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the manifest's schema
+
+def _set(key, value):
+    def mutate(m):
+        m[key] = value
+        return m
+    return mutate
+
+
+def _drop(key):
+    def mutate(m):
+        del m[key]
+        return m
+    return mutate
+
+
+def _shard(i, **changes):
+    def mutate(m):
+        m["shards"][i].update(changes)
+        return m
+    return mutate
+
+
+def _drop_from_shard(i, key):
+    def mutate(m):
+        del m["shards"][i][key]
+        return m
+    return mutate
+
+
+def _meta_outside(m):
+    m["meta"]["../labels"] = m["meta"]["labels"]
+    return m
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (_drop("shards"), "shards is missing"),
+    (_drop("dtype"), "dtype is missing"),
+    (_drop("meta"), "meta is missing"),
+    (lambda m: [m], "must hold a JSON object, got list"),
+    (_set("shards", None), "shards is null, expected a list"),
+    (_set("dtype", None), "dtype is null, expected one of float16, bfloat16, float32"),
+    (_set("num_images", "40"), 'num_images is "40", expected an integer >= 0'),
+    (_set("feature_shape", [32, 7]), "feature_shape is [32, 7], expected [C, H, W]"),
+    (_set("shards", [None]), "shards lists 1 entries; 40 images in shards of 16 need 3"),
+    (_drop_from_shard(0, "sha256"), "shards[0].sha256 is missing"),
+    (_shard(1, count="16"), 'shards[1].count is "16", expected an integer >= 1'),
+    (_shard(1, file="../other/features-00001.npy"), 'shards[1].file is "../other/features-00001.npy", expected a file '
+                                                    "name in the cache directory"),
+    (_meta_outside, "meta is {"),
+], ids=["no-shards", "no-dtype", "no-meta", "list", "null-shards", "null-dtype", "str-count", "short-shape",
+        "shard-count", "no-sha", "str-shard-count", "outside", "meta-outside"])
+def test_a_manifest_that_breaks_the_schema_is_refused_in_one_line(tmp_path, tiny_cache, capsys, mutate, expected):
+    """Each was a raw error (``internal error: KeyError: 'shards'``, ``'NoneType' object is not iterable``), or
+    a shard read from outside the cache directory: now one line naming the field, for every command."""
+    import json
+    import shutil
+    out = str(tmp_path / "c")
+    shutil.copytree(tiny_cache, out)
+    os.makedirs(tmp_path / "other")
+    shutil.copy(os.path.join(out, "features-00001.npy"), tmp_path / "other")   # there to be read, were it allowed
+    path = os.path.join(out, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    with open(path, "w") as f:
+        json.dump(mutate(manifest), f)
+    with pytest.raises(CacheError) as e:
+        FeatureCache(out)
+    assert expected in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
+    from c2f.cli import main
+    for argv in (["info", out], ["train", "--features", out, "--run-dir", str(tmp_path / "run"), "--no-progress"]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err and "internal error" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------ one writer per cache
+
+HOLD = """import sys, time
+from c2f.data.cache import lock_cache
+lock = lock_cache(sys.argv[1])
+print("locked", flush=True)
+time.sleep(300)"""
+
+
+def test_a_cache_another_process_writes_is_refused(tmp_path, cub_and_backbone, capsys):
+    """``c2f extract`` (and ``c2f synth``) into a cache whose lock another process holds exit 2 naming it and
+    write nothing; once that process is SIGKILLed, the OS has freed the lock and extract fills the cache."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from c2f.cli import main
+    cub, backbone = cub_and_backbone
+    out = str(tmp_path / "c")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, out], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n", holder.stderr.read()
+        named = f"pid {holder.pid} on host {socket.gethostname()}"
+        capsys.readouterr()
+        for argv in (["extract", cub, out, "--backbone", backbone, "--image-size", str(SIDE), "--num-workers", "0",
+                      "--no-progress"],
+                     ["synth", out, "--classes", "2", "--images-per-class", "2", "--dim", "4", "--grid", "2",
+                      "--attributes", "3", "--no-progress"]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and "is in use" in err and named in err, err
+        assert os.listdir(out) == [".c2f-lock"]
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+    finally:
+        holder.kill()
+        holder.wait(30)
+        holder.stdout.close()
+        holder.stderr.close()
+    extract(cub, out, backbone, **EXTRACT)
+    assert len(FeatureCache(out)) == N_IMAGES

@@ -405,3 +405,38 @@ def test_module_rejects_bad_arguments():
             PartMixup(**kwargs)
     with pytest.raises(ValueError, match="labels"):
         PartMixup()(torch.randn(4, 3, 8), torch.zeros(5, dtype=torch.int64))
+
+
+def test_sample_mix_targets_and_losses_name_bad_arguments():
+    """Each was a raw torch RuntimeError naming no argument (or no error at all)."""
+    from c2f.losses import attribute_loss, soft_cross_entropy
+    mixup = PartMixup(num_classes=5)
+    for args, match in [((-1, 3), r"batch_size must be an int >= 1, got -1"),
+                        ((4, 0), r"num_parts must be an int >= 1"),
+                        ((2.5, 3), r"batch_size must be an int >= 1, got 2.5")]:
+        with pytest.raises(ValueError, match=match):
+            mixup.sample(*args)
+    perm, mask = mixup.sample(4, 3, generator=torch.Generator().manual_seed(0))
+    for labels, match in [(torch.tensor([0, 1, 5, 2]), r"labels must be class indices in \[0, num_classes=5\), got "
+                                                          r"values in \[0, 5\]"),
+                          (torch.tensor([0, -1, 2, 2]), r"labels must be class indices in \[0, num_classes=5\)"),
+                          (torch.tensor([0.0, 1, 2, 3]), r"labels must be an int64 tensor \[B\]"),
+                          (torch.tensor([0, 1, 2]), r"mask must be \[B=3, P\] or \[K, B=3, P\]")]:
+        with pytest.raises(ValueError, match=match):
+            mix_targets(labels, perm, mask, 5)
+    with pytest.raises(ValueError, match=r"num_classes must be an int >= 1, got 0"):
+        mix_targets(torch.tensor([0, 1, 2, 3]), perm, mask, 0)
+    with pytest.raises(ValueError, match=r"perm must be an int64 tensor of shape \(4,\)"):
+        mix_targets(torch.tensor([0, 1, 2, 3]), perm[:3], mask, 5)
+    logits, targets = torch.randn(4, 5), torch.softmax(torch.randn(4, 5), -1)
+    for call, error, match in [
+        (lambda: soft_cross_entropy(logits, -targets), ValueError, r"targets must be probabilities in \[0, 1\]"),
+        (lambda: soft_cross_entropy(torch.tensor(1.0), torch.tensor(1.0)), ValueError, r"\[\.\.\., num_classes >= 1\]"),
+        (lambda: soft_cross_entropy(logits.long(), targets), TypeError, r"logits must be a floating tensor"),
+        (lambda: attribute_loss(logits, targets, weight=-torch.ones(4, 5)), ValueError, r"weight must be >= 0"),
+        (lambda: attribute_loss(logits, targets + 1, kind="bce"), ValueError, r"target must lie in \[0, 1\]"),
+        (lambda: attribute_loss(logits[:0], targets[:0]), ValueError, r"one non-empty shape"),
+        (lambda: attribute_loss(logits, targets, kind="l1"), ValueError, r"kind must be 'mse' or 'bce'"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()

@@ -1,9 +1,14 @@
-"""Runs a researcher can trust: resume keyed on the run directory given, no overwrite, no silent NaN,
-mixed precision, compile, and no host read-back per step."""
+"""Runs a researcher can trust: resume keyed on the run directory given, no overwrite, one writer per run,
+verified resume state, no silent NaN, mixed precision, compile, and no host read-back per step."""
 import json
+import math
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +18,9 @@ from c2f import devices
 from c2f.checkpoint import safe_load
 from c2f.cli import main
 from c2f.data import FeatureCache, split_rows, synthesize
+from c2f.files import LockedError
 from c2f.train import NonFiniteError, ResumeConflict, RunError, TrainConfig, Trainer, resume_config, train
+from tests.tamper import edit_json, flip_bytes, nan_rows
 
 SMALL = dict(num_classes=4, images_per_class=8, num_attributes=6, dim=16, grid=4, num_locations=3,
              test_fraction=0.25, classes_per_genus=1, shard_size=16, progress=False)
@@ -113,6 +120,7 @@ def test_an_existing_run_is_never_overwritten(cache, tmp_path, capsys):
     assert {name: (run / name).read_bytes() for name in os.listdir(run)} == before
     empty = tmp_path / "empty"
     empty.mkdir()
+    (empty / ".c2f-lock").write_text("")                        # a lock file alone is not a run
     train(config(cache, empty, epochs=1))                       # an empty directory is fine
     assert (empty / "best.pt").is_file()
 
@@ -242,3 +250,249 @@ def test_compile_fused_head_with_inductor(cache, tmp_path):
     """The fused head's registered ops compile with the default backend inside the training loop."""
     result = train(config(cache, tmp_path / "run", epochs=1, compile=True, head="fused"))
     assert np.isfinite(result["test"]["reg"])
+
+
+# ------------------------------------------------------------------------------ one writer per run
+
+RUN_FILES = {".c2f-lock", "config.json", "metrics.jsonl", "metrics.csv", "last.pt", "best.pt", "best.safetensors",
+             "final.json"}
+SUBPROCESS_TIMEOUT = 240
+
+
+# `c2f ARGS` in a process that has imported c2f and torch, then waits for the file GO to exist: processes
+# started so run their commands within milliseconds of each other, not a second apart.
+STARTER = """import os, sys, time
+from c2f.cli import main
+print("ready", flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.005)
+sys.exit(main(sys.argv[2:]))"""
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kills ``proc`` if it runs and closes its pipes without waiting for them (a forked child may hold them)."""
+    proc.kill()
+    proc.wait(30)
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+def start_cli(go: str, *args) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", STARTER, go, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline() == "ready\n", proc.stderr.read()
+    return proc
+
+
+def test_two_runs_into_one_directory_at_once(cache, tmp_path):
+    """The issue's `for lr in 0.003 0.01; do c2f train ... --run-dir runs/dup & done; wait`: one run writes the
+    directory, the other exits 2 in one line having written nothing; the winner's files are its own."""
+    run, go = tmp_path / "dup", str(tmp_path / "go")
+    procs = {}
+    try:
+        for lr in ("0.003", "0.01"):
+            procs[lr] = start_cli(go, "train", "--features", cache, "--run-dir", str(run), "--epochs", "2", *FLAGS,
+                                  "--lr", lr)
+        open(go, "w").close()
+        results = {lr: (p.wait(SUBPROCESS_TIMEOUT), p.stderr.read()) for lr, p in procs.items()}
+    finally:
+        for p in procs.values():
+            stop(p)
+    assert sorted(code for code, _ in results.values()) == [0, 2], results
+    (winner,) = [lr for lr, (code, _) in results.items() if code == 0]
+    (loser,) = [lr for lr, (code, _) in results.items() if code == 2]
+    err = results[loser][1].strip()
+    assert len(err.splitlines()) == 1 and ("is in use" in err or "already holds a run" in err), err
+    assert set(os.listdir(run)) == RUN_FILES                   # no file (nor temporary file) of the loser's
+    assert epochs_of(run) == [1, 2]
+    assert json.load(open(run / "config.json"))["lr"] == float(winner)
+    assert safe_load(str(run / "last.pt"))["config"]["lr"] == float(winner)
+
+
+def test_a_running_holder_is_named_and_its_lock_dies_with_it(cache, tmp_path, capsys):
+    """While a run trains, a resume of its directory exits 2 naming its pid and host; once the holder is
+    SIGKILLed, the OS has freed the lock (its data-loader workers, orphaned for a few seconds, hold none) and a
+    resume continues the run with no epoch lost or repeated."""
+    run, go = tmp_path / "run", str(tmp_path / "go")
+    open(go, "w").close()
+    proc = start_cli(go, "train", "--features", cache, "--run-dir", str(run), "--epochs", "400", *FLAGS,
+                     "--num-workers", "2")
+    try:
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+        while not (run / "metrics.jsonl").is_file() or not epochs_of(run):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.05)
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"pid {proc.pid} on host {socket.gethostname()}" in err, err
+        assert proc.poll() is None                                # the holder trained on, undisturbed
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        stop(proc)
+    assert main(["train", "--resume", str(run), "--stop-after", "1", "--num-workers", "0", "--no-progress"]) == 0
+    done = safe_load(str(run / "last.pt"))["epoch"]
+    assert done >= 2 and epochs_of(run) == list(range(1, done + 1))
+
+
+HOLD_AND_FORK = """import os, sys, time
+from c2f.runs import lock_run
+lock = lock_run(sys.argv[1])
+child = os.fork()                       # as a data-loader worker is forked
+if child == 0:
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(120)"""
+
+
+def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path):
+    """Orphaned data-loader workers outlive a SIGKILLed run by seconds; the lock must not live on in them."""
+    from c2f.runs import lock_run
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    child = None
+    try:
+        child = int(holder.stdout.readline())
+        with pytest.raises(LockedError, match=f"pid {holder.pid} on host"):
+            lock_run(str(tmp_path))
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+        os.kill(child, 0)                                        # the child still runs ...
+        lock_run(str(tmp_path)).release()                       # ... and holds no lock
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)
+        stop(holder)
+
+
+# ---------------------------------------------------------------------------- verified resume state
+
+@pytest.fixture(scope="module")
+def stopped_run(cache, tmp_path_factory):
+    """A run of 2 epochs stopped after the first (copy it before changing it)."""
+    run = str(tmp_path_factory.mktemp("stopped") / "run")
+    train(config(cache, run, epochs=2, stop_after=1))
+    return run
+
+
+def copy_of(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def contents(run):
+    return {name: (run / name).read_bytes() for name in os.listdir(run) if name != ".c2f-lock"}
+
+
+@pytest.mark.parametrize("start, count", [(None, 16), (0, 1), (-1, 1)])
+def test_a_changed_byte_in_last_pt_is_refused_on_resume(stopped_run, tmp_path, capsys, start, count):
+    """16 bytes flipped in the middle (the issue's case: it loaded silently, Adam's state at ~1e5), or a
+    single byte at either end: resume refuses the file in one line and changes nothing."""
+    run = copy_of(stopped_run, tmp_path)
+    last = run / "last.pt"
+    flip_bytes(str(last), last.stat().st_size // 2 if start is None else start, count)
+    before = contents(run)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "last.pt: fails its checksum" in err, err
+    assert contents(run) == before
+
+
+@pytest.mark.parametrize("edit", [dict(num_heads=2), dict(lr=0.1), dict(num_heads=2, lr=0.1)])
+def test_an_edited_config_json_is_refused_on_resume(stopped_run, tmp_path, capsys, edit):
+    """config.json must be the config last.pt was trained with: the issue's head count took effect mid-run,
+    its lr was ignored yet written back to last.pt. Each edited field is named."""
+    run = copy_of(stopped_run, tmp_path)
+    edit_json(str(run / "config.json"), **edit)
+    before = contents(run)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "differs from the config stored in its last.pt" in err, err
+    saved = safe_load(str(run / "last.pt"))["config"]
+    for name, value in edit.items():
+        assert f"{name} {value!r} (last.pt has {saved[name]!r})" in err, err
+    assert contents(run) == before
+
+
+def test_operational_settings_in_config_json_may_change(stopped_run, tmp_path):
+    run = copy_of(stopped_run, tmp_path)
+    edit_json(str(run / "config.json"), log_every=7, num_workers=0)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert epochs_of(run) == [1, 2] and json.load(open(run / "config.json"))["log_every"] == 7
+
+
+def test_a_run_stopped_before_its_first_epoch_resumes(cache, tmp_path, monkeypatch):
+    """Stopped in epoch 1 (config.json, no epoch, no last.pt): it could be neither resumed nor rerun; now a
+    resume starts it again from epoch 1, exactly as a run that was never stopped."""
+    straight = tmp_path / "straight"
+    train(config(cache, straight, epochs=2))
+    run = tmp_path / "run"
+
+    def killed(self):
+        raise KeyboardInterrupt("killed during epoch 1")
+
+    monkeypatch.setattr(Trainer, "train_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(cache, run, epochs=2))
+    monkeypatch.undo()
+    assert (run / "config.json").is_file() and not (run / "last.pt").exists() and epochs_of(run) == []
+    with pytest.raises(RunError, match="already holds a run"):
+        train(config(cache, run, epochs=2))
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    timing = ("data_wait_s", "compute_s", "wait_frac", "epoch_s")
+    strip = lambda d: [{k: v for k, v in json.loads(ln).items() if k not in timing} for ln in open(d / "metrics.jsonl")]
+    assert strip(run) == strip(straight)
+
+
+def test_best_checkpoint_selection_never_compares_nan(stopped_run, tmp_path):
+    """A last.pt of an earlier c2f holding a NaN best score froze best.pt at epoch 1; the next finite score
+    now replaces it."""
+    run = copy_of(stopped_run, tmp_path)
+    state = safe_load(str(run / "last.pt"))
+    state["best"] = [math.nan, math.nan]
+    torch.save(state, run / "last.pt")                          # as an earlier c2f wrote it: no checksum
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert json.load(open(run / "final.json"))["best_epoch"] == 2
+    assert safe_load(str(run / "best.pt"))["epoch"] == 2
+
+
+# ------------------------------------------------------------------------ non-finite outside batches
+
+@pytest.fixture(scope="module", params=["val", "test"])
+def split_nan_cache(request, cache, tmp_path_factory):
+    """The small cache with one row of the run's ``val`` (or the cache's ``test``) split set to NaN, its
+    shard's sha256 updated; returns (directory, split, row)."""
+    fc = FeatureCache(cache)
+    _, val, test = split_rows(fc.labels, fc.is_train, 0.25, 0)
+    row = int((val if request.param == "val" else test)[1])
+    out = nan_rows(cache, str(tmp_path_factory.mktemp(f"{request.param}-nan") / "cache"), [row])
+    return out, request.param, row
+
+
+def test_nan_in_a_validation_or_test_row_stops_the_run_naming_the_rows(split_nan_cache, tmp_path, capsys):
+    cache, split, row = split_nan_cache
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", "--features", cache, "--run-dir", str(run), "--epochs", "2", "--quiet", *FLAGS]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"on the {split} split: logits at cache rows [{row}] (its ce, top1, top5, " \
+                             "mean_class_acc would be non-finite)" in err[0], err
+    assert "1 of " in err[0] and "--skip-nonfinite" in err[0]
+    assert not (run / "final.json").exists()
+    assert (run / "last.pt").exists() == (split == "test")   # validation fails in epoch 1, test at the end
+    # With --skip-nonfinite the row is left out and counted; the selection compares finite scores only.
+    skipped = tmp_path / "skipped"
+    assert main(["train", "--features", cache, "--run-dir", str(skipped), "--epochs", "2", "--skip-nonfinite",
+                 *FLAGS]) == 0
+    recs = [json.loads(ln) for ln in open(skipped / "metrics.jsonl")]
+    final = json.load(open(skipped / "final.json"))
+    if split == "val":
+        assert [r["val_nonfinite_rows"] for r in recs] == [1, 1] and all(np.isfinite(r["val_ce"]) for r in recs)
+    else:
+        assert final["test"]["nonfinite_rows"] == 1 and np.isfinite(final["test"]["ce"])
+    assert final["best_epoch"] in (1, 2)

@@ -2,7 +2,7 @@
 
 Results go to stdout; progress and log lines to stderr (``--quiet``, ``--verbose``, ``--log-file``).
 A user error prints one line and exits with code 2 (a traceback only with ``--debug``); a run stopped
-by a non-finite loss exits with 1.
+by a non-finite loss, output or metric exits with 1.
 """
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from .options import HelpFormatter, Parser
 
 from ..checkpoint import CheckpointError
 from ..data import CacheError
+from ..files import LockedError
 from ..runs import RunError
 
-# What a user can cause and fix: bad settings or files, a missing extra. Anything else is a bug.
-USER_ERRORS = (ValueError, OSError, ImportError, TypeError, CacheError, CheckpointError, RunError)
+# What a user can cause and fix: bad settings or files, a directory in use, a missing extra. Anything else is a bug.
+USER_ERRORS = (ValueError, OSError, ImportError, TypeError, CacheError, CheckpointError, RunError, LockedError)
 
 
 DESCRIPTION = """C2F coarse-to-fine recognition on CUB-200-2011: cache backbone features, train the head,
@@ -73,7 +74,7 @@ def main(argv: Optional[list] = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except FloatingPointError as e:   # training diverged: NonFiniteError
+    except FloatingPointError as e:   # NonFiniteError: training diverged, or non-finite outputs or metrics
         if debug:
             raise
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)

@@ -42,6 +42,32 @@ def _nonneg(name):
     return checked(int, name, "nonneg")
 
 
+def _check_out(out) -> None:
+    """Refuses an ``--out`` that cannot be written, before any work is done."""
+    if out is None:
+        return
+    if os.path.isdir(out):
+        raise ConfigError("out", f"{out} is a directory; give a file name (.json or .csv) inside it")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ConfigError("out", f"cannot write {out}: the directory {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError("out", f"cannot write {out}: the directory {folder} is not writable")
+
+
+def _write_out(out: str, write) -> None:
+    """Runs ``write()``; an OSError is reported against ``--out`` (the atomic writer leaves nothing behind)."""
+    try:
+        write()
+    except OSError as e:
+        raise ConfigError("out", f"cannot write {out}: {e.strerror or e}") from None
+
+
+def _add_skip_nonfinite(p) -> None:
+    p.add_argument("--skip-nonfinite", action="store_true", help="leave out rows whose outputs are not finite "
+                   "(counted as nonfinite_rows) instead of stopping with exit code 1")
+
+
 def _add_runtime(p, batch_size: int = 64) -> None:
     p.add_argument("--batch-size", type=_positive("batch_size"), default=batch_size, help="images per batch")
     p.add_argument("--device", help="cpu, cuda or cuda:N; default: CUDA where available")
@@ -100,6 +126,7 @@ def _add_eval(p) -> None:
     p.add_argument("--save-attention", type=_nonneg("save_attention"), default=0, metavar="N",
                    help="also write the attention maps [N, P, H, W] of the first N images to <out>-attention.npy")
     p.add_argument("--verify", choices=VERIFY_MODES, default="size", help="cache check: checksums or sizes")
+    _add_skip_nonfinite(p)
     _add_runtime(p)
 
 
@@ -107,19 +134,23 @@ def _run_eval(args) -> int:
     import numpy as np
 
     from ..evaluate import evaluate_on_cache, resolve_checkpoint
+    from ..files import atomic_write
     from ..metrics import format_metrics, write_records
+    _check_out(args.out)
     m, outputs, cache, _ = evaluate_on_cache(
         args.source, args.features, args.split, args.batch_size, args.device, args.amp, args.num_workers,
-        keep_attention=args.save_attention, verify=args.verify)
+        keep_attention=args.save_attention, verify=args.verify, skip_nonfinite=args.skip_nonfinite)
     record = dict(source=os.path.abspath(args.source), features=os.path.abspath(cache.directory),
                   split=args.split, **m)
     out = args.out or os.path.join(os.path.dirname(resolve_checkpoint(args.source)), f"eval-{args.split}.json")
-    write_records(out, record)
+    _write_out(out, lambda: write_records(out, record))
     if args.save_attention and outputs["attn"] is not None:
         h, w = cache.feature_shape[1:]
         attn = outputs["attn"]
-        np.save(os.path.splitext(out)[0] + "-attention.npy", attn.reshape(len(attn), attn.shape[1], h, w))
-        np.save(os.path.splitext(out)[0] + "-attention-rows.npy", outputs["rows"][:len(attn)])
+        for suffix, array in (("-attention.npy", attn.reshape(len(attn), attn.shape[1], h, w)),
+                              ("-attention-rows.npy", outputs["rows"][:len(attn)])):
+            path = os.path.splitext(out)[0] + suffix
+            _write_out(path, lambda p=path, a=array: atomic_write(p, lambda f: np.save(f, a)))
     print(f"{args.split}: {format_metrics(m)}")
     print(f"wrote {out}")
     return 0
@@ -142,26 +173,30 @@ def _add_predict(p) -> None:
     p.add_argument("--top-k", type=_positive("top_k"), default=5, help="classes listed per image")
     p.add_argument("--out", metavar="FILE", help="write the predictions as CSV (FILE.csv) or JSON with the "
                    "metrics; default: print them")
+    _add_skip_nonfinite(p)
     _add_runtime(p, batch_size=16)
 
 
 def _run_predict(args) -> int:
     from ..evaluate import evaluate_on_cache, predict_images, prediction_rows
     from ..metrics import format_metrics, format_table, write_records
+    _check_out(args.out)
     if args.images:
         outputs, ckpt = predict_images(args.source, args.images, args.backbone, args.weights, args.image_size,
-                                       args.device, args.amp, args.batch_size)
-        m, names, labels = None, list(args.images), None
+                                       args.device, args.amp, args.batch_size, args.skip_nonfinite)
+        m, names, labels = None, [args.images[i] for i in outputs["rows"]], None
     else:
         m, outputs, cache, ckpt = evaluate_on_cache(args.source, args.features, args.split, args.batch_size,
-                                                    args.device, args.amp, args.num_workers)
+                                                    args.device, args.amp, args.num_workers,
+                                                    skip_nonfinite=args.skip_nonfinite)
         names, labels = None, outputs["labels"]
     cfg = ckpt.get("config") or {}
     rows = prediction_rows(outputs, ckpt.get("class_names") or [str(k) for k in range(outputs["logits"].shape[1])],
                            ckpt.get("attribute_names") or [str(a) for a in range(outputs["attr_pred"].shape[1])],
                            cfg.get("attr_loss", "mse"), args.top_k, names, labels)
     if args.out:
-        write_records(args.out, rows if args.out.endswith(".csv") else dict(metrics=m, predictions=rows))
+        records = rows if args.out.endswith(".csv") else dict(metrics=m, predictions=rows)
+        _write_out(args.out, lambda: write_records(args.out, records))
         print(f"wrote {len(rows)} predictions to {args.out}")
     else:
         columns = [("sample", "sample", None), ("pred_name", "predicted", None), ("prob", "prob", ".3f")]

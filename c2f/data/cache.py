@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..files import DirLock, atomic_write, lock_directory
+
 FORMAT = "c2f-feature-cache"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -35,26 +37,85 @@ def sha256_file(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _atomic_write_bytes(path: str, write) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_npy_atomic(path: str, array: np.ndarray) -> str:
     """Writes ``array`` as ``.npy`` via a temporary file and returns its sha256."""
-    _atomic_write_bytes(path, lambda f: np.save(f, array, allow_pickle=False))
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
     return sha256_file(path)
 
 
 def write_json_atomic(path: str, obj) -> None:
-    _atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+# ------------------------------------------------------------------------------- the manifest's schema
+
+def _count(low: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _names(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _file_name(v) -> bool:
+    """A plain file name: the cache reads nothing outside its own directory."""
+    return isinstance(v, str) and v not in ("", ".", "..") and os.path.basename(v) == v and "/" not in v \
+        and "\\" not in v
+
+
+# Every field the manifest must hold: (check, what is expected). Shard entries have their own table.
+MANIFEST_FIELDS = {
+    "complete": (lambda v: isinstance(v, bool), "true or false"),
+    "config": (lambda v: isinstance(v, dict), "an object (the settings that made the cache)"),
+    "num_images": (_count(0), "an integer >= 0"),
+    "feature_shape": (lambda v: isinstance(v, list) and len(v) == 3 and all(map(_count(1), v)),
+                      "[C, H, W], three integers >= 1"),
+    "dtype": (lambda v: isinstance(v, str) and v in DTYPES, f"one of {', '.join(DTYPES)}"),
+    "shard_size": (_count(1), "an integer >= 1"),
+    "attribute_names": (_names, "a list of strings"),
+    "class_names": (_names, "a list of strings"),
+    "meta": (lambda v: isinstance(v, dict) and set(v) <= set(META_FILES) and set(META_FILES[:4]) <= set(v)
+             and all(isinstance(d, str) for d in v.values()),
+             f"an object mapping {', '.join(META_FILES[:4])} (and optionally {', '.join(META_FILES[4:])}) to "
+             "sha256 strings"),
+    "shards": (lambda v: isinstance(v, list), "a list with an entry (null until written) per shard"),
+}
+SHARD_FIELDS = {
+    "file": (_file_name, "a file name in the cache directory (no directory part)"),
+    "start": (_count(0), "an integer >= 0"),
+    "count": (_count(1), "an integer >= 1"),
+    "sha256": (lambda v: isinstance(v, str), "a sha256 string"),
+}
+
+
+def _problems(where: str, entry: dict, fields: dict) -> list:
+    out = []
+    for name, (ok, expected) in fields.items():
+        if name not in entry:
+            out.append(f"{where}{name} is missing")
+        elif not ok(entry[name]):
+            out.append(f"{where}{name} is {json.dumps(entry[name])[:60]}, expected {expected}")
+    return out
+
+
+def manifest_problems(m: dict) -> list:
+    """What in a parsed manifest breaks the schema above: missing, null or wrong-type fields, shard entries."""
+    problems = _problems("", m, MANIFEST_FIELDS)
+    if problems:
+        return problems
+    for i, entry in enumerate(m["shards"]):
+        if entry is not None:
+            problems += (_problems(f"shards[{i}].", entry, SHARD_FIELDS) if isinstance(entry, dict)
+                         else [f"shards[{i}] is {json.dumps(entry)[:60]}, expected null or an object"])
+    expected = -(-m["num_images"] // m["shard_size"])
+    if len(m["shards"]) != expected:
+        problems.append(f"shards lists {len(m['shards'])} entries; {m['num_images']} images in shards of "
+                        f"{m['shard_size']} need {expected}")
+    return problems
 
 
 def read_manifest(directory: str) -> dict:
+    """The cache's manifest, checked against the schema (``MANIFEST_FIELDS``); raises ``CacheError``."""
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
         raise CacheError(f"{path} not found: {directory} is not a c2f feature cache "
@@ -62,11 +123,17 @@ def read_manifest(directory: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-    except json.JSONDecodeError as e:
+    except ValueError as e:
         raise CacheError(f"{path} is not valid JSON ({e}): the cache is corrupted") from None
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{path} must hold a JSON object, got {type(manifest).__name__}: the cache is corrupted")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CacheError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
                          f"expected {FORMAT!r} version {VERSION}")
+    problems = manifest_problems(manifest)
+    if problems:
+        raise CacheError(f"{path} does not fit the cache manifest's schema: {'; '.join(problems)}; the cache is "
+                         "corrupted: rebuild it with the command that made it")
     return manifest
 
 
@@ -88,11 +155,17 @@ def identity(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
+def lock_cache(directory: str) -> DirLock:
+    """The cache's writer lock (``c2f.files.lock_directory``): one ``extract`` or ``synth`` fills it at a time."""
+    return lock_directory(directory, "feature cache", "wait for it to end, or write another cache directory")
+
+
 class CacheWriter:
     """Creates a cache, or reopens a partial one made with the same ``config``, and fills it shard by shard.
 
     ``config`` (backbone, image size, preprocessing, split, source list, ...) identifies what the cache
-    holds: reopening with a different one raises ``CacheError`` instead of mixing two caches.
+    holds: reopening with a different one raises ``CacheError`` instead of mixing two caches. Hold
+    ``lock_cache(directory)`` while writing, so that no other process writes the same cache.
     ``meta`` holds the per-image arrays (``labels`` [n], ``is_train`` [n], ``attributes`` [n, A],
     ``certainty`` [n, A], optionally ``class_attributes`` [K, A]).
     """

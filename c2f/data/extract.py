@@ -19,7 +19,7 @@ from ..devices import autocast, resolve_amp, resolve_device
 from ..errors import ConfigError
 from ..extras import require
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, ImageFolderDataset, load_backbone, open_backbone
-from .cache import CACHE_DTYPES, CacheWriter
+from .cache import CACHE_DTYPES, CacheWriter, lock_cache
 from .cub import CUBRecord, read_cub
 
 __all__ = ["extract", "check_images", "load_backbone", "open_backbone", "Backbone", "ImageFolderDataset",
@@ -122,24 +122,25 @@ def extract(cub: Union[str, CUBRecord], directory: str, backbone: str, image_siz
                 attributes=record.attributes[rows].astype(np.uint8),
                 certainty=record.certainty[rows].astype(np.uint8),
                 class_attributes=record.class_attributes, image_ids=record.image_ids[rows])
-    writer = CacheWriter(directory, config, feature_shape, meta, record.attribute_names,
-                         record.class_names, dtype=dtype, shard_size=shard_size, overwrite=overwrite)
-    todo = writer.missing_shards()
-    dataset = ImageFolderDataset(paths, image_size, transform=net.transform)
-    bar = tqdm(total=sum(len(writer.shard_range(i)) for i in todo), unit="img", desc="extract",
-               disable=not progress or not todo)
-    start = time.perf_counter()
-    for i in todo:
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(writer.shard_range(i))),
-                                             batch_size=batch_size, num_workers=num_workers,
-                                             pin_memory=dev.type == "cuda")
-        out = []
-        for images in loader:
-            with torch.inference_mode(), autocast(dev, amp):
-                feats = net.module(images.to(dev, non_blocking=True))
-            out.append(feats.float().cpu().numpy())
-            bar.update(len(images))
-        writer.write_shard(i, np.concatenate(out))
+    with lock_cache(directory):
+        writer = CacheWriter(directory, config, feature_shape, meta, record.attribute_names,
+                             record.class_names, dtype=dtype, shard_size=shard_size, overwrite=overwrite)
+        todo = writer.missing_shards()
+        dataset = ImageFolderDataset(paths, image_size, transform=net.transform)
+        bar = tqdm(total=sum(len(writer.shard_range(i)) for i in todo), unit="img", desc="extract",
+                   disable=not progress or not todo)
+        start = time.perf_counter()
+        for i in todo:
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(writer.shard_range(i))),
+                                                 batch_size=batch_size, num_workers=num_workers,
+                                                 pin_memory=dev.type == "cuda")
+            out = []
+            for images in loader:
+                with torch.inference_mode(), autocast(dev, amp):
+                    feats = net.module(images.to(dev, non_blocking=True))
+                out.append(feats.float().cpu().numpy())
+                bar.update(len(images))
+            writer.write_shard(i, np.concatenate(out))
     bar.close()
     if todo:
         done = sum(len(writer.shard_range(i)) for i in todo)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .cache import CacheWriter
+from .cache import CacheWriter, lock_cache
 
 CERTAINTY_PROBS = (0.05, 0.15, 0.3, 0.5)   # of certainty ids 1..4, about CUB's mix
 PROFILE_PROB = 0.85                        # P(attribute present | class profile says present)
@@ -101,19 +101,20 @@ def synthesize(directory: str, num_classes: int = 200, images_per_class: int = 6
     labels, is_train, attributes, certainty, class_attributes, sig = _plan(
         num_classes, images_per_class, num_attributes, dim, grid, num_locations, test_fraction, seed,
         classes_per_genus, class_flip)
-    writer = CacheWriter(
-        directory, config, (dim, grid, grid),
-        dict(labels=labels, is_train=is_train, attributes=attributes, certainty=certainty,
-             class_attributes=class_attributes),
-        attribute_names=[f"attr{p:03d}::part{p % num_locations:02d}" for p in range(num_attributes)],
-        class_names=[f"class{k:03d}" for k in range(num_classes)],
-        dtype=dtype, shard_size=shard_size, overwrite=overwrite)
-    todo = writer.missing_shards()
-    bar = tqdm(total=sum(len(writer.shard_range(i)) for i in todo), unit="img", desc="synth",
-               disable=not progress or not todo)
-    for i in todo:
-        rows = np.arange(writer.shard_range(i).start, writer.shard_range(i).stop)
-        writer.write_shard(i, _features(rows, attributes, certainty, sig, dim, grid, noise, seed, i))
-        bar.update(len(rows))
-    bar.close()
+    with lock_cache(directory):
+        writer = CacheWriter(
+            directory, config, (dim, grid, grid),
+            dict(labels=labels, is_train=is_train, attributes=attributes, certainty=certainty,
+                 class_attributes=class_attributes),
+            attribute_names=[f"attr{p:03d}::part{p % num_locations:02d}" for p in range(num_attributes)],
+            class_names=[f"class{k:03d}" for k in range(num_classes)],
+            dtype=dtype, shard_size=shard_size, overwrite=overwrite)
+        todo = writer.missing_shards()
+        bar = tqdm(total=sum(len(writer.shard_range(i)) for i in todo), unit="img", desc="synth",
+                   disable=not progress or not todo)
+        for i in todo:
+            rows = np.arange(writer.shard_range(i).start, writer.shard_range(i).stop)
+            writer.write_shard(i, _features(rows, attributes, certainty, sig, dim, grid, noise, seed, i))
+            bar.update(len(rows))
+        bar.close()
     return directory
