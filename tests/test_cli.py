@@ -12,12 +12,12 @@ import pytest
 
 from c2f.cli import build_parser, main
 from c2f.cli.options import HelpFormatter
-from c2f.data import synthesize
+from c2f.data import FeatureCache, synthesize
+from tests.tamper import nan_rows
 
 SMALL = dict(num_classes=4, images_per_class=8, num_attributes=6, dim=16, grid=4, num_locations=3,
              test_fraction=0.25, classes_per_genus=1, shard_size=16, progress=False)
-# fp32 throughout: "--amp auto" would pick bf16 on a CPU with AVX512-BF16, and eval's exact reproduction of
-# the training metrics below holds in fp32 only (bf16 GEMMs round differently at another batch size).
+# --amp off: auto picks bf16 on a CPU with AVX512-BF16/AMX, and eval (--amp off) must reproduce training's metrics.
 FLAGS = ["--batch-size", "4", "--lr", "0.01", "--num-workers", "0", "--no-progress", "--no-plots",
          "--val-fraction", "0.25", "--amp", "off"]
 
@@ -77,6 +77,11 @@ def test_version(capsys):
     (["extract", "cub", "out", "--backbone", "b.pt"], "images.txt not found"),
     (["eval", "nowhere"], "nowhere: no such run directory or checkpoint file"),
     (["synth", "s", "--test-fraction", "1.5"], "argument --test-fraction: must be in [0, 1)"),
+    # Every float flag is finite: --lr inf trained until the first loss was inf (exit 1).
+    (["train", "--lr", "inf", "--features", "nowhere"], "argument --lr: must be a finite number, got inf"),
+    (["train", "--weight-decay", "nan", "--features", "nowhere"], "argument --weight-decay: must be a finite number"),
+    (["train", "--warmup-epochs", "1e999", "--features", "nowhere"], "argument --warmup-epochs: must be a finite"),
+    (["synth", "s", "--noise", "inf"], "argument --noise: must be a finite number, got inf"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(argv, expected, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -195,3 +200,97 @@ def test_tensorboard_writer_when_installed(cache, tmp_path, monkeypatch):
                                           r"pip install 'c2f-fgvc\[tensorboard\]'"):
         main(["train", "--features", cache, "--run-dir", str(tmp_path / "none"), "--tensorboard", "--debug"])
     assert not (tmp_path / "none").exists()
+
+
+def test_a_non_finite_float_in_a_config_file_is_refused(tmp_path, capsys):
+    bad = tmp_path / "run.toml"
+    bad.write_text("lr = inf\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "argument --lr: must be a finite number, got inf" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- non-finite rows
+
+@pytest.fixture(scope="module")
+def nan_cache(cache, tmp_path_factory):
+    """The small cache with rows 3 (train) and 29 (test) set to NaN, their shards' sha256 updated."""
+    return nan_rows(cache, str(tmp_path_factory.mktemp("nan") / "cache"), [3, 29])
+
+
+def test_eval_and_predict_name_non_finite_rows_and_exit_1(run, nan_cache, tmp_path, capsys):
+    """``c2f eval --split all`` printed ``ce nan reg nan`` and exited 0: now it names the split, the rows and the
+    metrics and exits 1, or leaves the rows out with --skip-nonfinite and counts them."""
+    assert FeatureCache(nan_cache).labels[29] is not None
+    out = str(tmp_path / "all.json")
+    for argv in (["eval", run, "--features", nan_cache, "--split", "all", "--out", out],
+                 ["predict", run, "--features", nan_cache, "--split", "all"]):
+        capsys.readouterr()
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert "on the all split: logits at cache rows [3, 29] (its ce, top1, top5, mean_class_acc would be " \
+               "non-finite)" in err and "2 of 32 rows" in err and "--skip-nonfinite" in err, err
+    assert not os.path.exists(out)
+    assert main(["eval", run, "--features", nan_cache, "--split", "all", "--out", out, "--skip-nonfinite"]) == 0
+    written = json.load(open(out))
+    assert written["n"] == 30 and written["nonfinite_rows"] == 2 and np.isfinite(written["ce"])
+    assert "2 non-finite rows left out" in capsys.readouterr().out
+    pred = str(tmp_path / "pred.csv")
+    assert main(["predict", run, "--features", nan_cache, "--split", "test", "--out", pred, "--skip-nonfinite"]) == 0
+    assert len(list(csv.DictReader(open(pred)))) == 7 and "29" not in [r["sample"] for r in csv.DictReader(open(pred))]
+
+
+# ------------------------------------------------------------------------------------------ --out
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_out_errors_name_out_and_leave_nothing_behind(run, cache, tmp_path, capsys, command):
+    """A missing directory named the temporary file; an existing directory left a stray ``*.tmp-PID``."""
+    args = [command, run, "--features", cache]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for out, expected in ((tmp_path / "missing" / "m.json", "the directory " + str(tmp_path / "missing") +
+                           " does not exist"), (folder, "is a directory")):
+        capsys.readouterr()
+        assert main([*args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"argument --out: " in err and expected in err, err
+    assert sorted(os.listdir(tmp_path)) == ["folder"] and os.listdir(folder) == []
+
+
+def test_out_write_failures_name_out_and_leave_nothing_behind(run, cache, tmp_path, capsys, monkeypatch):
+    """A write that fails after the checks (a full disk, say) is reported against --out; no temporary file stays."""
+    import c2f.metrics
+
+    def full_disk(path, text):
+        def write(f):
+            f.write(text[:10])
+            raise OSError(28, "No space left on device")
+        from c2f.files import atomic_write
+        atomic_write(path, write, binary=False)
+
+    monkeypatch.setattr(c2f.metrics, "atomic_write_text", full_disk)
+    out = tmp_path / "m.json"
+    assert main(["eval", run, "--features", cache, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"argument --out: cannot write {out}: No space left on device" in err and len(err.splitlines()) == 1
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- not a model file
+
+def test_eval_and_predict_refuse_what_is_not_a_model_file(run, cache, tmp_path, capsys):
+    """A text file raised ``internal error: KeyError: 105``; a run's current last.pt was said to be "written
+    before c2f stored them"."""
+    import torch
+    text = tmp_path / "afile"
+    text.write_text("i am not a checkpoint\n")
+    listed = tmp_path / "list.pt"
+    torch.save([1, 2, 3], listed)
+    for source, expected in ((text, "not a readable checkpoint"),
+                             (os.path.join(run, "last.pt"), "is a run's resume state (last.pt), not a model file"),
+                             (listed, "not a c2f model file")):
+        for command in ("eval", "predict"):
+            capsys.readouterr()
+            assert main([command, str(source), "--features", cache]) == 2, (command, source)
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and expected in err and "internal error" not in err, err

@@ -15,8 +15,7 @@ from c2f.train import TrainConfig, train
 
 TINY = dict(num_classes=4, images_per_class=12, num_attributes=12, dim=32, grid=7, num_locations=4,
             test_fraction=0.25, classes_per_genus=1, shard_size=16, progress=False)
-# amp off: "auto" is bf16 on a CPU with AVX512-BF16, where two processes' half batches round differently
-# from one process's whole batch; the match below is an fp32 property.
+# amp off: --amp auto picks bf16 on a CPU with AVX512-BF16/AMX, and these comparisons are at fp32 tolerances.
 ARGS = dict(epochs=2, batch_size=8, lr=1e-2, num_workers=0, seed=3, amp="off")
 
 

@@ -23,7 +23,7 @@ def cache(tmp_path_factory):
 
 
 def config(cache, run_dir, **kw):
-    # amp off unless a test asks: "auto" is bf16 on a CPU with AVX512-BF16, and these checks are fp32's.
+    """amp off: --amp auto picks bf16 on a CPU with AVX512-BF16/AMX; these tests check fp32 numerics."""
     base = dict(features=cache, run_dir=str(run_dir), epochs=4, batch_size=8, lr=1e-2, num_workers=0,
                 progress=False, plots=False, head="reference", amp="off")
     return TrainConfig(**{**base, **kw})
