@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,28 +28,15 @@ def _strict(obj: Any) -> Any:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Writes ``data`` to a temporary file in the same directory, then ``os.replace``: never a partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_strict(data), f, indent=1, default=str, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
+    """``data`` as strict JSON, written atomically (``c2f.files.atomic_write``): never a partial file."""
+    from c2f.files import atomic_write   # on use: c2f imports torch, which bench.gpu's environment precedes
+    atomic_write(str(path), lambda f: json.dump(_strict(data), f, indent=1, default=str, allow_nan=False),
+                 binary=False)
 
 
 def write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
+    from c2f.files import atomic_write_text
+    atomic_write_text(str(path), text)
 
 
 def report_header(mode: str, device: dict[str, Any], args, shapes, argv: list[str]) -> dict[str, Any]:

@@ -66,17 +66,13 @@ def cache_read(key: str) -> Optional[dict]:
 
 
 def cache_write(key: str, entry: dict) -> None:
-    """Atomic (a temporary file, then a rename): a killed run leaves no half-written entry."""
+    """Atomic (``c2f.files.atomic_write``): a killed run leaves no half-written entry."""
+    from c2f.files import atomic_write_text
     folder = cache_dir()
     if folder is None:
         return
-    tmp = folder / f".{key}.{os.getpid()}.tmp"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(entry))
-        os.replace(tmp, folder / f"{key}.json")
+        atomic_write_text(str(folder / f"{key}.json"), json.dumps(entry))
     except OSError:   # a read-only or full disk costs the cache, not the check
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+        pass
