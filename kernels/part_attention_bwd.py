@@ -23,7 +23,7 @@ as above.
 import triton
 import triton.language as tl
 
-from .dots import mma
+from .dots import mma, round_operand
 
 
 @triton.jit
@@ -290,13 +290,15 @@ def _part_attention_bwd_rows_kernel(
     n_mask = n < N
     qn_mask = q_mask[:, None] & n_mask[None, :]
     rows = (b * H + j) * P * N + (q[:, None] * N + n[None, :])
-    probs = tl.load(Probs_ptr + rows, mask=qn_mask, other=0.0)
     dp = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
     if HAS_DPARTS:
         x_base = X_ptr + b * stride_xb
         mean = tl.load(Mean_ptr + b * N + n, mask=n_mask, other=0.0)
         rstd = tl.load(Rstd_ptr + b * N + n, mask=n_mask, other=0.0)
-        w = probs * rstd[None, :]
+        # The loop holds two row tiles, probs * rstd and dP; the probabilities are loaded again after it
+        # (the same bytes, from L2): a third tile through the loop spilled.
+        # probs * rstd is an operand of every chunk's product: rounded once, held in the operand dtype.
+        w = round_operand(tl.load(Probs_ptr + rows, mask=qn_mask, other=0.0) * rstd[None, :], DOT_PRECISION)
         part_row = (b * num_qb + qb) * C
         head_end = (j + 1) * D
         for c0 in range(j * D, head_end, BLOCK_K):
@@ -307,7 +309,8 @@ def _part_attention_bwd_rows_kernel(
             gamma = tl.load(Gamma_ptr + c, mask=c_mask, other=0.0)
             x_mask = c_mask[:, None] & n_mask[None, :]
             x = tl.load(x_base + (c[:, None] * stride_xc + n[None, :] * stride_xn), mask=x_mask, other=0.0)
-            xc = tl.where(x_mask, x.to(tl.float32) - mean[None, :], 0.0)
+            # The centred chunk is an operand of both products: rounded once.
+            xc = round_operand(tl.where(x_mask, x.to(tl.float32) - mean[None, :], 0.0), DOT_PRECISION)
             dp = mma(dpar * gamma[None, :], xc, dp, DOT_PRECISION)
             values = mma(w, tl.trans(xc), tl.zeros([BLOCK_Q, BLOCK_K], dtype=tl.float32), DOT_PRECISION)
             tl.store(DGammaPart_ptr + part_row + c, tl.sum(dpar * values, axis=0), mask=c_mask)
@@ -317,5 +320,6 @@ def _part_attention_bwd_rows_kernel(
         dattn = tl.load(DAttn_ptr + b * P * N + (q[:, None] * N + n[None, :]), mask=qn_mask, other=0.0)
         dp += dattn.to(tl.float32) * inv_h
     # The softmax backward; the beta term of dP is constant along a row and cancels here.
+    probs = tl.load(Probs_ptr + rows, mask=qn_mask, other=0.0)
     row = tl.sum(probs * dp, axis=1)
     tl.store(DS_ptr + rows, probs * (dp - row[:, None]), mask=qn_mask)

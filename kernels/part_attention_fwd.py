@@ -25,7 +25,7 @@ every target; only the softmax holds a whole row of N <= ``plans.MAX_TOKENS`` to
 import triton
 import triton.language as tl
 
-from .dots import mma
+from .dots import mma, round_operand
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -246,7 +246,7 @@ def _part_attention_fwd_rows_kernel(
              mask=q_mask[:, None] & n_mask[None, :])
 
     # parts_j = gamma * ((probs_j * rstd) @ Xc^T) + beta over the head's channels, x_b again (from L2).
-    w = probs * rstd[None, :]
+    w = round_operand(probs * rstd[None, :], DOT_PRECISION)    # rounded once, held in the operand dtype
     head_end = (j + 1) * D
     for c0 in range(j * D, head_end, BLOCK_K):
         c = c0 + tl.arange(0, BLOCK_K)

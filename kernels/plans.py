@@ -213,13 +213,13 @@ def rows_per_block(cap: int, extent: int, tiles: int, bn: int, target: Target, v
     return fit_tile(rows, extent)
 
 
-def fit_channels(target: Target, bc: int, stages: int, operands, what: str, fixed: int = 0) -> tuple[int, int, int]:
+def fit_channels(target: Target, bc: int, stages: int, operands, what: str, fixed=0) -> tuple[int, int, int]:
     """``(BLOCK_C, stages, smem_bound)`` of a kernel looping over channel chunks: stages, then the chunk,
     shrink until ``SMEM_HEADROOM`` x ``stages`` x ``operands(bc)`` (bytes of one stage's fp32 operand
-    tiles), and ``fixed`` (one copy of the operands of a product outside the pipeline), fit the per-block
-    limit; ``PlanError`` below ``MIN_DOT`` channels."""
+    tiles), and ``fixed`` (one copy of the operands of the products, staged for their layout conversion;
+    bytes, or a function of the chunk), fit the per-block limit; ``PlanError`` below ``MIN_DOT`` channels."""
     def bound_at(k: int, s: int) -> int:
-        return max(SMEM_HEADROOM * s * operands(k), fixed)
+        return max(SMEM_HEADROOM * s * operands(k), fixed(k) if callable(fixed) else fixed)
 
     stages = _stages(target, stages)
     if _interpreting(target):
@@ -322,15 +322,18 @@ ROWS_WARPS = 8
 ROWS_VALUES = 64        # fp32 values per thread in the row tiles held together (the head's budget)
 ROWS_FWD_BLOCK_Q = 32   # forward: queries per program (cap); S, then probs and probs * rstd: 2 tiles
 ROWS_FWD_TILES = 2
-ROWS_BWD_BLOCK_Q = 16   # backward: probs, probs * rstd and dP: 3 tiles
-ROWS_BWD_TILES = 3
-ROWS_BLOCK_K = 32       # channels per chunk (cap), both passes
-ROWS_STAGES = 2         # one x chunk in flight while the other is consumed
+ROWS_BWD_BLOCK_Q = 16   # backward: queries per program (cap); probs * rstd and dP through the channel loop,
+ROWS_BWD_TILES = 2      # probs after it
+ROWS_FWD_BLOCK_K = 32   # channels per chunk (cap), both passes ...
+ROWS_FWD_STAGES = 2     # ... one x chunk in flight while the other is consumed
+ROWS_BWD_BLOCK_K = 32
+ROWS_BWD_STAGES = 2
+ROWS_BWD_STAGES_HIP = 1  # AMD: 2 stages spilled 25-33 B at 256 VGPRs (gfx950, fp32 operands)
 INTERPRETER_ROWS = (128, 256)   # (BLOCK_Q, BLOCK_K): few programs and loop trips on CPU
 
 
 def _rows_plan(b: int, c: int, n: int, p: int, h: int, target: Target, dot_precision: str, cap: int, tiles: int,
-               what: str, **flags) -> KernelPlan:
+               chunk: int, stages: int, what: str, **flags) -> KernelPlan:
     """A short-row kernel's plan: one program per (sample, head, query block) over whole rows of N tokens."""
     bn = max(MIN_DOT, next_pow2(n))
     if bn > ROW_TOKENS:
@@ -340,11 +343,12 @@ def _rows_plan(b: int, c: int, n: int, p: int, h: int, target: Target, dot_preci
         bq, bk = fit_tile(INTERPRETER_ROWS[0], p), fit_tile(INTERPRETER_ROWS[1], d)
     else:
         bq = rows_per_block(cap, p, tiles, bn, target, ROWS_VALUES, ROWS_WARPS)
-        bk = fit_tile(ROWS_BLOCK_K, d)
-    # A stage: a [BLOCK_Q, BLOCK_K] chunk of g (dparts) and a [BLOCK_K, BLOCK_N] chunk of x. Outside the
-    # pipeline: the row tile probs * rstd and an x chunk as operands of the products with the rows.
-    bk, stages, bound = fit_channels(target, bk, ROWS_STAGES, lambda k: (bq * k + k * bn) * FP32_BYTES,
-                                     f"short-row {what}", fixed=tile_bound((bq, bn), (bn, bk)))
+        bk = fit_tile(chunk, d)
+    # A stage: a [BLOCK_Q, BLOCK_K] chunk of g (dparts) and a [BLOCK_K, BLOCK_N] chunk of x. Staged for
+    # the products besides: the row tile probs * rstd, and the centred x chunk in both orientations (the
+    # backward multiplies it from both sides; measured 80 KiB at [16, 256] rows and 32 channels, sm_86).
+    bk, stages, bound = fit_channels(target, bk, stages, lambda k: (bq * k + k * bn) * FP32_BYTES,
+                                     f"short-row {what}", fixed=lambda k: tile_bound((bq, bn), (k, bn), (bn, k)))
     return KernelPlan(grid=(b * h * _cdiv(p, bq),),
                       constexprs=dict(flags, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_K=bk,
                                       DOT_PRECISION=dot_constexpr(target, dot_precision)),
@@ -356,24 +360,28 @@ def attention_fwd_rows(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtyp
                        dot_precision: str = "tf32") -> KernelPlan:
     """Short rows: scores with the token statistics, softmax and parts in one kernel; grid (query block x
     head x sample)."""
-    return _rows_plan(b, c, n, p, h, target, dot_precision, ROWS_FWD_BLOCK_Q, ROWS_FWD_TILES, "forward")
+    return _rows_plan(b, c, n, p, h, target, dot_precision, ROWS_FWD_BLOCK_Q, ROWS_FWD_TILES, ROWS_FWD_BLOCK_K,
+                      ROWS_FWD_STAGES, "forward")
 
 
 def attention_bwd_rows(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
                        dot_precision: str = "tf32", has_dparts: bool = True, has_dattn: bool = True) -> KernelPlan:
     """Short rows: dP, the softmax backward and gamma's and beta's partial sums in one kernel; grid (query
     block x head x sample)."""
-    return _rows_plan(b, c, n, p, h, target, dot_precision, ROWS_BWD_BLOCK_Q, ROWS_BWD_TILES, "backward",
+    return _rows_plan(b, c, n, p, h, target, dot_precision, ROWS_BWD_BLOCK_Q, ROWS_BWD_TILES, ROWS_BWD_BLOCK_K,
+                      ROWS_BWD_STAGES_HIP if target.backend == "hip" else ROWS_BWD_STAGES, "backward",
                       HAS_DPARTS=has_dparts, HAS_DATTN=has_dattn)
 
 
 def short_rows(n: int, target: Target) -> bool:
     """Whether part attention over ``n`` tokens takes the short-row kernels on ``target``: a whole row fits
-    (``next_pow2(n) <= ROW_TOKENS``) and both short-row plans fit the target's limits at their full tiles.
-    Elsewhere the tiled kernels run (tiles independent of N, every target)."""
+    (``next_pow2(n) <= ROW_TOKENS``), both short-row plans fit the target's limits at their full tiles, and
+    so do the tiled GEMMs the backward still runs after them (dG; dxhat for dx): an op whose forward runs
+    must have a backward. Elsewhere the tiled kernels run (tiles independent of N, every target)."""
     try:
-        attention_fwd_rows(1, ROWS_BLOCK_K, n, ROWS_FWD_BLOCK_Q, 1, torch.float32, target)
-        attention_bwd_rows(1, ROWS_BLOCK_K, n, ROWS_BWD_BLOCK_Q, 1, torch.float32, target)
+        gemm_tiles(target, accumulators=2)
+        attention_fwd_rows(1, ROWS_FWD_BLOCK_K, n, ROWS_FWD_BLOCK_Q, 1, torch.float32, target)
+        attention_bwd_rows(1, ROWS_BWD_BLOCK_K, n, ROWS_BWD_BLOCK_Q, 1, torch.float32, target)
     except PlanError:
         return False
     return True
