@@ -160,13 +160,21 @@ def test_launcher_plans_are_what_is_inspected(monkeypatch):
     recorded launch (so the compiled kernel) changes with it."""
     from c2f.kernels import plans
     sm90 = targets.TARGETS["sm_90"]
-    run = dict(kinspect.cases(quick=True)["part_attention"])["N=196 h=1 fp32"]
+    # N = 324: the tiled kernels (past plans.ROW_TOKENS); N = 196: the short-row ones.
+    run = dict(kinspect.cases()["part_attention"])["N=324 h=1 fp32"]
+    short = dict(kinspect.cases(quick=True)["part_attention"])["N=196 h=1 fp32"]
     before = {l.name: l.plan.constexprs for l in kinspect.record(sm90, run)}
+    short_before = {l.name: dict(l.plan.constexprs) for l in kinspect.record(sm90, short)}
     monkeypatch.setattr(plans, "GEMM_LADDER", (plans.GemmTiles(64, 32, 32, stages=2, warps=4),))
+    monkeypatch.setattr(plans, "ROWS_FWD_BLOCK_Q", 16)
     after = {l.name: (l.plan.constexprs, l.plan.num_stages) for l in kinspect.record(sm90, run)}
+    short_after = {l.name: l.plan.constexprs for l in kinspect.record(sm90, short)}
     assert before["_part_attention_fwd_scores_kernel"]["BLOCK_Q"] == 128
     assert after["_part_attention_fwd_scores_kernel"] == (dict(BLOCK_Q=64, BLOCK_N=32, BLOCK_K=32,
                                                                DOT_PRECISION="tf32"), 2)
+    assert short_before["_part_attention_fwd_rows_kernel"]["BLOCK_Q"] == 32
+    assert short_after["_part_attention_fwd_rows_kernel"] == dict(short_before["_part_attention_fwd_rows_kernel"],
+                                                                  BLOCK_Q=16)
 
 
 def test_tensor_cores_from_ptx():
