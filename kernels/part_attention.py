@@ -227,9 +227,9 @@ def _rows_ds(x, gamma, mean, rstd, probs, dparts, dattn, ds, plan, xs: dict):
     dgamma_part = alloc(bsz * num_qb if dparts is not None else 1, c, device=x.device, dtype=torch.float32)
     dbeta_part = torch.empty_like(dgamma_part) if dparts is not None else dgamma_part
     launch(_part_attention_bwd_rows_kernel, plan, X_ptr=x, Gamma_ptr=gamma, Mean_ptr=mean, Rstd_ptr=rstd,
-           Probs_ptr=probs, DParts_ptr=dparts if dparts is not None else ds, DAttn_ptr=dattn if dattn is not None else ds,
-           DS_ptr=ds, DGammaPart_ptr=dgamma_part, DBetaPart_ptr=dbeta_part, C=c, N=n, P=p, D=c // h, H=h, **xs,
-           inv_h=1.0 / h)
+           Probs_ptr=probs, DParts_ptr=dparts if dparts is not None else ds,
+           DAttn_ptr=dattn if dattn is not None else ds, DS_ptr=ds, DGammaPart_ptr=dgamma_part,
+           DBetaPart_ptr=dbeta_part, C=c, N=n, P=p, D=c // h, H=h, **xs, inv_h=1.0 / h)
     return dgamma_part, dbeta_part.sum(0)
 
 

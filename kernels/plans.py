@@ -30,6 +30,9 @@ its per-block shared memory (LDS) limit alone:
   with 2 stages; all with 8 warps. AMD runs at most 2 stages (``HIP_MAX_STAGES``). Below 32 KiB of
   shared memory per block: ``PlanError``.
 - Tiles shrink to the problem (a head of 25 channels, 7 queries) but never below ``MIN_DOT``.
+- Short rows (``short_rows``: ``next_pow2(N) <= ROW_TOKENS`` and the plans fit): one forward and one
+  backward kernel per (sample, head, query block) hold whole rows of scores on chip instead of the tiled
+  kernels and their row kernels; their rule is the head's (``rows_per_block``, ``fit_channels``), below.
 - The row kernels hold whole rows, ``BLOCK_N = next_pow2(N)`` wide (at most ``MAX_TOKENS``), and as
   many rows as make ``ROW_VALUES`` fp32 values per thread: twice the rows with 64-lane wavefronts. The
   streaming kernels (statistics, the LayerNorm backward, the in-place mix) read [64, 32] or [8, 512]
