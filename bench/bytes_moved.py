@@ -30,10 +30,12 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[int], tuple[Callable[[
 
     C, N, P, K = 2048, 196, 312, 4
 
-    def attention(h: int, backward: bool):
+    def attention(h: int, backward: bool, dtype=torch.float32):
+        # 16-bit cases: x, parts and dparts in that dtype (a bf16 feature map under autocast); the saved
+        # statistics, probabilities and dattn stay fp32 as the op keeps them.
         def build(B: int):
             from c2f.kernels import part_attention as pa
-            x = torch.randn(B, C, N)
+            x = torch.randn(B, C, N).to(dtype)
             g = torch.randn(h, P, C) * 0.02
             gamma, beta = torch.ones(C), torch.zeros(C)
             if not backward:
@@ -42,7 +44,7 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[int], tuple[Callable[[
             attn = probs.mean(1)
             probs = probs if h > 1 else torch.empty(0)
             mean, rstd = torch.randn(B, N), torch.rand(B, N) + 0.5
-            dparts, dattn = torch.randn(B, P, C), torch.randn(B, P, N)
+            dparts, dattn = torch.randn(B, P, C).to(dtype), torch.randn(B, P, N)
             return lambda: pa.folded_bwd(x, None, gamma, attn, probs, mean, rstd, dparts, dattn, h, False, 16.0)
         return build
 
@@ -82,6 +84,8 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[int], tuple[Callable[[
 
     cases = [("attention fwd h=1", "attention", attention(1, False)),
              ("attention bwd h=1 (x frozen)", "attention", attention(1, True)),
+             ("attention fwd h=1 bf16", "attention", attention(1, False, torch.bfloat16)),
+             ("attention bwd h=1 bf16 (x frozen)", "attention", attention(1, True, torch.bfloat16)),
              ("part_mixup_ fwd", "mixup", mixup(False)),
              ("part_mixup_ bwd", "mixup", mixup(True)),
              (f"part_mixup_pool fwd K={K}", "mixup", pool(False)),

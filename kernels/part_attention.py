@@ -21,9 +21,10 @@ from . import plans, targets
 from .launch import FLOAT_DTYPES, launch
 from .part_attention_bwd import (_part_attention_bwd_dg_kernel, _part_attention_bwd_dp_kernel,
                                  _part_attention_bwd_dx_kernel, _part_attention_bwd_dxhat_kernel,
-                                 _part_attention_bwd_softmax_kernel)
-from .part_attention_fwd import (_part_attention_fwd_parts_kernel, _part_attention_fwd_scores_kernel,
-                                 _part_attention_fwd_softmax_kernel, _part_attention_stats_kernel)
+                                 _part_attention_bwd_rows_kernel, _part_attention_bwd_softmax_kernel)
+from .part_attention_fwd import (_part_attention_fwd_parts_kernel, _part_attention_fwd_rows_kernel,
+                                 _part_attention_fwd_scores_kernel, _part_attention_fwd_softmax_kernel,
+                                 _part_attention_stats_kernel)
 
 from ..torch_ops.part_attention import unfolded_bwd, unfolded_fwd  # see the module docstring
 
@@ -94,11 +95,9 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     target = targets.current(dev)
-    plan = make_plans(lambda: dict(
-        stats=plans.attention_stats(bsz, c, n, x.dtype, target),
-        scores=plans.attention_scores(bsz, c, n, p, h, x.dtype, target, dot_precision),
-        softmax=plans.attention_softmax(bsz * h * p, n, target),
-        parts=plans.attention_parts(bsz, c, n, p, h, x.dtype, target, dot_precision)), x, target, dot_precision)
+    rows = plans.short_rows(n, target)
+    plan = make_plans(lambda: _fwd_plans(bsz, c, n, p, h, x.dtype, target, dot_precision, rows), x, target,
+                      dot_precision)
     mean = torch.empty(bsz, n, device=dev, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     parts = torch.empty(bsz, p, c, device=dev, dtype=out_dtype)
@@ -108,16 +107,32 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
         return parts, attn, probs, mean, rstd
     scores = attn if h == 1 else probs      # the scores are written where their probabilities go
     xs = dict(stride_xb=x.stride(0), stride_xc=x.stride(1), stride_xn=x.stride(2))
-    launch(_part_attention_stats_kernel, plan["stats"], X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, C=c, N=n, **xs,
-           eps=float(eps))
-    launch(_part_attention_fwd_scores_kernel, plan["scores"], X_ptr=x, G_ptr=g, Mean_ptr=mean, Rstd_ptr=rstd,
-           S_ptr=scores, C=c, N=n, HP=h * p, **xs)
-    launch(_part_attention_fwd_softmax_kernel, plan["softmax"], S_ptr=scores, R=bsz * h * p, N=n)
-    launch(_part_attention_fwd_parts_kernel, plan["parts"], X_ptr=x, Probs_ptr=scores, Gamma_ptr=gamma,
-           Beta_ptr=beta, Mean_ptr=mean, Rstd_ptr=rstd, Parts_ptr=parts, C=c, N=n, P=p, D=c // h, H=h, **xs)
+    if rows:
+        launch(_part_attention_fwd_rows_kernel, plan["rows"], X_ptr=x, G_ptr=g, Gamma_ptr=gamma, Beta_ptr=beta,
+               Mean_ptr=mean, Rstd_ptr=rstd, Probs_ptr=scores, Parts_ptr=parts, C=c, N=n, P=p, D=c // h, H=h, **xs,
+               eps=float(eps))
+    else:
+        launch(_part_attention_stats_kernel, plan["stats"], X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, C=c, N=n, **xs,
+               eps=float(eps))
+        launch(_part_attention_fwd_scores_kernel, plan["scores"], X_ptr=x, G_ptr=g, Mean_ptr=mean, Rstd_ptr=rstd,
+               S_ptr=scores, C=c, N=n, HP=h * p, **xs)
+        launch(_part_attention_fwd_softmax_kernel, plan["softmax"], S_ptr=scores, R=bsz * h * p, N=n)
+        launch(_part_attention_fwd_parts_kernel, plan["parts"], X_ptr=x, Probs_ptr=scores, Gamma_ptr=gamma,
+               Beta_ptr=beta, Mean_ptr=mean, Rstd_ptr=rstd, Parts_ptr=parts, C=c, N=n, P=p, D=c // h, H=h, **xs)
     if h > 1:
         torch.mean(probs, 1, out=attn)
     return parts, attn, probs, mean, rstd
+
+
+def _fwd_plans(bsz: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target, dot_precision: str,
+               rows: bool) -> dict:
+    """The forward's plans: the short-row kernel (``plans.short_rows``) or the four tiled ones."""
+    if rows:
+        return dict(rows=plans.attention_fwd_rows(bsz, c, n, p, h, dtype, target, dot_precision))
+    return dict(stats=plans.attention_stats(bsz, c, n, dtype, target),
+                scores=plans.attention_scores(bsz, c, n, p, h, dtype, target, dot_precision),
+                softmax=plans.attention_softmax(bsz * h * p, n, target),
+                parts=plans.attention_parts(bsz, c, n, p, h, dtype, target, dot_precision))
 
 
 def folded_bwd(x: torch.Tensor, g: Optional[torch.Tensor], gamma: torch.Tensor, attn: torch.Tensor,
@@ -148,12 +163,10 @@ def folded_bwd(x: torch.Tensor, g: Optional[torch.Tensor], gamma: torch.Tensor, 
         check("dattn", dattn, (bsz, p, n), FLOAT_DTYPES, dev)
         dattn = dattn.contiguous()
     target = targets.current(dev)
-    plan = make_plans(lambda: dict(
-        dp=plans.attention_dp(bsz, c, n, p, h, x.dtype, target, dot_precision),
-        softmax=plans.attention_softmax_bwd(bsz * h * p, n, target, has_dattn=dattn is not None),
-        dg=plans.attention_dg(bsz, c, n, p, h, x.dtype, target, dot_precision),
-        dxhat=plans.attention_dxhat(bsz, c, n, p, h, x.dtype, target, dot_precision, needs_dx=needs_dx),
-        dx=plans.attention_dx(bsz, c, n, x.dtype, target)), x, target, dot_precision)
+    rows = plans.short_rows(n, target)
+    has_dparts, has_dattn = dparts is not None, dattn is not None
+    plan = make_plans(lambda: _bwd_plans(bsz, c, n, p, h, x.dtype, target, dot_precision, rows, needs_dx, has_dparts,
+                                         has_dattn), x, target, dot_precision)
     dg = torch.zeros(h, p, c, device=dev, dtype=torch.float32)
     if bsz == 0:
         zeros = torch.zeros(c, device=dev, dtype=torch.float32)
@@ -161,24 +174,21 @@ def folded_bwd(x: torch.Tensor, g: Optional[torch.Tensor], gamma: torch.Tensor, 
     probs = attn.unsqueeze(1) if h == 1 else probs
     xs = dict(stride_xb=x.stride(0), stride_xc=x.stride(1), stride_xn=x.stride(2))
     ds = torch.empty(bsz, h, p, n, device=dev, dtype=torch.float32)
-    if dparts is None:
-        ds.zero_()          # no gradient through the parts: dP comes from dattn alone
-        dparts = torch.zeros(bsz, p, c, device=dev, dtype=x.dtype)
-        dbeta = torch.zeros(c, device=dev, dtype=torch.float32)
+    if rows:
+        dgamma_part, dbeta = _rows_ds(x, gamma, mean, rstd, probs, dparts, dattn, ds, plan["rows"], xs)
     else:
-        launch(_part_attention_bwd_dp_kernel, plan["dp"], X_ptr=x, Gamma_ptr=gamma, Mean_ptr=mean, Rstd_ptr=rstd,
-               DParts_ptr=dparts, DP_ptr=ds, C=c, N=n, P=p, D=c // h, H=h, **xs)
-        dbeta = dparts.sum((0, 1), dtype=torch.float32)
-    launch(_part_attention_bwd_softmax_kernel, plan["softmax"], Probs_ptr=probs,
-           DAttn_ptr=dattn if dattn is not None else ds, DS_ptr=ds, R=bsz * h * p, N=n, P=p, HP=h * p, inv_h=1.0 / h)
+        dgamma_part, dbeta = None, _tiled_ds(x, gamma, mean, rstd, probs, dparts, dattn, ds, plan, xs)
     launch(_part_attention_bwd_dg_kernel, plan["dg"], X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, DS_ptr=ds, DG_ptr=dg,
            B=bsz, C=c, N=n, P=p, H=h, **xs)
-    num_nb = plan["dxhat"].grid[1]
-    dgamma_part = torch.empty(bsz * num_nb, c, device=dev, dtype=torch.float32)
-    dxhat = torch.empty(bsz, c, n, device=dev, dtype=torch.float32) if needs_dx else dgamma_part
-    launch(_part_attention_bwd_dxhat_kernel, plan["dxhat"], X_ptr=x, G_ptr=g if needs_dx else gamma, Gamma_ptr=gamma,
-           Mean_ptr=mean, Rstd_ptr=rstd, Probs_ptr=probs, DS_ptr=ds, DParts_ptr=dparts, DGammaPart_ptr=dgamma_part,
-           DXhat_ptr=dxhat, C=c, N=n, P=p, D=c // h, H=h, **xs)
+    if needs_dx or not rows:
+        if dparts is None:
+            dparts = torch.zeros(bsz, p, c, device=dev, dtype=x.dtype)
+        if not rows:
+            dgamma_part = torch.empty(bsz * plan["dxhat"].grid[1], c, device=dev, dtype=torch.float32)
+        dxhat = torch.empty(bsz, c, n, device=dev, dtype=torch.float32) if needs_dx else dgamma_part
+        launch(_part_attention_bwd_dxhat_kernel, plan["dxhat"], X_ptr=x, G_ptr=g if needs_dx else gamma,
+               Gamma_ptr=gamma, Mean_ptr=mean, Rstd_ptr=rstd, Probs_ptr=probs, DS_ptr=ds, DParts_ptr=dparts,
+               DGammaPart_ptr=dgamma_part, DXhat_ptr=dxhat, C=c, N=n, P=p, D=c // h, H=h, **xs)
     dx = None
     if needs_dx:
         # Same strides as x when x is dense (a [B, C, H, W] map, channels_last, token layout): the
@@ -187,6 +197,57 @@ def folded_bwd(x: torch.Tensor, g: Optional[torch.Tensor], gamma: torch.Tensor, 
         launch(_part_attention_bwd_dx_kernel, plan["dx"], X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, DXhat_ptr=dxhat,
                DX_ptr=dx, C=c, N=n, **xs, stride_db=dx.stride(0), stride_dc=dx.stride(1), stride_dn=dx.stride(2))
     return dg, dgamma_part.sum(0), dbeta, dx
+
+
+def _bwd_plans(bsz: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target, dot_precision: str, rows: bool,
+               needs_dx: bool, has_dparts: bool, has_dattn: bool) -> dict:
+    """The backward's plans: the short-row kernel (``plans.short_rows``) or dP and the softmax backward;
+    then dG, and dxhat (after the short-row kernel only for dx, without gamma's gradient) and dx."""
+    out = dict(dg=plans.attention_dg(bsz, c, n, p, h, dtype, target, dot_precision),
+               dx=plans.attention_dx(bsz, c, n, dtype, target))
+    if rows:
+        out["rows"] = plans.attention_bwd_rows(bsz, c, n, p, h, dtype, target, dot_precision, has_dparts=has_dparts,
+                                               has_dattn=has_dattn)
+    else:
+        out["dp"] = plans.attention_dp(bsz, c, n, p, h, dtype, target, dot_precision)
+        out["softmax"] = plans.attention_softmax_bwd(bsz * h * p, n, target, has_dattn=has_dattn)
+    if needs_dx or not rows:
+        out["dxhat"] = plans.attention_dxhat(bsz, c, n, p, h, dtype, target, dot_precision, needs_dx=needs_dx,
+                                             dgamma=not rows)
+    return out
+
+
+def _rows_ds(x, gamma, mean, rstd, probs, dparts, dattn, ds, plan, xs: dict):
+    """dS into ``ds`` with the short-row kernel; returns gamma's partial sums ``[rows, C]`` and dbeta."""
+    bsz, h, p, n = ds.shape
+    c = x.shape[1]
+    num_qb = plan.grid[0] // (bsz * h)
+    # Every (sample, query block) row of the partial sums is written whole (each head its channels).
+    alloc = torch.empty if dparts is not None else torch.zeros
+    dgamma_part = alloc(bsz * num_qb if dparts is not None else 1, c, device=x.device, dtype=torch.float32)
+    dbeta_part = torch.empty_like(dgamma_part) if dparts is not None else dgamma_part
+    launch(_part_attention_bwd_rows_kernel, plan, X_ptr=x, Gamma_ptr=gamma, Mean_ptr=mean, Rstd_ptr=rstd,
+           Probs_ptr=probs, DParts_ptr=dparts if dparts is not None else ds,
+           DAttn_ptr=dattn if dattn is not None else ds, DS_ptr=ds, DGammaPart_ptr=dgamma_part,
+           DBetaPart_ptr=dbeta_part, C=c, N=n, P=p, D=c // h, H=h, **xs, inv_h=1.0 / h)
+    return dgamma_part, dbeta_part.sum(0)
+
+
+def _tiled_ds(x, gamma, mean, rstd, probs, dparts, dattn, ds, plan: dict, xs: dict):
+    """dS into ``ds`` with the tiled kernels (dP, then the softmax backward in place); returns dbeta (gamma's
+    partial sums come from the dxhat kernel)."""
+    bsz, h, p, n = ds.shape
+    c = x.shape[1]
+    if dparts is None:
+        ds.zero_()          # no gradient through the parts: dP comes from dattn alone
+        dbeta = torch.zeros(c, device=x.device, dtype=torch.float32)
+    else:
+        launch(_part_attention_bwd_dp_kernel, plan["dp"], X_ptr=x, Gamma_ptr=gamma, Mean_ptr=mean, Rstd_ptr=rstd,
+               DParts_ptr=dparts, DP_ptr=ds, C=c, N=n, P=p, D=c // h, H=h, **xs)
+        dbeta = dparts.sum((0, 1), dtype=torch.float32)
+    launch(_part_attention_bwd_softmax_kernel, plan["softmax"], Probs_ptr=probs,
+           DAttn_ptr=dattn if dattn is not None else ds, DS_ptr=ds, R=bsz * h * p, N=n, P=p, HP=h * p, inv_h=1.0 / h)
+    return dbeta
 
 
 def make_plans(make, x: torch.Tensor, target, dot_precision: str, op: str = "part attention") -> dict:

@@ -9,16 +9,21 @@
 - ``_part_attention_bwd_dxhat_kernel``: per (sample, head, channel block, token block) the values
   gradient ``V = dparts_j^T @ probs_j`` and from it gamma's gradient through the values,
   ``sum_n V * rstd * Xc`` (per-program partial sums, summed afterwards: deterministic, no atomics);
-  with dx asked for, also ``dxhat = G^T @ dS + gamma * V``.
+  with dx asked for, also ``dxhat = G^T @ dS + gamma * V`` (then, after the short-row kernel, only that).
 - ``_part_attention_bwd_dx_kernel``: the LayerNorm backward from dxhat, only when dx is asked for.
 
 As in the forward, every product is a tiled GEMM whose tiles do not depend on N; only the softmax
 backward holds whole rows.
+
+Short rows (N <= ``plans.ROW_TOKENS``, ``plans.short_rows``): ``_part_attention_bwd_rows_kernel`` takes the
+place of the dP and softmax-backward kernels and of dgamma's pass in dxhat: per (sample, head, query block)
+it computes dP, dS and gamma's and beta's partial gradients with the rows on chip; dG (and dxhat, dx) follow
+as above.
 """
 import triton
 import triton.language as tl
 
-from .dots import mma
+from .dots import mma, round_operand
 
 
 @triton.jit
@@ -151,11 +156,12 @@ def _part_attention_bwd_dxhat_kernel(
     Probs_ptr,        # [B, h, P, N] fp32 contiguous
     DS_ptr,           # [B, h, P, N] fp32 contiguous (unused without NEEDS_DX)
     DParts_ptr,       # [B, P, C] contiguous, any float dtype
-    DGammaPart_ptr,   # [B * num_nb, C] fp32 out: per-program partial sums of dgamma
+    DGammaPart_ptr,   # [B * num_nb, C] fp32 out: per-program partial sums of dgamma (unused without DGAMMA)
     DXhat_ptr,        # [B, C, N] fp32 out: gradient of the normalised tokens (unused without NEEDS_DX)
     C, N, P, D, H,
     stride_xb, stride_xc, stride_xn,
     NEEDS_DX: tl.constexpr,
+    DGAMMA: tl.constexpr,   # False where the short-row backward has summed gamma's gradient already
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # dots.mma precision
 ):
@@ -182,12 +188,14 @@ def _part_attention_bwd_dxhat_kernel(
                       other=0.0)
         probs = tl.load(probs_base + (p[:, None] * N + n[None, :]), mask=p_mask[:, None] & n_mask[None, :], other=0.0)
         v = mma(dpt.to(tl.float32), probs, v, DOT_PRECISION)
-    # gamma's gradient through the values: sum_{p, n} dparts[p, c] probs[p, n] rstd[n] Xc[c, n].
-    mean = tl.load(Mean_ptr + b * N + n, mask=n_mask, other=0.0)
-    rstd = tl.load(Rstd_ptr + b * N + n, mask=n_mask, other=0.0)
-    x = tl.load(X_ptr + b * stride_xb + (c[:, None] * stride_xc + n[None, :] * stride_xn), mask=cn_mask, other=0.0)
-    xhat = tl.where(cn_mask, (x.to(tl.float32) - mean[None, :]) * rstd[None, :], 0.0)
-    tl.store(DGammaPart_ptr + (b * tl.num_programs(1) + nb) * C + c, tl.sum(v * xhat, axis=1), mask=c_mask)
+    if DGAMMA:
+        # gamma's gradient through the values: sum_{p, n} dparts[p, c] probs[p, n] rstd[n] Xc[c, n].
+        mean = tl.load(Mean_ptr + b * N + n, mask=n_mask, other=0.0)
+        rstd = tl.load(Rstd_ptr + b * N + n, mask=n_mask, other=0.0)
+        x = tl.load(X_ptr + b * stride_xb + (c[:, None] * stride_xc + n[None, :] * stride_xn), mask=cn_mask,
+                    other=0.0)
+        xhat = tl.where(cn_mask, (x.to(tl.float32) - mean[None, :]) * rstd[None, :], 0.0)
+        tl.store(DGammaPart_ptr + (b * tl.num_programs(1) + nb) * C + c, tl.sum(v * xhat, axis=1), mask=c_mask)
     if NEEDS_DX:
         # dxhat[c, n] = sum_i (G_i^T dS_i)[c, n] + gamma[c] V[c, n]: G as [hP, C] and dS_b as [hP, N],
         # so the sum over heads and queries is one contraction.
@@ -245,3 +253,73 @@ def _part_attention_bwd_dx_kernel(
         dx = rstd[None, :] * (dy - mean_dy[None, :] - xhat * mean_dy_xhat[None, :])
         dx_ptrs = DX_ptr + b * stride_db + (c[:, None] * stride_dc + n[None, :] * stride_dn)
         tl.store(dx_ptrs, dx.to(DX_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["H"])
+def _part_attention_bwd_rows_kernel(
+    X_ptr,            # [B, C, N] any strides
+    Gamma_ptr,        # [C] fp32
+    Mean_ptr,         # [B, N] fp32
+    Rstd_ptr,         # [B, N] fp32
+    Probs_ptr,        # [B, h, P, N] fp32 contiguous
+    DParts_ptr,       # [B, P, C] contiguous, any float dtype (unused without HAS_DPARTS)
+    DAttn_ptr,        # [B, P, N] contiguous, any float dtype (unused without HAS_DATTN)
+    DS_ptr,           # [B, h, P, N] fp32 out: gradient of the scores
+    DGammaPart_ptr,   # [B * num_qb, C] fp32 out: per-program partial sums of dgamma (with HAS_DPARTS)
+    DBetaPart_ptr,    # [B * num_qb, C] fp32 out: per-program partial sums of dbeta (with HAS_DPARTS)
+    C, N, P, D, H,
+    stride_xb, stride_xc, stride_xn,
+    inv_h,
+    HAS_DPARTS: tl.constexpr, HAS_DATTN: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,   # BLOCK_N >= N: whole rows
+    DOT_PRECISION: tl.constexpr,  # dots.mma precision
+):
+    # Short rows: one program per (sample, head, query block) holds its rows of probabilities and dP on
+    # chip. One pass over the head's channels gives dP = rstd * ((dparts * gamma) @ Xc), gamma's gradient
+    # through the values, sum_p dparts * ((probs * rstd) @ Xc^T), and beta's, sum_p dparts (per-program
+    # partial sums: each program owns its row of the partials, summed afterwards); then the softmax
+    # backward in registers. Only dS leaves the chip (dG needs it for every sample).
+    num_qb = tl.cdiv(P, BLOCK_Q)
+    pid = tl.program_id(0)
+    qb = pid % num_qb
+    j = (pid // num_qb) % H
+    b = (pid // num_qb // H).to(tl.int64)
+    q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    n = tl.arange(0, BLOCK_N)
+    q_mask = q < P
+    n_mask = n < N
+    qn_mask = q_mask[:, None] & n_mask[None, :]
+    rows = (b * H + j) * P * N + (q[:, None] * N + n[None, :])
+    dp = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
+    if HAS_DPARTS:
+        x_base = X_ptr + b * stride_xb
+        mean = tl.load(Mean_ptr + b * N + n, mask=n_mask, other=0.0)
+        rstd = tl.load(Rstd_ptr + b * N + n, mask=n_mask, other=0.0)
+        # The loop holds two row tiles, probs * rstd and dP; the probabilities are loaded again after it
+        # (the same bytes, from L2): a third tile through the loop spilled.
+        # probs * rstd is an operand of every chunk's product: rounded once, held in the operand dtype.
+        w = round_operand(tl.load(Probs_ptr + rows, mask=qn_mask, other=0.0) * rstd[None, :], DOT_PRECISION)
+        part_row = (b * num_qb + qb) * C
+        head_end = (j + 1) * D
+        for c0 in range(j * D, head_end, BLOCK_K):
+            c = c0 + tl.arange(0, BLOCK_K)
+            c_mask = c < head_end
+            dpar = tl.load(DParts_ptr + b * P * C + (q[:, None] * C + c[None, :]),
+                           mask=q_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+            gamma = tl.load(Gamma_ptr + c, mask=c_mask, other=0.0)
+            x_mask = c_mask[:, None] & n_mask[None, :]
+            x = tl.load(x_base + (c[:, None] * stride_xc + n[None, :] * stride_xn), mask=x_mask, other=0.0)
+            # The centred chunk is an operand of both products: rounded once.
+            xc = round_operand(tl.where(x_mask, x.to(tl.float32) - mean[None, :], 0.0), DOT_PRECISION)
+            dp = mma(dpar * gamma[None, :], xc, dp, DOT_PRECISION)
+            values = mma(w, tl.trans(xc), tl.zeros([BLOCK_Q, BLOCK_K], dtype=tl.float32), DOT_PRECISION)
+            tl.store(DGammaPart_ptr + part_row + c, tl.sum(dpar * values, axis=0), mask=c_mask)
+            tl.store(DBetaPart_ptr + part_row + c, tl.sum(dpar, axis=0), mask=c_mask)
+        dp = dp * rstd[None, :]
+    if HAS_DATTN:
+        dattn = tl.load(DAttn_ptr + b * P * N + (q[:, None] * N + n[None, :]), mask=qn_mask, other=0.0)
+        dp += dattn.to(tl.float32) * inv_h
+    # The softmax backward; the beta term of dP is constant along a row and cancels here.
+    probs = tl.load(Probs_ptr + rows, mask=qn_mask, other=0.0)
+    row = tl.sum(probs * dp, axis=1)
+    tl.store(DS_ptr + rows, probs * (dp - row[:, None]), mask=qn_mask)

@@ -17,11 +17,15 @@ queries, ``g [h, P, C] = (scale * Q_j @ Wk_j) * gamma``. With ``X_b`` one sample
 
 Every product is a tiled GEMM whose tiles do not depend on N (``plans.py``), so every supported N fits
 every target; only the softmax holds a whole row of N <= ``plans.MAX_TOKENS`` tokens, in registers.
+
+- ``_part_attention_fwd_rows_kernel``: short rows (N <= ``plans.ROW_TOKENS``, ``plans.short_rows``): all of
+  the above in one kernel per (sample, head, query block), the scores never leaving the chip; x_b is read
+  by both of its passes and by every query block of the sample at about the same time (from L2).
 """
 import triton
 import triton.language as tl
 
-from .dots import mma
+from .dots import mma, round_operand
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -168,3 +172,91 @@ def _part_attention_fwd_parts_kernel(
     out = acc * gamma[None, :] + beta[None, :]
     tl.store(Parts_ptr + b * P * C + (p[:, None] * C + c[None, :]), out.to(Parts_ptr.dtype.element_ty),
              mask=p_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["H"])
+def _part_attention_fwd_rows_kernel(
+    X_ptr,            # [B, C, N] any strides
+    G_ptr,            # [h, P, C] fp32 contiguous
+    Gamma_ptr,        # [C] fp32
+    Beta_ptr,         # [C] fp32
+    Mean_ptr,         # [B, N] fp32 out
+    Rstd_ptr,         # [B, N] fp32 out
+    Probs_ptr,        # [B, h, P, N] fp32 out
+    Parts_ptr,        # [B, P, C] contiguous out
+    C, N, P, D, H,
+    stride_xb, stride_xc, stride_xn,
+    eps,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,   # BLOCK_N >= N: whole rows
+    DOT_PRECISION: tl.constexpr,  # dots.mma precision
+):
+    # Short rows (N <= plans.ROW_TOKENS): one program per (sample, head, query block) keeps its rows of
+    # scores on chip from the product to the parts. Pass 1 over all C channels: S and the token
+    # statistics together; the softmax in registers; pass 2 over the head's channels: the parts. The
+    # programs of one sample run side by side (query block fastest), so both passes read x_b from L2.
+    num_qb = tl.cdiv(P, BLOCK_Q)
+    pid = tl.program_id(0)
+    qb = pid % num_qb
+    j = (pid // num_qb) % H
+    b = (pid // num_qb // H).to(tl.int64)
+    q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    n = tl.arange(0, BLOCK_N)
+    q_mask = q < P
+    n_mask = n < N
+    x_base = X_ptr + b * stride_xb
+    g_base = G_ptr + j * P * C
+    # The mean is not known until the pass ends, so the product contracts x - shift (shift = the token's
+    # first channel, as the statistics kernel): G (X - mean) = G (X - shift) - rowsum(G) (mean - shift).
+    # With a large common offset (x + 1000) x - shift is O(std): nothing cancels in the product.
+    shift = tl.load(x_base + n * stride_xn, mask=n_mask, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
+    g_sum = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_N], dtype=tl.float32)     # of x - shift, merged chunk by chunk (Chan et al.)
+    m2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    count = 0.0
+    for c0 in range(0, C, BLOCK_K):
+        c = c0 + tl.arange(0, BLOCK_K)
+        c_mask = c < C
+        g = tl.load(g_base + (q[:, None] * C + c[None, :]), mask=q_mask[:, None] & c_mask[None, :], other=0.0)
+        x_mask = c_mask[:, None] & n_mask[None, :]
+        x = tl.load(x_base + (c[:, None] * stride_xc + n[None, :] * stride_xn), mask=x_mask, other=0.0)
+        xs = tl.where(x_mask, x.to(tl.float32) - shift[None, :], 0.0)
+        acc = mma(g, xs, acc, DOT_PRECISION)
+        g_sum += tl.sum(g, axis=1)
+        chunk_count = tl.minimum(C - c0, BLOCK_K).to(tl.float32)
+        chunk_mean = tl.sum(xs, axis=0) / chunk_count
+        centred = tl.where(x_mask, xs - chunk_mean[None, :], 0.0)
+        total = count + chunk_count
+        delta = chunk_mean - mean
+        mean += delta * (chunk_count / total)
+        m2 += tl.sum(centred * centred, axis=0) + delta * delta * (count * chunk_count / total)
+        count = total
+    rstd = 1.0 / tl.sqrt(m2 / C + eps)
+    s = (acc - g_sum[:, None] * mean[None, :]) * rstd[None, :]
+    mean += shift
+    # Every program of the sample computes the same statistics in the same order; one stores them.
+    if (qb == 0) & (j == 0):
+        tl.store(Mean_ptr + b * N + n, mean, mask=n_mask)
+        tl.store(Rstd_ptr + b * N + n, rstd, mask=n_mask)
+
+    s = tl.where(n_mask[None, :], s, float("-inf"))
+    e = tl.exp2((s - tl.max(s, axis=1)[:, None]) * LOG2E)
+    probs = e / tl.sum(e, axis=1)[:, None]
+    tl.store(Probs_ptr + (b * H + j) * P * N + (q[:, None] * N + n[None, :]), probs,
+             mask=q_mask[:, None] & n_mask[None, :])
+
+    # parts_j = gamma * ((probs_j * rstd) @ Xc^T) + beta over the head's channels, x_b again (from L2).
+    w = round_operand(probs * rstd[None, :], DOT_PRECISION)    # rounded once, held in the operand dtype
+    head_end = (j + 1) * D
+    for c0 in range(j * D, head_end, BLOCK_K):
+        c = c0 + tl.arange(0, BLOCK_K)
+        c_mask = c < head_end
+        xt_mask = n_mask[:, None] & c_mask[None, :]
+        xt = tl.load(x_base + (n[:, None] * stride_xn + c[None, :] * stride_xc), mask=xt_mask, other=0.0)
+        xct = tl.where(xt_mask, xt.to(tl.float32) - mean[:, None], 0.0)
+        out = mma(w, xct, tl.zeros([BLOCK_Q, BLOCK_K], dtype=tl.float32), DOT_PRECISION)
+        gamma = tl.load(Gamma_ptr + c, mask=c_mask, other=0.0)
+        beta = tl.load(Beta_ptr + c, mask=c_mask, other=0.0)
+        out = out * gamma[None, :] + beta[None, :]
+        tl.store(Parts_ptr + b * P * C + (q[:, None] * C + c[None, :]), out.to(Parts_ptr.dtype.element_ty),
+                 mask=q_mask[:, None] & c_mask[None, :])

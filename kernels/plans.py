@@ -30,6 +30,9 @@ its per-block shared memory (LDS) limit alone:
   with 2 stages; all with 8 warps. AMD runs at most 2 stages (``HIP_MAX_STAGES``). Below 32 KiB of
   shared memory per block: ``PlanError``.
 - Tiles shrink to the problem (a head of 25 channels, 7 queries) but never below ``MIN_DOT``.
+- Short rows (``short_rows``: ``next_pow2(N) <= ROW_TOKENS`` and the plans fit): one forward and one
+  backward kernel per (sample, head, query block) hold whole rows of scores on chip instead of the tiled
+  kernels and their row kernels; their rule is the head's (``rows_per_block``, ``fit_channels``), below.
 - The row kernels hold whole rows, ``BLOCK_N = next_pow2(N)`` wide (at most ``MAX_TOKENS``), and as
   many rows as make ``ROW_VALUES`` fp32 values per thread: twice the rows with 64-lane wavefronts. The
   streaming kernels (statistics, the LayerNorm backward, the in-place mix) read [64, 32] or [8, 512]
@@ -204,6 +207,38 @@ def row_block(n: int, target: Target) -> tuple[int, int]:
     return max(1, tile // bn), bn
 
 
+def rows_per_block(cap: int, extent: int, tiles: int, bn: int, target: Target, values: int, warps: int) -> int:
+    """Rows per block of a kernel holding ``tiles`` [rows, bn] fp32 tiles together: ``cap`` or fewer, so
+    that they stay at ``values`` per thread with ``warps`` warps; at least ``MIN_DOT``; clamped to the extent."""
+    rows = cap
+    while rows > MIN_DOT and tiles * rows * bn > values * warps * target.warp_size:
+        rows //= 2
+    return fit_tile(rows, extent)
+
+
+def fit_channels(target: Target, bc: int, stages: int, operands, what: str, fixed=0) -> tuple[int, int, int]:
+    """``(BLOCK_C, stages, smem_bound)`` of a kernel looping over channel chunks: stages, then the chunk,
+    shrink until ``SMEM_HEADROOM`` x ``stages`` x ``operands(bc)`` (bytes of one stage's fp32 operand
+    tiles), and ``fixed`` (one copy of the operands of the products, staged for their layout conversion;
+    bytes, or a function of the chunk), fit the per-block limit; ``PlanError`` below ``MIN_DOT`` channels."""
+    def bound_at(k: int, s: int) -> int:
+        return max(SMEM_HEADROOM * s * operands(k), fixed(k) if callable(fixed) else fixed)
+
+    stages = _stages(target, stages)
+    if _interpreting(target):
+        return bc, 1, bound_at(bc, 1)
+    while True:
+        while stages > 1 and bound_at(bc, stages) > target.smem_per_block:
+            stages -= 1
+        bound = bound_at(bc, stages)
+        if bound <= target.smem_per_block:
+            return bc, stages, bound
+        if bc <= MIN_DOT:
+            raise PlanError(f"no {what} tiles fit {target.name}: {target.smem_per_block / 1024:.0f} KiB of shared "
+                            f"memory per block, the smallest plan needs {bound / 1024:.0f} KiB")
+        bc //= 2
+
+
 def _stream_plan(b: int, n: int, target: Target) -> KernelPlan:
     bc, bn = INTERPRETER_STREAM_TILE if _interpreting(target) else STREAM_TILE
     return KernelPlan(grid=(b, _cdiv(n, bn)), constexprs=dict(BLOCK_C=bc, BLOCK_N=bn), num_warps=STREAM_WARPS,
@@ -264,18 +299,95 @@ def attention_dg(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, tar
 
 
 def attention_dxhat(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
-                    dot_precision: str = "tf32", needs_dx: bool = True) -> KernelPlan:
-    """V = dparts_j^T @ probs_j ([d, P] x [P, N]), gamma's partial gradients and, with ``needs_dx``,
-    dxhat = G^T @ dS + gamma * V ([C, hP] x [hP, N]); grid (channel block x head x sample, token block)."""
+                    dot_precision: str = "tf32", needs_dx: bool = True, dgamma: bool = True) -> KernelPlan:
+    """V = dparts_j^T @ probs_j ([d, P] x [P, N]), with ``dgamma`` gamma's partial gradients and, with
+    ``needs_dx``, dxhat = G^T @ dS + gamma * V ([C, hP] x [hP, N]); grid (channel block x head x sample,
+    token block)."""
     d = c // h
     return _gemm_plan(lambda tm, tn: (_cdiv(d, tm) * h * b, _cdiv(n, tn)), target, d, n, p,
                       ("BLOCK_C", "BLOCK_N", "BLOCK_K"), dot_constexpr(target, dot_precision),
-                      accumulators=2 if needs_dx else 1, NEEDS_DX=needs_dx)
+                      accumulators=2 if needs_dx else 1, NEEDS_DX=needs_dx, DGAMMA=dgamma)
 
 
 def attention_dx(b: int, c: int, n: int, dtype: torch.dtype, target: Target) -> KernelPlan:
     """LayerNorm backward: one program per (sample, token block)."""
     return _stream_plan(b, n, target)
+
+
+# ------------------------------------------------------------------ part attention, short rows
+# Where a whole row of scores fits (N <= ROW_TOKENS), one kernel per direction keeps the rows on chip: the
+# forward computes scores, token statistics, softmax and parts; the backward dP, the softmax backward and
+# gamma's and beta's partial gradients (dG stays the tiled GEMM: it sums over the batch). Their tiles
+# follow the head's rule (kernels/plans_head.py): rows per block from a per-thread register budget, the
+# channel chunk and stages shrunk by ``fit_channels`` until the shared-memory bound fits the target.
+ROW_TOKENS = 256        # whole rows of next_pow2(N) <= 256 tokens: N = 196 (14 x 14) in one block
+ROWS_WARPS = 8
+ROWS_VALUES = 64        # fp32 values per thread in the row tiles held together (the head's budget)
+ROWS_FWD_BLOCK_Q = 32   # forward: queries per program (cap); S, then probs and probs * rstd: 2 tiles
+ROWS_FWD_TILES = 2
+ROWS_BWD_BLOCK_Q = 16   # backward: queries per program (cap); probs * rstd and dP through the channel loop,
+ROWS_BWD_TILES = 2      # probs after it
+ROWS_FWD_BLOCK_K = 32   # channels per chunk (cap), both passes ...
+ROWS_FWD_STAGES = 2     # ... one x chunk in flight while the other is consumed
+ROWS_BWD_BLOCK_K = 32
+ROWS_BWD_STAGES = 2
+ROWS_BWD_STAGES_HIP = 1  # AMD: 2 stages spilled 25-33 B at 256 VGPRs (gfx950, fp32 operands)
+INTERPRETER_ROWS = (128, 256)   # (BLOCK_Q, BLOCK_K): few programs and loop trips on CPU
+
+
+def _rows_plan(b: int, c: int, n: int, p: int, h: int, target: Target, dot_precision: str, cap: int, tiles: int,
+               chunk: int, stages: int, what: str, **flags) -> KernelPlan:
+    """A short-row kernel's plan: one program per (sample, head, query block) over whole rows of N tokens."""
+    bn = max(MIN_DOT, next_pow2(n))
+    if bn > ROW_TOKENS:
+        raise PlanError(f"the {what} kernel holds whole rows of at most {ROW_TOKENS} tokens, got N = {n}")
+    d = c // h
+    if _interpreting(target):
+        bq, bk = fit_tile(INTERPRETER_ROWS[0], p), fit_tile(INTERPRETER_ROWS[1], d)
+    else:
+        bq = rows_per_block(cap, p, tiles, bn, target, ROWS_VALUES, ROWS_WARPS)
+        bk = fit_tile(chunk, d)
+    # A stage: a [BLOCK_Q, BLOCK_K] chunk of g (dparts) and a [BLOCK_K, BLOCK_N] chunk of x. Staged for
+    # the products besides: the row tile probs * rstd, and the centred x chunk in both orientations (the
+    # backward multiplies it from both sides; measured 80 KiB at [16, 256] rows and 32 channels, sm_86).
+    bk, stages, bound = fit_channels(target, bk, stages, lambda k: (bq * k + k * bn) * FP32_BYTES,
+                                     f"short-row {what}", fixed=lambda k: tile_bound((bq, bn), (k, bn), (bn, k)))
+    return KernelPlan(grid=(b * h * _cdiv(p, bq),),
+                      constexprs=dict(flags, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_K=bk,
+                                      DOT_PRECISION=dot_constexpr(target, dot_precision)),
+                      num_warps=4 if _interpreting(target) else ROWS_WARPS, num_stages=stages, smem_bound=bound,
+                      options=_options(target))
+
+
+def attention_fwd_rows(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
+                       dot_precision: str = "tf32") -> KernelPlan:
+    """Short rows: scores with the token statistics, softmax and parts in one kernel; grid (query block x
+    head x sample)."""
+    return _rows_plan(b, c, n, p, h, target, dot_precision, ROWS_FWD_BLOCK_Q, ROWS_FWD_TILES, ROWS_FWD_BLOCK_K,
+                      ROWS_FWD_STAGES, "forward")
+
+
+def attention_bwd_rows(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
+                       dot_precision: str = "tf32", has_dparts: bool = True, has_dattn: bool = True) -> KernelPlan:
+    """Short rows: dP, the softmax backward and gamma's and beta's partial sums in one kernel; grid (query
+    block x head x sample)."""
+    return _rows_plan(b, c, n, p, h, target, dot_precision, ROWS_BWD_BLOCK_Q, ROWS_BWD_TILES, ROWS_BWD_BLOCK_K,
+                      ROWS_BWD_STAGES_HIP if target.backend == "hip" else ROWS_BWD_STAGES, "backward",
+                      HAS_DPARTS=has_dparts, HAS_DATTN=has_dattn)
+
+
+def short_rows(n: int, target: Target) -> bool:
+    """Whether part attention over ``n`` tokens takes the short-row kernels on ``target``: a whole row fits
+    (``next_pow2(n) <= ROW_TOKENS``), both short-row plans fit the target's limits at their full tiles, and
+    so do the tiled GEMMs the backward still runs after them (dG; dxhat for dx): an op whose forward runs
+    must have a backward. Elsewhere the tiled kernels run (tiles independent of N, every target)."""
+    try:
+        gemm_tiles(target, accumulators=2)
+        attention_fwd_rows(1, ROWS_FWD_BLOCK_K, n, ROWS_FWD_BLOCK_Q, 1, torch.float32, target)
+        attention_bwd_rows(1, ROWS_BWD_BLOCK_K, n, ROWS_BWD_BLOCK_Q, 1, torch.float32, target)
+    except PlanError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- part mixup

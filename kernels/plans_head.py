@@ -24,7 +24,7 @@ import torch
 
 from .launch import KernelPlan, next_pow2
 from .plans import (FP32_BYTES, MAX_TOKENS, MIN_DOT, SMEM_HEADROOM, PlanError, _cdiv, _gemm_plan, _interpreting,
-                    _options, _stages, dot_constexpr, fit_tile, tile_bound)
+                    _options, dot_constexpr, fit_channels, fit_tile, rows_per_block, tile_bound)
 from .targets import Target
 
 HEAD_VIEWS_BLOCK = 16       # rows of the pooling matrix M (2K: own views, then the partner's) per block:
@@ -60,37 +60,6 @@ def head_block_n(n: int, target: Target) -> int:
     return max(MIN_DOT, min(next_pow2(n), MAX_TOKENS if _interpreting(target) else HEAD_BLOCK_N))
 
 
-def _row_block(cap: int, extent: int, tiles: int, bn: int, target: Target) -> int:
-    """Rows per block: ``cap`` or fewer, so that ``tiles`` [rows, bn] fp32 tiles stay at ``HEAD_ROW_VALUES``
-    per thread; at least ``MIN_DOT``; clamped to the extent."""
-    rows = cap
-    while rows > MIN_DOT and tiles * rows * bn > HEAD_ROW_VALUES * HEAD_WARPS * target.warp_size:
-        rows //= 2
-    return fit_tile(rows, extent)
-
-
-def _fit_channels(target: Target, bc: int, stages: int, operands, what: str, fixed: int = 0) -> tuple[int, int, int]:
-    """``(BLOCK_C, stages, smem_bound)``: stages, then the channel chunk, shrink until ``SMEM_HEADROOM`` x
-    ``stages`` x ``operands(bc)`` (bytes of one stage's fp32 operand tiles), and ``fixed`` (one copy of
-    the operands of a product after the loop), fit the per-block limit."""
-    def bound_at(k: int, s: int) -> int:
-        return max(SMEM_HEADROOM * s * operands(k), fixed)
-
-    stages = _stages(target, stages)
-    if _interpreting(target):
-        return bc, 1, bound_at(bc, 1)
-    while True:
-        while stages > 1 and bound_at(bc, stages) > target.smem_per_block:
-            stages -= 1
-        bound = bound_at(bc, stages)
-        if bound <= target.smem_per_block:
-            return bc, stages, bound
-        if bc <= MIN_DOT:
-            raise PlanError(f"no {what} tiles fit {target.name}: {target.smem_per_block / 1024:.0f} KiB of shared "
-                            f"memory per block, the smallest plan needs {bound / 1024:.0f} KiB")
-        bc //= 2
-
-
 def _head_fwd_stages(target: Target, dtype: torch.dtype, dot_precision: str) -> int:
     """Pipeline stages of the one-pass forward. Measured (``kernels.inspect``, N = 196, 32 x 256 rows):
     AMD takes 1 (gfx950, where the LDS allows 2: 274-284 VGPRs, no 8-wave workgroup fits a CU; 1 stage:
@@ -110,12 +79,13 @@ def head_fwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dt
     if _interpreting(target):
         bp, bc = fit_tile(INTERPRETER_FWD[0], p), fit_tile(INTERPRETER_FWD[1], c)
     else:
-        bp = _row_block(HEAD_FWD_BLOCK_P, p, 2 if bn >= n else HEAD_FWD_TWO_PASS_TILES, bn, target)
+        bp = rows_per_block(HEAD_FWD_BLOCK_P, p, 2 if bn >= n else HEAD_FWD_TWO_PASS_TILES, bn, target,
+                            HEAD_ROW_VALUES, HEAD_WARPS)
         two_pass_sm90 = bn < n and target.name == "sm_90"
         bc = fit_tile(HEAD_FWD_TWO_PASS_BLOCK_C_SM90 if two_pass_sm90 else HEAD_FWD_BLOCK_C, c)
     # A stage: the g and wrg chunks [BLOCK_P, BLOCK_C] and an x chunk [BLOCK_C, BLOCK_N]; the epilogue
     # M [BLOCK_V, BLOCK_P] x probs [BLOCK_P, BLOCK_N] reuses the same memory.
-    bc, stages, bound = _fit_channels(target, bc, _head_fwd_stages(target, dtype, dot_precision) if bn >= n else 1,
+    bc, stages, bound = fit_channels(target, bc, _head_fwd_stages(target, dtype, dot_precision) if bn >= n else 1,
                                       lambda k: (2 * bp * k + k * bn) * FP32_BYTES, "head forward",
                                       fixed=tile_bound((bv, bp), (bp, bn)))
     return KernelPlan(grid=(b * h * _cdiv(p, bp),),
@@ -136,7 +106,7 @@ def head_pool(b: int, c: int, n: int, h: int, views: int, dtype: torch.dtype, ta
     split = min(split_cap, d)
     # One product at a time: coef [BLOCK_V, BLOCK_N] x x^T [BLOCK_N, BLOCK_C], then dU [BLOCK_V, BLOCK_C]
     # x x [BLOCK_C, BLOCK_N].
-    bc, stages, bound = _fit_channels(target, fit_tile(bc, split), HEAD_POOL_STAGES,
+    bc, stages, bound = fit_channels(target, fit_tile(bc, split), HEAD_POOL_STAGES,
                                       lambda k: (bv * bn + bn * k) * FP32_BYTES, "head pooled-row")
     return KernelPlan(grid=(b * h, _cdiv(d, split)),
                       constexprs=dict(HAS_DU=has_du, BLOCK_V=bv, BLOCK_N=bn, BLOCK_C=bc,
@@ -154,7 +124,7 @@ def head_bwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dt
     if _interpreting(target):
         bp = fit_tile(INTERPRETER_BWD_P, p)
     else:
-        bp = _row_block(HEAD_BWD_BLOCK_P, p, HEAD_BWD_ROW_TILES, bn, target)
+        bp = rows_per_block(HEAD_BWD_BLOCK_P, p, HEAD_BWD_ROW_TILES, bn, target, HEAD_ROW_VALUES, HEAD_WARPS)
     # M^T [BLOCK_P, BLOCK_V] x dcoef [BLOCK_V, BLOCK_N], unpipelined.
     bound = SMEM_HEADROOM * (bp * bv + bv * bn) * FP32_BYTES
     if not _interpreting(target) and bound > target.smem_per_block:

@@ -284,3 +284,94 @@ def test_ieee_is_exact_fp32_even_with_tf32_emulated(device):
     """"ieee" dots are fp32 products: the TF32 emulation (or hardware) leaves them alone."""
     errors = precision_errors("ieee", device)
     assert max(errors.values()) <= PRECISION_BOUNDS["ieee"], errors
+
+
+# ------------------------------------------------------------------------------ short rows and tiles
+# Where a whole row of scores fits (N <= plans.ROW_TOKENS and the target's limits), one forward and one
+# backward kernel keep the rows on chip (plans.short_rows); longer rows take the tiled kernels.
+ROWS_KERNELS = {"_part_attention_fwd_rows_kernel", "_part_attention_bwd_rows_kernel"}
+TILED_KERNELS = {"_part_attention_stats_kernel", "_part_attention_fwd_scores_kernel",
+                 "_part_attention_fwd_softmax_kernel", "_part_attention_fwd_parts_kernel",
+                 "_part_attention_bwd_dp_kernel", "_part_attention_bwd_softmax_kernel"}
+
+
+def launched_kernels(x, g, num_heads, needs_dx, target, with_dattn=True, with_dparts=True):
+    """Names of the kernels the launchers launch for these shapes on ``target`` (recorded on meta tensors)."""
+    from c2f.kernels.launch import recording
+    bsz, c, n = x.shape
+    p = g.shape[1]
+    meta = dict(device="meta")
+    xm, gm = torch.empty(x.shape, dtype=x.dtype, **meta), torch.empty(g.shape, **meta)
+    with recording(target) as launches:
+        parts, attn, probs, mean, rstd = triton_impl.folded_fwd(xm, gm, torch.empty(c, **meta), torch.empty(c, **meta),
+                                                                EPS, x.dtype, 16.0)
+        triton_impl.folded_bwd(xm, gm, torch.empty(c, **meta), attn, probs, mean, rstd,
+                               torch.empty(bsz, p, c, **meta) if with_dparts else None,
+                               torch.empty(bsz, p, n, **meta) if with_dattn else None, num_heads, needs_dx, 16.0)
+    return {launch.name for launch in launches}
+
+
+SHORT_ROW_TILES = [pytest.param(None, id="interpreter-tiles"), pytest.param("sm_86", id="sm_86-tiles"),
+                   pytest.param("gfx942", id="gfx942-tiles")]
+
+
+@pytest.mark.parametrize("tiles", SHORT_ROW_TILES)
+@pytest.mark.parametrize("bsz, c, n, p, num_heads, dtype, atol, rtol, needs_dx", [
+    (2, 200, 49, 7, 1, torch.float32, *FP32_TOL, True),        # N = 49, P = 7, C = 200 (no block divides it)
+    (1, 72, 196, 312, 1, torch.float16, 2e-3, 2e-3, False),    # the production N and P (P over several blocks)
+    (2, 40, 256, 1, 1, torch.bfloat16, 1e-2, 1e-2, True),      # N = 256, the longest short row; P = 1
+    (1, 100, 196, 7, 4, torch.float32, *FP32_TOL, True),       # heads of 25 channels
+    (2, 48, 257, 7, 2, torch.float32, *FP32_TOL, False),       # N = 257: the tiled kernels
+])
+def test_short_rows_and_the_tiled_path_past_them(tiles, bsz, c, n, p, num_heads, dtype, atol, rtol, needs_dx, device):
+    """The short-row kernels where N <= 256, the tiled ones past it: the same contract, at odd shapes, on the
+    interpreter's tiles and on the GPU tiles of a 99 KiB and a 64 KiB target."""
+    target = targets.TARGETS[tiles] if tiles else targets.current(torch.device(device))
+    inputs = make_inputs(bsz, c, n, p, num_heads, dtype=dtype, device=device)
+    names = launched_kernels(inputs[0], inputs[1], num_heads, needs_dx, target)
+    short = n <= 256
+    assert (ROWS_KERNELS <= names) == short and (not TILED_KERNELS & names) == short, names
+    with plan_for(target) if tiles else contextlib.nullcontext():
+        run_and_compare(("triton", 16.0), *inputs, num_heads, atol, rtol, needs_dx=needs_dx)
+
+
+@pytest.mark.parametrize("with_dparts, with_dattn", [(False, True), (True, False)])
+@pytest.mark.parametrize("needs_dx", [True, False])
+def test_short_rows_without_one_upstream_gradient(with_dparts, with_dattn, needs_dx, device):
+    """Only dattn (the parts unused: no pass over x in the row kernel, zero dgamma / dbeta) or only dparts."""
+    x, g, gamma, beta, dparts, dattn = make_inputs(2, 64, 49, 7, 2, device=device)
+    names = launched_kernels(x, g, 2, needs_dx, targets.current(torch.device(device)), with_dattn, with_dparts)
+    assert ROWS_KERNELS <= names and not TILED_KERNELS & names, names
+    if with_dparts:
+        run_and_compare(("triton", 16.0), x, g, gamma, beta, dparts, None, 2, *FP32_TOL, needs_dx=needs_dx)
+        return
+    # The contract with zero dparts (checked against float64), then dparts=None must give the same.
+    run_and_compare(("triton", 16.0), x, g, gamma, beta, torch.zeros_like(dparts), dattn, 2, *FP32_TOL,
+                    needs_dx=needs_dx)
+    state = triton_impl.folded_fwd(x, g, gamma, beta, EPS, x.dtype, 16.0)[1:]
+    want = triton_impl.folded_bwd(x, g, gamma, *state, torch.zeros_like(dparts), dattn, 2, needs_dx, 16.0)
+    got = triton_impl.folded_bwd(x, g, gamma, *state, None, dattn, 2, needs_dx, 16.0)
+    assert not got[1].any() and not got[2].any()
+    for name, a, b in zip(("dg", "dgamma", "dbeta", "dx"), got, want):
+        if needs_dx or name != "dx":
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.fixture
+def tiled_only(monkeypatch):
+    """The tiled kernels at every N (no row fits), as on a target too small for the short-row kernels."""
+    from c2f.kernels import plans
+    monkeypatch.setattr(plans, "ROW_TOKENS", 0)
+
+
+@pytest.mark.parametrize("bsz, c, n, p, num_heads, dtype, atol, rtol", [
+    (2, 200, 49, 7, 1, torch.float32, *FP32_TOL),
+    (2, 256, 49, 40, 2, torch.bfloat16, 1e-2, 1e-2),
+    (1, 48, 5, 3, 1, torch.float16, 2e-3, 2e-3),
+])
+def test_tiled_path_at_short_rows(tiled_only, bsz, c, n, p, num_heads, dtype, atol, rtol, device):
+    """The tiled kernels keep their contract at the N where the short-row kernels normally run."""
+    inputs = make_inputs(bsz, c, n, p, num_heads, dtype=dtype, device=device)
+    names = launched_kernels(inputs[0], inputs[1], num_heads, True, targets.current(torch.device(device)))
+    assert TILED_KERNELS <= names and not ROWS_KERNELS & names, names
+    run_and_compare(("triton", 16.0), *inputs, num_heads, atol, rtol)

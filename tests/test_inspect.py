@@ -160,13 +160,21 @@ def test_launcher_plans_are_what_is_inspected(monkeypatch):
     recorded launch (so the compiled kernel) changes with it."""
     from c2f.kernels import plans
     sm90 = targets.TARGETS["sm_90"]
-    run = dict(kinspect.cases(quick=True)["part_attention"])["N=196 h=1 fp32"]
+    # N = 324: the tiled kernels (past plans.ROW_TOKENS); N = 196: the short-row ones.
+    run = dict(kinspect.cases()["part_attention"])["N=324 h=1 fp32"]
+    short = dict(kinspect.cases(quick=True)["part_attention"])["N=196 h=1 fp32"]
     before = {l.name: l.plan.constexprs for l in kinspect.record(sm90, run)}
+    short_before = {l.name: dict(l.plan.constexprs) for l in kinspect.record(sm90, short)}
     monkeypatch.setattr(plans, "GEMM_LADDER", (plans.GemmTiles(64, 32, 32, stages=2, warps=4),))
+    monkeypatch.setattr(plans, "ROWS_FWD_BLOCK_Q", 16)
     after = {l.name: (l.plan.constexprs, l.plan.num_stages) for l in kinspect.record(sm90, run)}
+    short_after = {l.name: l.plan.constexprs for l in kinspect.record(sm90, short)}
     assert before["_part_attention_fwd_scores_kernel"]["BLOCK_Q"] == 128
     assert after["_part_attention_fwd_scores_kernel"] == (dict(BLOCK_Q=64, BLOCK_N=32, BLOCK_K=32,
                                                                DOT_PRECISION="tf32"), 2)
+    assert short_before["_part_attention_fwd_rows_kernel"]["BLOCK_Q"] == 32
+    assert short_after["_part_attention_fwd_rows_kernel"] == dict(short_before["_part_attention_fwd_rows_kernel"],
+                                                                  BLOCK_Q=16)
 
 
 def test_tensor_cores_from_ptx():
@@ -202,9 +210,10 @@ def test_plan_bound_is_checked():
 
 
 def test_every_kernel_is_in_the_grid():
-    """Every @triton.jit kernel the launchers can launch appears in the inspected grid."""
+    """Every @triton.jit kernel the launchers can launch appears in the inspected grid (the full one: the quick
+    grid, N = 196 only, runs the short-row attention kernels and not the tiled ones)."""
     from c2f.kernels import c2f_head_bwd, c2f_head_fwd, part_attention_bwd, part_attention_fwd, part_mixup
-    recorded = {l.name for op in kinspect.cases(quick=True).values() for _, run in op
+    recorded = {l.name for op in kinspect.cases().values() for _, run in op
                 for l in kinspect.record(targets.TARGETS["sm_90"], run)}
     defined = {name for module in (part_attention_fwd, part_attention_bwd, part_mixup, c2f_head_fwd, c2f_head_bwd)
                for name in dir(module) if name.endswith("_kernel") and name.startswith(("_part", "_c2f"))}

@@ -204,3 +204,47 @@ def test_the_public_dot_precisions_are_the_kernels():
     """c2f.attention keeps its own copy of the list (no kernels import on the torch path): it must not drift."""
     from c2f.attention import DOT_PRECISIONS as public
     assert public == plans.DOT_PRECISIONS
+
+
+# ------------------------------------------------------------------------------ short rows
+SHORT_ROW_N = (1, 16, 49, 196, 255, 256)
+LONG_ROW_N = (257, 324, 576, 1024)
+
+
+@pytest.mark.parametrize("name", list(targets.TARGETS))
+def test_short_rows_flip_past_256_tokens_on_every_target(name):
+    """Every target in the table keeps whole rows of up to 256 tokens on chip, the tiled kernels past that;
+    the short-row plans stay within the target's limit at every short N and shape of the inspect grid."""
+    target = targets.TARGETS[name]
+    assert [plans.short_rows(n, target) for n in SHORT_ROW_N + LONG_ROW_N] == \
+        [True] * len(SHORT_ROW_N) + [False] * len(LONG_ROW_N)
+    for n in SHORT_ROW_N:
+        for c, h in ((2048, 1), (1536, 3), (2048, 16), (200, 1)):
+            for plan in (plans.attention_fwd_rows(16, c, n, 312, h, torch.float32, target),
+                         plans.attention_bwd_rows(16, c, n, 312, h, torch.float32, target)):
+                assert plan.smem_bound <= target.smem_per_block, (name, n, c, h, plan)
+                assert plan.constexprs["BLOCK_N"] >= n
+    with pytest.raises(plans.PlanError, match="whole rows of at most 256 tokens"):
+        plans.attention_fwd_rows(16, 2048, 257, 312, 1, torch.float32, target)
+
+
+def test_short_rows_flip_earlier_on_smaller_targets():
+    """Below the table's limits the flip comes at fewer tokens (the rows' tiles no longer fit), and where not
+    even the tiled backward's GEMMs fit, nowhere (the tiled path then raises PlanError)."""
+    flips = {}
+    for kib in (227, 99, 64, 48, 40, 32, 16):
+        short = [n for n in (16, 32, 64, 128, 256) if plans.short_rows(n, with_limit(kib))]
+        assert short == sorted(short) and short == [n for n in (16, 32, 64, 128, 256) if n <= max(short, default=0)]
+        flips[kib] = max(short, default=0)
+    assert flips[227] == flips[99] == flips[64] == 256
+    assert list(flips.values()) == sorted(flips.values(), reverse=True)
+    assert 0 < flips[40] < 256 and flips[16] == 0, flips
+
+
+def test_short_row_tiles_shrink_with_the_limit():
+    """Stages, then the channel chunk, shrink with the per-block limit; rows per block come from registers."""
+    got = {kib: plans.attention_fwd_rows(16, 2048, 196, 312, 1, torch.float32, with_limit(kib)) for kib in LIMITS_KIB}
+    assert [(p.num_stages, p.constexprs["BLOCK_K"]) for p in got.values()] == [(2, 32), (1, 32), (1, 16)]
+    assert {p.constexprs["BLOCK_Q"] for p in got.values()} == {plans.ROWS_FWD_BLOCK_Q}
+    bwd = plans.attention_bwd_rows(16, 2048, 196, 312, 1, torch.float32, targets.TARGETS["gfx950"])
+    assert bwd.num_stages == plans.ROWS_BWD_STAGES_HIP and bwd.constexprs["BLOCK_Q"] == plans.ROWS_BWD_BLOCK_Q
