@@ -122,7 +122,7 @@ def _dprobs(df: Optional[torch.Tensor], dattn: Optional[torch.Tensor], xc: torch
     channels (in ``xg_buf``), not ``dparts``, which is larger."""
     c, b, n = xc.shape
     p, d = (df if df is not None else dattn).shape[1], c // h
-    dp = torch.zeros(h, b, p, n, dtype=xc.dtype, device=xc.device)
+    dp = (torch.zeros if df is None else torch.empty)(h, b, p, n, dtype=xc.dtype, device=xc.device)
     if df is not None:
         xg = torch.mul(xc, gamma[:, None, None], out=view_front(xg_buf, c, b, n)).to(od)
         dfo = df.to(od)
