@@ -16,6 +16,7 @@ import contextlib
 import pytest
 import torch
 
+from bench import algebra
 from bench.common import autocast, failure_note, head_inputs, record, zero_grads
 from bench.machine import native_bf16
 from c2f import nn as c2fnn
@@ -66,7 +67,8 @@ def test_head_amp(benchmark, device, amp):
     with _recorded_failure("c2f_head_step", params, amp):
         record(benchmark, step, name="c2f_head_step", impl="fused", device=device, dtype=x.dtype, amp=amp,
                shapes={"x": list(x.shape), "mask": list(mask.shape)}, params=params,
-               setup=lambda: zero_grads(model), rounds=rounds, warmup=warmup)
+               setup=lambda: zero_grads(model), rounds=rounds, warmup=warmup,
+               minimal=algebra.head(B, C, HW * HW, P, 1, K, CLASSES))
     _finish(benchmark, outputs, device)
 
 
@@ -88,5 +90,6 @@ def test_attention_amp(benchmark, device, amp):
     with _recorded_failure("attention_h1", params, amp):
         record(benchmark, step, name="attention_h1", impl="fused", device=device, dtype=x.dtype, amp=amp,
                shapes={"x": list(x.shape), "parts": [B, P, C]}, params=params,
-               setup=lambda: zero_grads(model), rounds=rounds, warmup=warmup)
+               setup=lambda: zero_grads(model), rounds=rounds, warmup=warmup,
+               minimal=algebra.attention(B, C, HW * HW, P, 1, True))
     _finish(benchmark, outputs, device)

@@ -7,9 +7,10 @@ most 1/3 of the reference's peak; 16 heads no slower and at most 1/2 of its peak
 import pytest
 import torch
 
+from bench import algebra
 from bench.common import B_SWEEP, record, sweep, zero_grads
 from c2f import reference
-from c2f.attention import PartAttention
+from c2f.attention import PartAttention, pick_formulation
 
 C, HW, P = 2048, 14, 312
 _COMPILED = {}
@@ -41,7 +42,8 @@ def _case(benchmark, device, impl, heads, B, sweep_name=None):
 
     record(benchmark, step, name=f"attention_h{heads}", impl=impl, device=device, dtype=x.dtype,
            shapes={"x": list(x.shape), "parts": [B, P, C]}, params={"B": B, "heads": heads},
-           sweep=sweep_name, forward=forward, setup=lambda: zero_grads(model))
+           sweep=sweep_name, forward=forward, setup=lambda: zero_grads(model),
+           minimal=algebra.attention(B, C, HW * HW, P, heads, pick_formulation("auto", heads, C, P) == "folded"))
 
 
 @pytest.mark.parametrize("impl", ["fused", "reference", "compiled"])

@@ -10,6 +10,7 @@ state, and a compile that fails is recorded in the report rather than failing th
 import pytest
 import torch
 
+from bench import algebra
 from bench.common import failure_note, head_inputs, record, sweep, zero_grads
 from c2f import nn as c2fnn
 from c2f import reference
@@ -51,7 +52,8 @@ def _case(benchmark, device, impl, B, K, sweep_name):
     try:
         record(benchmark, step, name="c2f_head_step", impl=impl, device=device, dtype=x.dtype,
                shapes={"x": list(x.shape), "mask": list(mask.shape)}, params=params,
-               sweep=sweep_name, forward=forward, setup=lambda: zero_grads(model))
+               sweep=sweep_name, forward=forward, setup=lambda: zero_grads(model),
+               minimal=algebra.head(B, C, HW * HW, P, 1, K, CLASSES))
     except Exception as e:
         if impl != "fused_compiled":
             raise

@@ -22,6 +22,7 @@ import time
 import pytest
 import torch
 
+from bench import algebra
 from bench.common import bench_device, record, synchronize, zero_grads
 from bench.memtrack import peak_live_bytes
 from c2f import reference as ref
@@ -148,4 +149,5 @@ def test_part_mixup_pool(benchmark, impl, k):
     step, setup = _pool_step(impl, *inputs)
     record(benchmark, step, name="part_mixup_pool", impl=impl, device=device, dtype=torch.float32,
            shapes={"parts": [B, P, C], "mask": [k, B, P]}, params={"B": B, "K": k}, sweep="K",
-           setup=setup, rounds=3 if (impl == "reference" and k == 32) else None, extra=extra)
+           setup=setup, rounds=3 if (impl == "reference" and k == 32) else None, extra=extra,
+           minimal=algebra.mixup_pool(B, P, C, k))

@@ -160,7 +160,7 @@ def record(benchmark, fn: Callable[[], Any], *, name: str, impl: str, device: to
            params: Optional[dict[str, Any]] = None, sweep: Optional[str] = None,
            forward: Optional[Callable[[], Any]] = None, setup: Optional[Callable[[], None]] = None,
            rounds: Optional[int] = None, warmup: Optional[int] = None, measure: bool = True,
-           extra: Optional[dict[str, Any]] = None) -> None:
+           minimal: Optional[tuple[int, str]] = None, extra: Optional[dict[str, Any]] = None) -> None:
     """Times ``fn`` with ``benchmark.pedantic`` and stores its peak memory, FLOPs and ops in ``extra_info``.
 
     ``fn`` runs once untimed under the live-tensor tracker, the FLOP counter and the op counter (skip
@@ -171,8 +171,9 @@ def record(benchmark, fn: Callable[[], Any], *, name: str, impl: str, device: to
     (``warmup`` defaults to 1, and to 0 in quick mode when the measuring run already warmed the step up);
     ``setup`` (e.g. ``lambda: zero_grads(model)``) runs before each of them, outside the timing.
     ``forward``, if given, runs once more to count the bytes autograd saves for backward. ``amp`` labels
-    a case whose ``fn`` runs its forward under ``autocast(device, amp)``. ``extra`` adds anything else
-    JSON-serialisable.
+    a case whose ``fn`` runs its forward under ``autocast(device, amp)``. ``minimal``: ``(FLOPs, formula)``
+    of the case's minimal algebra (``bench.algebra``), the count behind the report's "GEMM fraction
+    (minimal)". ``extra`` adds anything else JSON-serialisable.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -209,6 +210,8 @@ def record(benchmark, fn: Callable[[], Any], *, name: str, impl: str, device: to
                      f"{key}_session_flops_per_s": session["flops_per_s"]})
     if amp != "off":
         info["native_bf16"] = machine.native_bf16(device)
+    if minimal is not None:
+        info["minimal_flops"], info["minimal_formula"] = minimal
     if impl in COMPILED_IMPLS:
         setup()
         info.update(_first_compiled_call(timed))

@@ -160,8 +160,9 @@ def write_report(out: Path, merged: dict, static: dict, quick: bool, started: fl
               f"{threads} intra-op thread{'' if threads == '1' else 's'}; load average {load[0]:.2f} at the start, {load_end:.2f} at the end).")
     readme = "\n\n".join(x for x in [
         header, f"Yardstick GEMM, same processes and threads, timed around each case: {tables.gemm_line(benchmarks)}. "
-        "GEMM fraction = a case's FLOPs / its median time / that GEMM's throughput (memory-bound mixup cases "
-        "have almost no FLOPs).", busy_note,
+        "GEMM fraction (minimal) = the FLOPs of the case's minimal algebra (formulas under the table) / its median "
+        "time / that GEMM's throughput; (counted) uses the FLOPs the implementation dispatches (FlopCounterMode); "
+        "memory-bound mixup cases have almost no FLOPs.", busy_note,
         tables.readme_table(benchmarks, notes), "torch.compile(c2f) beside eager c2f:",
         tables.compile_table(benchmarks, notes), "bf16 autocast against fp32 (c2f):",
         tables.dtype_table(benchmarks, notes), bf16,
@@ -190,6 +191,9 @@ peak live bytes are the high-water mark of tensors allocated during one forward 
 saved-for-backward bytes are what autograd keeps from the forward. Each case runs c2f, the reference
 (`c2f.reference`) and, where it applies, `torch.compile` of either on the same inputs in the same run.
 Compile times are cold: each report run starts with an empty Inductor cache (`<out>/bench/inductor_cache`).
+**GEMM fraction (minimal)**: the FLOPs of the case's minimal algebra (`bench/algebra.py`: only the products the
+math cannot do without, named per case under the README table) over its median time, as a fraction of the
+yardstick GEMM described next; "GFLOP/s (minimal)" is that rate.
 **GEMM fraction**: the case's FLOPs (FlopCounterMode, inside c2f's custom ops too) over its median time,
 as a fraction of the yardstick GEMM's throughput, timed in the same process with the same threads right
 before and right after the case's rounds ({tables.gemm_line(benchmarks)}). It measures how close a

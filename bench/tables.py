@@ -13,8 +13,8 @@ IMPL_ORDER = ("fused", "fused_compiled", "reference", "compiled")
 IMPL_NAMES = {"fused": "c2f", "fused_compiled": "torch.compile(c2f)", "reference": "reference",
               "compiled": "torch.compile(reference)"}
 
-__all__ = ["cases", "median_ms", "gemm_fraction", "cases_table", "sweeps", "sweep_tables", "readme_table",
-           "dtype_table", "compile_table", "notes_lines", "gemm_line", "headline", "fmt", "params_text", "case_order", "impl_order"]
+__all__ = ["cases", "median_ms", "gemm_fraction", "minimal_gflops", "minimal_fraction", "minimal_formulas",
+           "cases_table", "sweeps", "sweep_tables", "readme_table", "dtype_table", "compile_table", "notes_lines", "gemm_line", "headline", "fmt", "params_text", "case_order", "impl_order"]
 
 
 def param_key(params: tuple) -> tuple:
@@ -70,6 +70,28 @@ def gemm_fraction(b: dict, key: str = "gemm_flops_per_s") -> Optional[float]:
     return flops / (median_ms(b) / 1e3) / gemm
 
 
+def minimal_gflops(b: dict) -> Optional[float]:
+    """The case's minimal-algebra FLOPs (``bench.algebra``) over its median time, in GFLOP/s."""
+    flops = b.get("extra_info", {}).get("minimal_flops")
+    return None if not flops or not median_ms(b) else flops / (median_ms(b) / 1e3) / 1e9
+
+
+def minimal_fraction(b: dict, key: str = "gemm_flops_per_s") -> Optional[float]:
+    """``minimal_gflops`` as a fraction of the yardstick GEMM's throughput measured in the same run."""
+    rate, gemm = minimal_gflops(b), b.get("extra_info", {}).get(key)
+    return None if rate is None or not gemm else rate * 1e9 / gemm
+
+
+def minimal_formulas(rows) -> str:
+    """``case: formula`` for every case of ``rows`` (``[(key, impls)]``) that has a minimal algebra."""
+    found = {}
+    for (name, _), impls in rows:
+        formula = impls.get("fused", {}).get("extra_info", {}).get("minimal_formula")
+        if formula:
+            found[name] = formula
+    return "; ".join(f"**{name}**: {formula}" for name, formula in sorted(found.items()))
+
+
 def _ratio(num: Optional[float], den: Optional[float], spec: str = ".2f", suffix: str = "") -> str:
     return "n/a" if num is None or not den else f"{num / den:{spec}}{suffix}"
 
@@ -87,9 +109,9 @@ def _ops(b: Optional[dict]) -> str:
 
 def cases_table(benchmarks: list[dict]) -> str:
     lines = ["| case | params | impl | median (ms) | IQR (ms) | rounds | peak live (MiB) | saved for bwd (MiB) | "
-             "GFLOP | GEMM fraction | aten ops / step | speedup vs reference | peak / reference peak | "
-             "compile (s) | dtype |",
-             "|" + "---|" * 15]
+             "GFLOP | GEMM fraction | GFLOP/s (minimal) | GEMM fraction (minimal) | aten ops / step | "
+             "speedup vs reference | peak / reference peak | compile (s) | dtype |",
+             "|" + "---|" * 17]
     for (name, params), impls in sorted(cases(benchmarks).items(), key=case_order):
         ref = impls.get("reference")
         for impl in sorted(impls, key=impl_order):
@@ -103,7 +125,8 @@ def cases_table(benchmarks: list[dict]) -> str:
             lines.append(f"| {name} | {params_text(params)} | {IMPL_NAMES.get(impl, impl)} | {median_ms(b):.2f} | "
                          f"{median_ms(b, 'iqr'):.2f} | {b['stats']['rounds']} | {fmt(mib(b, 'peak_bytes'))} | "
                          f"{fmt(mib(b, 'saved_bytes'))} | {fmt(None if flops is None else flops / 1e9, '.2f')} | "
-                         f"{fmt(gemm_fraction(b), '.2f')} | {_ops(b)} | {t_ratio} | {p_ratio} | "
+                         f"{fmt(gemm_fraction(b), '.2f')} | {fmt(minimal_gflops(b))} | "
+                         f"{fmt(minimal_fraction(b), '.2f')} | {_ops(b)} | {t_ratio} | {p_ratio} | "
                          f"{fmt(info.get('compile_s'))} | {dtype} |")
     return "\n".join(lines)
 
@@ -165,15 +188,23 @@ def headline(benchmarks: list[dict]) -> list[tuple[tuple, dict[str, dict]]]:
 def readme_table(benchmarks: list[dict], notes: list[dict]) -> str:
     """The README's main table: c2f against the reference and torch.compile(reference), with the
     GEMM fraction and the aten ops per step."""
-    lines = ["| case | params | c2f (ms) | reference (ms) | speedup | torch.compile(ref) (ms, speedup) | "
-             "c2f / reference peak memory | c2f GEMM fraction | aten ops / step (c2f / ref) | ISA, threads |",
-             "|" + "---|" * 10]
-    for (name, params), impls in headline(benchmarks):
+    lines = ["| case | params | c2f (ms) | reference (ms) | speedup | c2f GFLOP/s (minimal) | "
+             "c2f GEMM fraction (minimal) | torch.compile(ref) (ms, speedup) | c2f / reference peak memory | "
+             "c2f GEMM fraction (counted) | aten ops / step (c2f / ref) | ISA, threads |",
+             "|" + "---|" * 12]
+    rows = headline(benchmarks)
+    for (name, params), impls in rows:
         f, r, c = impls["fused"], impls["reference"], impls.get("compiled")
         compiled = "-" if c is None else f"{median_ms(c):.1f} ({median_ms(c) / median_ms(f):.2f}x)"
         lines.append(f"| {name} | {params_text(params)} | {median_ms(f):.1f} | {median_ms(r):.1f} | "
-                     f"{median_ms(r) / median_ms(f):.2f}x | {compiled} | {_peak_ratio(f, r)} | "
+                     f"{median_ms(r) / median_ms(f):.2f}x | {fmt(minimal_gflops(f))} | "
+                     f"{fmt(minimal_fraction(f), '.2f')} | {compiled} | {_peak_ratio(f, r)} | "
                      f"{fmt(gemm_fraction(f), '.2f')} | {_ops(f)} / {_ops(r)} | {_isa(f)} |")
+    formulas = minimal_formulas(rows)
+    if formulas:
+        lines += ["", "Minimal algebra (`bench/algebra.py`; 2 FLOPs a multiply-add; GEMM fraction (minimal) = these "
+                  "FLOPs / the median time / the same run's yardstick GEMM; (counted) uses the FLOPs the "
+                  f"implementation dispatches instead): {formulas}. Elementwise and memory-bound cases: n/a."]
     return "\n".join(lines)
 
 

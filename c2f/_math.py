@@ -46,6 +46,47 @@ def normalised_tokens(x: torch.Tensor, eps: float, dtype: torch.dtype, mean=None
     return xhat.mul_(rstd), mean, rstd
 
 
+def scratch(numel: int, like: torch.Tensor, dtype: torch.dtype):
+    """A flat buffer of ``numel`` elements that a chunk loop reuses (``view_front``), so the
+    temporaries of one chunk are freed before the next chunk's exist."""
+    return torch.empty(numel, dtype=dtype, device=like.device)
+
+
+def view_front(buffer: torch.Tensor, *shape: int) -> torch.Tensor:
+    """The front of a flat ``buffer`` as a contiguous tensor of ``shape``."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    return buffer[:numel].view(shape)
+
+
+def centred_tokens(x: torch.Tensor, out: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor = None,
+                   eps: float = 0.0) -> torch.Tensor:
+    """``x [b, C, N]`` (any strides) minus its token means, written to ``out [C, b, N]`` (channels
+    outermost: ``out.view(C, b * N)`` is one GEMM operand, and ``out[:, j]`` sample j's map) and returned.
+
+    With ``rstd`` given, the token statistics are computed first and written into ``mean`` and ``rstd``
+    ``[b, N]``: two passes (the mean, then the centred sum of squares), exact with a large common offset
+    (x + 1000). Without it, ``mean`` holds them already (backward). The rstd is never applied to the
+    ``[C, b, N]`` map: every product scales its ``[P, b, N]``-sized side by it instead.
+    """
+    xt = x.transpose(0, 1)                                                         # [C, b, N], a view
+    if rstd is not None:
+        torch.mean(xt, 0, dtype=mean.dtype, out=mean)
+    torch.sub(xt, mean, out=out)
+    if rstd is not None:
+        torch.linalg.vector_norm(out, dim=0, out=rstd)
+        rstd.square_().div_(out.shape[0]).add_(eps).rsqrt_()
+    return out
+
+
+def layernorm_bwd_centred(e: torch.Tensor, xc: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """dx ``[C, ...]`` from ``e = rstd * dxhat`` and the centred tokens ``xc`` (``xhat = rstd * xc``):
+    ``e - mean_c(e) - xc rstd^2 mean_c(e xc)``, ``layernorm_bwd`` without forming ``xhat``."""
+    proj = (e * xc).mean(0).mul_(rstd.square())
+    return (e - e.mean(0)).sub_(xc * proj)
+
+
 def softmax_(s: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim, in place."""
     s.sub_(s.amax(-1, keepdim=True)).exp_()

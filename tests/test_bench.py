@@ -44,7 +44,7 @@ def _bench(case, impl, params, median_s, **info):
 HEAD = {"B": 16, "K": 4}
 BENCHMARKS = [
     _bench("c2f_head_step", "fused", HEAD, 0.2, flops=16e9, gemm_flops_per_s=160e9, ops=200, peak_bytes=30,
-           sweep="K"),
+           sweep="K", minimal_flops=12.8e9, minimal_formula="B (8 P C N)"),
     _bench("c2f_head_step", "fused_compiled", HEAD, 0.1, flops=16e9, gemm_flops_per_s=160e9, compile_s=50.0,
            graph_breaks=0, peak_bytes=30, sweep="K"),
     _bench("c2f_head_step", "reference", HEAD, 1.6, flops=40e9, gemm_flops_per_s=160e9, ops=900, peak_bytes=600,
@@ -67,10 +67,24 @@ def test_gemm_fraction_and_its_gaps():
     assert tables.median_ms(cuda) == pytest.approx(100.0)
 
 
+def test_minimal_algebra_fraction():
+    fused = BENCHMARKS[0]
+    assert tables.minimal_gflops(fused) == pytest.approx(12.8e9 / 0.2 / 1e9)
+    assert tables.minimal_fraction(fused) == pytest.approx(12.8e9 / 0.2 / 160e9)
+    assert tables.minimal_fraction(BENCHMARKS[2]) is None                   # no minimal algebra recorded
+
+
+def test_minimal_algebra_of_the_attention_matches_the_issue():
+    from bench import algebra
+    b, c, n, p = 16, 2048, 196, 312
+    assert algebra.attention(b, c, n, p, 1, True)[0] == b * 8 * p * c * n + 6 * p * c * c
+
+
 def test_readme_tables():
     main = tables.readme_table(BENCHMARKS, NOTES)
     row = next(line for line in main.splitlines() if line.startswith("| c2f_head_step"))
-    assert "| 200.0 | 1600.0 | 8.00x | 1200.0 (6.00x) | 0.05 | 0.50 | 200 / 900 | AVX2, 2 thr |" in row
+    assert "| 200.0 | 1600.0 | 8.00x | 64.0 | 0.40 | 1200.0 (6.00x) | 0.05 | 0.50 | 200 / 900 | AVX2, 2 thr |" in row
+    assert "**c2f_head_step**: B (8 P C N)" in main                            # the formula is named
     assert "attention_h1" not in main                                        # no reference: not a headline row
     compiled = tables.compile_table(BENCHMARKS, NOTES)
     assert "| 200.0 | 100.0 | 2.00x | 50.0 | 0 | 80.0 | AVX2, 2 thr |" in compiled

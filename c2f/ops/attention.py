@@ -18,9 +18,12 @@ from torch.utils.flop_counter import register_flop_formula
 from .._math import compute_dtype
 from ._common import chain_rule_error, empty_if_none, no_autocast
 
-# Rows per block in the backward's parameter-gradient epilogue: [32, C] temporaries (0.25 MiB at
-# C=2048) instead of [P, C] or [C, C] ones, at no cost to the GEMMs' speed.
-EPILOGUE_ROWS = 32
+# Rows per block of the [C, C] column dot in the backward's parameter-gradient epilogue: [128, C]
+# temporaries (1 MiB at C=2048) instead of a [C, C] one; blocks of 32 rows made 64 pairs of small ops.
+EPILOGUE_ROWS = 128
+# dQ of one head is written over dG's storage in this many row blocks: each block's product is still
+# a large GEMM (blocks of 32 rows ran at about half the GEMM throughput), and the temporary is half dQ.
+QUERY_GRAD_BLOCKS = 2
 
 
 def implementation(backend: str):
@@ -48,16 +51,19 @@ def fold_queries(queries: Tensor, k_weight: Tensor, gamma: Tensor, h: int, scale
 def _queries_grad_(dg: Tensor, gamma: Tensor, wkh: Tensor, scale: float) -> Tensor:
     """dQ_j = scale * (dG_j * gamma) Wk_jᵀ ``[h, P, d]``; with one head written over dG itself.
 
-    One head: dQ has dG's shape, so it is computed a block of rows at a time into dG's storage
-    and the step never holds both (dG is dead afterwards).
+    One head: dQ has dG's shape, so it is computed ``QUERY_GRAD_BLOCKS`` blocks of rows at a time into
+    dG's storage (a block's rows of dQ need only the same rows of dG), and the step never holds both
+    (dG is dead afterwards).
     """
     h, p, _ = dg.shape
+    dg.mul_(gamma)
     if h > 1:
-        return torch.bmm(dg.mul_(gamma), wkh.transpose(1, 2)).mul_(scale)
+        return torch.bmm(dg, wkh.transpose(1, 2)).mul_(scale)
     wt = wkh[0].T
-    for r0 in range(0, p, EPILOGUE_ROWS):
-        rows = dg[0, r0:r0 + EPILOGUE_ROWS]
-        rows.copy_(torch.mm(rows * gamma, wt).mul_(scale))
+    rows = -(-p // QUERY_GRAD_BLOCKS)
+    for r0 in range(0, p, rows):
+        block = dg[0, r0:r0 + rows]
+        block.copy_(torch.mm(block, wt).mul_(scale))
     return dg
 
 

@@ -9,10 +9,12 @@ work a chunk of samples at a time (``chunk_mib`` of temporaries): the token
 statistics and the normalised tokens ``xhat [C, b, N]`` of the chunk are formed once, so every large
 product is one GEMM over all ``b * N`` tokens of the chunk, never a Python loop over samples.
 
-Folded (``g = scale * Q_j Wk_j * gamma``, ``[h, P, C]``)::
+Folded (``g = scale * Q_j Wk_j * gamma``, ``[h, P, C]``), with the centred map ``xc = x - mean``
+``[C, b, N]`` (the one map-sized temporary; ``xhat = rstd * xc`` is never formed: rstd scales the
+``[P, b, N]`` side of every product)::
 
-    S_j = g_j @ xhat                  probs_j = softmax_n(S_j)
-    parts_j = gamma_j * (probs_j @ xhat_jᵀ) + beta_j
+    S_j = rstd * (g_j @ xc)           probs_j = softmax_n(S_j)
+    parts_j = gamma_j * ((probs_j * rstd) @ xc_jᵀ) + beta_j
 
 Unfolded (``q = scale * Q_j [h, P, d]``, ``wg = Wk * gamma [C, C]``)::
 
@@ -24,16 +26,24 @@ from typing import Optional
 
 import torch
 
-from .._math import (accumulate_mm_, chunk_size, chunks, layernorm_bwd, normalised_tokens, operand_dtype, softmax_,
-                     softmax_bwd_)
+from .._math import (accumulate_mm_, centred_tokens, chunk_size, chunks, layernorm_bwd, layernorm_bwd_centred,
+                     normalised_tokens, operand_dtype, scratch, softmax_bwd_, view_front)
 
 __all__ = ["folded_fwd", "folded_bwd", "unfolded_fwd", "unfolded_bwd"]
 
 
-def _per_sample_bytes(c: int, n: int, rows: int, backward: bool) -> int:
-    """fp32 temporaries of one sample: xhat (and xhat * gamma and the values in backward), the
-    scores or their gradient."""
-    return 4 * ((3 if backward else 1) * c * n + 2 * rows * n)
+def _per_sample_bytes(c: int, n: int, rows: int, backward: bool, needs_dx: bool = False) -> int:
+    """fp32 temporaries of one sample in the folded formulation: the centred map (and in backward
+    gamma * map, then the values, in one buffer; dxhat and a product with it for dx), the scores or
+    probabilities, and in backward dP, probs * rstd and dS."""
+    maps = (2 + (2 if needs_dx else 0)) if backward else 1
+    return 4 * (maps * c * n + (3 if backward else 1) * rows * n)
+
+
+def _unfolded_per_sample_bytes(c: int, n: int, rows: int, backward: bool) -> int:
+    """fp32 temporaries of one sample in the unfolded formulation: xhat (and xhat * gamma and the
+    values in backward), the scores or their gradient, the keys."""
+    return 4 * ((3 if backward else 1) * c * n + 2 * rows * n + c * n)
 
 
 def _empty_stats(x: torch.Tensor, dt: torch.dtype):
@@ -41,19 +51,29 @@ def _empty_stats(x: torch.Tensor, dt: torch.dtype):
     return torch.empty(b, n, dtype=dt, device=x.device), torch.empty(b, n, dtype=dt, device=x.device)
 
 
-def _weighted_sum_(parts: torch.Tensor, probs: torch.Tensor, xo: torch.Tensor, gamma: torch.Tensor,
+def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out = a @ b`` (batched), written straight into ``out`` when the operands have its dtype (fp32
+    dots), else taken in the operands' dtype (16-bit operands) and rounded once into ``out``."""
+    if a.dtype == out.dtype:
+        return torch.bmm(a, b, out=out)
+    return out.copy_(torch.bmm(a, b))
+
+
+def _weighted_sum_(parts: torch.Tensor, prr: torch.Tensor, xo: torch.Tensor, gamma: torch.Tensor,
                    beta: torch.Tensor) -> None:
-    """``parts [b, P, C] = gamma * (probs_j @ xhat_jᵀ) + beta`` per head, ``probs [h, b, P, N]``,
-    ``xo [C, b, N]`` (the normalised tokens in the operand dtype); rounded once to ``parts.dtype``."""
-    h = probs.shape[0]
+    """``parts [b, P, C] = gamma * (prr_j @ xo_jᵀ) + beta`` per head (head j's channels), ``prr
+    [h, b, P, N]``, ``xo [C, b, N]`` in the operand dtype; rounded once to ``parts.dtype``. With one head
+    and fp32 throughout, the product lands in ``parts`` and one pass applies gamma and beta."""
+    h = prr.shape[0]
     d = xo.shape[0] // h
     for j in range(h):
         cols = slice(j * d, (j + 1) * d)
         xt = xo[cols].permute(1, 2, 0)                                               # [b, N, d]
-        if h == 1 and parts.dtype == probs.dtype == xo.dtype:
-            torch.bmm(probs[0], xt, out=parts).mul_(gamma).add_(beta)
+        if h == 1 and parts.dtype == prr.dtype == xo.dtype:
+            torch.bmm(prr[0], xt, out=parts)
+            torch.addcmul(beta, parts, gamma, out=parts)
         else:
-            value = torch.bmm(probs[j].to(xo.dtype), xt).to(gamma.dtype)
+            value = torch.bmm(prr[j].to(xo.dtype), xt).to(gamma.dtype)
             parts[:, :, cols] = value.mul_(gamma[cols]).add_(beta[cols])
 
 
@@ -65,6 +85,11 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
     dtype. Returns ``parts [B, P, C]`` (``out_dtype``), ``attn [B, P, N]`` (the head-mean of the
     probabilities), ``probs [B, h, P, N]`` (empty when h == 1: ``attn`` is the probabilities), and the
     token ``mean, rstd [B, N]``; all but ``parts`` in the compute dtype.
+
+    Per chunk: the centred map ``xc [C, b, N]`` (one pass over x after the statistics), the scores
+    ``rstd * (g @ xc_b)`` as one batched GEMM with g broadcast, the softmax written straight into
+    ``attn`` (or ``probs``), and the parts from ``(probs * rstd) @ xc_bᵀ``: rstd scales the
+    ``[b, P, N]`` side, never the map.
     """
     b_total, c, n = x.shape
     h, p, _ = g.shape
@@ -76,23 +101,103 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
     od = operand_dtype(dot_precision, dt)
     go = g.view(h * p, c).to(od)
     step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, False), chunk_mib)
+    xc_buf, s_buf = scratch(step * c * n, x, dt), scratch(step * h * p * n, x, dt)
     for s in chunks(b_total, step):
-        xhat, mean[s], rstd[s] = normalised_tokens(x[s], eps, dt)
-        xo = xhat.to(od)
-        b = xhat.shape[1]
-        scores = torch.mm(go, xo.view(c, b * n)).view(h, p, b, n).to(dt)
-        pr = softmax_(scores).transpose(1, 2)                                         # [h, b, P, N]
-        if h == 1:
-            attn[s] = pr[0]
-        else:
-            probs[s] = pr.transpose(0, 1)
-            torch.mean(pr, 0, out=attn[s])
-        _weighted_sum_(parts[s], attn[s][None] if h == 1 else pr, xo, gamma, beta)
+        b = s.stop - s.start
+        r = rstd[s][:, None, :]                                                        # [b, 1, N]
+        xo = centred_tokens(x[s], view_front(xc_buf, c, b, n), mean[s], rstd[s], eps).to(od)
+        scores = _bmm_into(view_front(s_buf, b, h * p, n), go.expand(b, h * p, c), xo.transpose(0, 1))
+        pr = attn[s] if h == 1 else probs[s].view(b, h * p, n)
+        torch.softmax(scores.mul_(r), -1, out=pr)
+        if h > 1:
+            torch.mean(probs[s], 1, out=attn[s])
+        prr = torch.mul(pr, r, out=scores).view(b, h, p, n).transpose(0, 1)            # [h, b, P, N]
+        _weighted_sum_(parts[s], prr, xo, gamma, beta)
     return parts, attn, probs, mean, rstd
 
 
+def _dprobs(df: Optional[torch.Tensor], dattn: Optional[torch.Tensor], xc: torch.Tensor, gamma: torch.Tensor,
+            r: torch.Tensor, h: int, xg_buf: torch.Tensor, od: torch.dtype) -> torch.Tensor:
+    """``dP [h, b, P, N] = rstd * ((dparts_j * gamma_j) @ xc_j) + dattn / h``; gamma scales the map's
+    channels (in ``xg_buf``), not ``dparts``, which is larger."""
+    c, b, n = xc.shape
+    p, d = (df if df is not None else dattn).shape[1], c // h
+    dp = (torch.zeros if df is None else torch.empty)(h, b, p, n, dtype=xc.dtype, device=xc.device)
+    if df is not None:
+        xg = torch.mul(xc, gamma[:, None, None], out=view_front(xg_buf, c, b, n)).to(od)
+        dfo = df.to(od)
+        for j in range(h):
+            cols = slice(j * d, (j + 1) * d)
+            _bmm_into(dp[j], dfo[:, :, cols], xg[cols].transpose(0, 1))
+        dp.mul_(r)
+    if dattn is not None:
+        dp.add_(dattn.to(xc.dtype), alpha=1.0 / h)
+    return dp
+
+
+def _values(df: torch.Tensor, prr: torch.Tensor, out: torch.Tensor, od: torch.dtype) -> torch.Tensor:
+    """``V [h, b, d, N] = dparts_jᵀ @ (probs_j * rstd)`` per head (head j's channels) into ``out``: with
+    ``xc`` it gives gamma's gradient through the parts, and a term of dxhat."""
+    h, b, p, n = prr.shape
+    d = df.shape[2] // h
+    v = view_front(out, h, b, d, n)
+    dfo = df.to(od)
+    for j in range(h):
+        _bmm_into(v[j], dfo[:, :, j * d:(j + 1) * d].transpose(1, 2), prr[j].to(od))
+    return v
+
+
+def folded_bwd(x: torch.Tensor, g: Optional[torch.Tensor], gamma: torch.Tensor, attn: torch.Tensor,
+               probs: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dparts: Optional[torch.Tensor],
+               dattn: Optional[torch.Tensor], num_heads: int, needs_dx: bool, chunk_mib: float,
+               dot_precision: str = "tf32"):
+    """Backward of the folded formulation from its saved ``attn``, ``probs``, ``mean``, ``rstd``.
+
+    ``g`` is needed for dx only (None otherwise). ``dparts [B, P, C]`` and ``dattn [B, P, N]`` (either
+    may be None: no gradient). Returns ``dg [h, P, C]``, ``dgamma`` (through the values only) and
+    ``dbeta [C]`` in the compute dtype, and ``dx`` in ``x.dtype`` with x's strides when x is dense
+    (``torch.empty_like``), or None.
+
+    Per chunk, with ``xc`` the centred map and ``prr = probs * rstd``: ``dP = rstd * ((dparts * gamma)
+    @ xc)``, ``dS * rstd`` (softmax backward, written as ``[hP, b*N]``), ``dG += (dS * rstd) @ xcᵀ`` as
+    one GEMM over the chunk's tokens, ``V = dpartsᵀ @ prr`` and ``dgamma += sum(V * xc)``.
+    """
+    b_total, c, n = x.shape
+    h, p = num_heads, attn.shape[1]
+    dt = gamma.dtype
+    dg = torch.zeros(h * p, c, dtype=dt, device=x.device)
+    dgamma = torch.zeros(c, dtype=dt, device=x.device)
+    dbeta = torch.zeros(c, dtype=dt, device=x.device)
+    dx = torch.empty_like(x) if needs_dx else None
+    od = operand_dtype(dot_precision, dt)
+    step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, True, needs_dx), chunk_mib)
+    xc_buf, v_buf, ds_buf = (scratch(k, x, dt) for k in (step * c * n, step * c * n, step * h * p * n))
+    for s in chunks(b_total, step):
+        b = s.stop - s.start
+        xc = centred_tokens(x[s], view_front(xc_buf, c, b, n), mean[s])
+        r = rstd[s][None, :, None, :]                                                  # [1, b, 1, N]
+        pr = (attn[s][None] if h == 1 else probs[s].transpose(0, 1))                  # [h, b, P, N]
+        prr = pr * r
+        df = None if dparts is None else dparts[s].to(dt)
+        dp = _dprobs(df, None if dattn is None else dattn[s], xc, gamma, r, h, v_buf, od)
+        v = None if df is None else _values(df, prr, v_buf, od)
+        ds = view_front(ds_buf, h, p, b, n)                                            # dS * rstd
+        torch.mul(dp.sub_(torch.linalg.vecdot(pr, dp)[..., None]), prr, out=ds.transpose(1, 2))
+        xo = xc.to(od)
+        accumulate_mm_(dg, ds.view(h * p, b * n).to(od), xo.view(c, b * n).T)
+        if needs_dx:
+            e = torch.mm(g.view(h * p, c).T.to(od), ds.view(h * p, b * n).to(od)).to(dt).view(c, b, n)
+            if v is not None:
+                e.view(h, c // h, b, n).addcmul_(v.transpose(1, 2), gamma.view(h, c // h, 1, 1))
+            dx[s] = layernorm_bwd_centred(e, xc, rstd[s]).transpose(0, 1)
+        if df is not None:
+            dbeta += df.sum((0, 1))
+            dgamma += v.mul_(xc.view(h, c // h, b, n).transpose(1, 2)).sum((1, 3)).view(c)
+    return dg.view(h, p, c), dgamma, dbeta, dx
+
+
 def _values_and_dp(dparts, probs, xhat, gamma, od):
-    """For one chunk: ``dP [h, b, P, N] = (dparts_j * gamma_j) @ xhat_j`` and the values
+    """Unfolded formulation, for one chunk: ``dP [h, b, P, N] = (dparts_j * gamma_j) @ xhat_j`` and the values
     ``dparts_jᵀ @ probs_j`` as ``[C, b, N]`` (gamma's gradient through the values, and dxhat); GEMM
     operands in ``od``, results in xhat's dtype."""
     h, b, p, n = probs.shape
@@ -108,49 +213,6 @@ def _values_and_dp(dparts, probs, xhat, gamma, od):
         dp[j] = torch.bmm(df, xg[cols].transpose(0, 1))
         values[cols] = torch.bmm(df.transpose(1, 2), probs[j].to(od)).transpose(0, 1)
     return dp, values
-
-
-def folded_bwd(x: torch.Tensor, g: Optional[torch.Tensor], gamma: torch.Tensor, attn: torch.Tensor,
-               probs: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dparts: Optional[torch.Tensor],
-               dattn: Optional[torch.Tensor], num_heads: int, needs_dx: bool, chunk_mib: float,
-               dot_precision: str = "tf32"):
-    """Backward of the folded formulation from its saved ``attn``, ``probs``, ``mean``, ``rstd``.
-
-    ``g`` is needed for dx only (None otherwise). ``dparts [B, P, C]`` and ``dattn [B, P, N]`` (either
-    may be None: no gradient). Returns ``dg [h, P, C]``, ``dgamma`` (through the values only) and
-    ``dbeta [C]`` in the compute dtype, and ``dx`` in ``x.dtype`` with x's strides when x is dense
-    (``torch.empty_like``), or None.
-    """
-    b_total, c, n = x.shape
-    h, p = num_heads, attn.shape[1]
-    dt = gamma.dtype
-    dg = torch.zeros(h * p, c, dtype=dt, device=x.device)
-    dgamma = torch.zeros(c, dtype=dt, device=x.device)
-    dbeta = torch.zeros(c, dtype=dt, device=x.device)
-    dx = torch.empty_like(x) if needs_dx else None
-    od = operand_dtype(dot_precision, dt)
-    step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, True), chunk_mib)
-    for s in chunks(b_total, step):
-        xhat, _, _ = normalised_tokens(x[s], 0.0, dt, mean[s], rstd[s])
-        b = xhat.shape[1]
-        pr = (attn[s][None] if h == 1 else probs[s].transpose(0, 1))                  # [h, b, P, N]
-        if dparts is not None:
-            df = dparts[s].to(dt)
-            dbeta += df.sum((0, 1))
-            dp, values = _values_and_dp(df, pr, xhat, gamma, od)
-            dgamma += (values * xhat).sum((1, 2))
-        else:
-            dp, values = torch.zeros(h, b, p, n, dtype=dt, device=x.device), None
-        if dattn is not None:
-            dp.add_(dattn[s].to(dt), alpha=1.0 / h)
-        ds = softmax_bwd_(dp, pr).transpose(1, 2).reshape(h * p, b * n).to(od)       # [hP, b*N]
-        accumulate_mm_(dg, ds, xhat.view(c, b * n).T.to(od))
-        if needs_dx:
-            dxhat = torch.mm(g.view(h * p, c).T.to(od), ds).view(c, b, n).to(dt)
-            if values is not None:
-                dxhat.addcmul_(values, gamma[:, None, None])
-            dx[s] = layernorm_bwd(dxhat, xhat, rstd[s]).transpose(0, 1)
-    return dg.view(h, p, c), dgamma, dbeta, dx
 
 
 def unfolded_fwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
@@ -171,7 +233,7 @@ def unfolded_fwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torc
     mean, rstd = _empty_stats(x, dt)
     od = operand_dtype(dot_precision, dt)
     wgo, qo = wg.to(od), q.to(od)
-    step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, False) + 4 * c * n, chunk_mib)
+    step = chunk_size(b_total, _unfolded_per_sample_bytes(c, n, h * p, False), chunk_mib)
     for s in chunks(b_total, step):
         xhat, mean[s], rstd[s] = normalised_tokens(x[s], eps, dt)
         xo = xhat.to(od)
@@ -202,7 +264,7 @@ def unfolded_bwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torc
     dx = torch.empty_like(x) if needs_dx else None
     od = operand_dtype(dot_precision, dt)
     qo = q.to(od)
-    step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, True) + 4 * c * n, chunk_mib)
+    step = chunk_size(b_total, _unfolded_per_sample_bytes(c, n, h * p, True), chunk_mib)
     for s in chunks(b_total, step):
         xhat, _, _ = normalised_tokens(x[s], 0.0, dt, mean[s], rstd[s])
         b = xhat.shape[1]

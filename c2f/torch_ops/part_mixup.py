@@ -1,9 +1,10 @@
 """Part-wise mixup as torch ops: the torch-op implementation of the contract that
 ``c2f.kernels.part_mixup`` implements with Triton kernels (same functions and signatures).
 
-In place (docs/design.md, "The algebra" 5): a few parts of every sample at a time are copied to an
-fp32 chunk (``CHUNK_ELEMS`` values, L2-sized) and mixed back into their rows, so nothing of
-``[B, P, C]`` size is allocated and no pair loop runs on the host. Pooled (item 6): the K views
+In place (docs/design.md, "The algebra" 5): a block of parts of every sample at a time, the block's
+partner rows gathered into a bounded scratch (``CHUNK_ELEMS`` values, cache-sized) and one op mixing
+the block from it, so each row is read once from memory and written once, nothing of ``[B, P, C]``
+size is allocated and no pair loop runs on the host. Pooled (item 6): the K views
 are one batched contraction of ``[B, 2K, P]`` weights with the parts.
 """
 from __future__ import annotations
@@ -14,8 +15,8 @@ from .._math import inverse_permutation
 
 __all__ = ["part_mixup_fwd_", "part_mixup_bwd_", "part_mixup_pool_fwd", "part_mixup_pool_bwd"]
 
-# Elements of the fp32 chunk the in-place mix works in (1 MiB: 2.5% of a [16, 312, 2048] fp32
-# tensor); the pooled backward's gathered gradient rows likewise.
+# Elements of the fp32 scratch the in-place mix gathers each block's partner rows into (1 MiB: 2.5% of
+# a [16, 312, 2048] fp32 tensor); the pooled backward's gathered gradient rows likewise.
 CHUNK_ELEMS = 1 << 18
 
 
@@ -24,18 +25,36 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _mix_(x: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor, backward: bool) -> None:
+    """Mixes ``x [B, P, C]`` in place a block of parts at a time (all samples): the block's partner rows
+    ``x[perm, block]`` are gathered into a scratch of ``CHUNK_ELEMS``, then one op reads the block and the
+    scratch and writes the block. Each row of x is read once from memory (the second read, by the mix,
+    hits the cache) and written once; a sample paired with itself is left exactly as it is.
+
+    Forward: ``F'[b] = lerp(F[perm b], F[b], m[b])``; backward: ``dF[b] = m[b] dY[b] + (1 - m[perm b])
+    dY[perm b]``. 16-bit x is widened a block at a time, so the mask math is fp32.
+    """
     b, p, c = x.shape
     if x.numel() == 0:
         return
     dt = _compute_dtype(x.dtype)
-    rows_per_chunk = max(1, CHUNK_ELEMS // (b * c))
-    # Forward: F'[b] = m[b] F[b] + (1 - m[b]) F[perm b]; backward: dF[b] = m[b] dY[b] + (1 - m[perm b]) dY[perm b].
-    own = mask.unsqueeze(-1).to(dt)                              # [B, P, 1]: m and 1 - m exact in fp32
-    other = (1 - (mask[perm] if backward else mask)).unsqueeze(-1).to(dt)
-    for r0 in range(0, p, rows_per_chunk):
-        rows = slice(r0, r0 + rows_per_chunk)
-        chunk = x[:, rows].to(dt)
-        x[:, rows] = torch.mul(chunk, own[:, rows]).addcmul_(chunk[perm], other[:, rows])
+    rows = max(1, CHUNK_ELEMS // (b * c))
+    own = mask.to(dt).unsqueeze(-1)                              # [B, P, 1]: m and 1 - m exact in fp32
+    other = (1 - mask[perm]).to(dt).unsqueeze(-1) if backward else None
+    widen = x.dtype != dt
+    partner_buf = torch.empty(b * rows * c, dtype=dt, device=x.device)
+    block_buf = torch.empty(b * rows * c, dtype=dt, device=x.device) if widen else None
+    for r0 in range(0, p, rows):
+        cols = slice(r0, r0 + rows)
+        block = x[:, cols]
+        shape = (b, block.shape[1], c)
+        src = block_buf[:block.numel()].view(shape).copy_(block) if widen else block
+        partner = torch.index_select(src, 0, perm, out=partner_buf[:block.numel()].view(shape))
+        if backward:
+            torch.addcmul(partner.mul_(other[:, cols]), src, own[:, cols], out=src)
+        else:
+            torch.lerp(partner, src, own[:, cols], out=src)
+        if widen:
+            block.copy_(src)
 
 
 def part_mixup_fwd_(parts: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> None:
