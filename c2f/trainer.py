@@ -23,6 +23,7 @@ import torch
 from . import checkpoint, evaluate, metrics, plots, reference, runs
 from .config import TrainConfig, resume_conflicts
 from .data import CacheError, FeatureCache, attribute_targets, make_loader, split_rows, synthesize
+from .data.images import Augment, ImageSource
 from .devices import resolve_amp
 from .distributed import Dist
 from .epoch import EpochLoop, cosine_lambda
@@ -116,6 +117,43 @@ class Trainer(EpochLoop):
 
     def _setup_data(self) -> None:
         cfg = self.cfg
+        self.images = self._open_images() if cfg.cub is not None else None
+        self.cache = self.images if self.images is not None else self._open_cache()
+        trained_on = self.saved_run.get("cache_identity")
+        if trained_on and trained_on != self.cache.identity:
+            if self.images is not None:
+                raise ConfigError("backbone", f"{cfg.backbone} on {cfg.cub} is not what {self.run_dir} trained on "
+                                              "(a backbone, weights or image list hash differs from the recorded one)")
+            raise ConfigError("features", f"{self.features} is not the cache {self.run_dir} trained on (its "
+                                          f"manifest differs from the one recorded at {self.saved_run.get('features')})")
+        c, h, w = self.cache.feature_shape
+        self.dim, self.grid = c, (h, w)
+        self.num_parts, self.num_classes = len(self.cache.attribute_names), len(self.cache.class_names)
+        self.targets = attribute_targets(cfg.attr_target, self.cache.attributes, self.cache.certainty,
+                                         self.cache.labels, self.cache.class_attributes)
+        self.train_rows, self.val_rows, self.test_rows = split_rows(
+            self.cache.labels, self.cache.is_train, cfg.val_fraction, cfg.seed)
+        if len(self.train_rows) < cfg.batch_size:
+            raise ConfigError("batch_size", f"{cfg.batch_size} exceeds the {len(self.train_rows)} training images")
+        self.train_loader = self._loader(self.train_rows, train=True)
+        self.eval_loaders = {name: self._loader(rows, train=False)
+                             for name, rows in (("val", self.val_rows), ("test", self.test_rows)) if len(rows)}
+
+    def _loader(self, rows, train: bool):
+        """Training batches (shuffled, seeded by epoch; a view drawn per image) or evaluation batches, of
+        cache features or of images through the backbone: the same batch structure either way."""
+        cfg = self.cfg
+        common = dict(rank=self.dist.rank, world=self.dist.world, pin_memory=self.device.type == "cuda",
+                      shuffle=train, seed=cfg.seed, drop_last=train,
+                      num_workers=cfg.num_workers if train else min(cfg.num_workers, 1))
+        if self.images is None:
+            return make_loader(self.cache, rows, self.targets, cfg.batch_size, **common)
+        augment = Augment(self.images.image_size, cfg.crop_scale, cfg.hflip) if train else None
+        return self.images.loader(rows, self.targets, cfg.batch_size, augment=augment, eval_crop=cfg.eval_crop,
+                                  **common)
+
+    def _open_cache(self) -> FeatureCache:
+        cfg = self.cfg
         features = cfg.features
         if features is None:
             features = DEMO_CACHE
@@ -131,26 +169,16 @@ class Trainer(EpochLoop):
         if not os.path.isdir(self.features):
             moved = " (if the cache moved, pass its new place with --features)" if self.resuming else ""
             raise ConfigError("features", f"{self.features} is not a directory{moved}")
-        self.cache = FeatureCache(self.features, verify=cfg.verify, preload=cfg.preload)
-        trained_on = self.saved_run.get("cache_identity")
-        if trained_on and trained_on != self.cache.identity:
-            raise ConfigError("features", f"{self.features} is not the cache {self.run_dir} trained on (its "
-                                          f"manifest differs from the one recorded at {self.saved_run.get('features')})")
-        c, h, w = self.cache.feature_shape
-        self.dim, self.grid = c, (h, w)
-        self.num_parts, self.num_classes = len(self.cache.attribute_names), len(self.cache.class_names)
-        self.targets = attribute_targets(cfg.attr_target, self.cache.attributes, self.cache.certainty,
-                                         self.cache.labels, self.cache.class_attributes)
-        self.train_rows, self.val_rows, self.test_rows = split_rows(
-            self.cache.labels, self.cache.is_train, cfg.val_fraction, cfg.seed)
-        if len(self.train_rows) < cfg.batch_size:
-            raise ConfigError("batch_size", f"{cfg.batch_size} exceeds the {len(self.train_rows)} training images")
-        common = dict(rank=self.dist.rank, world=self.dist.world, pin_memory=self.device.type == "cuda")
-        self.train_loader = make_loader(self.cache, self.train_rows, self.targets, cfg.batch_size, shuffle=True,
-                                        seed=cfg.seed, drop_last=True, num_workers=cfg.num_workers, **common)
-        self.eval_loaders = {name: make_loader(self.cache, rows, self.targets, cfg.batch_size, shuffle=False,
-                                               num_workers=min(cfg.num_workers, 1), **common)
-                             for name, rows in (("val", self.val_rows), ("test", self.test_rows)) if len(rows)}
+        return FeatureCache(self.features, verify=cfg.verify, preload=cfg.preload)
+
+    def _open_images(self) -> ImageSource:
+        """The images of ``cfg.cub`` through the frozen backbone (autocast on CUDA; fp32 on CPU, as extract)."""
+        cfg = self.cfg
+        self.features = None
+        amp = self.amp if self.device.type == "cuda" else "off"
+        Augment(cfg.image_size, cfg.crop_scale, cfg.hflip).check()
+        return ImageSource(cfg.cub, cfg.backbone, cfg.weights, cfg.image_size, self.device, amp,
+                           progress=cfg.progress and self.dist.main)
 
     def _setup_model(self) -> None:
         cfg = self.cfg
@@ -202,8 +230,12 @@ class Trainer(EpochLoop):
             self._lock()
             runs.check_new(self.run_dir)   # again, under the lock: a run started meanwhile is never joined
         if main:
-            runs.write_config(self.run_dir, dataclasses.replace(self.cfg, features=self.features),
-                              features=self.features, cache_identity=self.cache.identity)
+            if self.images is not None:
+                extra = dict(images=self.images.directory, backbone=self.images.backbone_identity)
+            else:
+                extra = dict(features=self.features)
+            runs.write_config(self.run_dir, dataclasses.replace(self.cfg, **self._paths()),
+                              cache_identity=self.cache.identity, **extra)
         self.log = runs.MetricsLog(self.run_dir, tensorboard=self.cfg.tensorboard and main)
         if main:
             if self.epoch:
@@ -213,6 +245,15 @@ class Trainer(EpochLoop):
         self.dist.barrier()
 
     # ------------------------------------------------------------------------------- checkpoints
+    def _paths(self) -> dict:
+        """The data's paths, absolute, as recorded in config.json and best.pt (eval and predict find them)."""
+        if self.images is None:
+            return dict(features=self.features)
+        cfg = self.cfg
+        return dict(features=None, cub=self.images.directory,
+                    backbone=os.path.abspath(cfg.backbone) if os.path.isfile(cfg.backbone) else cfg.backbone,
+                    weights=None if cfg.weights is None else os.path.abspath(cfg.weights))
+
     def _checkpoint(self) -> dict:
         return dict(model=self.head.state_dict(), optimizer=self.optimizer.state_dict(),
                     scheduler=self.scheduler.state_dict(), epoch=self.epoch, best=self.best,
@@ -248,7 +289,7 @@ class Trainer(EpochLoop):
 
     def _save_best(self, val) -> None:
         checkpoint.save_model(os.path.join(self.run_dir, "best.pt"), self.head, epoch=self.epoch, metrics=val,
-                              config=dict(self.cfg.to_dict(), features=self.features),
+                              config=dict(self.cfg.to_dict(), **self._paths()),
                               class_names=list(self.cache.class_names),
                               attribute_names=list(self.cache.attribute_names), grid=list(self.grid))
 

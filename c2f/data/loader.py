@@ -38,14 +38,16 @@ class BatchPlan(torch.utils.data.Sampler):
     Training (``shuffle``): each epoch a permutation seeded by ``(seed, epoch)`` is cut into global
     batches of ``batch_size``; process ``rank`` takes its contiguous slice of ``batch_size // world``, so
     N processes see exactly the batches one process would. Evaluation: rows ``rank::world`` in order.
+    ``with_epoch``: each item is ``(epoch, rows)``, for datasets that draw per epoch (augmented views).
     """
 
     def __init__(self, rows: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0,
-                 rank: int = 0, world: int = 1, drop_last: bool = False):
+                 rank: int = 0, world: int = 1, drop_last: bool = False, with_epoch: bool = False):
         if batch_size <= 0 or (shuffle and batch_size % world):
             raise ValueError(f"batch_size must be a positive multiple of the world size {world}, got {batch_size}")
         self.rows, self.batch_size, self.shuffle = np.asarray(rows, dtype=np.int64), batch_size, shuffle
         self.seed, self.rank, self.world, self.drop_last = seed, rank, world, drop_last
+        self.with_epoch = with_epoch   # yield (epoch, rows): per-epoch draws keyed in the worker, resumable
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -64,6 +66,8 @@ class BatchPlan(torch.utils.data.Sampler):
         return [b[self.rank * (len(b) // self.world):(self.rank + 1) * (len(b) // self.world)] for b in batches]
 
     def __iter__(self):
+        if self.with_epoch:
+            return iter([(self.epoch, b.tolist()) for b in self._batches()])
         return iter([b.tolist() for b in self._batches()])
 
     def __len__(self) -> int:
