@@ -4,6 +4,7 @@ Layout of a cache directory::
 
     manifest.json            what made the cache, shapes, dtype, per-file sha256, completion state
     features-00000.npy ...   [count, C, H, W] shards (fp16 by default), read with np.load(mmap_mode="r")
+    features-v1-00000.npy .. (version 2, ``views`` V > 1) view v = 1..V-1 of each training image, in row order
     labels.npy, is_train.npy, attributes.npy, certainty.npy, [class_attributes.npy]
 
 Every file is written to a temporary name and moved into place with ``os.replace``, and the manifest is
@@ -21,7 +22,8 @@ import numpy as np
 from ..files import DirLock, atomic_write, lock_directory
 
 FORMAT = "c2f-feature-cache"
-VERSION = 1
+VERSION = 1         # a cache of one (deterministic) view per image
+VIEWS_VERSION = 2   # adds "views", "view_images" and "view_shards": augmented views of the training images
 MANIFEST = "manifest.json"
 META_FILES = ("labels", "is_train", "attributes", "certainty", "class_attributes", "image_ids")
 DTYPES = ("float16", "bfloat16", "float32")
@@ -111,7 +113,32 @@ def manifest_problems(m: dict) -> list:
     if len(m["shards"]) != expected:
         problems.append(f"shards lists {len(m['shards'])} entries; {m['num_images']} images in shards of "
                         f"{m['shard_size']} need {expected}")
+    return problems + (_view_problems(m) if m.get("version") == VIEWS_VERSION else [])
+
+
+def _view_problems(m: dict) -> list:
+    """Version 2's fields: ``views`` >= 2, ``view_images`` (training images), a shard list per extra view."""
+    problems = _problems("", m, dict(views=(_count(2), "an integer >= 2"), view_images=(_count(0), "an integer >= 0"),
+                                     view_shards=(lambda v: isinstance(v, list), "a list of shard lists")))
+    if problems:
+        return problems
+    expected = -(-m["view_images"] // m["shard_size"])
+    if len(m["view_shards"]) != m["views"] - 1:
+        return [f"view_shards lists {len(m['view_shards'])} views; views {m['views']} needs {m['views'] - 1}"]
+    for v, shards in enumerate(m["view_shards"], 1):
+        if not isinstance(shards, list) or len(shards) != expected:
+            problems.append(f"view_shards[{v - 1}] must list {expected} shard entries")
+            continue
+        for i, entry in enumerate(shards):
+            if entry is not None:
+                problems += (_problems(f"view_shards[{v - 1}][{i}].", entry, SHARD_FIELDS)
+                             if isinstance(entry, dict) else [f"view_shards[{v - 1}][{i}] is not an object"])
     return problems
+
+
+def shard_groups(m: dict) -> list:
+    """The shard lists of a manifest: view 0's (one entry per shard of rows), then one per extra view."""
+    return [m["shards"], *m.get("view_shards", [])]
 
 
 def read_manifest(directory: str) -> dict:
@@ -127,9 +154,9 @@ def read_manifest(directory: str) -> dict:
         raise CacheError(f"{path} is not valid JSON ({e}): the cache is corrupted") from None
     if not isinstance(manifest, dict):
         raise CacheError(f"{path} must hold a JSON object, got {type(manifest).__name__}: the cache is corrupted")
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("version") not in (VERSION, VIEWS_VERSION):
         raise CacheError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
-                         f"expected {FORMAT!r} version {VERSION}")
+                         f"expected {FORMAT!r} version {VERSION} or {VIEWS_VERSION}")
     problems = manifest_problems(manifest)
     if problems:
         raise CacheError(f"{path} does not fit the cache manifest's schema: {'; '.join(problems)}; the cache is "
@@ -172,11 +199,11 @@ class CacheWriter:
 
     def __init__(self, directory: str, config: dict, feature_shape: Sequence[int], meta: dict,
                  attribute_names: Sequence[str], class_names: Sequence[str], dtype: str = "float16",
-                 shard_size: int = 256, overwrite: bool = False):
+                 shard_size: int = 256, overwrite: bool = False, views: int = 1):
         if dtype not in DTYPES or dtype == "bfloat16":
             raise ValueError(f"dtype must be 'float16' or 'float32' (numpy has no bfloat16), got {dtype!r}")
-        if shard_size <= 0:
-            raise ValueError(f"shard_size must be positive, got {shard_size}")
+        if shard_size <= 0 or views <= 0:
+            raise ValueError(f"shard_size and views must be positive, got {shard_size}, {views}")
         missing = [k for k in ("labels", "is_train", "attributes", "certainty") if k not in meta]
         if missing:
             raise ValueError(f"meta lacks {missing}")
@@ -187,9 +214,11 @@ class CacheWriter:
         self.dtype = np.dtype(dtype)
         self.feature_shape = tuple(int(s) for s in feature_shape)
         num_shards = (n + shard_size - 1) // shard_size
+        # Extra views are of the training images only; view 0 is every image's deterministic one.
+        self.view_rows = np.flatnonzero(np.asarray(meta["is_train"], dtype=bool)) if views > 1 else None
         # What must match for a partial cache to be resumed.
         identity = dict(config=config, num_images=n, feature_shape=list(self.feature_shape),
-                        dtype=dtype, shard_size=shard_size)
+                        dtype=dtype, shard_size=shard_size, **(dict(views=views) if views > 1 else {}))
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, MANIFEST)
         if os.path.exists(path) and not overwrite:
@@ -202,9 +231,13 @@ class CacheWriter:
             self.manifest = old
             self._verify_done_shards()
         else:
-            self.manifest = dict(format=FORMAT, version=VERSION, complete=False, **identity,
-                                 attribute_names=list(attribute_names), class_names=list(class_names),
+            self.manifest = dict(format=FORMAT, version=VERSION if views == 1 else VIEWS_VERSION, complete=False,
+                                 **identity, attribute_names=list(attribute_names), class_names=list(class_names),
                                  meta={}, shards=[None] * num_shards)
+            if views > 1:
+                per_view = -(-len(self.view_rows) // shard_size)
+                self.manifest.update(view_images=len(self.view_rows),
+                                     view_shards=[[None] * per_view for _ in range(views - 1)])
             for name in META_FILES:
                 if meta.get(name) is not None:
                     self.manifest["meta"][name] = save_npy_atomic(os.path.join(directory, f"{name}.npy"),
@@ -213,35 +246,46 @@ class CacheWriter:
 
     def _verify_done_shards(self) -> None:
         """Drops shards whose file is missing or fails its checksum, so they are written again."""
-        for i, entry in enumerate(self.manifest["shards"]):
-            if entry is None:
-                continue
-            path = os.path.join(self.directory, entry["file"])
-            if not os.path.isfile(path) or sha256_file(path) != entry["sha256"]:
-                self.manifest["shards"][i] = None
-        self.manifest["complete"] = all(s is not None for s in self.manifest["shards"])
+        for group in shard_groups(self.manifest):
+            for i, entry in enumerate(group):
+                if entry is None:
+                    continue
+                path = os.path.join(self.directory, entry["file"])
+                if not os.path.isfile(path) or sha256_file(path) != entry["sha256"]:
+                    group[i] = None
+        self.manifest["complete"] = self._all_done()
+
+    def _all_done(self) -> bool:
+        return all(s is not None for group in shard_groups(self.manifest) for s in group)
 
     def _save(self) -> None:
         write_json_atomic(os.path.join(self.directory, MANIFEST), self.manifest)
 
-    def shard_range(self, i: int) -> range:
+    def shard_range(self, i: int, view: int = 0) -> range:
+        """Positions of shard ``i`` of ``view``: cache rows for view 0, indices into ``view_rows`` otherwise."""
         start = i * self.shard_size
-        return range(start, min(start + self.shard_size, self.num_images))
+        return range(start, min(start + self.shard_size, self.num_images if view == 0 else len(self.view_rows)))
 
-    def missing_shards(self) -> list:
-        return [i for i, s in enumerate(self.manifest["shards"]) if s is None]
+    def shard_rows(self, i: int, view: int = 0) -> np.ndarray:
+        """The cache rows whose ``view`` shard ``i`` holds."""
+        positions = np.arange(self.shard_range(i, view).start, self.shard_range(i, view).stop)
+        return positions if view == 0 else self.view_rows[positions]
 
-    def write_shard(self, i: int, features: np.ndarray) -> None:
-        """Writes shard ``i`` (``[len(shard_range(i)), C, H, W]``) atomically and records it in the manifest."""
-        rows = self.shard_range(i)
+    def missing_shards(self, view: int = 0) -> list:
+        return [i for i, s in enumerate(shard_groups(self.manifest)[view]) if s is None]
+
+    def write_shard(self, i: int, features: np.ndarray, view: int = 0) -> None:
+        """Writes shard ``i`` of ``view`` (``[len(shard_range(i, view)), C, H, W]``) atomically and records it in
+        the manifest."""
+        rows = self.shard_range(i, view)
         expected = (len(rows), *self.feature_shape)
         if tuple(features.shape) != expected:
             raise ValueError(f"shard {i} must have shape {expected}, got {tuple(features.shape)}")
-        name = f"features-{i:05d}.npy"
+        name = f"features-{i:05d}.npy" if view == 0 else f"features-v{view}-{i:05d}.npy"
         digest = save_npy_atomic(os.path.join(self.directory, name),
                                  np.ascontiguousarray(features, dtype=self.dtype))
-        self.manifest["shards"][i] = dict(file=name, start=rows.start, count=len(rows), sha256=digest)
-        self.manifest["complete"] = not self.missing_shards()
+        shard_groups(self.manifest)[view][i] = dict(file=name, start=rows.start, count=len(rows), sha256=digest)
+        self.manifest["complete"] = self._all_done()
         self._save()
 
     @property
@@ -261,9 +305,10 @@ class FeatureCache:
             raise ValueError(f"verify must be 'full' or 'size', got {verify!r}")
         self.directory = directory
         m = self.manifest = read_manifest(directory)
-        if not m.get("complete") or any(s is None for s in m["shards"]):
-            done = sum(s is not None for s in m["shards"])
-            raise CacheError(f"{directory} is incomplete ({done} of {len(m['shards'])} shards): "
+        groups = shard_groups(m)
+        if not m.get("complete") or any(s is None for group in groups for s in group):
+            done = sum(s is not None for group in groups for s in group)
+            raise CacheError(f"{directory} is incomplete ({done} of {sum(map(len, groups))} shards): "
                              "rerun the same `c2f extract` command to finish it")
         self.num_images = int(m["num_images"])
         self.feature_shape = tuple(m["feature_shape"])
@@ -289,18 +334,32 @@ class FeatureCache:
                              f"names {len(self.class_names)} classes (0..{len(self.class_names) - 1}); "
                              f"{bad.size} row(s) out of range")
         self.identity = identity(m)
-        self.starts = np.array([s["start"] for s in m["shards"]], dtype=np.int64)
-        expected = 0
-        for s in m["shards"]:
-            if s["start"] != expected:
-                raise CacheError(f"{directory}/{s['file']} starts at row {s['start']}, expected {expected}")
-            expected += s["count"]
-            self._check_file(s["file"], s["sha256"], verify, (s["count"], *self.feature_shape))
-        if expected != n:
-            raise CacheError(f"{directory}: shards hold {expected} rows, manifest says {n} images")
+        self.views = int(m.get("views", 1))
+        # Row r's extra views sit at position view_position[r] of each extra view's shards (-1: none, a test image).
+        self.view_position = np.full(n, -1, dtype=np.int64)
+        if self.views > 1:
+            train = np.flatnonzero(self.is_train)
+            if len(train) != m["view_images"]:
+                raise CacheError(f"{directory}: {len(train)} training images, manifest says view_images "
+                                 f"{m['view_images']}")
+            self.view_position[train] = np.arange(len(train))
+        self.starts = [self._check_group(group, n if v == 0 else m["view_images"], verify)
+                       for v, group in enumerate(groups)]
         self._maps = None
         if preload:
-            self._maps = [np.load(os.path.join(directory, s["file"])) for s in m["shards"]]
+            self._maps = [[np.load(os.path.join(directory, s["file"])) for s in group] for group in groups]
+
+    def _check_group(self, shards: list, rows: int, verify: str) -> np.ndarray:
+        """The start row of each shard of one view, after checking that they tile ``rows`` rows."""
+        expected = 0
+        for s in shards:
+            if s["start"] != expected:
+                raise CacheError(f"{self.directory}/{s['file']} starts at row {s['start']}, expected {expected}")
+            expected += s["count"]
+            self._check_file(s["file"], s["sha256"], verify, (s["count"], *self.feature_shape))
+        if expected != rows:
+            raise CacheError(f"{self.directory}: shards hold {expected} rows, manifest says {rows} images")
+        return np.array([s["start"] for s in shards], dtype=np.int64)
 
     def _check_file(self, name: str, digest: str, verify: str, shape=None) -> None:
         path = os.path.join(self.directory, name)
@@ -322,27 +381,38 @@ class FeatureCache:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        if state["_maps"] is not None and isinstance(state["_maps"][0], np.memmap):
+        if state["_maps"] is not None and isinstance(state["_maps"][0][0], np.memmap):
             state["_maps"] = None   # reopened lazily in each worker process
         return state
 
     def _shards(self) -> list:
         if self._maps is None:
-            self._maps = [np.load(os.path.join(self.directory, s["file"]), mmap_mode="r")
-                          for s in self.manifest["shards"]]
+            self._maps = [[np.load(os.path.join(self.directory, s["file"]), mmap_mode="r") for s in group]
+                          for group in shard_groups(self.manifest)]
         return self._maps
 
-    def read(self, indices: Optional[Sequence[int]]) -> np.ndarray:
-        """Features of ``indices`` in the order given: ``[len(indices), C, H, W]`` in the cache dtype."""
+    def read(self, indices: Optional[Sequence[int]], views: Optional[Sequence[int]] = None) -> np.ndarray:
+        """Features of ``indices`` in the order given: ``[len(indices), C, H, W]`` in the cache dtype; ``views``
+        (one per index, default all 0) picks each row's view (only training images have views above 0)."""
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_images):
             raise IndexError(f"indices must lie in [0, {self.num_images}), got min {idx.min()}, max {idx.max()}")
+        views = np.zeros(len(idx), np.int64) if views is None else np.asarray(views, dtype=np.int64)
+        if views.size and (views.min() < 0 or views.max() >= self.views or (self.view_position[idx[views > 0]] < 0).any()):
+            raise IndexError(f"views must lie in [0, {self.views}) and be 0 for images without extra views")
         out = np.empty((len(idx), *self.feature_shape), dtype=self.dtype)
-        shard_of = np.searchsorted(self.starts, idx, side="right") - 1
-        shards = self._shards()
-        for s in np.unique(shard_of):
-            where = np.flatnonzero(shard_of == s)
-            local = idx[where] - self.starts[s]
-            order = np.argsort(local, kind="stable")   # ascending reads are sequential on disk
-            out[where[order]] = shards[s][local[order]]
+        for v in np.unique(views):
+            where = np.flatnonzero(views == v)
+            positions = idx[where] if v == 0 else self.view_position[idx[where]]
+            self._read_view(int(v), positions, out, where)
         return out
+
+    def _read_view(self, view: int, positions: np.ndarray, out: np.ndarray, where: np.ndarray) -> None:
+        """``out[where] = `` the rows at ``positions`` of ``view``'s shards, read in ascending order per shard."""
+        starts, shards = self.starts[view], self._shards()[view]
+        shard_of = np.searchsorted(starts, positions, side="right") - 1
+        for s in np.unique(shard_of):
+            mine = np.flatnonzero(shard_of == s)
+            local = positions[mine] - starts[s]
+            order = np.argsort(local, kind="stable")   # ascending reads are sequential on disk
+            out[where[mine[order]]] = shards[s][local[order]]
