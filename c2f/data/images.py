@@ -167,11 +167,11 @@ class ImageSource:
             record = read_cub(cub)
         except FileNotFoundError as e:
             raise ConfigError("cub", str(e)) from None
-        check_images(record.image_paths, record.root, progress)
         try:
             net = open_backbone(backbone, weights, image_size)
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             raise ConfigError("backbone", str(e)) from None
+        check_images(record.image_paths, record.root, progress)
         self.module = net.module.to(device).to(memory_format=torch.channels_last)
         self.device, self.amp = device, amp
         self.feature_shape = _probe(net, backbone, device, amp)
