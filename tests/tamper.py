@@ -17,7 +17,7 @@ def nan_rows(cache: str, out: str, rows) -> str:
     manifest_path = os.path.join(out, "manifest.json")
     manifest = json.load(open(manifest_path))
     for row in rows:
-        i = int(np.searchsorted(fc.starts[0], row, side="right") - 1)   # view 0's shards
+        i = int(np.searchsorted(fc.starts, row, side="right") - 1)
         shard = manifest["shards"][i]
         path = os.path.join(out, shard["file"])
         data = np.load(path)

@@ -343,8 +343,10 @@ class FeatureCache:
                 raise CacheError(f"{directory}: {len(train)} training images, manifest says view_images "
                                  f"{m['view_images']}")
             self.view_position[train] = np.arange(len(train))
-        self.starts = [self._check_group(group, n if v == 0 else m["view_images"], verify)
-                       for v, group in enumerate(groups)]
+        # Start rows of each view's shards; ``starts`` is view 0's (cache rows).
+        self.view_starts = [self._check_group(group, n if v == 0 else m["view_images"], verify)
+                            for v, group in enumerate(groups)]
+        self.starts = self.view_starts[0]
         self._maps = None
         if preload:
             self._maps = [[np.load(os.path.join(directory, s["file"])) for s in group] for group in groups]
@@ -409,7 +411,7 @@ class FeatureCache:
 
     def _read_view(self, view: int, positions: np.ndarray, out: np.ndarray, where: np.ndarray) -> None:
         """``out[where] = `` the rows at ``positions`` of ``view``'s shards, read in ascending order per shard."""
-        starts, shards = self.starts[view], self._shards()[view]
+        starts, shards = self.view_starts[view], self._shards()[view]
         shard_of = np.searchsorted(starts, positions, side="right") - 1
         for s in np.unique(shard_of):
             mine = np.flatnonzero(shard_of == s)
