@@ -125,11 +125,12 @@ def main() -> None:
         rows.append((way, rate, timed_train(os.path.join(root, f"run-{views}"), w, features=cache)))
     rows.append(("from images (--cub)", None, timed_train(os.path.join(root, "run-images"), w, cub=cub,
                                                            backbone=backbone, image_size=size)))
-    print(f"machine: {describe(torch.device('cpu'))['label']}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{w} loader worker(s)")
+    print(f"machine: {describe(torch.device('cpu'))['label']}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {w} loader worker(s)")
     print(f"{len(read_cub(cub).image_ids)} JPEGs of {WIDTH}x{HEIGHT}, {train_images} trained on per epoch; backbone "
           f"{size}x{size} -> 512x{size // 16}x{size // 16}; head 312 parts; batch 16; fp32")
-    print(f"decode alone (one process): {plain_rate:.0f} img/s resize, {aug_rate:.0f} img/s random resized crop + flip\n")
+    print(f"decode alone (one process): {plain_rate:.0f} img/s resize, {aug_rate:.0f} img/s random resized crop "
+          "+ flip\n")
     print("| way | extract img/s | train img/s | epoch s | data wait s | backbone s | head s |")
     print("|---|---|---|---|---|---|---|")
     for way, rate, r in rows:

@@ -124,8 +124,8 @@ class Trainer(EpochLoop):
             if self.images is not None:
                 raise ConfigError("backbone", f"{cfg.backbone} on {cfg.cub} is not what {self.run_dir} trained on "
                                               "(a backbone, weights or image list hash differs from the recorded one)")
-            raise ConfigError("features", f"{self.features} is not the cache {self.run_dir} trained on (its "
-                                          f"manifest differs from the one recorded at {self.saved_run.get('features')})")
+            raise ConfigError("features", f"{self.features} is not the cache {self.run_dir} trained on (its manifest "
+                                          f"differs from the one recorded at {self.saved_run.get('features')})")
         c, h, w = self.cache.feature_shape
         self.dim, self.grid = c, (h, w)
         self.num_parts, self.num_classes = len(self.cache.attribute_names), len(self.cache.class_names)

@@ -102,7 +102,8 @@ def test_backbone_without_cub_and_bad_extract_views(tree, tmp_path, capsys):
     assert main(["train", "--backbone", str(tree / "bb.pt")]) == 2
     assert "argument --backbone" in capsys.readouterr().err
     for bad in (["--views", "0"], ["--crop-scale", "1.5"], ["--seed", "-1"]):
-        assert exit_code(["extract", str(tree / "cub"), str(tmp_path / "c"), "--backbone", str(tree / "bb.pt"), *bad]) == 2
+        args = ["extract", str(tree / "cub"), str(tmp_path / "c"), "--backbone", str(tree / "bb.pt"), *bad]
+        assert exit_code(args) == 2
         assert f"argument {bad[0]}" in capsys.readouterr().err
 
 

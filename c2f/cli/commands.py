@@ -166,7 +166,7 @@ def _add_predict(p) -> None:
                       "backbone into the head")
     p.add_argument("--split", choices=SPLITS, default="test", help="with --features: which images")
     p.add_argument("--backbone", help="with --images: as for c2f extract; default: the backbone recorded in "
-                   "the manifest of the cache the run trained on")
+                   "the manifest of the cache the run trained on (or the run's own, if it trained from images)")
     p.add_argument("--weights", metavar="FILE", help="with --images: the backbone's local weights; default: "
                    "those recorded in that manifest")
     p.add_argument("--image-size", type=_positive("image_size"), help="with --images: default: the training "

@@ -400,7 +400,8 @@ class FeatureCache:
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_images):
             raise IndexError(f"indices must lie in [0, {self.num_images}), got min {idx.min()}, max {idx.max()}")
         views = np.zeros(len(idx), np.int64) if views is None else np.asarray(views, dtype=np.int64)
-        if views.size and (views.min() < 0 or views.max() >= self.views or (self.view_position[idx[views > 0]] < 0).any()):
+        if views.size and (views.min() < 0 or views.max() >= self.views
+                           or (self.view_position[idx[views > 0]] < 0).any()):
             raise IndexError(f"views must lie in [0, {self.views}) and be 0 for images without extra views")
         out = np.empty((len(idx), *self.feature_shape), dtype=self.dtype)
         for v in np.unique(views):
