@@ -22,8 +22,7 @@ import torch
 
 from . import checkpoint, evaluate, metrics, plots, reference, runs
 from .config import TrainConfig, resume_conflicts
-from .data import CacheError, FeatureCache, attribute_targets, make_loader, split_rows, synthesize
-from .data.images import Augment, ImageSource
+from .data import attribute_targets, split_rows
 from .devices import resolve_amp
 from .distributed import Dist
 from .epoch import EpochLoop, cosine_lambda
@@ -31,15 +30,12 @@ from .errors import ConfigError
 from .extras import available, install_hint, require
 from .files import LockedError, atomic_write
 from .mixup import PartMixup
+from .sources import DataSources
 
 log = logging.getLogger(__name__)
 
-DEMO_CACHE = os.path.join(".cache", "c2f-demo")
-# The demo: CUB's feature and attribute shapes, few classes and images so it trains in minutes on 2 cores.
-DEMO_SYNTH = dict(num_classes=50, images_per_class=32, test_fraction=0.25, seed=0, shard_size=128)
 
-
-class Trainer(EpochLoop):
+class Trainer(EpochLoop, DataSources):
     """One training stage: ``Trainer(cfg)`` sets up (in named steps, checking before writing), ``fit()``
     trains and tests, ``close()`` releases the process group and writers. ``resume=True`` continues the
     run in ``cfg.run_dir`` from its ``last.pt``."""
@@ -139,47 +135,6 @@ class Trainer(EpochLoop):
         self.eval_loaders = {name: self._loader(rows, train=False)
                              for name, rows in (("val", self.val_rows), ("test", self.test_rows)) if len(rows)}
 
-    def _loader(self, rows, train: bool):
-        """Training batches (shuffled, seeded by epoch; a view drawn per image) or evaluation batches, of
-        cache features or of images through the backbone: the same batch structure either way."""
-        cfg = self.cfg
-        common = dict(rank=self.dist.rank, world=self.dist.world, pin_memory=self.device.type == "cuda",
-                      shuffle=train, seed=cfg.seed, drop_last=train,
-                      num_workers=cfg.num_workers if train else min(cfg.num_workers, 1))
-        if self.images is None:
-            return make_loader(self.cache, rows, self.targets, cfg.batch_size, **common)
-        augment = Augment(self.images.image_size, cfg.crop_scale, cfg.hflip) if train else None
-        return self.images.loader(rows, self.targets, cfg.batch_size, augment=augment, eval_crop=cfg.eval_crop,
-                                  **common)
-
-    def _open_cache(self) -> FeatureCache:
-        cfg = self.cfg
-        features = cfg.features
-        if features is None:
-            features = DEMO_CACHE
-            if self.dist.main:
-                log.info("demo: synthetic cache at %s (%d classes, 2048 x 14 x 14 features, 312 attributes; "
-                         "made if absent, finished if partial)", features, DEMO_SYNTH["num_classes"])
-                try:
-                    synthesize(features, progress=cfg.progress, **DEMO_SYNTH)
-                except CacheError:   # made by another version of the demo: replace it
-                    synthesize(features, progress=cfg.progress, overwrite=True, **DEMO_SYNTH)
-            self.dist.barrier()
-        self.features = os.path.abspath(features)
-        if not os.path.isdir(self.features):
-            moved = " (if the cache moved, pass its new place with --features)" if self.resuming else ""
-            raise ConfigError("features", f"{self.features} is not a directory{moved}")
-        return FeatureCache(self.features, verify=cfg.verify, preload=cfg.preload)
-
-    def _open_images(self) -> ImageSource:
-        """The images of ``cfg.cub`` through the frozen backbone (autocast on CUDA; fp32 on CPU, as extract)."""
-        cfg = self.cfg
-        self.features = None
-        amp = self.amp if self.device.type == "cuda" else "off"
-        Augment(cfg.image_size, cfg.crop_scale, cfg.hflip).check()
-        return ImageSource(cfg.cub, cfg.backbone, cfg.weights, cfg.image_size, self.device, amp,
-                           progress=cfg.progress and self.dist.main)
-
     def _setup_model(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
@@ -245,15 +200,6 @@ class Trainer(EpochLoop):
         self.dist.barrier()
 
     # ------------------------------------------------------------------------------- checkpoints
-    def _paths(self) -> dict:
-        """The data's paths, absolute, as recorded in config.json and best.pt (eval and predict find them)."""
-        if self.images is None:
-            return dict(features=self.features)
-        cfg = self.cfg
-        return dict(features=None, cub=self.images.directory,
-                    backbone=os.path.abspath(cfg.backbone) if os.path.isfile(cfg.backbone) else cfg.backbone,
-                    weights=None if cfg.weights is None else os.path.abspath(cfg.weights))
-
     def _checkpoint(self) -> dict:
         return dict(model=self.head.state_dict(), optimizer=self.optimizer.state_dict(),
                     scheduler=self.scheduler.state_dict(), epoch=self.epoch, best=self.best,
