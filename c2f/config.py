@@ -39,6 +39,7 @@ CHECKS = {
     "nonneg": (lambda v: v >= 0, "must be >= 0"),
     "unit": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
     "unit_open": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "fraction": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
 }
 
 
@@ -71,6 +72,20 @@ class TrainConfig:
                                   "demo cache in .cache/c2f-demo, synthesized if absent. On resume it may point "
                                   "to the same cache moved elsewhere (checked against its manifest)",
                                   operational=True, metavar="DIR")
+    cub: Optional[str] = opt(None, "train from images instead of a cache: the CUB_200_2011 directory, read through "
+                             "the frozen --backbone every step (no cache; with augmentation). Not with --features",
+                             operational=True, metavar="DIR")
+    backbone: Optional[str] = opt(None, "with --cub: the frozen backbone, as for c2f extract (TorchScript file, "
+                                  "package.module:factory, torchvision:resnetNN, timm:NAME); its file hashes are "
+                                  "recorded and checked on resume", operational=True, metavar="SPEC")
+    weights: Optional[str] = opt(None, "with --cub: the backbone's local state_dict file", operational=True,
+                                 metavar="FILE")
+    image_size: int = opt(448, "with --cub: the side of the images fed to the backbone", check="positive")
+    crop_scale: float = opt(0.25, "with --cub: smallest area fraction of the random resized crop (ratio 3/4..4/3)",
+                            check="fraction")
+    hflip: float = opt(0.5, "with --cub: probability of a horizontal flip", check="unit")
+    eval_crop: float = opt(0.875, "with --cub: evaluation resizes the short side to image_size / eval_crop and "
+                           "centre-crops image_size", check="fraction")
     run_dir: Optional[str] = opt(None, "run directory; default runs/<stage>-<time>. An existing run is never "
                                  "overwritten: continue it with --resume", operational=True, saved=False,
                                  metavar="DIR")
@@ -140,7 +155,24 @@ class TrainConfig:
             value = getattr(self, f.name)
             _check_type(f.name, value, _field_types()[f.name])
             check_value(f.name, value, f.metadata["check"], f.metadata["choices"])
+        self._check_source()
         resolve_device(self.device)
+
+    def _check_source(self) -> None:
+        """A cache (``features``) or images (``cub`` with ``backbone``), not both."""
+        if self.cub is not None and self.features is not None:
+            raise ConfigError("cub", "cannot be combined with --features: train from a cache or from images")
+        if self.cub is None:
+            for name in ("backbone", "weights"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(name, "applies to training from images only: pass --cub DIR too")
+            return
+        if not os.path.isdir(self.cub):
+            raise ConfigError("cub", f"{self.cub} is not a directory (the CUB_200_2011 directory holding images.txt)")
+        if self.backbone is None:
+            raise ConfigError("backbone", "is needed with --cub: the frozen backbone the images go through")
+        if self.weights is not None and not os.path.isfile(self.weights):
+            raise ConfigError("weights", f"{self.weights} is not a file")
 
     def warnings(self) -> list:
         """Settings that are allowed but probably not meant."""

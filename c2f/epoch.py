@@ -136,11 +136,12 @@ class EpochLoop:
         self.train_loader.sampler.set_epoch(self.epoch)
         generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.epoch * 1_009 + self.dist.rank)
         self.skipped = 0
-        totals = dict(reg=0.0, ce=0.0, grad_norm=0.0, steps=0, counted=0, skipped=0, wait=0.0)
+        totals = dict(reg=0.0, ce=0.0, grad_norm=0.0, steps=0, counted=0, skipped=0, wait=0.0, backbone=0.0)
         acc = _Interval(self.device)
         bar = tqdm(total=len(self.train_loader), desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
                    unit="step", leave=False, disable=not (self.cfg.progress and self.dist.main))
         start = time.perf_counter()
+        backbone_before = getattr(self.train_loader, "backbone_s", 0.0)
         it = iter(self.train_loader)
         while True:
             t0 = time.perf_counter()
@@ -155,15 +156,21 @@ class EpochLoop:
         self._flush(acc, totals, bar)
         bar.close()
         elapsed = time.perf_counter() - start
-        keys = ("reg", "ce", "grad_norm", "counted", "skipped", "wait", "elapsed")
+        # From images, the backbone runs inside the loader's iteration: its share of the wait is its own.
+        totals["backbone"] = getattr(self.train_loader, "backbone_s", 0.0) - backbone_before
+        totals["wait"] -= totals["backbone"]
+        keys = ("reg", "ce", "grad_norm", "counted", "skipped", "wait", "backbone", "elapsed")
         summed = dict(zip(keys, self.dist.sum([float(totals[k]) for k in keys[:-1]] + [elapsed])))
         counted = max(summed["counted"], 1)
         wait, elapsed = summed["wait"] / self.dist.world, summed["elapsed"] / self.dist.world
+        backbone = summed["backbone"] / self.dist.world
         record = dict(train_reg=summed["reg"] / counted if self.cfg.stage != "fine" else None,
                       train_ce=summed["ce"] / counted if self.cfg.stage != "attention" else None,
                       train_grad_norm=summed["grad_norm"] / counted, data_wait_s=wait,
-                      compute_s=elapsed - wait, wait_frac=wait / max(elapsed, 1e-12),
+                      compute_s=elapsed - wait - backbone, wait_frac=wait / max(elapsed, 1e-12),
                       lr=self.scheduler.get_last_lr()[0])
+        if hasattr(self.train_loader, "backbone_s"):
+            record["backbone_s"] = backbone
         if summed["skipped"]:
             record["skipped_batches"] = int(summed["skipped"])
         return record

@@ -12,6 +12,7 @@ from torch import nn
 
 from . import checkpoint, metrics
 from .data import FeatureCache, attribute_targets, make_loader, read_manifest, split_rows
+from .data.images import EVAL_CROP, CenterView, ImageSource
 from .devices import autocast, resolve_amp, resolve_device
 from .errors import ConfigError, NonFiniteError
 
@@ -172,7 +173,8 @@ def evaluate_on_cache(source: str, features: Optional[str] = None, split: str = 
                       keep_attention: int = 0, verify: str = "size", skip_nonfinite: bool = False) -> tuple:
     """``(metrics, outputs, cache, ckpt)`` of a checkpoint on one split of a feature cache.
 
-    ``features`` defaults to the cache the run trained on; val/train rows and the attribute targets
+    ``features`` defaults to the cache the run trained on (a run trained from images: its images through its
+    backbone, in evaluation views; ``cache`` is then an ``ImageSource``); val/train rows and the attribute targets
     follow the run's saved settings (seed, val_fraction, attr_target, attr_loss). Rows with non-finite
     outputs raise ``NonFiniteError``, or are left out and counted with ``skip_nonfinite``.
     """
@@ -185,14 +187,22 @@ def evaluate_on_cache(source: str, features: Optional[str] = None, split: str = 
     model, ckpt = open_model(source, dev)
     cfg = ckpt.get("config") or {}
     features = features or cfg.get("features")
-    if not features:
+    if not features and not cfg.get("cub"):
         raise ConfigError("features", "the checkpoint does not name its feature cache; pass --features")
-    cache = FeatureCache(features, verify=verify)
+    if features:
+        cache = FeatureCache(features, verify=verify)
+    else:   # a run trained from images: its images, through its backbone, in evaluation views
+        cache = ImageSource(cfg["cub"], cfg["backbone"], cfg.get("weights"), cfg.get("image_size", 448), dev,
+                            amp if dev.type == "cuda" else "off")
     _check_fits(model, cache)
     rows = split_of(cache, split, cfg.get("val_fraction", 0.1), cfg.get("seed", 0))
     targets = attribute_targets(cfg.get("attr_target", "binary"), cache.attributes, cache.certainty,
                                 cache.labels, cache.class_attributes)
-    loader = make_loader(cache, rows, targets, batch_size, shuffle=False, num_workers=num_workers)
+    if features:
+        loader = make_loader(cache, rows, targets, batch_size, shuffle=False, num_workers=num_workers)
+    else:
+        loader = cache.loader(rows, targets, batch_size, shuffle=False, augment=None,
+                              eval_crop=cfg.get("eval_crop", EVAL_CROP), num_workers=num_workers)
     outputs = collect(model, loader, dev, amp, keep_attention)
     m, outputs = split_metrics(outputs, split, len(cache.class_names), cfg.get("attr_loss", "mse"), skip_nonfinite)
     return m, outputs, cache, ckpt
@@ -228,7 +238,8 @@ def predict_images(source: str, images: list, backbone: Optional[str] = None, we
     """``(outputs, ckpt)`` for image files, through the extract backbone into the head.
 
     ``backbone``, ``weights`` and ``image_size`` default to those recorded in the manifest of the cache
-    the run trained on; features are rounded to that cache's dtype, as training saw them. ``rows`` index
+    the run trained on, or those it recorded if it trained from images; features are rounded to that cache's
+    dtype, as training saw them (an image run's images get its evaluation centre crop). ``rows`` index
     ``images``; images with non-finite outputs raise ``NonFiniteError`` (or are left out: ``skip_nonfinite``).
     """
     from .data.backbones import ImageFolderDataset, open_backbone
@@ -236,11 +247,11 @@ def predict_images(source: str, images: list, backbone: Optional[str] = None, we
     dev = resolve_device(device)
     amp = resolve_amp(amp, dev)
     model, ckpt = open_model(source, dev)
-    made = {}
-    features = (ckpt.get("config") or {}).get("features")
+    made, cfg = {}, ckpt.get("config") or {}
+    features = cfg.get("features")
     if features and os.path.isfile(os.path.join(features, "manifest.json")):
         made = read_manifest(features)
-    recorded = made.get("config", {})
+    recorded = cfg if cfg.get("cub") else made.get("config", {})   # trained from images: the run's backbone
     backbone = backbone or recorded.get("backbone")
     if not backbone:
         raise ConfigError("backbone", "the checkpoint's feature cache names no backbone; pass --backbone")
@@ -254,13 +265,16 @@ def predict_images(source: str, images: list, backbone: Optional[str] = None, we
             log.warning("the %s file differs from the one the training cache was extracted with (%s)",
                         key.split("_")[0], key)
     net.module.to(dev)
-    dataset = ImageFolderDataset(images, net.image_size, transform=net.transform)
-    dtype = getattr(torch, made.get("dtype", "float16"))
+    # As training saw them: a cache's plain resize and dtype, or an image run's centre views in the backbone's dtype.
+    view = CenterView(net.image_size, cfg.get("eval_crop", EVAL_CROP)) if cfg.get("cub") else None
+    dataset = ImageFolderDataset(images, net.image_size, transform=net.transform, view=view)
+    dtype = None if cfg.get("cub") else getattr(torch, made.get("dtype", "float16"))
     parts = []
     for start in range(0, len(images), batch_size):
         batch = torch.stack([dataset[i] for i in range(start, min(start + batch_size, len(images)))]).to(dev)
         with autocast(dev, amp):
-            x = net.module(batch).to(dtype)
+            x = net.module(batch)
+            x = x if dtype is None else x.to(dtype)
         with autocast(dev, amp):
             res = model(model_input(x, model, dev))
         parts.append(dict(logits=res.logits.float().cpu().numpy(), attr_pred=res.attr_pred.float().cpu().numpy(),

@@ -15,7 +15,8 @@ from .epoch import cosine_lambda
 from .errors import ConfigError, NonFiniteError
 from .metrics import average_precision, classification_metrics, format_epoch, format_final
 from .runs import ResumeConflict, RunError, load_run_config, resume_config
-from .trainer import DEMO_CACHE, DEMO_SYNTH, Trainer
+from .sources import DEMO_CACHE, DEMO_SYNTH
+from .trainer import Trainer
 
 __all__ = ["TrainConfig", "Trainer", "train", "resume_config", "load_run_config", "STAGES", "HEADS",
            "DEMO_CACHE", "DEMO_SYNTH", "ConfigError", "CheckpointError", "NonFiniteError", "ResumeConflict",

@@ -22,7 +22,7 @@ import torch
 
 from . import checkpoint, evaluate, metrics, plots, reference, runs
 from .config import TrainConfig, resume_conflicts
-from .data import CacheError, FeatureCache, attribute_targets, make_loader, split_rows, synthesize
+from .data import attribute_targets, split_rows
 from .devices import resolve_amp
 from .distributed import Dist
 from .epoch import EpochLoop, cosine_lambda
@@ -30,15 +30,12 @@ from .errors import ConfigError
 from .extras import available, install_hint, require
 from .files import LockedError, atomic_write
 from .mixup import PartMixup
+from .sources import DataSources
 
 log = logging.getLogger(__name__)
 
-DEMO_CACHE = os.path.join(".cache", "c2f-demo")
-# The demo: CUB's feature and attribute shapes, few classes and images so it trains in minutes on 2 cores.
-DEMO_SYNTH = dict(num_classes=50, images_per_class=32, test_fraction=0.25, seed=0, shard_size=128)
 
-
-class Trainer(EpochLoop):
+class Trainer(EpochLoop, DataSources):
     """One training stage: ``Trainer(cfg)`` sets up (in named steps, checking before writing), ``fit()``
     trains and tests, ``close()`` releases the process group and writers. ``resume=True`` continues the
     run in ``cfg.run_dir`` from its ``last.pt``."""
@@ -116,26 +113,15 @@ class Trainer(EpochLoop):
 
     def _setup_data(self) -> None:
         cfg = self.cfg
-        features = cfg.features
-        if features is None:
-            features = DEMO_CACHE
-            if self.dist.main:
-                log.info("demo: synthetic cache at %s (%d classes, 2048 x 14 x 14 features, 312 attributes; "
-                         "made if absent, finished if partial)", features, DEMO_SYNTH["num_classes"])
-                try:
-                    synthesize(features, progress=cfg.progress, **DEMO_SYNTH)
-                except CacheError:   # made by another version of the demo: replace it
-                    synthesize(features, progress=cfg.progress, overwrite=True, **DEMO_SYNTH)
-            self.dist.barrier()
-        self.features = os.path.abspath(features)
-        if not os.path.isdir(self.features):
-            moved = " (if the cache moved, pass its new place with --features)" if self.resuming else ""
-            raise ConfigError("features", f"{self.features} is not a directory{moved}")
-        self.cache = FeatureCache(self.features, verify=cfg.verify, preload=cfg.preload)
+        self.images = self._open_images() if cfg.cub is not None else None
+        self.cache = self.images if self.images is not None else self._open_cache()
         trained_on = self.saved_run.get("cache_identity")
         if trained_on and trained_on != self.cache.identity:
-            raise ConfigError("features", f"{self.features} is not the cache {self.run_dir} trained on (its "
-                                          f"manifest differs from the one recorded at {self.saved_run.get('features')})")
+            if self.images is not None:
+                raise ConfigError("backbone", f"{cfg.backbone} on {cfg.cub} is not what {self.run_dir} trained on "
+                                              "(a backbone, weights or image list hash differs from the recorded one)")
+            raise ConfigError("features", f"{self.features} is not the cache {self.run_dir} trained on (its manifest "
+                                          f"differs from the one recorded at {self.saved_run.get('features')})")
         c, h, w = self.cache.feature_shape
         self.dim, self.grid = c, (h, w)
         self.num_parts, self.num_classes = len(self.cache.attribute_names), len(self.cache.class_names)
@@ -145,11 +131,8 @@ class Trainer(EpochLoop):
             self.cache.labels, self.cache.is_train, cfg.val_fraction, cfg.seed)
         if len(self.train_rows) < cfg.batch_size:
             raise ConfigError("batch_size", f"{cfg.batch_size} exceeds the {len(self.train_rows)} training images")
-        common = dict(rank=self.dist.rank, world=self.dist.world, pin_memory=self.device.type == "cuda")
-        self.train_loader = make_loader(self.cache, self.train_rows, self.targets, cfg.batch_size, shuffle=True,
-                                        seed=cfg.seed, drop_last=True, num_workers=cfg.num_workers, **common)
-        self.eval_loaders = {name: make_loader(self.cache, rows, self.targets, cfg.batch_size, shuffle=False,
-                                               num_workers=min(cfg.num_workers, 1), **common)
+        self.train_loader = self._loader(self.train_rows, train=True)
+        self.eval_loaders = {name: self._loader(rows, train=False)
                              for name, rows in (("val", self.val_rows), ("test", self.test_rows)) if len(rows)}
 
     def _setup_model(self) -> None:
@@ -202,8 +185,12 @@ class Trainer(EpochLoop):
             self._lock()
             runs.check_new(self.run_dir)   # again, under the lock: a run started meanwhile is never joined
         if main:
-            runs.write_config(self.run_dir, dataclasses.replace(self.cfg, features=self.features),
-                              features=self.features, cache_identity=self.cache.identity)
+            if self.images is not None:
+                extra = dict(images=self.images.directory, backbone=self.images.backbone_identity)
+            else:
+                extra = dict(features=self.features)
+            runs.write_config(self.run_dir, dataclasses.replace(self.cfg, **self._paths()),
+                              cache_identity=self.cache.identity, **extra)
         self.log = runs.MetricsLog(self.run_dir, tensorboard=self.cfg.tensorboard and main)
         if main:
             if self.epoch:
@@ -248,7 +235,7 @@ class Trainer(EpochLoop):
 
     def _save_best(self, val) -> None:
         checkpoint.save_model(os.path.join(self.run_dir, "best.pt"), self.head, epoch=self.epoch, metrics=val,
-                              config=dict(self.cfg.to_dict(), features=self.features),
+                              config=dict(self.cfg.to_dict(), **self._paths()),
                               class_names=list(self.cache.class_names),
                               attribute_names=list(self.cache.attribute_names), grid=list(self.grid))
 

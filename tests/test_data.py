@@ -144,11 +144,11 @@ def test_extract_matches_backbone_and_resumes(tmp_path, cub_and_backbone, monkey
     calls = []
     real = CacheWriter.write_shard
 
-    def crash_on_second(self, i, features):
+    def crash_on_second(self, i, features, view=0):
         calls.append(i)
         if len(calls) == 2:
             raise KeyboardInterrupt("simulated kill")
-        return real(self, i, features)
+        return real(self, i, features, view)
 
     monkeypatch.setattr(CacheWriter, "write_shard", crash_on_second)
     part = str(tmp_path / "part")
@@ -156,7 +156,7 @@ def test_extract_matches_backbone_and_resumes(tmp_path, cub_and_backbone, monkey
         extract(cub, part, backbone, **EXTRACT)
     with pytest.raises(CacheError, match="incomplete.*1 of 3 shards"):
         FeatureCache(part)
-    monkeypatch.setattr(CacheWriter, "write_shard", lambda self, i, f: (calls.append(i), real(self, i, f)))
+    monkeypatch.setattr(CacheWriter, "write_shard", lambda self, i, f, v=0: (calls.append(i), real(self, i, f, v)))
     calls.clear()
     extract(cub, part, backbone, **EXTRACT)
     assert calls == [1, 2]                                   # only the missing shards were computed
@@ -217,10 +217,10 @@ def killed_before_shard_1(monkeypatch, run):
     ``KeyboardInterrupt``, asserted), then restores the writer."""
     real = CacheWriter.write_shard
 
-    def crash_on_shard_1(self, i, features):
+    def crash_on_shard_1(self, i, features, view=0):
         if i == 1:
             raise KeyboardInterrupt("simulated kill")
-        return real(self, i, features)
+        return real(self, i, features, view)
 
     monkeypatch.setattr(CacheWriter, "write_shard", crash_on_shard_1)
     with pytest.raises(KeyboardInterrupt):

@@ -59,13 +59,25 @@ def records(run_dir):
         return [json.loads(ln) for ln in f]
 
 
-@pytest.mark.parametrize("stage", ["attention"])
-def test_two_gloo_processes_match_one(tmp_path, stage):
-    cache = synthesize(str(tmp_path / "cache"), **TINY)
+def data_source(tmp_path, source: str) -> tuple:
+    """``(settings, args)``: a tiny synthetic cache, or a tiny CUB tree through a TorchScript backbone (--cub)."""
+    if source == "cache":
+        return dict(features=synthesize(str(tmp_path / "cache"), **TINY)), ARGS
+    from tests.test_data import SIDE, TinyBackbone, write_cub
+    write_cub(tmp_path / "cub")
+    torch.jit.script(TinyBackbone()).save(str(tmp_path / "bb.pt"))
+    return (dict(cub=str(tmp_path / "cub"), backbone=str(tmp_path / "bb.pt"), image_size=SIDE),
+            dict(ARGS, batch_size=2))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize("stage, source", [("attention", "cache"), ("attention", "images")])
+def test_two_gloo_processes_match_one(tmp_path, stage, source):
+    data, args = data_source(tmp_path, source)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "c2f", "train", "--features", cache, "--run-dir", str(tmp_path / "ddp"), "--stage", stage,
+           "-m", "c2f", "train", "--run-dir", str(tmp_path / "ddp"), "--stage", stage,
            "--head", "reference", "--no-progress", "--no-plots"]
-    for k, v in ARGS.items():
+    for k, v in {**data, **args}.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     # PYTHONFAULTHANDLER: a worker sent SIGABRT on a timeout prints every thread's stack.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
@@ -87,10 +99,10 @@ def test_two_gloo_processes_match_one(tmp_path, stage):
     assert "held-out test split" in stdout
 
     # One process on the same global batches: DDP's gradient average is the global-batch mean.
-    train(TrainConfig(features=cache, run_dir=str(tmp_path / "one"), stage=stage, head="reference",
-                      progress=False, plots=False, **ARGS))
+    train(TrainConfig(run_dir=str(tmp_path / "one"), stage=stage, head="reference", progress=False, plots=False,
+                      **data, **args))
     ddp, one = records(tmp_path / "ddp"), records(tmp_path / "one")
-    assert len(ddp) == len(one) == ARGS["epochs"]
+    assert len(ddp) == len(one) == args["epochs"]
     for a, b in zip(ddp, one):
         for key in ("train_reg", "val_reg", "val_attr_map", "val_top1", "val_n"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a[key], b[key])

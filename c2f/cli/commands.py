@@ -10,6 +10,7 @@ import sys
 from ..config import VERIFY_MODES, TrainConfig, apply, from_dict, read_config_file
 from ..data.cache import CACHE_DTYPES
 from ..data.extract import SPLITS as EXTRACT_SPLITS
+from ..data.images import CROP_SCALE, HFLIP
 from ..devices import AMP_MODES
 from ..errors import ConfigError
 from .options import add_dataclass_flags, checked, flag, given
@@ -165,7 +166,7 @@ def _add_predict(p) -> None:
                       "backbone into the head")
     p.add_argument("--split", choices=SPLITS, default="test", help="with --features: which images")
     p.add_argument("--backbone", help="with --images: as for c2f extract; default: the backbone recorded in "
-                   "the manifest of the cache the run trained on")
+                   "the manifest of the cache the run trained on (or the run's own, if it trained from images)")
     p.add_argument("--weights", metavar="FILE", help="with --images: the backbone's local weights; default: "
                    "those recorded in that manifest")
     p.add_argument("--image-size", type=_positive("image_size"), help="with --images: default: the training "
@@ -242,6 +243,15 @@ def _add_extract(p) -> None:
     p.add_argument("--amp", choices=AMP_MODES, default="auto", help="autocast of the backbone; auto: bf16 on CUDA")
     p.add_argument("--overwrite", action="store_true", help="replace a cache made with other settings")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    g = p.add_argument_group("augmented views (the middle way between a cache and training from images)")
+    g.add_argument("--views", type=_positive("views"), default=1, help="views per training image: view 0 the "
+                   "deterministic one, the others random resized crops and flips; training draws one per image per "
+                   "epoch. Test images keep one view")
+    g.add_argument("--seed", type=_nonneg("seed"), default=0, help="seed of the augmented views")
+    g.add_argument("--crop-scale", type=checked(float, "crop_scale", "fraction"), default=CROP_SCALE,
+                   help="smallest area fraction of the random resized crop (aspect ratio 3/4..4/3)")
+    g.add_argument("--hflip", type=checked(float, "hflip", "unit"), default=HFLIP,
+                   help="probability of a horizontal flip")
 
 
 def _run_extract(args) -> int:
@@ -249,7 +259,8 @@ def _run_extract(args) -> int:
     out = extract(args.cub, args.out, args.backbone, image_size=args.image_size, split=args.split,
                   batch_size=args.batch_size, dtype=args.dtype, shard_size=args.shard_size,
                   num_workers=args.num_workers, device=args.device, weights=args.weights,
-                  overwrite=args.overwrite, progress=args.progress, amp=args.amp)
+                  overwrite=args.overwrite, progress=args.progress, amp=args.amp, views=args.views,
+                  seed=args.seed, crop_scale=args.crop_scale, hflip=args.hflip)
     print(out)
     return 0
 
@@ -292,9 +303,14 @@ def _add_info(p) -> None:
 
 def _run_info(args) -> int:
     from ..data import read_manifest
+    from ..data.cache import shard_groups
     m = read_manifest(args.cache)
-    summary = {k: m[k] for k in ("config", "num_images", "feature_shape", "dtype", "shard_size", "complete")}
-    summary["shards_done"] = sum(s is not None for s in m["shards"])
+    summary = {k: m[k] for k in ("version", "config", "num_images", "feature_shape", "dtype", "shard_size",
+                                 "complete")}
+    summary["views"] = m.get("views", 1)   # version 2: augmented views of view_images training images
+    if "view_images" in m:
+        summary["view_images"] = m["view_images"]
+    summary["shards_done"] = sum(s is not None for group in shard_groups(m) for s in group)
     summary["num_classes"], summary["num_attributes"] = len(m["class_names"]), len(m["attribute_names"])
     json.dump(summary, sys.stdout, indent=1)
     print()
@@ -302,7 +318,8 @@ def _run_info(args) -> int:
 
 
 COMMANDS = {
-    "train": ("train the C2F head on a feature cache (no arguments: the demo)", _add_train, _run_train),
+    "train": ("train the C2F head on a feature cache, or from images with --cub (no arguments: the demo)",
+              _add_train, _run_train),
     "eval": ("evaluate a run or checkpoint on a split of a feature cache", _add_eval, _run_eval),
     "predict": ("predict classes and attributes for cached features or image files", _add_predict, _run_predict),
     "runs": ("list runs with their best metrics", _add_runs, _run_runs),

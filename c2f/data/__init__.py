@@ -1,12 +1,14 @@
-"""Data for the C2F head: the CUB reader, the on-disk feature cache, extraction, synthetic data, loaders."""
+"""Data for the C2F head: the CUB reader, the on-disk feature cache, extraction, synthetic data, loaders, and
+the images-through-the-backbone feature source."""
 from .backbones import Backbone, ImageFolderDataset, load_backbone, open_backbone
 from .cache import CacheError, CacheWriter, FeatureCache, read_manifest
 from .cub import CUBFormatError, CUBRecord, TARGET_KINDS, attribute_targets, read_cub
 from .extract import ImageCheckError, check_images, extract
+from .images import Augment, ImageSource
 from .loader import BatchPlan, CachedFeatures, make_loader, split_rows
 from .synth import synthesize
 
 __all__ = ["Backbone", "ImageFolderDataset", "load_backbone", "open_backbone", "CacheError", "CacheWriter",
            "FeatureCache", "read_manifest", "CUBFormatError", "CUBRecord", "TARGET_KINDS", "attribute_targets",
            "read_cub", "ImageCheckError", "check_images", "extract", "BatchPlan", "CachedFeatures",
-           "make_loader", "split_rows", "synthesize"]
+           "make_loader", "split_rows", "synthesize", "Augment", "ImageSource"]

@@ -138,10 +138,12 @@ def load_backbone(spec: str, weights: Optional[str] = None) -> nn.Module:
 
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Decodes images and returns ``[3, S, S]``: ``transform`` (a PIL image -> tensor callable) if given,
-    else a bilinear resize to ``size`` x ``size`` and ImageNet normalisation."""
+    else a bilinear resize to ``size`` x ``size`` and ImageNet normalisation. ``view`` (``(img, key) -> img``,
+    e.g. an augmentation) is applied first, keyed by ``keys[i]``."""
 
-    def __init__(self, paths, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, transform=None):
-        self.paths, self.size, self.transform = list(paths), size, transform
+    def __init__(self, paths, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, transform=None, view=None,
+                 keys=None):
+        self.paths, self.size, self.transform, self.view, self.keys = list(paths), size, transform, view, keys
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
@@ -149,12 +151,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        return self.load(i, self.view, None if self.keys is None else self.keys[i])
+
+    def load(self, i: int, view=None, key=None) -> torch.Tensor:
+        """Image ``i`` as ``[3, S, S]``, through ``view(img, key)`` first if given."""
         from ..extras import require
         Image = require("PIL.Image", "extract", "decoding images", "Pillow")
         with Image.open(self.paths[i]) as img:
             img = img.convert("RGB")
+            if view is not None:
+                img = view(img, key)
             if self.transform is not None:
                 return self.transform(img)
-            img = img.resize((self.size, self.size), Image.BILINEAR)
+            if img.size != (self.size, self.size):
+                img = img.resize((self.size, self.size), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.float32) / 255.0
         return (torch.from_numpy(arr).permute(2, 0, 1) - self.mean) / self.std

@@ -4,6 +4,7 @@ Layout of a cache directory::
 
     manifest.json            what made the cache, shapes, dtype, per-file sha256, completion state
     features-00000.npy ...   [count, C, H, W] shards (fp16 by default), read with np.load(mmap_mode="r")
+    features-v1-00000.npy .. (version 2, ``views`` V > 1) view v = 1..V-1 of each training image, in row order
     labels.npy, is_train.npy, attributes.npy, certainty.npy, [class_attributes.npy]
 
 Every file is written to a temporary name and moved into place with ``os.replace``, and the manifest is
@@ -19,17 +20,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..files import DirLock, atomic_write, lock_directory
-
-FORMAT = "c2f-feature-cache"
-VERSION = 1
-MANIFEST = "manifest.json"
-META_FILES = ("labels", "is_train", "attributes", "certainty", "class_attributes", "image_ids")
-DTYPES = ("float16", "bfloat16", "float32")
-CACHE_DTYPES = ("float16", "float32")   # what a cache can be written in (numpy has no bfloat16)
-
-
-class CacheError(RuntimeError):
-    """A cache that is incomplete, corrupted, or was made with other settings than the ones asked for."""
+from .manifest import (  # noqa: F401 - the schema's names stay importable from c2f.data.cache
+    CACHE_DTYPES, DTYPES, FORMAT, MANIFEST, MANIFEST_FIELDS, META_FILES, SHARD_FIELDS, VERSION, VIEWS_VERSION,
+    CacheError, manifest_problems, read_manifest, shard_groups)
 
 
 def sha256_file(path: str) -> str:
@@ -45,96 +38,6 @@ def save_npy_atomic(path: str, array: np.ndarray) -> str:
 
 def write_json_atomic(path: str, obj) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-
-# ------------------------------------------------------------------------------- the manifest's schema
-
-def _count(low: int):
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-def _names(v) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-def _file_name(v) -> bool:
-    """A plain file name: the cache reads nothing outside its own directory."""
-    return isinstance(v, str) and v not in ("", ".", "..") and os.path.basename(v) == v and "/" not in v \
-        and "\\" not in v
-
-
-# Every field the manifest must hold: (check, what is expected). Shard entries have their own table.
-MANIFEST_FIELDS = {
-    "complete": (lambda v: isinstance(v, bool), "true or false"),
-    "config": (lambda v: isinstance(v, dict), "an object (the settings that made the cache)"),
-    "num_images": (_count(0), "an integer >= 0"),
-    "feature_shape": (lambda v: isinstance(v, list) and len(v) == 3 and all(map(_count(1), v)),
-                      "[C, H, W], three integers >= 1"),
-    "dtype": (lambda v: isinstance(v, str) and v in DTYPES, f"one of {', '.join(DTYPES)}"),
-    "shard_size": (_count(1), "an integer >= 1"),
-    "attribute_names": (_names, "a list of strings"),
-    "class_names": (_names, "a list of strings"),
-    "meta": (lambda v: isinstance(v, dict) and set(v) <= set(META_FILES) and set(META_FILES[:4]) <= set(v)
-             and all(isinstance(d, str) for d in v.values()),
-             f"an object mapping {', '.join(META_FILES[:4])} (and optionally {', '.join(META_FILES[4:])}) to "
-             "sha256 strings"),
-    "shards": (lambda v: isinstance(v, list), "a list with an entry (null until written) per shard"),
-}
-SHARD_FIELDS = {
-    "file": (_file_name, "a file name in the cache directory (no directory part)"),
-    "start": (_count(0), "an integer >= 0"),
-    "count": (_count(1), "an integer >= 1"),
-    "sha256": (lambda v: isinstance(v, str), "a sha256 string"),
-}
-
-
-def _problems(where: str, entry: dict, fields: dict) -> list:
-    out = []
-    for name, (ok, expected) in fields.items():
-        if name not in entry:
-            out.append(f"{where}{name} is missing")
-        elif not ok(entry[name]):
-            out.append(f"{where}{name} is {json.dumps(entry[name])[:60]}, expected {expected}")
-    return out
-
-
-def manifest_problems(m: dict) -> list:
-    """What in a parsed manifest breaks the schema above: missing, null or wrong-type fields, shard entries."""
-    problems = _problems("", m, MANIFEST_FIELDS)
-    if problems:
-        return problems
-    for i, entry in enumerate(m["shards"]):
-        if entry is not None:
-            problems += (_problems(f"shards[{i}].", entry, SHARD_FIELDS) if isinstance(entry, dict)
-                         else [f"shards[{i}] is {json.dumps(entry)[:60]}, expected null or an object"])
-    expected = -(-m["num_images"] // m["shard_size"])
-    if len(m["shards"]) != expected:
-        problems.append(f"shards lists {len(m['shards'])} entries; {m['num_images']} images in shards of "
-                        f"{m['shard_size']} need {expected}")
-    return problems
-
-
-def read_manifest(directory: str) -> dict:
-    """The cache's manifest, checked against the schema (``MANIFEST_FIELDS``); raises ``CacheError``."""
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(path):
-        raise CacheError(f"{path} not found: {directory} is not a c2f feature cache "
-                         "(make one with `c2f extract` or `c2f synth`)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except ValueError as e:
-        raise CacheError(f"{path} is not valid JSON ({e}): the cache is corrupted") from None
-    if not isinstance(manifest, dict):
-        raise CacheError(f"{path} must hold a JSON object, got {type(manifest).__name__}: the cache is corrupted")
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise CacheError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
-                         f"expected {FORMAT!r} version {VERSION}")
-    problems = manifest_problems(manifest)
-    if problems:
-        raise CacheError(f"{path} does not fit the cache manifest's schema: {'; '.join(problems)}; the cache is "
-                         "corrupted: rebuild it with the command that made it")
-    return manifest
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list:
@@ -172,11 +75,11 @@ class CacheWriter:
 
     def __init__(self, directory: str, config: dict, feature_shape: Sequence[int], meta: dict,
                  attribute_names: Sequence[str], class_names: Sequence[str], dtype: str = "float16",
-                 shard_size: int = 256, overwrite: bool = False):
+                 shard_size: int = 256, overwrite: bool = False, views: int = 1):
         if dtype not in DTYPES or dtype == "bfloat16":
             raise ValueError(f"dtype must be 'float16' or 'float32' (numpy has no bfloat16), got {dtype!r}")
-        if shard_size <= 0:
-            raise ValueError(f"shard_size must be positive, got {shard_size}")
+        if shard_size <= 0 or views <= 0:
+            raise ValueError(f"shard_size and views must be positive, got {shard_size}, {views}")
         missing = [k for k in ("labels", "is_train", "attributes", "certainty") if k not in meta]
         if missing:
             raise ValueError(f"meta lacks {missing}")
@@ -187,9 +90,11 @@ class CacheWriter:
         self.dtype = np.dtype(dtype)
         self.feature_shape = tuple(int(s) for s in feature_shape)
         num_shards = (n + shard_size - 1) // shard_size
+        # Extra views are of the training images only; view 0 is every image's deterministic one.
+        self.view_rows = np.flatnonzero(np.asarray(meta["is_train"], dtype=bool)) if views > 1 else None
         # What must match for a partial cache to be resumed.
         identity = dict(config=config, num_images=n, feature_shape=list(self.feature_shape),
-                        dtype=dtype, shard_size=shard_size)
+                        dtype=dtype, shard_size=shard_size, **(dict(views=views) if views > 1 else {}))
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, MANIFEST)
         if os.path.exists(path) and not overwrite:
@@ -202,9 +107,13 @@ class CacheWriter:
             self.manifest = old
             self._verify_done_shards()
         else:
-            self.manifest = dict(format=FORMAT, version=VERSION, complete=False, **identity,
-                                 attribute_names=list(attribute_names), class_names=list(class_names),
+            self.manifest = dict(format=FORMAT, version=VERSION if views == 1 else VIEWS_VERSION, complete=False,
+                                 **identity, attribute_names=list(attribute_names), class_names=list(class_names),
                                  meta={}, shards=[None] * num_shards)
+            if views > 1:
+                per_view = -(-len(self.view_rows) // shard_size)
+                self.manifest.update(view_images=len(self.view_rows),
+                                     view_shards=[[None] * per_view for _ in range(views - 1)])
             for name in META_FILES:
                 if meta.get(name) is not None:
                     self.manifest["meta"][name] = save_npy_atomic(os.path.join(directory, f"{name}.npy"),
@@ -213,35 +122,46 @@ class CacheWriter:
 
     def _verify_done_shards(self) -> None:
         """Drops shards whose file is missing or fails its checksum, so they are written again."""
-        for i, entry in enumerate(self.manifest["shards"]):
-            if entry is None:
-                continue
-            path = os.path.join(self.directory, entry["file"])
-            if not os.path.isfile(path) or sha256_file(path) != entry["sha256"]:
-                self.manifest["shards"][i] = None
-        self.manifest["complete"] = all(s is not None for s in self.manifest["shards"])
+        for group in shard_groups(self.manifest):
+            for i, entry in enumerate(group):
+                if entry is None:
+                    continue
+                path = os.path.join(self.directory, entry["file"])
+                if not os.path.isfile(path) or sha256_file(path) != entry["sha256"]:
+                    group[i] = None
+        self.manifest["complete"] = self._all_done()
+
+    def _all_done(self) -> bool:
+        return all(s is not None for group in shard_groups(self.manifest) for s in group)
 
     def _save(self) -> None:
         write_json_atomic(os.path.join(self.directory, MANIFEST), self.manifest)
 
-    def shard_range(self, i: int) -> range:
+    def shard_range(self, i: int, view: int = 0) -> range:
+        """Positions of shard ``i`` of ``view``: cache rows for view 0, indices into ``view_rows`` otherwise."""
         start = i * self.shard_size
-        return range(start, min(start + self.shard_size, self.num_images))
+        return range(start, min(start + self.shard_size, self.num_images if view == 0 else len(self.view_rows)))
 
-    def missing_shards(self) -> list:
-        return [i for i, s in enumerate(self.manifest["shards"]) if s is None]
+    def shard_rows(self, i: int, view: int = 0) -> np.ndarray:
+        """The cache rows whose ``view`` shard ``i`` holds."""
+        positions = np.arange(self.shard_range(i, view).start, self.shard_range(i, view).stop)
+        return positions if view == 0 else self.view_rows[positions]
 
-    def write_shard(self, i: int, features: np.ndarray) -> None:
-        """Writes shard ``i`` (``[len(shard_range(i)), C, H, W]``) atomically and records it in the manifest."""
-        rows = self.shard_range(i)
+    def missing_shards(self, view: int = 0) -> list:
+        return [i for i, s in enumerate(shard_groups(self.manifest)[view]) if s is None]
+
+    def write_shard(self, i: int, features: np.ndarray, view: int = 0) -> None:
+        """Writes shard ``i`` of ``view`` (``[len(shard_range(i, view)), C, H, W]``) atomically and records it in
+        the manifest."""
+        rows = self.shard_range(i, view)
         expected = (len(rows), *self.feature_shape)
         if tuple(features.shape) != expected:
             raise ValueError(f"shard {i} must have shape {expected}, got {tuple(features.shape)}")
-        name = f"features-{i:05d}.npy"
+        name = f"features-{i:05d}.npy" if view == 0 else f"features-v{view}-{i:05d}.npy"
         digest = save_npy_atomic(os.path.join(self.directory, name),
                                  np.ascontiguousarray(features, dtype=self.dtype))
-        self.manifest["shards"][i] = dict(file=name, start=rows.start, count=len(rows), sha256=digest)
-        self.manifest["complete"] = not self.missing_shards()
+        shard_groups(self.manifest)[view][i] = dict(file=name, start=rows.start, count=len(rows), sha256=digest)
+        self.manifest["complete"] = self._all_done()
         self._save()
 
     @property
@@ -261,9 +181,10 @@ class FeatureCache:
             raise ValueError(f"verify must be 'full' or 'size', got {verify!r}")
         self.directory = directory
         m = self.manifest = read_manifest(directory)
-        if not m.get("complete") or any(s is None for s in m["shards"]):
-            done = sum(s is not None for s in m["shards"])
-            raise CacheError(f"{directory} is incomplete ({done} of {len(m['shards'])} shards): "
+        groups = shard_groups(m)
+        if not m.get("complete") or any(s is None for group in groups for s in group):
+            done = sum(s is not None for group in groups for s in group)
+            raise CacheError(f"{directory} is incomplete ({done} of {sum(map(len, groups))} shards): "
                              "rerun the same `c2f extract` command to finish it")
         self.num_images = int(m["num_images"])
         self.feature_shape = tuple(m["feature_shape"])
@@ -289,18 +210,34 @@ class FeatureCache:
                              f"names {len(self.class_names)} classes (0..{len(self.class_names) - 1}); "
                              f"{bad.size} row(s) out of range")
         self.identity = identity(m)
-        self.starts = np.array([s["start"] for s in m["shards"]], dtype=np.int64)
-        expected = 0
-        for s in m["shards"]:
-            if s["start"] != expected:
-                raise CacheError(f"{directory}/{s['file']} starts at row {s['start']}, expected {expected}")
-            expected += s["count"]
-            self._check_file(s["file"], s["sha256"], verify, (s["count"], *self.feature_shape))
-        if expected != n:
-            raise CacheError(f"{directory}: shards hold {expected} rows, manifest says {n} images")
+        self.views = int(m.get("views", 1))
+        # Row r's extra views sit at position view_position[r] of each extra view's shards (-1: none, a test image).
+        self.view_position = np.full(n, -1, dtype=np.int64)
+        if self.views > 1:
+            train = np.flatnonzero(self.is_train)
+            if len(train) != m["view_images"]:
+                raise CacheError(f"{directory}: {len(train)} training images, manifest says view_images "
+                                 f"{m['view_images']}")
+            self.view_position[train] = np.arange(len(train))
+        # Start rows of each view's shards; ``starts`` is view 0's (cache rows).
+        self.view_starts = [self._check_group(group, n if v == 0 else m["view_images"], verify)
+                            for v, group in enumerate(groups)]
+        self.starts = self.view_starts[0]
         self._maps = None
         if preload:
-            self._maps = [np.load(os.path.join(directory, s["file"])) for s in m["shards"]]
+            self._maps = [[np.load(os.path.join(directory, s["file"])) for s in group] for group in groups]
+
+    def _check_group(self, shards: list, rows: int, verify: str) -> np.ndarray:
+        """The start row of each shard of one view, after checking that they tile ``rows`` rows."""
+        expected = 0
+        for s in shards:
+            if s["start"] != expected:
+                raise CacheError(f"{self.directory}/{s['file']} starts at row {s['start']}, expected {expected}")
+            expected += s["count"]
+            self._check_file(s["file"], s["sha256"], verify, (s["count"], *self.feature_shape))
+        if expected != rows:
+            raise CacheError(f"{self.directory}: shards hold {expected} rows, manifest says {rows} images")
+        return np.array([s["start"] for s in shards], dtype=np.int64)
 
     def _check_file(self, name: str, digest: str, verify: str, shape=None) -> None:
         path = os.path.join(self.directory, name)
@@ -322,27 +259,39 @@ class FeatureCache:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        if state["_maps"] is not None and isinstance(state["_maps"][0], np.memmap):
+        if state["_maps"] is not None and isinstance(state["_maps"][0][0], np.memmap):
             state["_maps"] = None   # reopened lazily in each worker process
         return state
 
     def _shards(self) -> list:
         if self._maps is None:
-            self._maps = [np.load(os.path.join(self.directory, s["file"]), mmap_mode="r")
-                          for s in self.manifest["shards"]]
+            self._maps = [[np.load(os.path.join(self.directory, s["file"]), mmap_mode="r") for s in group]
+                          for group in shard_groups(self.manifest)]
         return self._maps
 
-    def read(self, indices: Optional[Sequence[int]]) -> np.ndarray:
-        """Features of ``indices`` in the order given: ``[len(indices), C, H, W]`` in the cache dtype."""
+    def read(self, indices: Optional[Sequence[int]], views: Optional[Sequence[int]] = None) -> np.ndarray:
+        """Features of ``indices`` in the order given: ``[len(indices), C, H, W]`` in the cache dtype; ``views``
+        (one per index, default all 0) picks each row's view (only training images have views above 0)."""
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_images):
             raise IndexError(f"indices must lie in [0, {self.num_images}), got min {idx.min()}, max {idx.max()}")
+        views = np.zeros(len(idx), np.int64) if views is None else np.asarray(views, dtype=np.int64)
+        if views.size and (views.min() < 0 or views.max() >= self.views
+                           or (self.view_position[idx[views > 0]] < 0).any()):
+            raise IndexError(f"views must lie in [0, {self.views}) and be 0 for images without extra views")
         out = np.empty((len(idx), *self.feature_shape), dtype=self.dtype)
-        shard_of = np.searchsorted(self.starts, idx, side="right") - 1
-        shards = self._shards()
-        for s in np.unique(shard_of):
-            where = np.flatnonzero(shard_of == s)
-            local = idx[where] - self.starts[s]
-            order = np.argsort(local, kind="stable")   # ascending reads are sequential on disk
-            out[where[order]] = shards[s][local[order]]
+        for v in np.unique(views):
+            where = np.flatnonzero(views == v)
+            positions = idx[where] if v == 0 else self.view_position[idx[where]]
+            self._read_view(int(v), positions, out, where)
         return out
+
+    def _read_view(self, view: int, positions: np.ndarray, out: np.ndarray, where: np.ndarray) -> None:
+        """``out[where] = `` the rows at ``positions`` of ``view``'s shards, read in ascending order per shard."""
+        starts, shards = self.view_starts[view], self._shards()[view]
+        shard_of = np.searchsorted(starts, positions, side="right") - 1
+        for s in np.unique(shard_of):
+            mine = np.flatnonzero(shard_of == s)
+            local = positions[mine] - starts[s]
+            order = np.argsort(local, kind="stable")   # ascending reads are sequential on disk
+            out[where[mine[order]]] = shards[s][local[order]]

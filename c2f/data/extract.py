@@ -21,6 +21,7 @@ from ..extras import require
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, ImageFolderDataset, load_backbone, open_backbone
 from .cache import CACHE_DTYPES, CacheWriter, lock_cache
 from .cub import CUBRecord, read_cub
+from .images import CROP_RATIO, CROP_SCALE, HFLIP, Augment, AugmentedView
 
 __all__ = ["extract", "check_images", "load_backbone", "open_backbone", "Backbone", "ImageFolderDataset",
            "ImageCheckError", "IMAGENET_MEAN", "IMAGENET_STD", "SPLITS"]
@@ -81,6 +82,21 @@ def _check_args(image_size, split, batch_size, dtype, shard_size, num_workers) -
         raise ConfigError("dtype", f"must be float16 or float32; got {dtype!r}")
 
 
+def _check_views(views, seed) -> None:
+    for name, value, minimum in (("views", views, 1), ("seed", seed, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(name, f"must be an integer >= {minimum}, got {value!r}")
+
+
+def _view_dataset(paths: list, net: Backbone, rows: np.ndarray, view: int, augment: Augment, seed: int):
+    """The images of cache ``rows`` in ``view``: 0 the deterministic resize, others augmented, keyed
+    ``[seed, row, view, 1]`` (a stream of its own, apart from training's ``[seed, epoch, row]``)."""
+    if view == 0:
+        return ImageFolderDataset([paths[r] for r in rows], net.image_size, transform=net.transform)
+    return ImageFolderDataset([paths[r] for r in rows], net.image_size, transform=net.transform,
+                              view=AugmentedView(augment), keys=[[seed, int(r), view, 1] for r in rows])
+
+
 def _probe(backbone: Backbone, spec: str, device: torch.device, amp: str) -> tuple:
     s = backbone.image_size
     with torch.inference_mode(), autocast(device, amp):
@@ -94,15 +110,20 @@ def _probe(backbone: Backbone, spec: str, device: torch.device, amp: str) -> tup
 def extract(cub: Union[str, CUBRecord], directory: str, backbone: str, image_size: int = 448,
             split: str = "all", batch_size: int = 32, dtype: str = "float16", shard_size: int = 256,
             num_workers: int = 2, device: Optional[str] = None, weights: Optional[str] = None,
-            overwrite: bool = False, progress: bool = True, amp: str = "auto") -> str:
+            overwrite: bool = False, progress: bool = True, amp: str = "auto", views: int = 1, seed: int = 0,
+            crop_scale: float = CROP_SCALE, hflip: float = HFLIP) -> str:
     """Writes the backbone's features of ``split``'s images to the cache ``directory`` and returns it.
 
     Eval mode, inference mode, batched; ``amp`` "auto" runs bf16 autocast on CUDA only (recorded in
     the manifest with the backbone's file hashes). Rerunning the same command after an interruption
     continues from the last whole shard; a different command, or a backbone or weights file replaced
-    under the same name, is refused.
+    under the same name, is refused. ``views`` > 1 also stores ``views - 1`` augmented views of each training
+    image (``crop_scale``, ``hflip``, keyed by ``seed``; a version 2 manifest); training draws one per epoch.
     """
     _check_args(image_size, split, batch_size, dtype, shard_size, num_workers)
+    _check_views(views, seed)
+    augment = Augment(image_size, crop_scale, hflip)
+    augment.check()
     dev = resolve_device(device)
     if amp == "auto":   # features of a frozen backbone: bf16 on CUDA, fp32 elsewhere (recorded in the manifest)
         amp = "bf16" if dev.type == "cuda" else "off"
@@ -118,21 +139,23 @@ def extract(cub: Union[str, CUBRecord], directory: str, backbone: str, image_siz
     feature_shape = _probe(net, backbone, dev, amp)
     config = dict(source="extract", **net.identity, image_size=image_size, amp=amp, split=split,
                   images=_fingerprint(paths, record.root))
+    if views > 1:   # recorded only with views, so that a cache made before views existed still resumes
+        config.update(views=views, augment=dict(seed=seed, crop_scale=crop_scale, hflip=hflip,
+                                                crop_ratio=list(CROP_RATIO)))
     meta = dict(labels=record.labels[rows], is_train=record.is_train[rows],
                 attributes=record.attributes[rows].astype(np.uint8),
                 certainty=record.certainty[rows].astype(np.uint8),
                 class_attributes=record.class_attributes, image_ids=record.image_ids[rows])
     with lock_cache(directory):
         writer = CacheWriter(directory, config, feature_shape, meta, record.attribute_names,
-                             record.class_names, dtype=dtype, shard_size=shard_size, overwrite=overwrite)
-        todo = writer.missing_shards()
-        dataset = ImageFolderDataset(paths, image_size, transform=net.transform)
-        bar = tqdm(total=sum(len(writer.shard_range(i)) for i in todo), unit="img", desc="extract",
+                             record.class_names, dtype=dtype, shard_size=shard_size, overwrite=overwrite, views=views)
+        todo = [(v, i) for v in range(views) for i in writer.missing_shards(v)]
+        bar = tqdm(total=sum(len(writer.shard_range(i, v)) for v, i in todo), unit="img", desc="extract",
                    disable=not progress or not todo)
         start = time.perf_counter()
-        for i in todo:
-            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(writer.shard_range(i))),
-                                                 batch_size=batch_size, num_workers=num_workers,
+        for v, i in todo:
+            dataset = _view_dataset(paths, net, writer.shard_rows(i, v), v, augment, seed)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                                  pin_memory=dev.type == "cuda")
             out = []
             for images in loader:
@@ -140,9 +163,9 @@ def extract(cub: Union[str, CUBRecord], directory: str, backbone: str, image_siz
                     feats = net.module(images.to(dev, non_blocking=True))
                 out.append(feats.float().cpu().numpy())
                 bar.update(len(images))
-            writer.write_shard(i, np.concatenate(out))
+            writer.write_shard(i, np.concatenate(out), v)
     bar.close()
     if todo:
-        done = sum(len(writer.shard_range(i)) for i in todo)
+        done = sum(len(writer.shard_range(i, v)) for v, i in todo)
         log.info("extract: %d images in %.1f s -> %s", done, time.perf_counter() - start, directory)
     return directory

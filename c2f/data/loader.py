@@ -9,24 +9,40 @@ import torch
 from .cache import FeatureCache
 
 
+def drawn_views(cache: FeatureCache, seed: int, epoch: int) -> np.ndarray:
+    """The view each cache row is read in at ``epoch`` of a run seeded ``seed``: ``[n]`` int64, uniform over the
+    cache's views for images that have them, 0 otherwise. A function of (seed, epoch) only, so resumable."""
+    views = np.random.default_rng([seed, epoch, 3]).integers(0, cache.views, size=len(cache))
+    views[cache.view_position < 0] = 0
+    return views
+
+
 class CachedFeatures(torch.utils.data.Dataset):
-    """Indexed by a *batch* of row indices: returns one batch, read with one sorted pass per shard.
+    """Indexed by a *batch* of row indices: returns one batch, read with one sorted pass per shard. Indexed by
+    ``(epoch, rows)`` (a training plan's items), each row is read in the view drawn for it that epoch.
 
     Items: ``x`` ``[b, C, H, W]`` (the cache dtype), ``labels`` ``[b]`` int64, ``attr_target`` ``[b, A]``
     float32, ``index`` ``[b]`` int64 (cache rows).
     """
 
-    def __init__(self, cache: FeatureCache, targets: np.ndarray):
+    def __init__(self, cache: FeatureCache, targets: np.ndarray, seed: int = 0):
         if targets.shape[0] != len(cache):
             raise ValueError(f"targets must have one row per cached image ({len(cache)}), got {targets.shape}")
-        self.cache, self.targets = cache, np.asarray(targets, dtype=np.float32)
+        self.cache, self.targets, self.seed = cache, np.asarray(targets, dtype=np.float32), seed
+        self._drawn = (None, None)   # (epoch, views): drawn once per epoch in each worker
 
     def __len__(self) -> int:
         return len(self.cache)
 
-    def __getitem__(self, rows: Sequence[int]) -> dict:
+    def __getitem__(self, item) -> dict:
+        epoch, rows = item if isinstance(item, tuple) else (None, item)
         rows = np.asarray(rows, dtype=np.int64)
-        return dict(x=torch.from_numpy(self.cache.read(rows)),
+        views = None
+        if epoch is not None:
+            if self._drawn[0] != epoch:
+                self._drawn = (epoch, drawn_views(self.cache, self.seed, epoch))
+            views = self._drawn[1][rows]
+        return dict(x=torch.from_numpy(self.cache.read(rows, views)),
                     labels=torch.from_numpy(self.cache.labels[rows]),
                     attr_target=torch.from_numpy(self.targets[rows]),
                     index=torch.from_numpy(rows))
@@ -38,14 +54,16 @@ class BatchPlan(torch.utils.data.Sampler):
     Training (``shuffle``): each epoch a permutation seeded by ``(seed, epoch)`` is cut into global
     batches of ``batch_size``; process ``rank`` takes its contiguous slice of ``batch_size // world``, so
     N processes see exactly the batches one process would. Evaluation: rows ``rank::world`` in order.
+    ``with_epoch``: each item is ``(epoch, rows)``, for datasets that draw per epoch (augmented views).
     """
 
     def __init__(self, rows: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0,
-                 rank: int = 0, world: int = 1, drop_last: bool = False):
+                 rank: int = 0, world: int = 1, drop_last: bool = False, with_epoch: bool = False):
         if batch_size <= 0 or (shuffle and batch_size % world):
             raise ValueError(f"batch_size must be a positive multiple of the world size {world}, got {batch_size}")
         self.rows, self.batch_size, self.shuffle = np.asarray(rows, dtype=np.int64), batch_size, shuffle
         self.seed, self.rank, self.world, self.drop_last = seed, rank, world, drop_last
+        self.with_epoch = with_epoch   # yield (epoch, rows): per-epoch draws keyed in the worker, resumable
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -64,6 +82,8 @@ class BatchPlan(torch.utils.data.Sampler):
         return [b[self.rank * (len(b) // self.world):(self.rank + 1) * (len(b) // self.world)] for b in batches]
 
     def __iter__(self):
+        if self.with_epoch:
+            return iter([(self.epoch, b.tolist()) for b in self._batches()])
         return iter([b.tolist() for b in self._batches()])
 
     def __len__(self) -> int:
@@ -73,10 +93,11 @@ class BatchPlan(torch.utils.data.Sampler):
 def make_loader(cache: FeatureCache, rows: Sequence[int], targets: np.ndarray, batch_size: int,
                 shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1, drop_last: bool = False,
                 num_workers: int = 2, pin_memory: bool = False, prefetch: int = 4) -> torch.utils.data.DataLoader:
-    """A DataLoader over ``rows`` of the cache; call ``loader.batch_sampler``'s ``set_epoch`` via ``loader.sampler``."""
-    plan = BatchPlan(rows, batch_size, shuffle, seed, rank, world, drop_last)
+    """A DataLoader over ``rows`` of the cache; call ``loader.batch_sampler``'s ``set_epoch`` via ``loader.sampler``.
+    Shuffled (training) over a cache with views, each row is read in its view drawn for the epoch."""
+    plan = BatchPlan(rows, batch_size, shuffle, seed, rank, world, drop_last, with_epoch=shuffle and cache.views > 1)
     extra = dict(persistent_workers=True, prefetch_factor=prefetch) if num_workers > 0 else {}
-    return torch.utils.data.DataLoader(CachedFeatures(cache, targets), sampler=plan, batch_size=None,
+    return torch.utils.data.DataLoader(CachedFeatures(cache, targets, seed), sampler=plan, batch_size=None,
                                        num_workers=num_workers, pin_memory=pin_memory, **extra)
 
 
