@@ -89,7 +89,11 @@ def check_resumable(run_dir: str) -> None:
     if os.path.isfile(os.path.join(run_dir, "last.pt")):
         return
     logged = MetricsLog(run_dir).records()
-    if logged or os.path.isfile(os.path.join(run_dir, "best.pt")):
+    # An epoch's line is logged just before its last.pt is written: a run killed in between its first line
+    # and first checkpoint has epoch 1 logged and nothing saved, and starts again from epoch 1 like one
+    # stopped before it (the log is restarted). best.pt comes after last.pt: with it, last.pt was removed.
+    first_checkpoint_lost = [r.get("epoch") for r in logged] == [1]
+    if (logged and not first_checkpoint_lost) or os.path.isfile(os.path.join(run_dir, "best.pt")):
         what = f"{len(logged)} epoch(s) logged" if logged else "a best.pt"
         raise RunError(f"{run_dir} has {what} but no last.pt to resume from (was it removed?); restore it, "
                        "or start a new run")

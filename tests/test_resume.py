@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from c2f import devices
+from c2f import checkpoint, devices
 from c2f.checkpoint import safe_load
 from c2f.cli import main
 from c2f.data import FeatureCache, split_rows, synthesize
@@ -447,6 +447,30 @@ def test_a_run_stopped_before_its_first_epoch_resumes(cache, tmp_path, monkeypat
     timing = ("data_wait_s", "compute_s", "wait_frac", "epoch_s")
     strip = lambda d: [{k: v for k, v in json.loads(ln).items() if k not in timing} for ln in open(d / "metrics.jsonl")]
     assert strip(run) == strip(straight)
+
+
+def test_a_run_killed_between_its_first_log_line_and_checkpoint_resumes(cache, tmp_path, monkeypatch):
+    """Epoch 1's line is appended to metrics.jsonl just before last.pt is written: a SIGKILL in between left
+    a run that could not be resumed ("1 epoch(s) logged but no last.pt"); it now starts again from epoch 1."""
+    straight = tmp_path / "straight"
+    train(config(cache, straight, epochs=2))
+    run = tmp_path / "run"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed before last.pt was written")
+
+    monkeypatch.setattr(checkpoint, "atomic_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(cache, run, epochs=2))
+    monkeypatch.undo()
+    assert not (run / "last.pt").exists() and epochs_of(run) == [1]
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    timing = ("data_wait_s", "compute_s", "wait_frac", "epoch_s")
+    strip = lambda d: [{k: v for k, v in json.loads(ln).items() if k not in timing} for ln in open(d / "metrics.jsonl")]
+    assert strip(run) == strip(straight)
+    (run / "last.pt").unlink()                       # removed after two epochs: still refused
+    with pytest.raises(RunError, match="2 epoch"):
+        train(resume_config(run, {}), resume=True)
 
 
 def test_best_checkpoint_selection_never_compares_nan(stopped_run, tmp_path):
