@@ -97,19 +97,23 @@ class Trainer(EpochLoop, DataSources):
             self.saved_run = {}
         self.dist.barrier()
 
-    def _lock(self) -> None:
-        """Process 0 takes the run directory's lock for the run's life; every process fails if it cannot."""
+    def _lock(self, check=None) -> None:
+        """Process 0 takes the run directory's lock for the run's life and runs ``check(run_dir)`` under it;
+        every process fails if either fails. Only process 0 checks: it writes the run right after, so a
+        peer checking later would see those files (a new run's config.json) and refuse its own run."""
         failure = None
         if self.dist.main:
             try:
                 self.lock = runs.lock_run(self.run_dir)
-            except (LockedError, OSError) as e:
+                if check is not None:
+                    check(self.run_dir)
+            except (LockedError, runs.RunError, OSError) as e:
                 failure = e
-        refused = self.dist.broadcast(None if failure is None else str(failure))
+        refused = self.dist.broadcast(None if failure is None else (type(failure).__name__, str(failure)))
         if failure is not None:
             raise failure
         if refused:
-            raise LockedError(refused)
+            raise (runs.RunError if refused[0] == "RunError" else LockedError)(refused[1])
 
     def _setup_data(self) -> None:
         cfg = self.cfg
@@ -182,8 +186,7 @@ class Trainer(EpochLoop, DataSources):
             self._load(self.resume_state, os.path.join(self.run_dir, "last.pt"))
             self.resume_state = None
         if not self.resuming:
-            self._lock()
-            runs.check_new(self.run_dir)   # again, under the lock: a run started meanwhile is never joined
+            self._lock(runs.check_new)   # again, under the lock: a run started meanwhile is never joined
         if main:
             if self.images is not None:
                 extra = dict(images=self.images.directory, backbone=self.images.backbone_identity)
