@@ -66,13 +66,13 @@ PRECISION = {p.name: p for p in PRECISIONS}
 
 # Relative atol of the parity rule per op family and precision, and where each is documented.
 TOLERANCES = {
-    ("module", "fp32-ieee"): (1e-5, "tests/parity.py rule; tests/test_attention.py, tests/test_head.py fp32 atol"),
+    ("module", "fp32-ieee"): (1e-5, "tests/parity.py rule; tests/test_part_attention.py, tests/test_c2f_head.py fp32 atol"),
     ("module", "fp32-tf32"): (4 * 2 ** -10, "docs/design.md 'Precision': TF32 normwise bound 4 x 2^-10"),
     ("module", "bf16"): (2e-2, "tests/test_amp.py ATOL[bfloat16] (autocast)"),
-    ("mixup", "fp32-ieee"): (1e-5, "tests/test_mixup.py DTYPES fp32"),
-    ("mixup", "fp32-tf32"): (1e-5, "tests/test_mixup.py DTYPES fp32: the mixup kernels have no dot precision "
+    ("mixup", "fp32-ieee"): (1e-5, "tests/test_part_mixup.py DTYPES fp32"),
+    ("mixup", "fp32-tf32"): (1e-5, "tests/test_part_mixup.py DTYPES fp32: the mixup kernels have no dot precision "
                                    "option, their dots are fp32-accurate"),
-    ("mixup", "bf16"): (1e-2, "tests/test_mixup.py DTYPES bf16 (bf16 parts)"),
+    ("mixup", "bf16"): (1e-2, "tests/test_part_mixup.py DTYPES bf16 (bf16 parts)"),
 }
 
 
@@ -284,7 +284,7 @@ class Bundle:
 
     def _mixup_step(self, impl: str) -> Step:
         from c2f import reference
-        from c2f.mixup import part_mixup_, part_mixup_pool
+        from c2f.part_mixup import part_mixup_, part_mixup_pool
         perm, mask = self.inputs["perm"], self.inputs["mask"]
         inplace = self.case.op == "part_mixup_"
         if impl == "fused":

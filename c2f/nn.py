@@ -3,9 +3,9 @@
 Each has the reference's constructor (plus ``backend`` and path options) and ``state_dict`` keys,
 so checkpoints load either way.
 """
-from .attention import PartAttention
-from .head import C2FHead
-from .mixup import MixupOutput, PartMixup
+from .part_attention import PartAttention
+from .c2f_head import C2FHead
+from .part_mixup import MixupOutput, PartMixup
 from .reference import C2FOutput, PartRegressor
 
 __all__ = ["PartAttention", "C2FHead", "C2FOutput", "PartMixup", "MixupOutput", "PartRegressor"]

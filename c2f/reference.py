@@ -1,9 +1,9 @@
 """Plain PyTorch reference modules, written the obvious way.
 
 Tests, benchmarks and docs import these; nothing else defines a reference, and no library code runs
-them (training uses ``c2f.nn`` and ``c2f.mixup``). The fused modules in ``c2f.nn`` subclass these to
+them (training uses ``c2f.nn`` and ``c2f.part_mixup``). The fused modules in ``c2f.nn`` subclass these to
 share their constructors and ``state_dict`` keys. ``mix_targets`` and ``mix_attributes`` here are
-the obvious one-hot formulas, independent of ``c2f.mixup``'s, which tests check against them.
+the obvious one-hot formulas, independent of ``c2f.part_mixup``'s, which tests check against them.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ in the part features, so ``[B, P, C]`` is never written. Per step, independent o
   one more, dWrg, with several heads; two more, dxhat and dx, when x requires grad) and a few small
   torch ops (``drows``, ``dU = drows @ wcg``, ``coef = M P``, ``dwcg = drows^T U``, partial sums).
 
-The kernels live in ``c2f_head_fwd.py`` and ``c2f_head_bwd.py``, their plans in ``plans_head.py``; the
+The kernels live in ``c2f_head_fwd.py`` and ``c2f_head_bwd.py``, their plans in ``plans_c2f_head.py``; the
 token statistics, the dG reduction and the LayerNorm backward are the part-attention kernels, reused as
 they are. Each launcher makes all its plans before it allocates or launches anything.
 """
@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .._math import inverse_permutation
-from . import plans, plans_head, targets
+from . import plans, plans_c2f_head, targets
 from .c2f_head_bwd import _c2f_head_bwd_dwrg_kernel, _c2f_head_bwd_dxhat_kernel, _c2f_head_bwd_kernel
 from .c2f_head_fwd import _c2f_head_fwd_kernel, _c2f_head_pool_kernel
 from .launch import FLOAT_DTYPES, launch
@@ -93,8 +93,8 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     views = 2 * k
     plan = make_plans(lambda: dict(
         stats=plans.attention_stats(bsz, c, n, x.dtype, target),
-        fwd=plans_head.head_fwd(bsz, c, n, p, h, views, x.dtype, target, dot_precision),
-        pool=plans_head.head_pool(bsz, c, n, h, views, x.dtype, target, dot_precision)), x, target, dot_precision,
+        fwd=plans_c2f_head.head_fwd(bsz, c, n, p, h, views, x.dtype, target, dot_precision),
+        pool=plans_c2f_head.head_pool(bsz, c, n, h, views, x.dtype, target, dot_precision)), x, target, dot_precision,
         "the C2F head")
     attn = torch.empty(bsz, p, n, device=dev, dtype=f32)
     probs = torch.empty((bsz, h, p, n) if h > 1 else (0,), device=dev, dtype=f32)
@@ -156,16 +156,16 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     stacked = h == 1 and dpred is not None
 
     def make():
-        made = dict(bwd=plans_head.head_bwd(bsz, c, n, p, h, views, x.dtype, target, dot_precision,
+        made = dict(bwd=plans_c2f_head.head_bwd(bsz, c, n, p, h, views, x.dtype, target, dot_precision,
                                             has_dattn=dattn is not None, has_dpred=dpred is not None,
                                             has_dcoef=dlogits is not None),
                     dg=plans.attention_dg(bsz, c, n, p, 2 if stacked else h, x.dtype, target, dot_precision))
         if dlogits is not None:
-            made["pool"] = plans_head.head_pool(bsz, c, n, h, views, x.dtype, target, dot_precision, has_du=True)
+            made["pool"] = plans_c2f_head.head_pool(bsz, c, n, h, views, x.dtype, target, dot_precision, has_du=True)
         if dpred is not None and not stacked:
-            made["dwrg"] = plans_head.head_dwrg(bsz, c, n, p, h, x.dtype, target, dot_precision)
+            made["dwrg"] = plans_c2f_head.head_dwrg(bsz, c, n, p, h, x.dtype, target, dot_precision)
         if needs_dx:
-            made["dxhat"] = plans_head.head_dxhat(bsz, c, n, p, h, views, x.dtype, target, dot_precision,
+            made["dxhat"] = plans_c2f_head.head_dxhat(bsz, c, n, p, h, views, x.dtype, target, dot_precision,
                                                   has_dpred=dpred is not None, has_du=dlogits is not None)
             made["dx"] = plans.attention_dx(bsz, c, n, x.dtype, target)
         return made

@@ -318,7 +318,7 @@ def attention_dx(b: int, c: int, n: int, dtype: torch.dtype, target: Target) -> 
 # Where a whole row of scores fits (N <= ROW_TOKENS), one kernel per direction keeps the rows on chip: the
 # forward computes scores, token statistics, softmax and parts; the backward dP, the softmax backward and
 # gamma's and beta's partial gradients (dG stays the tiled GEMM: it sums over the batch). Their tiles
-# follow the head's rule (kernels/plans_head.py): rows per block from a per-thread register budget, the
+# follow the head's rule (kernels/plans_c2f_head.py): rows per block from a per-thread register budget, the
 # channel chunk and stages shrunk by ``fit_channels`` until the shared-memory bound fits the target.
 ROW_TOKENS = 256        # whole rows of next_pow2(N) <= 256 tokens: N = 196 (14 x 14) in one block
 ROWS_WARPS = 8

@@ -5,8 +5,8 @@ import shutil
 
 import numpy as np
 
-from c2f.data import FeatureCache
-from c2f.data.cache import sha256_file
+from c2f.app.data import FeatureCache
+from c2f.app.data.cache import sha256_file
 
 
 def nan_rows(cache: str, out: str, rows) -> str:

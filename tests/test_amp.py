@@ -12,7 +12,7 @@ import torch
 
 from c2f import nn as cn
 from c2f import reference as ref
-from c2f.mixup import part_mixup_pool
+from c2f.part_mixup import part_mixup_pool
 from tests.parity import assert_within_reference_error
 
 LOW = [torch.bfloat16, torch.float16]

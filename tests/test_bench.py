@@ -149,7 +149,7 @@ def test_bench_collection_through_the_ini():
     out = subprocess.run([sys.executable, "-m", "pytest", "-c", "bench/pytest.ini", "--rootdir", ".", "bench",
                           "--collect-only", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "bench/bench_head.py::test_head_b16_k4[fused_compiled]" in out.stdout
+    assert "bench/bench_c2f_head.py::test_head_b16_k4[fused_compiled]" in out.stdout
     assert "bench/bench_amp.py::test_head_amp[bf16]" in out.stdout
 
 

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from c2f import checkpoint, reference
-from c2f.checkpoint import CheckpointError, load_model, model_args, safe_load, save_model
-from c2f.cli import main
-from c2f.data import synthesize
-from c2f.train import TrainConfig, train
+from c2f import model_file, reference
+from c2f.app import checkpoint
+from c2f.model_file import CheckpointError, load_model, model_args, safe_load, save_model
+from c2f.app.cli import main
+from c2f.app.data import synthesize
+from c2f.app import TrainConfig, train
 
 SMALL = dict(num_classes=4, images_per_class=8, num_attributes=6, dim=16, grid=4, num_locations=3,
              test_fraction=0.25, classes_per_genus=1, shard_size=16, progress=False)
@@ -100,7 +101,7 @@ def test_model_file_errors_are_clear(tmp_path):
     path = str(tmp_path / "m.pt")
     save_model(path, reference.C2FHead(dim=8, num_parts=2, num_classes=2))
     with pytest.raises(CheckpointError, match="do not fit this C2FHead"):
-        checkpoint.load_state(reference.C2FHead(dim=8, num_parts=3, num_classes=2), safe_load(path)["model"], path)
+        model_file.load_state(reference.C2FHead(dim=8, num_parts=3, num_classes=2), safe_load(path)["model"], path)
     ckpt = safe_load(path)
     ckpt["model_class"] = "os.system"
     torch.save(ckpt, path)
@@ -182,7 +183,7 @@ def test_every_changed_byte_of_a_model_file_is_refused(tmp_path):
 def test_files_written_before_checksums_still_load_and_say_so(tmp_path, caplog):
     path = str(tmp_path / "old.pt")
     module = reference.C2FHead(dim=8, num_parts=2, num_classes=2)
-    torch.save(dict(format="c2f-model", version=1, model_class=checkpoint.class_path(module),
+    torch.save(dict(format="c2f-model", version=1, model_class=model_file.class_path(module),
                     model_args=model_args(module), model=module.state_dict()), path)
     with caplog.at_level("WARNING", logger="c2f"):
         load_model(path)
@@ -193,3 +194,24 @@ def test_files_written_before_checksums_still_load_and_say_so(tmp_path, caplog):
         load_model(path)
     assert "no checksum" not in caplog.text
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+@pytest.mark.parametrize("old, cls", [("c2f.head.C2FHead", "C2FHead"), ("c2f.attention.PartAttention", "PartAttention")])
+def test_model_files_naming_modules_renamed_in_0_2_still_load(tmp_path, old, cls):
+    """0.1 wrote ``c2f.head.C2FHead``; the class lives in ``c2f.c2f_head`` now, and the file loads without warnings."""
+    import warnings
+
+    from c2f import nn as cn
+    module = getattr(cn, cls)(dim=8, num_parts=3, **(dict(num_classes=2) if cls == "C2FHead" else {}))
+    path = str(tmp_path / "old.pt")
+    save_model(path, module)
+    state = safe_load(path)
+    state.pop("checksum", None)
+    state["model_class"] = old
+    torch.save(state, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        loaded = load_model(path)
+    assert type(loaded) is type(module)
+    for k, v in module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)

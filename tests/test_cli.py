@@ -10,9 +10,9 @@ import types
 import numpy as np
 import pytest
 
-from c2f.cli import build_parser, main
-from c2f.cli.options import HelpFormatter
-from c2f.data import FeatureCache, synthesize
+from c2f.app.cli import build_parser, main
+from c2f.app.cli.options import HelpFormatter
+from c2f.app.data import FeatureCache, synthesize
 from tests.tamper import nan_rows
 
 SMALL = dict(num_classes=4, images_per_class=8, num_attributes=6, dim=16, grid=4, num_locations=3,
@@ -60,7 +60,7 @@ def test_every_option_has_help_and_shows_its_default():
 def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
-    assert e.value.code == 0 and capsys.readouterr().out.startswith("c2f 0.1.0")
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"c2f {__import__('c2f').__version__}")
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -168,7 +168,7 @@ def test_logging_flags(cache, tmp_path, capsys):
                  "--log-file", str(log_file), "--head", "reference", *FLAGS]) == 0
     captured = capsys.readouterr()
     assert "epoch 1/1" not in captured.err and "held-out test split" in captured.out
-    assert "INFO c2f.trainer: epoch 1/1" in log_file.read_text()
+    assert "INFO c2f.app.trainer: epoch 1/1" in log_file.read_text()
     assert main(["train", "--features", cache, "--run-dir", str(tmp_path / "v"), "--epochs", "1",
                  "--head", "reference", *FLAGS]) == 0
     assert "epoch 1/1" in capsys.readouterr().err
@@ -259,7 +259,7 @@ def test_out_errors_name_out_and_leave_nothing_behind(run, cache, tmp_path, caps
 
 def test_out_write_failures_name_out_and_leave_nothing_behind(run, cache, tmp_path, capsys, monkeypatch):
     """A write that fails after the checks (a full disk, say) is reported against --out; no temporary file stays."""
-    import c2f.metrics
+    import c2f.app.metrics
 
     def full_disk(path, text):
         def write(f):
@@ -268,7 +268,7 @@ def test_out_write_failures_name_out_and_leave_nothing_behind(run, cache, tmp_pa
         from c2f.files import atomic_write
         atomic_write(path, write, binary=False)
 
-    monkeypatch.setattr(c2f.metrics, "atomic_write_text", full_disk)
+    monkeypatch.setattr(c2f.app.metrics, "atomic_write_text", full_disk)
     out = tmp_path / "m.json"
     assert main(["eval", run, "--features", cache, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()

@@ -10,7 +10,7 @@ import torch
 
 import c2f
 from c2f import nn as cn
-from c2f.mixup import part_mixup_, part_mixup_pool
+from c2f.part_mixup import part_mixup_, part_mixup_pool
 
 BACKENDS = ["torch", "triton"]
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from c2f.data import (BatchPlan, CacheError, CacheWriter, CUBFormatError, FeatureCache, ImageCheckError,
+from c2f.app.data import (BatchPlan, CacheError, CacheWriter, CUBFormatError, FeatureCache, ImageCheckError,
                       attribute_targets, extract, load_backbone, make_loader, read_cub, read_manifest, synthesize)
-from c2f.data.cache import sha256_file
-from c2f.data.extract import ImageFolderDataset
+from c2f.app.data.cache import sha256_file
+from c2f.app.data.extract import ImageFolderDataset
 from c2f.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
@@ -303,7 +303,7 @@ def test_backbone_from_factory_and_missing_torchvision(tmp_path, cub_and_backbon
 
 def test_extracted_cub_cache_trains(tmp_path, cub_and_backbone):
     """CUB tree -> extract -> train: names, calibrated targets and splits flow through."""
-    from c2f.train import TrainConfig, train
+    from c2f.app import TrainConfig, train
     cub, backbone = cub_and_backbone
     cache = extract(cub, str(tmp_path / "c"), backbone, **EXTRACT)
     result = train(TrainConfig(features=cache, run_dir=str(tmp_path / "run"), epochs=1, batch_size=2,
@@ -434,8 +434,8 @@ def test_predict_images_through_the_extract_backbone(tmp_path, cub_and_backbone,
     """Image files -> the cache's backbone (from its manifest) -> the head: as predicted from the cache."""
     import json
 
-    from c2f.cli import main
-    from c2f.train import TrainConfig, train
+    from c2f.app.cli import main
+    from c2f.app import TrainConfig, train
     cub, backbone = cub_and_backbone
     cache = extract(cub, str(tmp_path / "c"), backbone, **EXTRACT)
     run = str(tmp_path / "run")
@@ -523,7 +523,7 @@ def test_a_manifest_that_breaks_the_schema_is_refused_in_one_line(tmp_path, tiny
     with pytest.raises(CacheError) as e:
         FeatureCache(out)
     assert expected in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
-    from c2f.cli import main
+    from c2f.app.cli import main
     for argv in (["info", out], ["train", "--features", out, "--run-dir", str(tmp_path / "run"), "--no-progress"]):
         capsys.readouterr()
         assert main(argv) == 2, argv
@@ -535,7 +535,7 @@ def test_a_manifest_that_breaks_the_schema_is_refused_in_one_line(tmp_path, tiny
 # ------------------------------------------------------------------------------ one writer per cache
 
 HOLD = """import sys, time
-from c2f.data.cache import lock_cache
+from c2f.app.data.cache import lock_cache
 lock = lock_cache(sys.argv[1])
 print("locked", flush=True)
 time.sleep(300)"""
@@ -548,7 +548,7 @@ def test_a_cache_another_process_writes_is_refused(tmp_path, cub_and_backbone, c
     import socket
     import subprocess
     import sys
-    from c2f.cli import main
+    from c2f.app.cli import main
     cub, backbone = cub_and_backbone
     out = str(tmp_path / "c")
     holder = subprocess.Popen([sys.executable, "-c", HOLD, out], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from c2f.data import synthesize
-from c2f.train import TrainConfig, train
+from c2f.app.data import synthesize
+from c2f.app import TrainConfig, train
 
 TINY = dict(num_classes=4, images_per_class=12, num_attributes=12, dim=32, grid=7, num_locations=4,
             test_fraction=0.25, classes_per_genus=1, shard_size=16, progress=False)
@@ -119,7 +119,7 @@ def test_trainer_releases_ddps_reducer_before_the_group(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from c2f.trainer import Trainer
+    from c2f.app.trainer import Trainer
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

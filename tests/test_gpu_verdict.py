@@ -120,9 +120,9 @@ def test_a_wrong_fused_result_fails_its_case(monkeypatch, tmp_path):
 
 def test_a_fused_step_on_the_torch_path_fails(monkeypatch):
     """The verdict is about the Triton kernels: a fused step that ran the torch-op path does not pass."""
-    import c2f.mixup
-    real = c2f.mixup.part_mixup_pool
-    monkeypatch.setattr(c2f.mixup, "part_mixup_pool", lambda *a, backend="auto": real(*a, backend="torch"))
+    import c2f.part_mixup
+    real = c2f.part_mixup.part_mixup_pool
+    monkeypatch.setattr(c2f.part_mixup, "part_mixup_pool", lambda *a, backend="auto": real(*a, backend="torch"))
     b = gpu_cases.bundle(_mixup_case("part_mixup_pool_k4"), gpu_cases.PRECISION["fp32-ieee"], gpu_cases.SMOKE,
                          _device())
     verdict = gpu_check.check(b)

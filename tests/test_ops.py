@@ -12,7 +12,7 @@ import torch
 import c2f
 from c2f import nn as cn
 from c2f import reference as ref
-from c2f.mixup import part_mixup_, part_mixup_pool
+from c2f.part_mixup import part_mixup_, part_mixup_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ["torch", "triton"]

@@ -10,7 +10,7 @@ import tomllib
 
 import pytest
 
-from c2f.data import synthesize
+from c2f.app.data import synthesize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(num_classes=4, images_per_class=8, num_attributes=6, dim=16, grid=4, num_locations=3,
@@ -18,7 +18,7 @@ SMALL = dict(num_classes=4, images_per_class=8, num_attributes=6, dim=16, grid=4
 OPTIONAL = ("matplotlib", "PIL", "triton", "safetensors", "tensorboard", "timm", "torchvision")
 TRAIN_SCRIPT = """
 import sys
-from c2f.cli import main
+from c2f.app.cli import main
 code = main(["train", "--features", sys.argv[1], "--run-dir", sys.argv[2], "--epochs", "1", "--batch-size", "4",
              "--num-workers", "0", "--no-progress", "--plots", "--val-fraction", "0.25"])
 import c2f.nn  # noqa: F401
@@ -54,7 +54,7 @@ def compat_pair() -> dict[str, str]:
 
 def test_distribution_name_core_and_extras():
     project = pyproject()
-    assert project["name"] == "c2f-fgvc" and project["scripts"]["c2f"] == "c2f.cli:main"
+    assert project["name"] == "c2f-fgvc" and project["scripts"]["c2f"] == "c2f.app.cli:main"
     assert names(project["dependencies"]) == {"torch", "numpy", "tqdm"}
     # The lower bounds are the oldest pair `make test-compat` runs the suite on.
     oldest = compat_pair()
@@ -166,3 +166,34 @@ def test_readme_documents_the_commands_and_extras():
     for text in ("c2f info", "c2f eval", "c2f predict", "c2f runs", "--resume", "--config", "--amp",
                  "pip install 'c2f-fgvc[", "[plots]", "[extract]", "[triton]", "--skip-nonfinite"):
         assert text in readme, text
+
+
+def test_the_library_sits_at_the_top_and_the_application_in_c2f_app():
+    """At most 16 modules directly in c2f/; none but ``python -m c2f`` imports the application (c2f.app)."""
+    top = sorted(f for f in os.listdir(os.path.join(ROOT, "c2f")) if f.endswith(".py"))
+    assert len(top) <= 16, top
+    for f in set(top) - {"__main__.py"}:
+        tree = ast.parse(open(os.path.join(ROOT, "c2f", f)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                name = ("." * node.level) + (node.module or "")
+                assert not re.match(r"^(\.app|c2f\.app)\b", name), f"c2f/{f} imports {name}"
+                if node.level == 1 and node.module is None:
+                    assert "app" not in [a.name for a in node.names], f"c2f/{f} imports the application"
+
+
+@pytest.mark.parametrize("old, new, name", [("c2f.train", "c2f.app", "TrainConfig"),
+                                            ("c2f.data.cache", "c2f.app.data.cache", "FeatureCache"),
+                                            ("c2f.cli", "c2f.app.cli", "main"),
+                                            ("c2f.head", "c2f.c2f_head", "C2FHead"),
+                                            ("c2f.checkpoint", "c2f.model_file", "load_model")])
+def test_modules_moved_in_0_2_import_under_their_old_name_with_a_deprecation_warning(old, new, name):
+    code = (f"import warnings; warnings.simplefilter('always')\n"
+            f"with warnings.catch_warnings(record=True) as w:\n"
+            f"    warnings.simplefilter('always')\n"
+            f"    from {old} import {name} as a\n"
+            f"from {new} import {name} as b\n"
+            f"assert a is b, (a, b)\n"
+            f"msgs = [str(x.message) for x in w if x.category is DeprecationWarning]\n"
+            f"assert any('{old} is now {new}' in m for m in msgs), msgs\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

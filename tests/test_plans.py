@@ -17,7 +17,7 @@ from c2f import _backend
 from c2f.kernels import launch, plans, targets
 from c2f.kernels import part_mixup as pm
 from c2f.kernels.launch import plan_for
-from tests.test_attention_contract import FP32_TOL, make_inputs, run_and_compare
+from tests.test_part_attention_contract import FP32_TOL, make_inputs, run_and_compare
 
 KIB = 1024
 SM90 = targets.TARGETS["sm_90"]
@@ -201,8 +201,8 @@ def test_auto_backend_picks_triton_on_rocm(monkeypatch):
 
 
 def test_the_public_dot_precisions_are_the_kernels():
-    """c2f.attention keeps its own copy of the list (no kernels import on the torch path): it must not drift."""
-    from c2f.attention import DOT_PRECISIONS as public
+    """c2f.part_attention keeps its own copy of the list (no kernels import on the torch path): it must not drift."""
+    from c2f.part_attention import DOT_PRECISIONS as public
     assert public == plans.DOT_PRECISIONS
 
 

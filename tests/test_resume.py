@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from c2f import checkpoint, devices
-from c2f.checkpoint import safe_load
-from c2f.cli import main
-from c2f.data import FeatureCache, split_rows, synthesize
+from c2f import model_file
+from c2f.app import devices
+from c2f.model_file import safe_load
+from c2f.app.cli import main
+from c2f.app.data import FeatureCache, split_rows, synthesize
 from c2f.files import LockedError
-from c2f.train import NonFiniteError, ResumeConflict, RunError, TrainConfig, Trainer, resume_config, train
+from c2f.app import NonFiniteError, ResumeConflict, RunError, TrainConfig, Trainer, resume_config, train
 from tests.tamper import edit_json, flip_bytes, nan_rows
 
 SMALL = dict(num_classes=4, images_per_class=8, num_attributes=6, dim=16, grid=4, num_locations=3,
@@ -170,7 +171,7 @@ def test_skip_nonfinite_skips_and_counts_the_batches(nan_cache, tmp_path):
 class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
     """Host read-backs (item, bool, equal) issued by c2f's own training loop, by the calling function."""
     SYNCS = {"aten._local_scalar_dense.default", "aten.equal.default", "aten.is_nonzero.default"}
-    LOOP = (os.path.join("c2f", "epoch.py"), os.path.join("c2f", "trainer.py"))
+    LOOP = (os.path.join("c2f", "app", "epoch.py"), os.path.join("c2f", "app", "trainer.py"))
     MODE_WRAPPERS = ("_python_dispatch.py", "eval_frame.py", "_compile.py")   # torch's frames around this mode
 
     def __init__(self):
@@ -262,7 +263,7 @@ SUBPROCESS_TIMEOUT = 240
 # `c2f ARGS` in a process that has imported c2f and torch, then waits for the file GO to exist: processes
 # started so run their commands within milliseconds of each other, not a second apart.
 STARTER = """import os, sys, time
-from c2f.cli import main
+from c2f.app.cli import main
 print("ready", flush=True)
 while not os.path.exists(sys.argv[1]):
     time.sleep(0.005)
@@ -338,7 +339,7 @@ def test_a_running_holder_is_named_and_its_lock_dies_with_it(cache, tmp_path, ca
 
 
 HOLD_AND_FORK = """import os, sys, time
-from c2f.runs import lock_run
+from c2f.app.runs import lock_run
 lock = lock_run(sys.argv[1])
 child = os.fork()                       # as a data-loader worker is forked
 if child == 0:
@@ -350,7 +351,7 @@ time.sleep(120)"""
 
 def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path):
     """Orphaned data-loader workers outlive a SIGKILLed run by seconds; the lock must not live on in them."""
-    from c2f.runs import lock_run
+    from c2f.app.runs import lock_run
     holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(tmp_path)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     child = None
@@ -459,7 +460,7 @@ def test_a_run_killed_between_its_first_log_line_and_checkpoint_resumes(cache, t
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed before last.pt was written")
 
-    monkeypatch.setattr(checkpoint, "atomic_save", killed)
+    monkeypatch.setattr(model_file, "atomic_save", killed)
     with pytest.raises(KeyboardInterrupt):
         train(config(cache, run, epochs=2))
     monkeypatch.undo()

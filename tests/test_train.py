@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from c2f import losses
-from c2f.checkpoint import load_model, safe_load
-from c2f.cli import main
-from c2f.data import synthesize
-from c2f.train import TrainConfig, Trainer, average_precision, classification_metrics, split_rows, train
+from c2f.model_file import load_model, safe_load
+from c2f.app.cli import main
+from c2f.app.data import synthesize
+from c2f.app import TrainConfig, Trainer, average_precision, classification_metrics, split_rows, train
 
 TINY = dict(num_classes=5, images_per_class=32, num_attributes=12, dim=32, grid=7, num_locations=4,
             test_fraction=0.25, classes_per_genus=1, shard_size=32, progress=False)
@@ -71,7 +71,7 @@ def test_best_model_rebuilds_from_the_file_alone(cache, tmp_path):
     assert ckpt["model_args"] == dict(dim=32, num_parts=12, num_classes=5, num_heads=2, qkv_bias=False,
                                       qk_scale=pytest.approx(16 ** -0.5), eps=1e-5, materialize_parts=False,
                                       backend="auto")
-    assert ckpt["model_class"] == "c2f.head.C2FHead" and ckpt["class_names"][0] == "class000"
+    assert ckpt["model_class"] == "c2f.c2f_head.C2FHead" and ckpt["class_names"][0] == "class000"
     for path in (best, str(tmp_path / "run" / "best.safetensors")):
         model = load_model(path)
         assert type(model).__name__ == "C2FHead" and model.attention.num_heads == 2
@@ -199,7 +199,7 @@ def test_fused_head_trains(cache, tmp_path, attr_target, attr_loss):
 
 
 def test_attention_plot_shares_one_colour_scale_with_a_colour_bar(tmp_path, monkeypatch):
-    from c2f import plots
+    from c2f.app import plots
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
     monkeypatch.setattr(plots._pyplot(), "close", lambda fig: None)

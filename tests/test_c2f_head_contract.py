@@ -17,7 +17,7 @@ import torch
 from c2f.kernels import c2f_head as triton_impl
 from c2f.kernels import launch, targets
 from c2f.torch_ops import c2f_head as torch_impl
-from tests.test_attention_contract import FP32_TOL, PRECISION_BOUNDS, PRECISION_FLOORS, assert_close
+from tests.test_part_attention_contract import FP32_TOL, PRECISION_BOUNDS, PRECISION_FLOORS, assert_close
 from tests.tf32 import emulating_tf32
 
 EPS = 1e-5

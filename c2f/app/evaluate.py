@@ -1,5 +1,5 @@
 """Evaluation and prediction with a trained head: the code behind training's validation, ``c2f eval``
-and ``c2f predict`` (the same metrics everywhere, from ``c2f.metrics``)."""
+and ``c2f predict`` (the same metrics everywhere, from ``c2f.app.metrics``)."""
 from __future__ import annotations
 
 import logging
@@ -10,11 +10,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint, metrics
+from .. import model_file
+from . import metrics
 from .data import FeatureCache, attribute_targets, make_loader, read_manifest, split_rows
 from .data.images import EVAL_CROP, CenterView, ImageSource
 from .devices import autocast, resolve_amp, resolve_device
-from .errors import ConfigError, NonFiniteError
+from ..errors import ConfigError, NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ SPLITS = ("test", "val", "train", "all")
 
 def is_fused(model: nn.Module) -> bool:
     """Fused c2f modules take the cache's fp16 features as they are; plain modules want their own dtype."""
-    from .nn import C2FHead
+    from ..nn import C2FHead
     return isinstance(model, C2FHead)
 
 
@@ -134,23 +135,23 @@ def resolve_checkpoint(source: str) -> str:
     if os.path.isdir(source):
         path = os.path.join(source, "best.pt")
         if not os.path.isfile(path):
-            raise checkpoint.CheckpointError(f"{source} has no best.pt (no finished epoch yet?)")
+            raise model_file.CheckpointError(f"{source} has no best.pt (no finished epoch yet?)")
         return path
     if not os.path.isfile(source):
-        raise checkpoint.CheckpointError(f"{source}: no such run directory or checkpoint file")
+        raise model_file.CheckpointError(f"{source}: no such run directory or checkpoint file")
     return source
 
 
 def open_model(source: str, device: torch.device) -> tuple:
-    """``(model, checkpoint dict)`` from a run directory or a model file (``c2f.checkpoint.load_model``)."""
+    """``(model, checkpoint dict)`` from a run directory or a model file (``c2f.model_file.load_model``)."""
     path = resolve_checkpoint(source)
-    model = checkpoint.load_model(path, map_location=device)
+    model = model_file.load_model(path, map_location=device)
     model.eval()
-    return model, checkpoint.read_model_file(path)
+    return model, model_file.read_model_file(path)
 
 
 def _check_fits(model: nn.Module, cache: FeatureCache) -> None:
-    args = checkpoint.model_args(model)
+    args = model_file.model_args(model)
     c = cache.feature_shape[0]
     for name, have, want in (("channels", c, args["dim"]), ("attributes", len(cache.attribute_names), args["num_parts"]),
                              ("classes", len(cache.class_names), args["num_classes"])):

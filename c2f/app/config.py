@@ -21,11 +21,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ._backend import BACKENDS
+from .._backend import BACKENDS
 from .data.cub import TARGET_KINDS
 from .devices import AMP_MODES, resolve_device
-from .errors import ConfigError
-from .mixup import MODES, PAIRINGS
+from ..errors import ConfigError
+from ..part_mixup import MODES, PAIRINGS
 
 STAGES = ("attention", "fine", "joint")
 HEADS = ("fused", "reference")

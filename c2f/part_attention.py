@@ -12,7 +12,7 @@ Two formulations, picked by head count (``formulation="auto"``):
   h·P < C + P (h < C/P + 1, about 7.6 at C=2048, P=312).
 - "unfolded": keys K' = (Wk * gamma) @ (X - mean) * rstd, C·C·N per sample, then scores P·C·N.
   Cheaper with many heads.
-The op is ``torch.ops.c2f.part_attention_folded`` / ``_unfolded`` (``c2f.ops.attention``); its two
+The op is ``torch.ops.c2f.part_attention_folded`` / ``_unfolded`` (``c2f.ops.part_attention``); its two
 implementations are the Triton kernels (``c2f.kernels.part_attention``) and batched torch ops
 (``c2f.torch_ops.part_attention``).
 """
@@ -26,7 +26,7 @@ from . import reference
 from ._backend import check_backend, resolve_backend
 from ._math import AMP_PRECISIONS, DEFAULT_CHUNK_MIB, autocast_dtype, autocast_softmax_dtype
 from ._validate import check_float, check_same_device, describe, feature_map_as_channels
-from .ops import attention as _ops  # noqa: F401  (registers torch.ops.c2f.part_attention_*)
+from .ops import part_attention as _ops  # noqa: F401  (registers torch.ops.c2f.part_attention_*)
 
 FORMULATIONS = ("auto", "folded", "unfolded")
 # kernels/plans.py DOT_PRECISIONS: c2f imports no kernels module until the Triton backend runs (a source

@@ -13,7 +13,7 @@ in the part features, so the step never forms them. With ``xhat = (X - mean) * r
 
 Memory scales with B·P·N (the saved P and Zhat), not B·P·C, and the K mixed views cost [2K, C]
 per sample plus [K, B, classes]: nothing of size [K, B, P, C] or [B, P, C] exists. The op is
-``torch.ops.c2f.c2f_head`` (``c2f.ops.head``), implemented by batched torch ops
+``torch.ops.c2f.c2f_head`` (``c2f.ops.c2f_head``), implemented by batched torch ops
 (``c2f.torch_ops.c2f_head``).
 
 ``materialize_parts=True`` instead forms the part features with the fused attention, reads the
@@ -32,10 +32,10 @@ from . import reference
 from ._backend import check_backend, resolve_backend
 from ._math import AMP_PRECISIONS, DEFAULT_CHUNK_MIB, autocast_dtype, autocast_softmax_dtype, compute_dtype
 from ._validate import check_pairing, check_same_device, feature_map_as_channels
-from .attention import DOT_PRECISIONS, part_attention
-from .mixup import part_mixup_, part_mixup_pool
-from .ops import head as _ops  # noqa: F401  (registers torch.ops.c2f.c2f_head)
-from .ops.attention import fold_queries
+from .part_attention import DOT_PRECISIONS, part_attention
+from .part_mixup import part_mixup_, part_mixup_pool
+from .ops import c2f_head as _ops  # noqa: F401  (registers torch.ops.c2f.c2f_head)
+from .ops.part_attention import fold_queries
 from .reference import C2FOutput
 
 __all__ = ["C2FHead", "C2FOutput"]
@@ -92,9 +92,9 @@ class C2FHead(reference.C2FHead):
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location="cpu", **overrides) -> "C2FHead":
-        """Rebuilds the head a ``best.pt`` / ``best.safetensors`` (``c2f.checkpoint.save_model``) holds, from
+        """Rebuilds the head a ``best.pt`` / ``best.safetensors`` (``c2f.model_file.save_model``) holds, from
         the constructor arguments stored with its weights; ``overrides`` replace some (e.g. ``backend``)."""
-        from .checkpoint import load_model
+        from .model_file import load_model
         return load_model(path, cls=cls, map_location=map_location, **overrides)
 
     def forward(self, x: torch.Tensor, perm: Optional[torch.Tensor] = None,

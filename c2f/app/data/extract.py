@@ -16,8 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..devices import autocast, resolve_amp, resolve_device
-from ..errors import ConfigError
-from ..extras import require
+from ...errors import ConfigError
+from ...extras import require
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, ImageFolderDataset, load_backbone, open_backbone
 from .cache import CACHE_DTYPES, CacheWriter, lock_cache
 from .cub import CUBRecord, read_cub

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .files import atomic_write
+from ..files import atomic_write
 
 
 def _pyplot():
-    from .extras import require
+    from ..extras import require
     matplotlib = require("matplotlib", "plots", "plotting")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

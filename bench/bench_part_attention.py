@@ -10,7 +10,7 @@ import torch
 from bench import algebra
 from bench.common import B_SWEEP, record, sweep, zero_grads
 from c2f import reference
-from c2f.attention import PartAttention, pick_formulation
+from c2f.part_attention import PartAttention, pick_formulation
 
 C, HW, P = 2048, 14, 312
 _COMPILED = {}

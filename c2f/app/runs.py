@@ -4,7 +4,7 @@ logs (``metrics.jsonl``, ``metrics.csv``, optional TensorBoard) and the listing 
 A run directory holds ``config.json`` (every saved ``TrainConfig`` field, paths absolute, and a
 ``_run`` section: the run directory and feature cache it was made with), ``metrics.jsonl`` and
 ``metrics.csv`` (one row per epoch), ``last.pt`` (resume state), ``best.pt`` (a model file, see
-``c2f.checkpoint``), ``final.json``, plots, and ``.c2f-lock``: the lock one training holds for its life
+``c2f.model_file``), ``final.json``, plots, and ``.c2f-lock``: the lock one training holds for its life
 (``lock_run``; not a run file: a directory holding only it holds no run). Resume reads ``last.pt``
 through its checksum and refuses a ``config.json`` that differs from the config stored in it.
 """
@@ -17,9 +17,9 @@ import os
 import time
 from typing import Optional
 
-from . import checkpoint
+from .. import model_file
 from .config import ConfigError, TrainConfig, apply, from_dict, read_config_file, resume_conflicts
-from .files import DirLock, atomic_write_text, lock_directory
+from ..files import DirLock, atomic_write_text, lock_directory
 from .metrics import csv_text, format_table
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def read_last(run_dir: str, saved: TrainConfig, saved_run: dict) -> Optional[dic
     path = os.path.join(run_dir, "last.pt")
     if not os.path.isfile(path):
         return None
-    state = checkpoint.safe_load(path)
+    state = model_file.safe_load(path)
     edited = stored_config_conflicts(saved, state.get("config") or {})
     identity = state.get("cache_identity")
     if identity is not None and identity != saved_run.get("cache_identity"):
@@ -165,7 +165,7 @@ class MetricsLog:
         self.csv = os.path.join(run_dir, "metrics.csv")
         self.writer = None
         if tensorboard:
-            from .extras import require
+            from ..extras import require
             tb = require("torch.utils.tensorboard", "tensorboard", "--tensorboard", "tensorboard")
             self.writer = tb.SummaryWriter(os.path.join(run_dir, "tensorboard"))
 

@@ -14,9 +14,9 @@ from typing import Optional
 from .. import log as c2f_log
 from .options import HelpFormatter, Parser
 
-from ..checkpoint import CheckpointError
+from ...model_file import CheckpointError
 from ..data import CacheError
-from ..files import LockedError
+from ...files import LockedError
 from ..runs import RunError
 
 # What a user can cause and fix: bad settings or files, a directory in use, a missing extra. Anything else is a bug.
@@ -44,7 +44,7 @@ def _common_flags() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ... import __version__
     from . import commands
     common = _common_flags()
     parser = Parser(prog="c2f", description=DESCRIPTION, formatter_class=HelpFormatter, parents=[common])

@@ -3,7 +3,7 @@ the ``PartMixup`` module that draws pairings and masks, with the soft targets of
 
 ``part_mixup_`` and ``part_mixup_pool`` compute ``c2f.reference.part_mixup`` (and its mean over parts)
 with the algebra of docs/design.md ("The algebra" 5 and 6), as the registered ops
-``torch.ops.c2f.part_mixup_`` and ``torch.ops.c2f.part_mixup_pool`` (``c2f.ops.mixup``): Triton
+``torch.ops.c2f.part_mixup_`` and ``torch.ops.c2f.part_mixup_pool`` (``c2f.ops.part_mixup``): Triton
 kernels on CUDA (or under the interpreter with ``backend="triton"``), torch ops implementing the same
 in-place and pooled forms elsewhere, so CPU users get the memory savings too.
 """
@@ -16,7 +16,7 @@ from torch import nn
 
 from ._backend import check_backend, resolve_backend
 from ._validate import check_float, check_pairing, check_perm, check_same_device, describe, values_checked
-from .ops import mixup as _ops
+from .ops import part_mixup as _ops
 
 __all__ = ["part_mixup_", "part_mixup_pool", "mix_targets", "mix_attributes", "PartMixup", "MixupOutput",
            "MODES", "PAIRINGS"]

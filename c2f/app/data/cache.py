@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..files import DirLock, atomic_write, lock_directory
-from .manifest import (  # noqa: F401 - the schema's names stay importable from c2f.data.cache
+from ...files import DirLock, atomic_write, lock_directory
+from .manifest import (  # noqa: F401 - the schema's names stay importable from c2f.app.data.cache
     CACHE_DTYPES, DTYPES, FORMAT, MANIFEST, MANIFEST_FIELDS, META_FILES, SHARD_FIELDS, VERSION, VIEWS_VERSION,
     CacheError, manifest_problems, read_manifest, shard_groups)
 

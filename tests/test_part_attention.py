@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from c2f import reference
-from c2f.attention import PartAttention, part_attention, pick_formulation
+from c2f.part_attention import PartAttention, part_attention, pick_formulation
 from tests.conftest import CUDA
 from tests.parity import assert_within_reference_error
 
 # (dtype, relative atol): fp32 runs exact-fp32 arithmetic in a different order; halves round inputs
 # and outputs only (everything is computed in fp32). On a GPU the kernels run with "ieee" dots here (TF32
-# has its own bounds: tests/test_attention_contract.py); the interpreter is exact either way.
+# has its own bounds: tests/test_part_attention_contract.py); the interpreter is exact either way.
 DOT_PRECISION = "ieee" if CUDA else "tf32"
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3)]
 BACKENDS = ["torch", "triton"]

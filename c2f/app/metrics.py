@@ -10,8 +10,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import losses
-from .files import atomic_write_text
+from .. import losses
+from ..files import atomic_write_text
 
 # The metrics of one split, in the order they are printed and written.
 METRIC_KEYS = ("n", "top1", "top5", "mean_class_acc", "ce", "reg", "attr_acc", "attr_map")

@@ -8,9 +8,9 @@ import os
 
 from .data import CacheError, FeatureCache, make_loader, synthesize
 from .data.images import Augment, ImageSource
-from .errors import ConfigError
+from ..errors import ConfigError
 
-log = logging.getLogger("c2f.trainer")
+log = logging.getLogger("c2f.app.trainer")
 
 DEMO_CACHE = os.path.join(".cache", "c2f-demo")
 # The demo: CUB's feature and attribute shapes, few classes and images so it trains in minutes on 2 cores.

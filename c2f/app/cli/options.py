@@ -12,7 +12,7 @@ import json
 import typing
 
 from ..config import base_type, check_value
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

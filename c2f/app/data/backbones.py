@@ -27,7 +27,7 @@ class Backbone(NamedTuple):
 
 
 def _load_state(path: str) -> dict:
-    from ..checkpoint import safe_load
+    from ...model_file import safe_load
     state = safe_load(path)
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
@@ -155,7 +155,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def load(self, i: int, view=None, key=None) -> torch.Tensor:
         """Image ``i`` as ``[3, S, S]``, through ``view(img, key)`` first if given."""
-        from ..extras import require
+        from ...extras import require
         Image = require("PIL.Image", "extract", "decoding images", "Pillow")
         with Image.open(self.paths[i]) as img:
             img = img.convert("RGB")

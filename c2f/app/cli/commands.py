@@ -12,10 +12,10 @@ from ..data.cache import CACHE_DTYPES
 from ..data.extract import SPLITS as EXTRACT_SPLITS
 from ..data.images import CROP_SCALE, HFLIP
 from ..devices import AMP_MODES
-from ..errors import ConfigError
+from ...errors import ConfigError
 from .options import add_dataclass_flags, checked, flag, given
 
-log = logging.getLogger("c2f.cli")
+log = logging.getLogger("c2f.app.cli")
 
 
 def describe_error(error: BaseException) -> str:
@@ -91,7 +91,7 @@ def _add_train(p) -> None:
 def _run_train(args) -> int:
     from ..metrics import format_final
     from ..runs import resume_config
-    from ..train import train
+    from .. import train
     values = given(args, TrainConfig)
     if args.resume:
         if args.config:
@@ -135,7 +135,7 @@ def _run_eval(args) -> int:
     import numpy as np
 
     from ..evaluate import evaluate_on_cache, resolve_checkpoint
-    from ..files import atomic_write
+    from ...files import atomic_write
     from ..metrics import format_metrics, write_records
     _check_out(args.out)
     m, outputs, cache, _ = evaluate_on_cache(

@@ -20,16 +20,17 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import checkpoint, evaluate, metrics, plots, reference, runs
+from .. import model_file, reference
+from . import checkpoint, evaluate, metrics, plots, runs
 from .config import TrainConfig, resume_conflicts
 from .data import attribute_targets, split_rows
 from .devices import resolve_amp
 from .distributed import Dist
 from .epoch import EpochLoop, cosine_lambda
-from .errors import ConfigError
-from .extras import available, install_hint, require
-from .files import LockedError, atomic_write
-from .mixup import PartMixup
+from ..errors import ConfigError
+from ..extras import available, install_hint, require
+from ..files import LockedError, atomic_write
+from ..part_mixup import PartMixup
 from .sources import DataSources
 
 log = logging.getLogger(__name__)
@@ -144,13 +145,13 @@ class Trainer(EpochLoop, DataSources):
         torch.manual_seed(cfg.seed)
         args = dict(dim=self.dim, num_parts=self.num_parts, num_classes=self.num_classes, num_heads=cfg.num_heads)
         if cfg.head == "fused":
-            from . import nn as c2f_nn
+            from .. import nn as c2f_nn
             self.head = c2f_nn.C2FHead(**args, backend=cfg.backend)
         else:
             self.head = reference.C2FHead(**args)
         if cfg.init:
-            state = checkpoint.read_model_file(cfg.init)
-            checkpoint.load_state(self.head, state["model"], cfg.init)
+            state = model_file.read_model_file(cfg.init)
+            model_file.load_state(self.head, state["model"], cfg.init)
         self.head.to(self.device)
         self._set_trainable()
         self.model = self.head
@@ -211,7 +212,7 @@ class Trainer(EpochLoop, DataSources):
                     scaler=None if self.scaler is None else self.scaler.state_dict())
 
     def _load(self, state: dict, path: str) -> None:
-        checkpoint.load_state(self.head, state["model"], path)
+        model_file.load_state(self.head, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # The schedule is rebuilt from this run's epochs: an extended run decays over its new total.
@@ -237,7 +238,7 @@ class Trainer(EpochLoop, DataSources):
             log.info("resuming %s after epoch %d of %d", self.run_dir, self.epoch, self.cfg.epochs)
 
     def _save_best(self, val) -> None:
-        checkpoint.save_model(os.path.join(self.run_dir, "best.pt"), self.head, epoch=self.epoch, metrics=val,
+        model_file.save_model(os.path.join(self.run_dir, "best.pt"), self.head, epoch=self.epoch, metrics=val,
                               config=dict(self.cfg.to_dict(), **self._paths()),
                               class_names=list(self.cache.class_names),
                               attribute_names=list(self.cache.attribute_names), grid=list(self.grid))
@@ -294,7 +295,7 @@ class Trainer(EpochLoop, DataSources):
                 self.best, self.best_epoch = score, self.epoch
             if self.dist.main:
                 self.log.append(record)
-                checkpoint.atomic_save(self._checkpoint(), os.path.join(self.run_dir, "last.pt"))
+                model_file.atomic_save(self._checkpoint(), os.path.join(self.run_dir, "last.pt"))
                 if improved:
                     self._save_best(val)
                 log.info(metrics.format_epoch(record, cfg.epochs))
@@ -305,7 +306,7 @@ class Trainer(EpochLoop, DataSources):
         """Tests the best epoch's model; writes ``final.json``, plots and attention maps; returns the result."""
         self.dist.barrier()   # best.pt is written by process 0; torchrun's processes share one file system
         best = os.path.join(self.run_dir, "best.pt")
-        checkpoint.load_state(self.head, checkpoint.read_model_file(best)["model"], best)
+        model_file.load_state(self.head, model_file.read_model_file(best)["model"], best)
         keep = self.cfg.save_attention
         test = self.evaluate("test", keep_attention=keep) if "test" in self.eval_loaders else {}
         val = self.evaluate("val", keep_attention=4) if "val" in self.eval_loaders else {}

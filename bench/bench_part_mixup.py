@@ -1,6 +1,6 @@
-"""Part-wise mixup, forward + backward: fused (``c2f.mixup``) against the reference, same inputs, one run.
+"""Part-wise mixup, forward + backward: fused (``c2f.part_mixup``) against the reference, same inputs, one run.
 
-``.venv/bin/python -m pytest bench/bench_mixup.py --benchmark-only``
+``.venv/bin/python -m pytest bench/bench_part_mixup.py --benchmark-only``
 
 - ``part_mixup_inplace``: ``part_mixup_`` vs ``reference.part_mixup``. Goal: peak extra live bytes at most
   5% of ``B*P*C*4`` and at least 2x faster. "Extra" is the peak beyond the ``[B, P, C]`` gradient of the
@@ -26,7 +26,7 @@ from bench import algebra
 from bench.common import bench_device, record, synchronize, zero_grads
 from bench.memtrack import peak_live_bytes
 from c2f import reference as ref
-from c2f.mixup import part_mixup_, part_mixup_pool
+from c2f.part_mixup import part_mixup_, part_mixup_pool
 
 B, P, C = 16, 312, 2048
 K_VALUES = (1, 4, 32)

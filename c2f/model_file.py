@@ -1,10 +1,10 @@
-"""Checkpoints: atomic writes, safe loads, and model files that rebuild their module alone.
+"""The model-file format: atomic writes, safe loads, and model files that rebuild their module alone.
 
 A model file (``best.pt``, or any ``save_model`` output) is a dict loadable with
 ``torch.load(weights_only=True)``::
 
     format: "c2f-model", version: 1
-    model_class: "c2f.head.C2FHead"      the module's import path (only c2f classes are rebuilt)
+    model_class: "c2f.c2f_head.C2FHead"      the module's import path (only c2f classes are rebuilt)
     model_args: {dim, num_parts, ...}     constructor arguments (``model_args(module)``)
     model: state_dict
     ...meta                               e.g. epoch, metrics, config, class_names, attribute_names
@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import pickle
-import random
 import re
 import struct
 from typing import Optional
@@ -203,9 +202,14 @@ def class_path(module_or_cls) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+# Modules renamed since files were written: a model file names its class by import path.
+RENAMED_MODULES = {"c2f.head": "c2f.c2f_head", "c2f.attention": "c2f.part_attention", "c2f.mixup": "c2f.part_mixup"}
+
+
 def _resolve_class(name: str) -> type:
     """Imports a model class named in a checkpoint; only classes defined in c2f are accepted."""
     module_name, _, attr = name.rpartition(".")
+    module_name = RENAMED_MODULES.get(module_name, module_name)
     if not module_name.split(".")[0] == "c2f":
         raise CheckpointError(f"the checkpoint names model class {name!r}, which is not a c2f class; "
                               "pass cls= to load it into a class of your choice")
@@ -311,7 +315,7 @@ def load_model(path: str, cls: Optional[type] = None, map_location="cpu", **over
     ckpt = read_model_file(path)
     if "model_args" not in ckpt:
         raise CheckpointError(f"{path}: has no model_args (written before c2f stored them); build the model "
-                              "yourself and call load_state_dict(c2f.checkpoint.safe_load(path)['model'])")
+                              "yourself and call load_state_dict(c2f.model_file.safe_load(path)['model'])")
     cls = cls or _resolve_class(ckpt["model_class"])
     accepted = inspect.signature(cls.__init__).parameters
     args = {k: v for k, v in {**ckpt["model_args"], **overrides}.items() if k in accepted}
@@ -328,30 +332,3 @@ def load_state(module: nn.Module, state: dict, path: str) -> None:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = "; ".join(lines[1:4]) or lines[0]
         raise CheckpointError(f"{path}: its weights do not fit this {type(module).__name__} ({detail})") from None
-
-
-# ---------------------------------------------------------------------------------- RNG state
-
-def rng_state() -> dict:
-    """Global RNG states as tensors and plain containers (so ``last.pt`` loads with ``weights_only=True``)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return dict(torch=torch.get_rng_state(),
-                numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
-                           has_gauss=int(has_gauss), cached_gaussian=float(cached)),
-                python=dict(version=version, internal=list(internal), gauss_next=gauss_next),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def set_rng_state(state: dict) -> None:
-    """Restores ``rng_state()``'s states (or the tuples that earlier c2f versions stored)."""
-    torch.set_rng_state(state["torch"])
-    n, p = state["numpy"], state["python"]
-    if isinstance(n, dict):
-        n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    np.random.set_state(n)
-    if isinstance(p, dict):
-        p = (p["version"], tuple(p["internal"]), p["gauss_next"])
-    random.setstate(p)
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

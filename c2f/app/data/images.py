@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ..devices import autocast
-from ..errors import ConfigError
-from ..extras import require
+from ...errors import ConfigError
+from ...extras import require
 from .loader import BatchPlan
 
 CROP_SCALE = 0.25          # smallest crop area: fine-grained recipes keep more of the bird than ImageNet's 0.08

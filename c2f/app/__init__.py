@@ -1,18 +1,19 @@
 """Training the C2F head on a feature cache: stages, mixup, metrics, checkpoints, resume, DDP.
 
 ``train(TrainConfig(...))`` runs one stage and returns the held-out test metrics of the best epoch;
-``train(resume_config(run_dir), resume=True)`` continues a run. The pieces live in ``c2f.config``
-(settings), ``c2f.trainer`` and ``c2f.epoch`` (the loop), ``c2f.runs`` (run directories),
-``c2f.checkpoint`` (files) and ``c2f.metrics``; this module gathers the public names.
+``train(resume_config(run_dir), resume=True)`` continues a run. The pieces live in ``c2f.app.config``
+(settings), ``c2f.app.trainer`` and ``c2f.app.epoch`` (the loop), ``c2f.app.runs`` (run directories),
+``c2f.model_file`` (files) and ``c2f.app.metrics``; this module gathers the public names.
 """
 from __future__ import annotations
 
 
-from .checkpoint import CheckpointError, atomic_save, rng_state, set_rng_state
+from ..model_file import CheckpointError, atomic_save
+from .checkpoint import rng_state, set_rng_state
 from .config import HEADS, STAGES, TrainConfig
 from .data import split_rows
 from .epoch import cosine_lambda
-from .errors import ConfigError, NonFiniteError
+from ..errors import ConfigError, NonFiniteError
 from .metrics import average_precision, classification_metrics, format_epoch, format_final
 from .runs import ResumeConflict, RunError, load_run_config, resume_config
 from .sources import DEMO_CACHE, DEMO_SYNTH

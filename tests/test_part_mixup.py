@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from c2f import reference as ref
-from c2f.mixup import MixupOutput, PartMixup, mix_targets, part_mixup_, part_mixup_pool
+from c2f.part_mixup import MixupOutput, PartMixup, mix_targets, part_mixup_, part_mixup_pool
 from tests.conftest import CUDA
 
 BACKENDS = ["torch", "triton"]
