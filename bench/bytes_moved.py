@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from .bytes_trace import H100_SMS, L2_BYTES, SECTOR_BYTES, _require_interpreter, measure_launch
 
@@ -97,7 +98,7 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[int], tuple[Callable[[
     return cases
 
 
-def _occupancy_from_inspect(path: Optional[str]) -> dict[str, int]:
+def _occupancy_from_inspect(path: str | None) -> dict[str, int]:
     """CTAs per SM at sm_90 per kernel function name, the smallest over that kernel's specs."""
     import json
     if not path or not os.path.exists(path):
@@ -112,9 +113,10 @@ def _occupancy_from_inspect(path: Optional[str]) -> dict[str, int]:
 
 
 def run_cases(batch: int = 2, target_batch: int = 64, quick: bool = False,
-              inspect_json: Optional[str] = None):
+              inspect_json: str | None = None):
     """Yields one row per case as it is measured; a case that fails is reported with its error."""
     import time
+
     import torch
 
     occ = _occupancy_from_inspect(inspect_json)
@@ -150,7 +152,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -244,7 +245,7 @@ def _batched_ranges(traced: _Launch, target: _Launch, copies: int) -> list[tuple
 
 
 def measure_launch(fn: Callable[[], Any], *, batch: int = 1,
-                   target_batch: Optional[int] = None, target_fn: Optional[Callable[[], Any]] = None,
+                   target_batch: int | None = None, target_fn: Callable[[], Any] | None = None,
                    sms: int = H100_SMS, ctas_per_sm: int | dict[str, int] = 1) -> dict[str, Any]:
     """Traces the kernels ``fn()`` launches under the interpreter; returns their byte counts in bytes.
 

@@ -33,13 +33,21 @@ import json
 import os
 import statistics
 import time
-from typing import Any, Callable, Iterable, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
 from . import machine
-from .memtrack import LiveTensorTracker, count_flops, cuda_kernel_launches, device_used_bytes, measure_step, \
-    profiler_peak_bytes, saved_tensor_bytes
+from .memtrack import (
+    LiveTensorTracker,
+    count_flops,
+    cuda_kernel_launches,
+    device_used_bytes,
+    measure_step,
+    profiler_peak_bytes,
+    saved_tensor_bytes,
+)
 
 __all__ = ["B_SWEEP", "K_SWEEP", "IMPLS", "AMPS", "quick", "sweep", "default_rounds", "bench_device", "record",
            "zero_grads", "synchronize", "autocast", "failure_note", "head_inputs"]
@@ -57,7 +65,7 @@ def quick() -> bool:
     return os.environ.get("C2F_BENCH_QUICK", "0") == "1"
 
 
-def sweep(values: Sequence[Any], quick_values: Optional[Sequence[Any]] = None) -> list[Any]:
+def sweep(values: Sequence[Any], quick_values: Sequence[Any] | None = None) -> list[Any]:
     """The sweep's values; in quick mode ``quick_values``, or the first, a middle and the last value."""
     values = list(values)
     if not quick():
@@ -113,7 +121,7 @@ def zero_grads(*objs: Any) -> None:
             p.grad = None
 
 
-def _dtype_name(dtype: Any) -> Optional[str]:
+def _dtype_name(dtype: Any) -> str | None:
     if dtype is None:
         return None
     return str(dtype).replace("torch.", "")
@@ -156,11 +164,11 @@ def _yardstick_times(device: torch.device, info: dict[str, Any], key: str) -> li
 
 
 def record(benchmark, fn: Callable[[], Any], *, name: str, impl: str, device: torch.device | str | None = None,
-           dtype: Any = None, amp: str = "off", shapes: Optional[dict[str, Any]] = None,
-           params: Optional[dict[str, Any]] = None, sweep: Optional[str] = None,
-           forward: Optional[Callable[[], Any]] = None, setup: Optional[Callable[[], None]] = None,
-           rounds: Optional[int] = None, warmup: Optional[int] = None, measure: bool = True,
-           minimal: Optional[tuple[int, str]] = None, extra: Optional[dict[str, Any]] = None) -> None:
+           dtype: Any = None, amp: str = "off", shapes: dict[str, Any] | None = None,
+           params: dict[str, Any] | None = None, sweep: str | None = None,
+           forward: Callable[[], Any] | None = None, setup: Callable[[], None] | None = None,
+           rounds: int | None = None, warmup: int | None = None, measure: bool = True,
+           minimal: tuple[int, str] | None = None, extra: dict[str, Any] | None = None) -> None:
     """Times ``fn`` with ``benchmark.pedantic`` and stores its peak memory, FLOPs and ops in ``extra_info``.
 
     ``fn`` runs once untimed under the live-tensor tracker, the FLOP counter and the op counter (skip

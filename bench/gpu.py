@@ -31,7 +31,6 @@ import argparse  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Optional  # noqa: E402
 
 from .gpu_report import JSON_NAME, MD_NAME, ROOT, markdown, write_json  # noqa: E402
 from .gpu_run import Run  # noqa: E402  (torch is imported when a Run starts, after _environment)
@@ -39,7 +38,7 @@ from .gpu_run import Run  # noqa: E402  (torch is imported when a Run starts, af
 __all__ = ["main", "Run", "parse_args", "write_json", "markdown", "JSON_NAME", "MD_NAME"]
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory for verdict.json and verdict.md")
     parser.add_argument("--budget", type=float, default=None,
@@ -95,7 +94,7 @@ def _use_source_tree() -> None:
     print(f"note: c2f is not installed here; running from the source tree {ROOT}", file=sys.stderr)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     _environment(args.smoke)

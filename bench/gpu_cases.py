@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -139,12 +140,12 @@ class Step:
     dtypes: Callable[[], list[str]]
 
 
-def _autocast(device: torch.device, low: Optional[torch.dtype]):
+def _autocast(device: torch.device, low: torch.dtype | None):
     return torch.autocast(device.type, dtype=low) if low is not None else contextlib.nullcontext()
 
 
 def _module_step(module: torch.nn.Module, x: torch.Tensor, extra: tuple, grads: list[torch.Tensor],
-                 names: tuple[str, ...], amp: Optional[torch.dtype], x_grad: bool) -> Step:
+                 names: tuple[str, ...], amp: torch.dtype | None, x_grad: bool) -> Step:
     state: dict[str, Any] = {}
 
     def setup():

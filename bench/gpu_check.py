@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -67,7 +67,7 @@ class StepError(RuntimeError):
     """A step of a check raised; the message names the step ("truth", "reference" or "fused")."""
 
 
-def _run_once(step: Step, device: torch.device, matmul: str, watch: Optional[FusedOps] = None):
+def _run_once(step: Step, device: torch.device, matmul: str, watch: FusedOps | None = None):
     step.setup()
     with matmul_precision(matmul, device), (watch if watch is not None else contextlib.nullcontext()):
         step.run()

@@ -19,8 +19,9 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -65,7 +66,7 @@ PEAKS: tuple[tuple[tuple[str, ...], Peaks], ...] = (
 PEAK_FIELD = {"fp32-ieee": "fp32_tflops", "fp32-tf32": "tf32_tflops", "bf16": "bf16_tflops"}
 
 
-def datasheet_peaks(name: str) -> Optional[Peaks]:
+def datasheet_peaks(name: str) -> Peaks | None:
     """The ``PEAKS`` entry for a device name (``torch.cuda.get_device_properties(...).name``), or None."""
     lowered = name.lower()
     for words, peaks in PEAKS:
@@ -74,7 +75,7 @@ def datasheet_peaks(name: str) -> Optional[Peaks]:
     return None
 
 
-def _nvidia_smi(field: str) -> Optional[str]:
+def _nvidia_smi(field: str) -> str | None:
     """One ``nvidia-smi --query-gpu`` field of the first GPU, or None where the tool is missing or slow."""
     try:
         out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True,

@@ -8,7 +8,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 __all__ = ["ROOT", "JSON_NAME", "MD_NAME", "write_json", "write_text", "report_header", "git", "markdown"]
 
@@ -29,7 +29,7 @@ def _strict(obj: Any) -> Any:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """``data`` as strict JSON, written atomically (``c2f.files.atomic_write``): never a partial file."""
-    from c2f.files import atomic_write   # on use: c2f imports torch, which bench.gpu's environment precedes
+    from c2f.files import atomic_write  # on use: c2f imports torch, which bench.gpu's environment precedes
     atomic_write(str(path), lambda f: json.dump(_strict(data), f, indent=1, default=str, allow_nan=False),
                  binary=False)
 
@@ -61,7 +61,7 @@ def report_header(mode: str, device: dict[str, Any], args, shapes, argv: list[st
         "summary": {}, "cases": []}
 
 
-def git(*args: str) -> Optional[str]:
+def git(*args: str) -> str | None:
     try:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
@@ -69,11 +69,11 @@ def git(*args: str) -> Optional[str]:
         return None
 
 
-def _fmt(value: Optional[float], spec: str = ".3f", none: str = "-") -> str:
+def _fmt(value: float | None, spec: str = ".3f", none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
 
-def _phase_cell(phase: Optional[dict[str, Any]], ms: Optional[float]) -> str:
+def _phase_cell(phase: dict[str, Any] | None, ms: float | None) -> str:
     """A time in ms, or what kept the phase from giving one (error, skipped, not run)."""
     if ms is not None:
         return f"{ms:.3f}"

@@ -11,7 +11,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .gpu_report import JSON_NAME, MD_NAME, markdown, report_header, write_json, write_text
 
@@ -66,7 +66,7 @@ class Run:
         self.out = Path(args.out)
         self.lock = threading.Lock()
         self.ratios: dict[str, list[float]] = {p: [] for p in PHASES}
-        self.current: Optional[tuple[str, dict[str, Any]]] = None
+        self.current: tuple[str, dict[str, Any]] | None = None
         self.entries = self._entries()
         self.report = self._report_header(argv)
 
@@ -275,7 +275,7 @@ class Run:
         dev.free_memory(self.device)
         return out
 
-    def _attempt(self, fn) -> tuple[Any, Optional[str]]:
+    def _attempt(self, fn) -> tuple[Any, str | None]:
         """``(fn(), None)``, or ``(None, error text)`` with the device's memory freed after an error."""
         try:
             return fn(), None
@@ -350,7 +350,7 @@ class Run:
         result["status"] = "done"
 
     # ------------------------------------------------------------------------------------ the end
-    def finish(self, stopped: Optional[str]) -> int:
+    def finish(self, stopped: str | None) -> int:
         with self.lock:
             if stopped and self.current is not None:        # the case the stop interrupted
                 phase, entry = self.current

@@ -16,7 +16,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -31,7 +31,7 @@ BF16_NOTE = ("bf16 GEMMs are emulated on a CPU without AVX-512 BF16 or AMX: bf16
              "path runs, not its speed; the bf16 speed target (issue 12) needs AVX-512 BF16 / AMX or a GPU.")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU feature flags from ``/proc/cpuinfo`` (empty off Linux)."""
     try:
@@ -44,7 +44,7 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def cpu_isa(flags: Optional[frozenset[str]] = None) -> str:
+def cpu_isa(flags: frozenset[str] | None = None) -> str:
     """The widest matrix-relevant instruction set: "AMX", "AVX-512 BF16", "AVX-512", "AVX2", or torch's
     own reading of the CPU when the flags are unknown."""
     flags = cpu_flags() if flags is None else flags
@@ -64,7 +64,7 @@ def cpu_isa(flags: Optional[frozenset[str]] = None) -> str:
         return "unknown"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -147,7 +147,7 @@ def gemm_throughput(device: torch.device | str, dtype: torch.dtype = torch.float
             "median_s": median, "times": times, "rounds": rounds, "timer": "cuda events" if device.type == "cuda" else "perf_counter"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gemm_reference(device_str: str, dtype_name: str = "float32") -> dict[str, Any]:
     """The yardstick GEMM for one device and dtype, measured once per process (the bench's threads).
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections import Counter
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -31,14 +32,14 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return [x for x in leaves if isinstance(x, torch.Tensor)]
 
 
-def _storage_key(t: torch.Tensor) -> Optional[int]:
+def _storage_key(t: torch.Tensor) -> int | None:
     try:
         return t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):  # sparse / meta / wrapper tensors without a plain storage
         return None
 
 
-def _custom_op_impl(func, device_type: str) -> Optional[Callable]:
+def _custom_op_impl(func, device_type: str) -> Callable | None:
     """The Python implementation of a ``torch.library.custom_op`` for ``device_type``, or None (aten ops,
     ops defined in C++, or a torch whose private registry has moved)."""
     if getattr(func, "namespace", "aten") in ("aten", "prim", "prims", "_c10d_functional"):
@@ -113,7 +114,7 @@ class OpCounter(TorchDispatchMode):
 class _StorageWatch(TorchDispatchMode):
     """Adds the storage of every op output that is not one of the op's inputs (a fresh allocation)."""
 
-    def __init__(self, tracker: "LiveTensorTracker"):
+    def __init__(self, tracker: LiveTensorTracker):
         super().__init__()
         self.tracker = tracker
 
@@ -145,7 +146,7 @@ class LiveTensorTracker:
         self._live: dict[int, int] = {}  # storage data_ptr -> nbytes, CPU only
         self._current = 0
         self._baseline = 0
-        self._mode: Optional[_StorageWatch] = None
+        self._mode: _StorageWatch | None = None
 
     @property
     def cuda(self) -> bool:
@@ -171,7 +172,7 @@ class LiveTensorTracker:
             del self._live[key]
             self._current -= nbytes
 
-    def __enter__(self) -> "LiveTensorTracker":
+    def __enter__(self) -> LiveTensorTracker:
         self.peak_bytes = 0
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -315,7 +316,7 @@ def measure_step(fn: Callable[[], Any], device: torch.device | str = "cpu") -> d
             "custom_ops": sum(expander.expanded.values()), "flops_complete": not expander.triton}
 
 
-def cuda_kernel_launches(fn: Callable[[], Any]) -> Optional[int]:
+def cuda_kernel_launches(fn: Callable[[], Any]) -> int | None:
     """GPU activities (kernels, copies, memsets) one call of ``fn()`` puts on the device, from the profiler's
     CUDA activity trace: Triton launches included, which no dispatch mode sees. None without CUDA."""
     if not torch.cuda.is_available():
@@ -330,7 +331,7 @@ def cuda_kernel_launches(fn: Callable[[], Any]) -> Optional[int]:
         return None
 
 
-def device_used_bytes(device: torch.device | str | int | None = None) -> Optional[int]:
+def device_used_bytes(device: torch.device | str | int | None = None) -> int | None:
     """Device memory in use as the driver sees it (all processes, allocator cache included); None without CUDA.
 
     ``torch.cuda.device_memory_used`` (NVML, or amdsmi on ROCm) where torch has it; nvidia-ml-py,

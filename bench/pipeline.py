@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from c2f.app import TrainConfig, train
 from c2f.app.data import extract, read_cub
 from c2f.app.data.backbones import ImageFolderDataset
 from c2f.app.data.images import Augment, AugmentedView
-from c2f.app import TrainConfig, train
 
 from .machine import describe
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from .tables import IMPL_NAMES, median_ms, mib, params_text
 
@@ -22,7 +21,7 @@ def sweep_plotter(out: Path):
     except ImportError:
         return None
 
-    def plot(case: str, var: str, rest: tuple, series: dict, impls: list[str]) -> Optional[str]:
+    def plot(case: str, var: str, rest: tuple, series: dict, impls: list[str]) -> str | None:
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.8))
         for impl in impls:
             color, marker = STYLES.get(impl, ("tab:gray", "x"))

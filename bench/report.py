@@ -23,7 +23,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from . import running, tables
 from .running import ROOT
@@ -248,7 +248,7 @@ def _static(out: Path, args, quick: bool, started: float) -> dict[str, Any]:
     return static
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results"))

@@ -15,7 +15,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTEST_INI = ROOT / "bench" / "pytest.ini"
@@ -27,7 +27,7 @@ __all__ = ["ROOT", "STATIC_TARGETS", "env", "run_cmd", "run_benches", "run_inspe
            "read_notes"]
 
 
-def env(quick: bool, interpret: Optional[bool]) -> dict[str, str]:
+def env(quick: bool, interpret: bool | None) -> dict[str, str]:
     out = dict(os.environ)
     out["PYTHONPATH"] = str(ROOT) + os.pathsep + out.get("PYTHONPATH", "")
     out.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -39,13 +39,13 @@ def env(quick: bool, interpret: Optional[bool]) -> dict[str, str]:
     return out
 
 
-def run_cmd(cmd: list[str], environ: dict, timeout: float, log: Path) -> tuple[Optional[int], float]:
+def run_cmd(cmd: list[str], environ: dict, timeout: float, log: Path) -> tuple[int | None, float]:
     """Runs a command with its output in ``log``; returns (exit status or None on timeout, seconds)."""
     start = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=f, stderr=subprocess.STDOUT)
         try:
-            rc: Optional[int] = proc.wait(timeout=max(timeout, 1))
+            rc: int | None = proc.wait(timeout=max(timeout, 1))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

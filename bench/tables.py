@@ -6,7 +6,7 @@ bytes, FLOPs, ops per step and the yardstick GEMM's throughput; its ``stats`` th
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 MiB = 1024 * 1024
 IMPL_ORDER = ("fused", "fused_compiled", "reference", "compiled")
@@ -46,12 +46,12 @@ def median_ms(b: dict, stat: str = "median") -> float:
     return b["stats"][stat] * 1e3
 
 
-def mib(b: dict, key: str) -> Optional[float]:
+def mib(b: dict, key: str) -> float | None:
     v = b.get("extra_info", {}).get(key)
     return None if v is None else v / MiB
 
 
-def fmt(v: Optional[float], spec: str = ".1f") -> str:
+def fmt(v: float | None, spec: str = ".1f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
@@ -59,7 +59,7 @@ def params_text(params: tuple) -> str:
     return ", ".join(f"{k}={v}" for k, v in params) or "-"
 
 
-def gemm_fraction(b: dict, key: str = "gemm_flops_per_s") -> Optional[float]:
+def gemm_fraction(b: dict, key: str = "gemm_flops_per_s") -> float | None:
     """The case's FLOPs over its median time, as a fraction of the yardstick GEMM's throughput (``key``:
     the fp32 GEMM, or ``gemm_amp_flops_per_s`` for the autocast dtype's). None where the FLOPs are
     incomplete (Triton kernels) or unknown."""
@@ -70,13 +70,13 @@ def gemm_fraction(b: dict, key: str = "gemm_flops_per_s") -> Optional[float]:
     return flops / (median_ms(b) / 1e3) / gemm
 
 
-def minimal_gflops(b: dict) -> Optional[float]:
+def minimal_gflops(b: dict) -> float | None:
     """The case's minimal-algebra FLOPs (``bench.algebra``) over its median time, in GFLOP/s."""
     flops = b.get("extra_info", {}).get("minimal_flops")
     return None if not flops or not median_ms(b) else flops / (median_ms(b) / 1e3) / 1e9
 
 
-def minimal_fraction(b: dict, key: str = "gemm_flops_per_s") -> Optional[float]:
+def minimal_fraction(b: dict, key: str = "gemm_flops_per_s") -> float | None:
     """``minimal_gflops`` as a fraction of the yardstick GEMM's throughput measured in the same run."""
     rate, gemm = minimal_gflops(b), b.get("extra_info", {}).get(key)
     return None if rate is None or not gemm else rate * 1e9 / gemm
@@ -92,7 +92,7 @@ def minimal_formulas(rows) -> str:
     return "; ".join(f"**{name}**: {formula}" for name, formula in sorted(found.items()))
 
 
-def _ratio(num: Optional[float], den: Optional[float], spec: str = ".2f", suffix: str = "") -> str:
+def _ratio(num: float | None, den: float | None, spec: str = ".2f", suffix: str = "") -> str:
     return "n/a" if num is None or not den else f"{num / den:{spec}}{suffix}"
 
 
@@ -100,7 +100,7 @@ def _peak_ratio(b: dict, ref: dict) -> str:
     return _ratio(b.get("extra_info", {}).get("peak_bytes"), ref.get("extra_info", {}).get("peak_bytes"))
 
 
-def _ops(b: Optional[dict]) -> str:
+def _ops(b: dict | None) -> str:
     """Aten ops per step, and on CUDA the GPU activities the profiler saw (Triton launches included)."""
     info = {} if b is None else b.get("extra_info", {})
     ops = "-" if info.get("ops") is None else str(info["ops"])

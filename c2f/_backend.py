@@ -63,7 +63,7 @@ def _interpreting() -> bool:
     return interpreting()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def warn_once(message: str) -> None:
     """Logs ``message`` as a warning the first time only."""
     log.warning(message)

@@ -10,13 +10,12 @@ for CPU tensors in eager mode, where reading a value costs no synchronisation. N
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-_validation: Optional[bool] = None
+_validation: bool | None = None
 
 
 def describe(t: torch.Tensor) -> str:
@@ -30,7 +29,7 @@ class validation:
     for a block and restores the previous setting after.
     """
 
-    def __init__(self, enabled: Optional[bool]):
+    def __init__(self, enabled: bool | None):
         global _validation
         self._previous, _validation = _validation, enabled
 
@@ -61,7 +60,7 @@ def check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), got {describe(t)}")
 
 
-def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+def check_same_device(**tensors: torch.Tensor | None) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
@@ -131,7 +130,7 @@ def check_mask(mask: torch.Tensor, b: int, p: int, views: bool) -> torch.Tensor:
     return mask if mask.stride(-1) == 1 else mask.contiguous()
 
 
-def check_pairing(perm: Optional[torch.Tensor], mask: Optional[torch.Tensor], b: int, p: int, *,
+def check_pairing(perm: torch.Tensor | None, mask: torch.Tensor | None, b: int, p: int, *,
                   involution: bool = False, views: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks ``perm`` and ``mask`` together (one rule set for every module and function) and returns
     them with the mask as fp32 ``[K, B, P]`` or ``[B, P]`` as given."""

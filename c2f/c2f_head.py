@@ -23,7 +23,6 @@ with ``part_mixup_pool``; the readout saves nothing of the parts and recomputes 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +31,10 @@ from . import reference
 from ._backend import check_backend, resolve_backend
 from ._math import AMP_PRECISIONS, DEFAULT_CHUNK_MIB, autocast_dtype, autocast_softmax_dtype, compute_dtype
 from ._validate import check_pairing, check_same_device, feature_map_as_channels
-from .part_attention import DOT_PRECISIONS, part_attention
-from .part_mixup import part_mixup_, part_mixup_pool
 from .ops import c2f_head as _ops  # noqa: F401  (registers torch.ops.c2f.c2f_head)
 from .ops.part_attention import fold_queries
+from .part_attention import DOT_PRECISIONS, part_attention
+from .part_mixup import part_mixup_, part_mixup_pool
 from .reference import C2FOutput
 
 __all__ = ["C2FHead", "C2FOutput"]
@@ -78,7 +77,7 @@ class C2FHead(reference.C2FHead):
     """
 
     def __init__(self, dim: int = 2048, num_parts: int = 312, num_classes: int = 200, num_heads: int = 1,
-                 qkv_bias: bool = False, qk_scale: Optional[float] = None, eps: float = 1e-5,
+                 qkv_bias: bool = False, qk_scale: float | None = None, eps: float = 1e-5,
                  materialize_parts: bool = False, backend: str = "auto", chunk_mib: float = DEFAULT_CHUNK_MIB,
                  dot_precision: str = "tf32", device=None, dtype=None):
         super().__init__(dim, num_parts, num_classes, num_heads, qkv_bias, qk_scale, eps, device=device, dtype=dtype)
@@ -91,14 +90,14 @@ class C2FHead(reference.C2FHead):
         self.backend, self.chunk_mib, self.dot_precision = backend, chunk_mib, dot_precision
 
     @classmethod
-    def from_checkpoint(cls, path: str, map_location="cpu", **overrides) -> "C2FHead":
+    def from_checkpoint(cls, path: str, map_location="cpu", **overrides) -> C2FHead:
         """Rebuilds the head a ``best.pt`` / ``best.safetensors`` (``c2f.model_file.save_model``) holds, from
         the constructor arguments stored with its weights; ``overrides`` replace some (e.g. ``backend``)."""
         from .model_file import load_model
         return load_model(path, cls=cls, map_location=map_location, **overrides)
 
-    def forward(self, x: torch.Tensor, perm: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> C2FOutput:
+    def forward(self, x: torch.Tensor, perm: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> C2FOutput:
         att = self.attention
         xv = feature_map_as_channels(x, att.dim)
         b, p = xv.shape[0], att.num_parts

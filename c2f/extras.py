@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Optional
 
 DIST_NAME = "c2f-fgvc"   # the distribution on the package index; the import name is c2f
 
@@ -16,7 +15,7 @@ def install_hint(extra: str) -> str:
     return f"pip install '{DIST_NAME}[{extra}]'"
 
 
-def require(module: str, extra: str, purpose: str, package: Optional[str] = None) -> ModuleType:
+def require(module: str, extra: str, purpose: str, package: str | None = None) -> ModuleType:
     """Imports ``module`` or raises ``MissingExtra`` naming ``purpose``, the package and the extra to install."""
     try:
         return importlib.import_module(module)

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 try:
     import fcntl
@@ -78,7 +78,7 @@ class DirLock:
     Only the process that took it releases it; a forked child has closed its copy of the descriptor.
     """
 
-    def __init__(self, directory: str, fd: Optional[int]):
+    def __init__(self, directory: str, fd: int | None):
         self.directory, self.fd, self.pid = directory, fd, os.getpid()
 
     def release(self) -> None:
@@ -92,7 +92,7 @@ class DirLock:
             os.close(self.fd)
             self.fd = None
 
-    def __enter__(self) -> "DirLock":
+    def __enter__(self) -> DirLock:
         return self
 
     def __exit__(self, *exc) -> None:

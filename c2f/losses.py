@@ -1,13 +1,10 @@
 """Losses of the C2F head: attribute regression and soft-target cross-entropy."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
 from ._validate import check_float, describe, values_checked
-
 
 ROUNDING = 1e-5   # how far mixed targets may stray outside [0, 1] by float rounding
 
@@ -16,7 +13,7 @@ def _probabilities(t: torch.Tensor) -> bool:
     return bool(((t >= -ROUNDING) & (t <= 1 + ROUNDING)).all())
 
 
-def attribute_loss(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
+def attribute_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
                    kind: str = "mse") -> torch.Tensor:
     """Attribute regression loss, a scalar: the weighted mean over entries of ``[B, P]``.
 

@@ -33,7 +33,6 @@ import os
 import pickle
 import re
 import struct
-from typing import Optional
 
 import numpy as np
 import torch
@@ -84,7 +83,7 @@ def content_digest(obj) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def _trailer_matches(data: bytes) -> Optional[bool]:
+def _trailer_matches(data: bytes) -> bool | None:
     """Whether the file's bytes match its trailer; None when it has none."""
     if data[-TRAILER_LEN:-64] != TRAILER:
         return None
@@ -117,7 +116,7 @@ def _unverified(path: str) -> None:
     log.warning("%s: no checksum: written before c2f stored one; loaded unverified", path)
 
 
-def _verified(path: str, obj, trailer: Optional[bool]) -> tuple:
+def _verified(path: str, obj, trailer: bool | None) -> tuple:
     """``(obj without its checksum, verified)``; refuses a file that changed after it was written."""
     if not isinstance(obj, dict) or CHECKSUM not in obj:
         return obj, bool(trailer)
@@ -305,7 +304,7 @@ def read_model_file(path: str) -> dict:
     return ckpt
 
 
-def load_model(path: str, cls: Optional[type] = None, map_location="cpu", **overrides) -> nn.Module:
+def load_model(path: str, cls: type | None = None, map_location="cpu", **overrides) -> nn.Module:
     """Rebuilds the module saved by ``save_model`` from the file alone and loads its weights.
 
     ``cls`` overrides the class recorded in the file (e.g. ``c2f.reference.C2FHead`` for a fused

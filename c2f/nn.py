@@ -3,8 +3,8 @@
 Each has the reference's constructor (plus ``backend`` and path options) and ``state_dict`` keys,
 so checkpoints load either way.
 """
-from .part_attention import PartAttention
 from .c2f_head import C2FHead
+from .part_attention import PartAttention
 from .part_mixup import MixupOutput, PartMixup
 from .reference import C2FOutput, PartRegressor
 

@@ -18,8 +18,6 @@ implementations are the Triton kernels (``c2f.kernels.part_attention``) and batc
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import reference
@@ -55,8 +53,8 @@ def check_options(backend: str, formulation: str, chunk_mib: float, dot_precisio
 
 
 def part_attention(x: torch.Tensor, queries: torch.Tensor, k_weight: torch.Tensor, norm_weight: torch.Tensor,
-                   norm_bias: torch.Tensor, num_heads: int = 1, scale: Optional[float] = None, eps: float = 1e-5,
-                   backend: str = "auto", formulation: str = "auto", k_bias: Optional[torch.Tensor] = None,
+                   norm_bias: torch.Tensor, num_heads: int = 1, scale: float | None = None, eps: float = 1e-5,
+                   backend: str = "auto", formulation: str = "auto", k_bias: torch.Tensor | None = None,
                    chunk_mib: float = DEFAULT_CHUNK_MIB, dot_precision: str = "tf32"):
     """Fused part attention on a feature map ``[B, C, H, W]`` or tokens ``[B, N, C]``.
 
@@ -110,7 +108,7 @@ class PartAttention(reference.PartAttention):
     """
 
     def __init__(self, dim: int, num_parts: int = 312, num_heads: int = 1, qkv_bias: bool = False,
-                 qk_scale: Optional[float] = None, eps: float = 1e-5, backend: str = "auto",
+                 qk_scale: float | None = None, eps: float = 1e-5, backend: str = "auto",
                  formulation: str = "auto", chunk_mib: float = DEFAULT_CHUNK_MIB, dot_precision: str = "tf32",
                  device=None, dtype=None):
         super().__init__(dim, num_parts, num_heads, qkv_bias, qk_scale, eps, device=device, dtype=dtype)

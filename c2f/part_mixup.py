@@ -9,7 +9,7 @@ in-place and pooled forms elsewhere, so CPU users get the memory savings too.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -105,7 +105,7 @@ def _check_targets_args(labels, perm, mask, num_classes, smoothing) -> None:
 
 
 def mix_targets(labels: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor, num_classes: int,
-                part_weights: Optional[torch.Tensor] = None, smoothing: float = 0.0) -> torch.Tensor:
+                part_weights: torch.Tensor | None = None, smoothing: float = 0.0) -> torch.Tensor:
     """Soft class targets of mixed samples: ``[B, num_classes]`` or ``[K, B, num_classes]`` (fp32).
 
     The weight on ``labels[b]`` is the (``part_weights``-weighted) mean of ``mask[..., b, :]`` over parts;
@@ -132,10 +132,10 @@ def mix_targets(labels: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor, nu
 class MixupOutput(NamedTuple):
     features: torch.Tensor            # [B, P, C] mixed in place (views == 1) or [views, B, C] pooled
     targets: torch.Tensor             # [B, num_classes] or [views, B, num_classes] soft class targets
-    attrs: Optional[torch.Tensor]     # [B, P] or [views, B, P] mixed attribute targets; None without attrs
+    attrs: torch.Tensor | None     # [B, P] or [views, B, P] mixed attribute targets; None without attrs
 
 
-def _sample_beta(alpha: float, shape: tuple[int, ...], generator: Optional[torch.Generator],
+def _sample_beta(alpha: float, shape: tuple[int, ...], generator: torch.Generator | None,
                  device: torch.device) -> torch.Tensor:
     """Beta(alpha, alpha) draws as a Gamma ratio (fp64, so tiny Gamma draws for small alpha stay nonzero)."""
     conc = torch.full((2,) + shape, float(alpha), dtype=torch.float64, device=device)
@@ -181,8 +181,8 @@ class PartMixup(nn.Module):
         return (f"alpha={self.alpha:g}, mode={self.mode!r}, views={self.views}, pairing={self.pairing!r}, "
                 f"num_classes={self.num_classes}, label_smoothing={self.label_smoothing:g}")
 
-    def sample(self, batch_size: int, num_parts: int, device: Optional[torch.device] = None,
-               generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, batch_size: int, num_parts: int, device: torch.device | None = None,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draws ``(perm [B] int64, mask [views, B, P] float32)`` as ``forward`` does, on ``device``.
 
         Drawn on the generator's device (CPU without one, from torch's default generator) in this order:
@@ -211,8 +211,8 @@ class PartMixup(nn.Module):
                 mask = (torch.rand((v, b, p), generator=generator, device=gen_device) < lam).float()
         return perm.to(device or gen_device), mask.to(device or gen_device)
 
-    def forward(self, parts: torch.Tensor, labels: torch.Tensor, attrs: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None) -> MixupOutput:
+    def forward(self, parts: torch.Tensor, labels: torch.Tensor, attrs: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> MixupOutput:
         _check_parts(parts)
         b, p, _ = parts.shape
         if labels.shape != (b,) or labels.dtype != torch.int64:

@@ -7,7 +7,7 @@ the obvious one-hot formulas, independent of ``c2f.part_mixup``'s, which tests c
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ class PartAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_parts: int = 312, num_heads: int = 1, qkv_bias: bool = False,
-                 qk_scale: Optional[float] = None, eps: float = 1e-5, device=None, dtype=None):
+                 qk_scale: float | None = None, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
         if dim <= 0 or num_parts <= 0 or num_heads <= 0:
@@ -91,7 +91,7 @@ def mix_attributes(attrs: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) 
 
 
 def mix_targets(labels: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor, num_classes: int,
-                part_weights: Optional[torch.Tensor] = None, smoothing: float = 0.0) -> torch.Tensor:
+                part_weights: torch.Tensor | None = None, smoothing: float = 0.0) -> torch.Tensor:
     """Soft class targets of mixed samples: ``[B, num_classes]`` or ``[K, B, num_classes]``.
 
     The weight on ``labels[b]`` is the (``part_weights``-weighted) mean of ``mask[..., b, :]`` over parts;
@@ -140,7 +140,7 @@ class C2FHead(nn.Module):
     """
 
     def __init__(self, dim: int = 2048, num_parts: int = 312, num_classes: int = 200, num_heads: int = 1,
-                 qkv_bias: bool = False, qk_scale: Optional[float] = None, eps: float = 1e-5, device=None,
+                 qkv_bias: bool = False, qk_scale: float | None = None, eps: float = 1e-5, device=None,
                  dtype=None):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
@@ -149,8 +149,8 @@ class C2FHead(nn.Module):
         self.classifier = nn.Linear(dim, num_classes, **factory)
 
 
-    def forward(self, x: torch.Tensor, perm: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> C2FOutput:
+    def forward(self, x: torch.Tensor, perm: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> C2FOutput:
         parts, attn = self.attention(x)
         attr_pred = self.regressor(parts)
         if mask is None:

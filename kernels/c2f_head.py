@@ -16,8 +16,6 @@ they are. Each launcher makes all its plans before it allocates or launches anyt
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .._math import inverse_permutation
@@ -126,8 +124,8 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
 
 def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch.Tensor, perm: torch.Tensor,
                  mask: torch.Tensor, attn: torch.Tensor, probs: torch.Tensor, zhat: torch.Tensor, mean: torch.Tensor,
-                 rstd: torch.Tensor, dattn: Optional[torch.Tensor], dpred: Optional[torch.Tensor],
-                 dlogits: Optional[torch.Tensor], needs_dx: bool, chunk_mib: float, dot_precision: str = "tf32"):
+                 rstd: torch.Tensor, dattn: torch.Tensor | None, dpred: torch.Tensor | None,
+                 dlogits: torch.Tensor | None, needs_dx: bool, chunk_mib: float, dot_precision: str = "tf32"):
     """Backward of the fused head from its saved state. Returns ``dg [h, P, C]``, ``dwrg [P, C]``,
     ``dwcg [classes, C]`` (fp32) and ``dx [B, C, N]`` in ``x.dtype`` with the strides of ``x`` when ``x``
     is dense (``torch.empty_like``), or None. ``dattn [B, P, N]``, ``dpred [B, P]``, ``dlogits [K, B,

@@ -39,12 +39,11 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
-
-import torch
+from typing import Any
 
 from . import targets as targets_mod
 from .inspect_cache import CACHE_ENV, COMPILED_FIELDS, cache_dir, cache_read, cache_write, compile_key
@@ -69,19 +68,19 @@ class KernelReport:
     num_stages: int
     shapes: list[str] = field(default_factory=list)
     ok: bool = False
-    regs: Optional[int] = None
-    spill_stores: Optional[int] = None
-    spill_loads: Optional[int] = None
-    stack_bytes: Optional[int] = None
-    sgpr_spills: Optional[int] = None   # AMD: SGPRs spilled to VGPR lanes (no memory traffic; see parse_amdgcn)
-    smem_bytes: Optional[int] = None
-    smem_limit: Optional[int] = None
-    smem_bound: Optional[int] = None   # the plan's own bound (plans.py); the compiled figure must not exceed it
-    tensor_cores: Optional[str] = None
-    ctas_per_sm: Optional[int] = None
-    compile_s: Optional[float] = None
+    regs: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    stack_bytes: int | None = None
+    sgpr_spills: int | None = None   # AMD: SGPRs spilled to VGPR lanes (no memory traffic; see parse_amdgcn)
+    smem_bytes: int | None = None
+    smem_limit: int | None = None
+    smem_bound: int | None = None   # the plan's own bound (plans.py); the compiled figure must not exceed it
+    tensor_cores: str | None = None
+    ctas_per_sm: int | None = None
+    compile_s: float | None = None
     cached: bool = False                # read from the result cache (compile_s: the original compile's)
-    error: Optional[str] = None
+    error: str | None = None
 
     @property
     def spills(self) -> bool:
@@ -203,7 +202,7 @@ def occupancy(target, regs: int, smem: int, num_warps: int) -> int:
     return max(0, min(by_regs, by_smem, by_warps, target.max_blocks_per_sm))
 
 
-def compile_launch(launch: Launch, target, op: str = "", shapes: Optional[list[str]] = None) -> KernelReport:
+def compile_launch(launch: Launch, target, op: str = "", shapes: list[str] | None = None) -> KernelReport:
     """Compiles one recorded launch for ``target`` and reads its resources; errors go into the report."""
     import triton
     from triton import knobs
@@ -304,7 +303,7 @@ def _compile_job(job: tuple[str, str, str, int]) -> dict:
     return asdict(compile_launch(_recorded(target_name, op, label)[index], targets_mod.TARGETS[target_name], op))
 
 
-def run(target_names: list[str], ops: Optional[list[str]] = None, quick: bool = False,
+def run(target_names: list[str], ops: list[str] | None = None, quick: bool = False,
         jobs: int = 1) -> list[KernelReport]:
     """Compiles every distinct launch of the grid for every target: one report each. With ``jobs`` > 1
     the compiles of a target start while the next target's launches are still being recorded."""
@@ -356,7 +355,7 @@ def _rerun_without_interpreter(argv: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", "c2f.kernels.inspect", *argv], env=env)
 
 
-def unsupported_triton(version: Optional[str] = None) -> Optional[str]:
+def unsupported_triton(version: str | None = None) -> str | None:
     """One line naming the Triton this tool needs, or None where the installed one will do. It drives Triton's
     compiler through internals (the JIT's binder, ``_pack_args``, ``knobs``, ``get_cache_key``) as of 3.6."""
     if version is None:
@@ -368,7 +367,7 @@ def unsupported_triton(version: Optional[str] = None) -> Optional[str]:
     return None
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m c2f.kernels.inspect", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", default=list(DEFAULT_TARGETS),

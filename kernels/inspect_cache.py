@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 __all__ = ["CACHE_ENV", "COMPILED_FIELDS", "cache_dir", "compile_key", "cache_read", "cache_write"]
 
@@ -26,7 +25,7 @@ _FIELD_TYPES = dict(regs=int, spill_stores=int, spill_loads=int, stack_bytes=int
 COMPILED_FIELDS = tuple(_FIELD_TYPES)
 
 
-def cache_dir() -> Optional[Path]:
+def cache_dir() -> Path | None:
     """Where compile results are kept, or None when ``$C2F_INSPECT_CACHE`` is ``off``."""
     value = os.environ.get(CACHE_ENV, "")
     if value.lower() in ("off", "0", "none"):
@@ -50,7 +49,7 @@ def compile_key(src, options: dict, target, derivation: str = "") -> str:
     return hashlib.sha256(f"c2f-inspect-{_CACHE_FORMAT}-{derivation}-{key}".encode()).hexdigest()
 
 
-def cache_read(key: str) -> Optional[dict]:
+def cache_read(key: str) -> dict | None:
     """The entry stored under ``key``, or None (no cache, no entry, or an unreadable one)."""
     folder = cache_dir()
     if folder is None:

@@ -4,7 +4,7 @@ running them). Shapes that map to the same plan compile once (``inspect.distinct
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -12,8 +12,9 @@ import contextlib
 import contextvars
 import functools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def interpreting() -> bool:
     """True when the kernels were decorated for the Triton interpreter: triton reads
     ``TRITON_INTERPRET=1`` when a kernel module is first imported (here, if not before)."""
@@ -46,7 +47,7 @@ def version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def check_interpreter() -> None:
     """Raises, in one line, where this Triton's interpreter cannot run the kernels: before 3.7 it turns a
     scalar argument into a Python int with ``int(array)``, which numpy 2.4 refuses for 1-element arrays."""
@@ -64,7 +65,7 @@ class KernelPlan:
     constexprs: dict[str, Any] = field(hash=False)
     num_warps: int = 4
     num_stages: int = 2
-    smem_bound: Optional[int] = None   # bytes of shared memory the plan's own rule allows (plans.py)
+    smem_bound: int | None = None   # bytes of shared memory the plan's own rule allows (plans.py)
     options: dict[str, Any] = field(default_factory=dict, hash=False)   # backend compile options (maxnreg)
 
 
@@ -80,8 +81,8 @@ class Launch:
         return getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
 
 
-_RECORD: contextvars.ContextVar[Optional[list[Launch]]] = contextvars.ContextVar("c2f_kernel_record", default=None)
-_TARGET: contextvars.ContextVar[Optional[Any]] = contextvars.ContextVar("c2f_kernel_target", default=None)
+_RECORD: contextvars.ContextVar[list[Launch] | None] = contextvars.ContextVar("c2f_kernel_record", default=None)
+_TARGET: contextvars.ContextVar[Any | None] = contextvars.ContextVar("c2f_kernel_target", default=None)
 
 
 def launch(kernel, plan: KernelPlan, **args: Any) -> None:

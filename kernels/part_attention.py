@@ -13,20 +13,26 @@ matmuls follow ``torch.backends.cuda.matmul.allow_tf32``). There is no Triton ke
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
+from ..torch_ops.part_attention import unfolded_bwd, unfolded_fwd  # see the module docstring
 from . import plans, targets
 from .launch import FLOAT_DTYPES, launch
-from .part_attention_bwd import (_part_attention_bwd_dg_kernel, _part_attention_bwd_dp_kernel,
-                                 _part_attention_bwd_dx_kernel, _part_attention_bwd_dxhat_kernel,
-                                 _part_attention_bwd_rows_kernel, _part_attention_bwd_softmax_kernel)
-from .part_attention_fwd import (_part_attention_fwd_parts_kernel, _part_attention_fwd_rows_kernel,
-                                 _part_attention_fwd_scores_kernel, _part_attention_fwd_softmax_kernel,
-                                 _part_attention_stats_kernel)
-
-from ..torch_ops.part_attention import unfolded_bwd, unfolded_fwd  # see the module docstring
+from .part_attention_bwd import (
+    _part_attention_bwd_dg_kernel,
+    _part_attention_bwd_dp_kernel,
+    _part_attention_bwd_dx_kernel,
+    _part_attention_bwd_dxhat_kernel,
+    _part_attention_bwd_rows_kernel,
+    _part_attention_bwd_softmax_kernel,
+)
+from .part_attention_fwd import (
+    _part_attention_fwd_parts_kernel,
+    _part_attention_fwd_rows_kernel,
+    _part_attention_fwd_scores_kernel,
+    _part_attention_fwd_softmax_kernel,
+    _part_attention_stats_kernel,
+)
 
 __all__ = ["folded_fwd", "folded_bwd", "unfolded_fwd", "unfolded_bwd"]
 
@@ -135,9 +141,9 @@ def _fwd_plans(bsz: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, tar
                 parts=plans.attention_parts(bsz, c, n, p, h, dtype, target, dot_precision))
 
 
-def folded_bwd(x: torch.Tensor, g: Optional[torch.Tensor], gamma: torch.Tensor, attn: torch.Tensor,
-               probs: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dparts: Optional[torch.Tensor],
-               dattn: Optional[torch.Tensor], num_heads: int, needs_dx: bool, chunk_mib: float,
+def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, attn: torch.Tensor,
+               probs: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dparts: torch.Tensor | None,
+               dattn: torch.Tensor | None, num_heads: int, needs_dx: bool, chunk_mib: float,
                dot_precision: str = "tf32"):
     """Backward of the folded formulation from the forward's saved state (``g`` needed for dx only).
 

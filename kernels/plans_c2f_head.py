@@ -23,8 +23,22 @@ from __future__ import annotations
 import torch
 
 from .launch import KernelPlan, next_pow2
-from .plans import (FP32_BYTES, MAX_TOKENS, MIN_DOT, SMEM_HEADROOM, PlanError, _cdiv, _gemm_plan, _interpreting,
-                    _options, dot_constexpr, fit_channels, fit_tile, rows_per_block, tile_bound)
+from .plans import (
+    FP32_BYTES,
+    MAX_TOKENS,
+    MIN_DOT,
+    SMEM_HEADROOM,
+    PlanError,
+    _cdiv,
+    _gemm_plan,
+    _interpreting,
+    _options,
+    dot_constexpr,
+    fit_channels,
+    fit_tile,
+    rows_per_block,
+    tile_bound,
+)
 from .targets import Target
 
 HEAD_VIEWS_BLOCK = 16       # rows of the pooling matrix M (2K: own views, then the partner's) per block:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
-from typing import Optional, Union
 
 import torch
 
@@ -33,7 +32,7 @@ KIB = 1024
 class Target:
     name: str                    # "sm_90", "gfx942", "interpreter"
     backend: str                 # "cuda", "hip" or "interpreter"
-    arch: Union[int, str, None]  # 90, "gfx942"
+    arch: int | str | None  # 90, "gfx942"
     warp_size: int
     smem_per_block: int          # bytes a block (workgroup) may use: the opt-in maximum on NVIDIA
     smem_per_sm: int             # bytes per SM (CU)
@@ -81,7 +80,7 @@ def parse(name: str) -> Target:
     return TARGETS[key]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_target(index: int) -> Target:
     """The Target of CUDA (or ROCm) device ``index``, from its properties (``torch.cuda.get_device_properties``,
     read once per device): shared memory per block and per SM, registers, warp size. Limits missing
@@ -106,7 +105,7 @@ def device_target(index: int) -> Target:
                    smem_per_sm=smem_sm, regs_per_sm=regs, devices=props.name)
 
 
-def current(device: Optional[torch.device] = None) -> Target:
+def current(device: torch.device | None = None) -> Target:
     """The Target launches are planned for: the one set by ``launch.plan_for`` (offline inspection,
     tests), the interpreter, or the device's own."""
     from .launch import interpreting, planned_target

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from c2f import model_file, reference
-from c2f.app import checkpoint
-from c2f.model_file import CheckpointError, load_model, model_args, safe_load, save_model
+from c2f.app import TrainConfig, checkpoint, train
 from c2f.app.cli import main
 from c2f.app.data import synthesize
-from c2f.app import TrainConfig, train
+from c2f.model_file import CheckpointError, load_model, model_args, safe_load, save_model
 
 SMALL = dict(num_classes=4, images_per_class=8, num_attributes=6, dim=16, grid=4, num_locations=3,
              test_fraction=0.25, classes_per_genus=1, shard_size=16, progress=False)

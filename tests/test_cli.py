@@ -253,7 +253,7 @@ def test_out_errors_name_out_and_leave_nothing_behind(run, cache, tmp_path, caps
         capsys.readouterr()
         assert main([*args, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and f"argument --out: " in err and expected in err, err
+        assert len(err.splitlines()) == 1 and "argument --out: " in err and expected in err, err
     assert sorted(os.listdir(tmp_path)) == ["folder"] and os.listdir(folder) == []
 
 

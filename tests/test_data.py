@@ -7,8 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-from c2f.app.data import (BatchPlan, CacheError, CacheWriter, CUBFormatError, FeatureCache, ImageCheckError,
-                      attribute_targets, extract, load_backbone, make_loader, read_cub, read_manifest, synthesize)
+from c2f.app.data import (
+    BatchPlan,
+    CacheError,
+    CacheWriter,
+    CUBFormatError,
+    FeatureCache,
+    ImageCheckError,
+    attribute_targets,
+    extract,
+    load_backbone,
+    make_loader,
+    read_cub,
+    read_manifest,
+    synthesize,
+)
 from c2f.app.data.cache import sha256_file
 from c2f.app.data.extract import ImageFolderDataset
 from c2f.errors import ConfigError
@@ -434,8 +447,8 @@ def test_predict_images_through_the_extract_backbone(tmp_path, cub_and_backbone,
     """Image files -> the cache's backbone (from its manifest) -> the head: as predicted from the cache."""
     import json
 
-    from c2f.app.cli import main
     from c2f.app import TrainConfig, train
+    from c2f.app.cli import main
     cub, backbone = cub_and_backbone
     cache = extract(cub, str(tmp_path / "c"), backbone, **EXTRACT)
     run = str(tmp_path / "run")
@@ -548,6 +561,7 @@ def test_a_cache_another_process_writes_is_refused(tmp_path, cub_and_backbone, c
     import socket
     import subprocess
     import sys
+
     from c2f.app.cli import main
     cub, backbone = cub_and_backbone
     out = str(tmp_path / "c")

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from c2f.app.data import synthesize
 from c2f.app import TrainConfig, train
+from c2f.app.data import synthesize
 
 TINY = dict(num_classes=4, images_per_class=12, num_attributes=12, dim=32, grid=7, num_locations=4,
             test_fraction=0.25, classes_per_genus=1, shard_size=16, progress=False)

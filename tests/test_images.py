@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from c2f.model_file import safe_load
 from c2f.app.cli import main
 from c2f.app.data import FeatureCache, extract, read_cub, read_manifest
 from c2f.app.data.backbones import ImageFolderDataset
 from c2f.app.data.images import CROP_RATIO, Augment, AugmentedView, CenterView, ImageRows, crop_box
 from c2f.app.data.loader import drawn_views
+from c2f.model_file import safe_load
 from tests.test_data import SIDE, TinyBackbone, write_cub
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")

@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import triton.language as tl
 from triton.runtime.jit import JITFunction
-
-import torch
 
 from c2f.kernels import inspect as kinspect
 from c2f.kernels import targets

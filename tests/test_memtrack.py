@@ -4,8 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from bench.memtrack import (CustomOpExpander, LiveTensorTracker, OpCounter, count_flops, device_used_bytes,
-                            measure_step, peak_live_bytes, saved_tensor_bytes)
+from bench.memtrack import (
+    CustomOpExpander,
+    LiveTensorTracker,
+    OpCounter,
+    count_flops,
+    device_used_bytes,
+    measure_step,
+    peak_live_bytes,
+    saved_tensor_bytes,
+)
 
 
 def test_single_allocation_is_its_bytes():
@@ -161,6 +169,7 @@ def test_head_flops_counted_inside_equal_its_flop_formulas():
     """Two independent counts of the fused head's GEMMs: FlopCounterMode on the ops inside its custom ops
     (the bench's expander) and c2f's own FLOP formulas for the custom ops (no expander)."""
     from torch.utils.flop_counter import FlopCounterMode
+
     from c2f import nn as c2fnn
 
     model = c2fnn.C2FHead(64, 7, 5, num_heads=2)

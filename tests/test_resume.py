@@ -15,12 +15,11 @@ import pytest
 import torch
 
 from c2f import model_file
-from c2f.app import devices
-from c2f.model_file import safe_load
+from c2f.app import NonFiniteError, ResumeConflict, RunError, TrainConfig, Trainer, devices, resume_config, train
 from c2f.app.cli import main
 from c2f.app.data import FeatureCache, split_rows, synthesize
 from c2f.files import LockedError
-from c2f.app import NonFiniteError, ResumeConflict, RunError, TrainConfig, Trainer, resume_config, train
+from c2f.model_file import safe_load
 from tests.tamper import edit_json, flip_bytes, nan_rows
 
 SMALL = dict(num_classes=4, images_per_class=8, num_attributes=6, dim=16, grid=4, num_locations=3,

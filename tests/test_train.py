@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from c2f import losses
-from c2f.model_file import load_model, safe_load
+from c2f.app import TrainConfig, Trainer, average_precision, classification_metrics, split_rows, train
 from c2f.app.cli import main
 from c2f.app.data import synthesize
-from c2f.app import TrainConfig, Trainer, average_precision, classification_metrics, split_rows, train
+from c2f.model_file import load_model, safe_load
 
 TINY = dict(num_classes=5, images_per_class=32, num_attributes=12, dim=32, grid=7, num_locations=4,
             test_fraction=0.25, classes_per_genus=1, shard_size=32, progress=False)

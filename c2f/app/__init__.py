@@ -7,13 +7,12 @@
 """
 from __future__ import annotations
 
-
+from ..errors import ConfigError, NonFiniteError
 from ..model_file import CheckpointError, atomic_save
 from .checkpoint import rng_state, set_rng_state
 from .config import HEADS, STAGES, TrainConfig
 from .data import split_rows
 from .epoch import cosine_lambda
-from ..errors import ConfigError, NonFiniteError
 from .metrics import average_precision, classification_metrics, format_epoch, format_final
 from .runs import ResumeConflict, RunError, load_run_config, resume_config
 from .sources import DEMO_CACHE, DEMO_SYNTH

@@ -19,13 +19,13 @@ import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from .._backend import BACKENDS
-from .data.cub import TARGET_KINDS
-from .devices import AMP_MODES, resolve_device
 from ..errors import ConfigError
 from ..part_mixup import MODES, PAIRINGS
+from .data.cub import TARGET_KINDS
+from .devices import AMP_MODES, resolve_device
 
 STAGES = ("attention", "fine", "joint")
 HEADS = ("fused", "reference")
@@ -43,7 +43,7 @@ CHECKS = {
 }
 
 
-def check_value(name: str, value, check: Optional[str] = None, choices=None) -> None:
+def check_value(name: str, value, check: str | None = None, choices=None) -> None:
     """Raises ``ConfigError`` unless ``value`` passes ``check`` and lies in ``choices`` (None passes); a float
     must be finite whatever its check (``--lr inf`` is refused here, not by the first non-finite loss)."""
     if value is None:
@@ -58,8 +58,8 @@ def check_value(name: str, value, check: Optional[str] = None, choices=None) -> 
             raise ConfigError(name, f"{expected}, got {value!r}")
 
 
-def opt(default, help: str, choices=None, check: Optional[str] = None, operational: bool = False,
-        saved: bool = True, metavar: Optional[str] = None):
+def opt(default, help: str, choices=None, check: str | None = None, operational: bool = False,
+        saved: bool = True, metavar: str | None = None):
     meta = dict(help=help, choices=choices, check=check, operational=operational, saved=saved, metavar=metavar)
     if isinstance(default, dict):
         return field(default_factory=dict, metadata=meta)
@@ -68,17 +68,17 @@ def opt(default, help: str, choices=None, check: Optional[str] = None, operation
 
 @dataclass
 class TrainConfig:
-    features: Optional[str] = opt(None, "feature cache directory (from c2f extract or c2f synth); default: the "
+    features: str | None = opt(None, "feature cache directory (from c2f extract or c2f synth); default: the "
                                   "demo cache in .cache/c2f-demo, synthesized if absent. On resume it may point "
                                   "to the same cache moved elsewhere (checked against its manifest)",
                                   operational=True, metavar="DIR")
-    cub: Optional[str] = opt(None, "train from images instead of a cache: the CUB_200_2011 directory, read through "
+    cub: str | None = opt(None, "train from images instead of a cache: the CUB_200_2011 directory, read through "
                              "the frozen --backbone every step (no cache; with augmentation). Not with --features",
                              operational=True, metavar="DIR")
-    backbone: Optional[str] = opt(None, "with --cub: the frozen backbone, as for c2f extract (TorchScript file, "
+    backbone: str | None = opt(None, "with --cub: the frozen backbone, as for c2f extract (TorchScript file, "
                                   "package.module:factory, torchvision:resnetNN, timm:NAME); its file hashes are "
                                   "recorded and checked on resume", operational=True, metavar="SPEC")
-    weights: Optional[str] = opt(None, "with --cub: the backbone's local state_dict file", operational=True,
+    weights: str | None = opt(None, "with --cub: the backbone's local state_dict file", operational=True,
                                  metavar="FILE")
     image_size: int = opt(448, "with --cub: the side of the images fed to the backbone", check="positive")
     crop_scale: float = opt(0.25, "with --cub: smallest area fraction of the random resized crop (ratio 3/4..4/3)",
@@ -86,7 +86,7 @@ class TrainConfig:
     hflip: float = opt(0.5, "with --cub: probability of a horizontal flip", check="unit")
     eval_crop: float = opt(0.875, "with --cub: evaluation resizes the short side to image_size / eval_crop and "
                            "centre-crops image_size", check="fraction")
-    run_dir: Optional[str] = opt(None, "run directory; default runs/<stage>-<time>. An existing run is never "
+    run_dir: str | None = opt(None, "run directory; default runs/<stage>-<time>. An existing run is never "
                                  "overwritten: continue it with --resume", operational=True, saved=False,
                                  metavar="DIR")
     stage: str = opt("joint", "attention: train the attention and attribute regressor; fine: the classifier "
@@ -95,7 +95,7 @@ class TrainConfig:
                     "PyTorch c2f.reference.C2FHead", choices=HEADS)
     backend: str = opt("auto", "kernels of the fused modules: Triton on CUDA and torch ops on CPU (auto), or "
                        "forced", choices=BACKENDS)
-    init: Optional[str] = opt(None, "start from the model weights of this checkpoint (e.g. an attention run's "
+    init: str | None = opt(None, "start from the model weights of this checkpoint (e.g. an attention run's "
                               "best.pt); loaded with weights_only=True", metavar="CHECKPOINT")
     freeze_attention: bool = opt(False, "fine stage: keep the attention fixed and train the classifier only")
     epochs: int = opt(3, "epochs in all (the demo's; CUB wants tens). With --resume, a larger value extends "
@@ -135,8 +135,8 @@ class TrainConfig:
     preload: bool = opt(False, "load the whole cache into RAM instead of memory-mapping it", operational=True)
     verify: str = opt("full", "cache check at start: every file's sha256 (full) or sizes only",
                       choices=VERIFY_MODES, operational=True)
-    device: Optional[str] = opt(None, "cpu, cuda or cuda:N; default: CUDA where available", operational=True)
-    stop_after: Optional[int] = opt(None, "end this invocation after that many epochs (continue with --resume)",
+    device: str | None = opt(None, "cpu, cuda or cuda:N; default: CUDA where available", operational=True)
+    stop_after: int | None = opt(None, "end this invocation after that many epochs (continue with --resume)",
                                     check="positive", operational=True, saved=False)
     progress: bool = opt(True, "progress bars", operational=True)
     plots: bool = opt(True, "write curves.png and attention.png (needs matplotlib: the plots extra)",
@@ -193,7 +193,7 @@ def _plain(value):
     return dict(value) if isinstance(value, dict) else value
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_types() -> dict:
     return typing.get_type_hints(TrainConfig)
 
@@ -223,7 +223,7 @@ def coerce(name: str, value: Any):
     return float(value) if base_type(tp) is float and value is not None else value
 
 
-def from_dict(values: dict, source: str = "config", base: Optional[TrainConfig] = None) -> TrainConfig:
+def from_dict(values: dict, source: str = "config", base: TrainConfig | None = None) -> TrainConfig:
     """``base`` (defaults) updated with ``values``; keys may use dashes; keys starting with ``_`` are skipped."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     clean = {k.replace("-", "_"): v for k, v in values.items() if not k.startswith("_")}

@@ -1,8 +1,6 @@
 """The device and the mixed-precision mode a run uses, checked against this machine."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ..errors import ConfigError
@@ -11,7 +9,7 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(spec: Optional[str], name: str = "device") -> torch.device:
+def resolve_device(spec: str | None, name: str = "device") -> torch.device:
     """The device ``spec`` names (default: CUDA where available), checked to exist on this machine."""
     if spec is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -13,7 +12,7 @@ from .devices import resolve_device
 class Dist:
     """Rank, world size and device of this process; collectives that are no-ops in a single process."""
 
-    def __init__(self, device: Optional[str]):
+    def __init__(self, device: str | None):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))

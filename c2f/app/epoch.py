@@ -9,11 +9,11 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from . import evaluate
 from .. import losses
-from .devices import autocast
 from ..errors import NonFiniteError
 from ..part_mixup import mix_targets
+from . import evaluate
+from .devices import autocast
 
 log = logging.getLogger(__name__)
 

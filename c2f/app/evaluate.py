@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from .. import model_file
+from ..errors import ConfigError, NonFiniteError
 from . import metrics
 from .data import FeatureCache, attribute_targets, make_loader, read_manifest, split_rows
 from .data.images import EVAL_CROP, CenterView, ImageSource
 from .devices import autocast, resolve_amp, resolve_device
-from ..errors import ConfigError, NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +168,8 @@ def split_of(cache: FeatureCache, split: str, val_fraction: float, seed: int) ->
     return dict(train=train, val=val, test=test)[split]
 
 
-def evaluate_on_cache(source: str, features: Optional[str] = None, split: str = "test", batch_size: int = 64,
-                      device: Optional[str] = None, amp: str = "off", num_workers: int = 0,
+def evaluate_on_cache(source: str, features: str | None = None, split: str = "test", batch_size: int = 64,
+                      device: str | None = None, amp: str = "off", num_workers: int = 0,
                       keep_attention: int = 0, verify: str = "size", skip_nonfinite: bool = False) -> tuple:
     """``(metrics, outputs, cache, ckpt)`` of a checkpoint on one split of a feature cache.
 
@@ -210,7 +209,7 @@ def evaluate_on_cache(source: str, features: Optional[str] = None, split: str = 
 
 
 def prediction_rows(outputs: dict, class_names: list, attribute_names: list, attr_loss: str = "mse",
-                    top_k: int = 5, names: Optional[list] = None, labels: Optional[np.ndarray] = None) -> list:
+                    top_k: int = 5, names: list | None = None, labels: np.ndarray | None = None) -> list:
     """One dict per sample: the top-k classes with probabilities and the attributes predicted present."""
     logits = outputs["logits"].astype(np.float64)
     probs = np.exp(logits - logits.max(1, keepdims=True))
@@ -233,8 +232,8 @@ def prediction_rows(outputs: dict, class_names: list, attribute_names: list, att
 
 
 @torch.inference_mode()
-def predict_images(source: str, images: list, backbone: Optional[str] = None, weights: Optional[str] = None,
-                   image_size: Optional[int] = None, device: Optional[str] = None, amp: str = "off",
+def predict_images(source: str, images: list, backbone: str | None = None, weights: str | None = None,
+                   image_size: int | None = None, device: str | None = None, amp: str = "off",
                    batch_size: int = 16, skip_nonfinite: bool = False) -> tuple:
     """``(outputs, ckpt)`` for image files, through the extract backbone into the head.
 

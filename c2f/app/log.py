@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Optional
 
 from tqdm.auto import tqdm
 
@@ -50,7 +49,7 @@ def level_for(quiet: bool = False, verbose: bool = False) -> int:
     return logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
 
 
-def setup(level: int = logging.INFO, log_file: Optional[str] = None, stream=None) -> logging.Logger:
+def setup(level: int = logging.INFO, log_file: str | None = None, stream=None) -> logging.Logger:
     """Configures the ``c2f`` logger: console (stderr) at ``level``, and ``log_file`` at DEBUG if given.
 
     Replaces the handlers an earlier call installed, so it can be called once per command.

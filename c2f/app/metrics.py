@@ -5,7 +5,6 @@ import csv
 import io
 import json
 import math
-from typing import Optional
 
 import numpy as np
 import torch
@@ -125,7 +124,7 @@ def format_table(rows: list, columns: list) -> str:
 
 # ----------------------------------------------------------------------------------- writing
 
-def csv_text(records: list, columns: Optional[list] = None) -> str:
+def csv_text(records: list, columns: list | None = None) -> str:
     """CSV of ``records`` (dicts) with a header; columns in first-seen order unless given; missing: empty."""
     if columns is None:
         columns = []
@@ -139,7 +138,7 @@ def csv_text(records: list, columns: Optional[list] = None) -> str:
     return buf.getvalue()
 
 
-def write_records(path: str, records, columns: Optional[list] = None) -> None:
+def write_records(path: str, records, columns: list | None = None) -> None:
     """Writes ``records`` (a dict or a list of dicts) as JSON, or as CSV when ``path`` ends in ``.csv``."""
     if path.endswith(".csv"):
         atomic_write_text(path, csv_text(records if isinstance(records, list) else [records], columns))

@@ -15,11 +15,10 @@ import logging
 import math
 import os
 import time
-from typing import Optional
 
 from .. import model_file
-from .config import ConfigError, TrainConfig, apply, from_dict, read_config_file, resume_conflicts
 from ..files import DirLock, atomic_write_text, lock_directory
+from .config import ConfigError, TrainConfig, apply, from_dict, read_config_file, resume_conflicts
 from .metrics import csv_text, format_table
 
 log = logging.getLogger(__name__)
@@ -99,7 +98,7 @@ def check_resumable(run_dir: str) -> None:
                        "or start a new run")
 
 
-def read_last(run_dir: str, saved: TrainConfig, saved_run: dict) -> Optional[dict]:
+def read_last(run_dir: str, saved: TrainConfig, saved_run: dict) -> dict | None:
     """``last.pt`` (checksum verified) once ``config.json`` (``saved`` settings, ``saved_run`` facts) is found to
     be the config it was trained with (else ``EditedConfig``); None for a run stopped before its first epoch."""
     path = os.path.join(run_dir, "last.pt")
@@ -140,7 +139,7 @@ def load_run_config(run_dir: str) -> TrainConfig:
     return read_saved(run_dir)[0]
 
 
-def resume_config(run_dir: str, given: Optional[dict] = None) -> TrainConfig:
+def resume_config(run_dir: str, given: dict | None = None) -> TrainConfig:
     """The saved config of ``run_dir`` with the explicitly ``given`` settings applied.
 
     Operational settings (workers, progress, stop_after, a moved ``features`` path, ...) may differ;

@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 import os
 
+from ..errors import ConfigError
 from .data import CacheError, FeatureCache, make_loader, synthesize
 from .data.images import Augment, ImageSource
-from ..errors import ConfigError
 
 log = logging.getLogger("c2f.app.trainer")
 

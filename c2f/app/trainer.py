@@ -15,22 +15,21 @@ import logging
 import math
 import os
 import time
-from typing import Optional
 
 import numpy as np
 import torch
 
 from .. import model_file, reference
+from ..errors import ConfigError
+from ..extras import available, install_hint, require
+from ..files import LockedError, atomic_write
+from ..part_mixup import PartMixup
 from . import checkpoint, evaluate, metrics, plots, runs
 from .config import TrainConfig, resume_conflicts
 from .data import attribute_targets, split_rows
 from .devices import resolve_amp
 from .distributed import Dist
 from .epoch import EpochLoop, cosine_lambda
-from ..errors import ConfigError
-from ..extras import available, install_hint, require
-from ..files import LockedError, atomic_write
-from ..part_mixup import PartMixup
 from .sources import DataSources
 
 log = logging.getLogger(__name__)
@@ -255,7 +254,7 @@ class Trainer(EpochLoop, DataSources):
         return m
 
     # ----------------------------------------------------------------------------------- the loop
-    def _score(self, val: Optional[dict]) -> Optional[tuple]:
+    def _score(self, val: dict | None) -> tuple | None:
         """Higher is better; ties on top-1 go to the lower validation cross-entropy. None without a finite
         score (no validation rows left), so that selection never compares NaN."""
         keys = ("reg",) if self.cfg.stage == "attention" else ("top1", "ce")
@@ -263,7 +262,7 @@ class Trainer(EpochLoop, DataSources):
             return None
         return (-val["reg"],) if self.cfg.stage == "attention" else (val["top1"], -val["ce"])
 
-    def _improves(self, val: Optional[dict], score: Optional[tuple]) -> bool:
+    def _improves(self, val: dict | None, score: tuple | None) -> bool:
         """Whether this epoch's model becomes best.pt: without validation, every epoch; otherwise the first
         epoch, then an epoch whose finite score beats the best one (an unscored epoch never does)."""
         if val is None or self.best_epoch is None:

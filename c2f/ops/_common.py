@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -16,7 +16,7 @@ def no_autocast(t: Tensor):
     return contextlib.nullcontext()
 
 
-def empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
+def empty_if_none(t: Tensor | None, like: Tensor) -> Tensor:
     """Custom ops return tensors only: an absent gradient travels as an empty tensor."""
     return like.new_empty(0) if t is None else t
 

@@ -7,8 +7,6 @@ without their constant terms, plus the saved state. The backward op is once diff
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
@@ -27,7 +25,7 @@ def implementation(backend: str):
 
 
 @torch.library.custom_op("c2f::c2f_head", mutates_args=())
-def c2f_head(x: Tensor, g: Tensor, wrg: Tensor, wcg: Tensor, k_bias: Optional[Tensor], perm: Tensor, mask: Tensor,
+def c2f_head(x: Tensor, g: Tensor, wrg: Tensor, wcg: Tensor, k_bias: Tensor | None, perm: Tensor, mask: Tensor,
              eps: float, backend: str, chunk_mib: float, dot_precision: str
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(attn [B, P, N], pred [B, P], logits [K, B, classes], probs, zhat, mean, rstd)`` of ``x [B, C, N]``,
@@ -49,8 +47,8 @@ def _(x, g, wrg, wcg, k_bias, perm, mask, eps, backend, chunk_mib, dot_precision
 
 @torch.library.custom_op("c2f::c2f_head_backward", mutates_args=())
 def c2f_head_backward(x: Tensor, g: Tensor, wrg: Tensor, wcg: Tensor, perm: Tensor, mask: Tensor, attn: Tensor,
-                      probs: Tensor, zhat: Tensor, mean: Tensor, rstd: Tensor, dattn: Optional[Tensor],
-                      dpred: Optional[Tensor], dlogits: Optional[Tensor], needs_dx: bool, backend: str,
+                      probs: Tensor, zhat: Tensor, mean: Tensor, rstd: Tensor, dattn: Tensor | None,
+                      dpred: Tensor | None, dlogits: Tensor | None, needs_dx: bool, backend: str,
                       chunk_mib: float, dot_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx or empty, dg, dwrg, dwcg)``."""
     with no_autocast(x):

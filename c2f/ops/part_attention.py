@@ -9,8 +9,6 @@ to the parameters. The backward ops are once differentiable: a second derivative
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
@@ -78,7 +76,7 @@ def _column_dot(a: Tensor, b: Tensor, rows: int = EPILOGUE_ROWS) -> Tensor:
 # --------------------------------------------------------------------------------------- folded
 
 @torch.library.custom_op("c2f::part_attention_folded", mutates_args=())
-def part_attention_folded(x: Tensor, queries: Tensor, k_weight: Tensor, k_bias: Optional[Tensor], norm_weight: Tensor,
+def part_attention_folded(x: Tensor, queries: Tensor, k_weight: Tensor, k_bias: Tensor | None, norm_weight: Tensor,
                           norm_bias: Tensor, num_heads: int, scale: float, eps: float, out_dtype: torch.dtype,
                           backend: str, chunk_mib: float, dot_precision: str
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -105,7 +103,7 @@ def _(x, queries, k_weight, k_bias, norm_weight, norm_bias, num_heads, scale, ep
 @torch.library.custom_op("c2f::part_attention_folded_backward", mutates_args=())
 def part_attention_folded_backward(
         x: Tensor, queries: Tensor, k_weight: Tensor, norm_weight: Tensor, attn: Tensor, probs: Tensor, mean: Tensor,
-        rstd: Tensor, dparts: Optional[Tensor], dattn: Optional[Tensor], num_heads: int, scale: float, backend: str,
+        rstd: Tensor, dparts: Tensor | None, dattn: Tensor | None, num_heads: int, scale: float, backend: str,
         needs_dx: bool, chunk_mib: float, dot_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx or empty, dqueries, dk_weight, dnorm_weight, dnorm_bias)``, each in its input's dtype."""
     with no_autocast(x):
@@ -158,7 +156,7 @@ def _folded_backward(ctx, dparts, dattn, dprobs, dmean, drstd):
     return (dx if needs_dx else None, dq, dwk, _bias_grad(ctx, x), dgamma, dbeta) + (None,) * 7
 
 
-def _bias_grad(ctx, x: Tensor) -> Optional[Tensor]:
+def _bias_grad(ctx, x: Tensor) -> Tensor | None:
     """The key bias adds a constant to each query's scores: the softmax cancels it exactly."""
     if ctx.bias_like is None or not ctx.needs_input_grad[3]:
         return None
@@ -178,7 +176,7 @@ def _unfolded_weights(queries: Tensor, k_weight: Tensor, gamma: Tensor, h: int, 
 
 
 @torch.library.custom_op("c2f::part_attention_unfolded", mutates_args=())
-def part_attention_unfolded(x: Tensor, queries: Tensor, k_weight: Tensor, k_bias: Optional[Tensor],
+def part_attention_unfolded(x: Tensor, queries: Tensor, k_weight: Tensor, k_bias: Tensor | None,
                             norm_weight: Tensor, norm_bias: Tensor, num_heads: int, scale: float, eps: float,
                             out_dtype: torch.dtype, backend: str, chunk_mib: float, dot_precision: str
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -204,7 +202,7 @@ def _(x, queries, k_weight, k_bias, norm_weight, norm_bias, num_heads, scale, ep
 @torch.library.custom_op("c2f::part_attention_unfolded_backward", mutates_args=())
 def part_attention_unfolded_backward(
         x: Tensor, queries: Tensor, k_weight: Tensor, norm_weight: Tensor, keys: Tensor, lse: Tensor, mean: Tensor,
-        rstd: Tensor, dparts: Optional[Tensor], dattn: Optional[Tensor], num_heads: int, scale: float, backend: str,
+        rstd: Tensor, dparts: Tensor | None, dattn: Tensor | None, num_heads: int, scale: float, backend: str,
         needs_dx: bool, chunk_mib: float, dot_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx or empty, dqueries, dk_weight, dnorm_weight, dnorm_bias)``, each in its input's dtype."""
     with no_autocast(x):

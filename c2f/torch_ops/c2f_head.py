@@ -16,12 +16,19 @@ dtype, as autocast does; the small pooled products stay in the compute dtype.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from .._math import (accumulate_mm_, chunk_size, chunks, inverse_permutation, layernorm_bwd, normalised_tokens,
-                     operand_dtype, softmax_, softmax_bwd_)
+from .._math import (
+    accumulate_mm_,
+    chunk_size,
+    chunks,
+    inverse_permutation,
+    layernorm_bwd,
+    normalised_tokens,
+    operand_dtype,
+    softmax_,
+    softmax_bwd_,
+)
 
 __all__ = ["c2f_head_fwd", "c2f_head_bwd"]
 
@@ -108,8 +115,8 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
 
 def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch.Tensor, perm: torch.Tensor,
                  mask: torch.Tensor, attn: torch.Tensor, probs: torch.Tensor, zhat: torch.Tensor, mean: torch.Tensor,
-                 rstd: torch.Tensor, dattn: Optional[torch.Tensor], dpred: Optional[torch.Tensor],
-                 dlogits: Optional[torch.Tensor], needs_dx: bool, chunk_mib: float, dot_precision: str = "tf32"):
+                 rstd: torch.Tensor, dattn: torch.Tensor | None, dpred: torch.Tensor | None,
+                 dlogits: torch.Tensor | None, needs_dx: bool, chunk_mib: float, dot_precision: str = "tf32"):
     """Backward of the fused head from its saved state. Returns ``dg [h, P, C]``, ``dwrg [P, C]``,
     ``dwcg [classes, C]`` (compute dtype) and ``dx [B, C, N]`` in ``x.dtype`` (or None)."""
     b_total, c, n = x.shape

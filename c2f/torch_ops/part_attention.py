@@ -22,12 +22,21 @@ Unfolded (``q = scale * Q_j [h, P, d]``, ``wg = Wk * gamma [C, C]``)::
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from .._math import (accumulate_mm_, centred_tokens, chunk_size, chunks, layernorm_bwd, layernorm_bwd_centred,
-                     normalised_tokens, operand_dtype, scratch, softmax_bwd_, view_front)
+from .._math import (
+    accumulate_mm_,
+    centred_tokens,
+    chunk_size,
+    chunks,
+    layernorm_bwd,
+    layernorm_bwd_centred,
+    normalised_tokens,
+    operand_dtype,
+    scratch,
+    softmax_bwd_,
+    view_front,
+)
 
 __all__ = ["folded_fwd", "folded_bwd", "unfolded_fwd", "unfolded_bwd"]
 
@@ -116,7 +125,7 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
     return parts, attn, probs, mean, rstd
 
 
-def _dprobs(df: Optional[torch.Tensor], dattn: Optional[torch.Tensor], xc: torch.Tensor, gamma: torch.Tensor,
+def _dprobs(df: torch.Tensor | None, dattn: torch.Tensor | None, xc: torch.Tensor, gamma: torch.Tensor,
             r: torch.Tensor, h: int, xg_buf: torch.Tensor, od: torch.dtype) -> torch.Tensor:
     """``dP [h, b, P, N] = rstd * ((dparts_j * gamma_j) @ xc_j) + dattn / h``; gamma scales the map's
     channels (in ``xg_buf``), not ``dparts``, which is larger."""
@@ -147,9 +156,9 @@ def _values(df: torch.Tensor, prr: torch.Tensor, out: torch.Tensor, od: torch.dt
     return v
 
 
-def folded_bwd(x: torch.Tensor, g: Optional[torch.Tensor], gamma: torch.Tensor, attn: torch.Tensor,
-               probs: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dparts: Optional[torch.Tensor],
-               dattn: Optional[torch.Tensor], num_heads: int, needs_dx: bool, chunk_mib: float,
+def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, attn: torch.Tensor,
+               probs: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dparts: torch.Tensor | None,
+               dattn: torch.Tensor | None, num_heads: int, needs_dx: bool, chunk_mib: float,
                dot_precision: str = "tf32"):
     """Backward of the folded formulation from its saved ``attn``, ``probs``, ``mean``, ``rstd``.
 
@@ -250,8 +259,8 @@ def unfolded_fwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torc
 
 
 def unfolded_bwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torch.Tensor, keys: torch.Tensor,
-                 lse: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dparts: Optional[torch.Tensor],
-                 dattn: Optional[torch.Tensor], needs_dx: bool, chunk_mib: float, dot_precision: str = "tf32"):
+                 lse: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dparts: torch.Tensor | None,
+                 dattn: torch.Tensor | None, needs_dx: bool, chunk_mib: float, dot_precision: str = "tf32"):
     """Backward of the unfolded formulation. Returns ``dq [h, P, d]``, ``dwg [C, C]``, ``dgamma``
     (through the values only), ``dbeta [C]`` and ``dx [B, C, N]`` (or None)."""
     b_total, c, n = x.shape

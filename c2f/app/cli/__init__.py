@@ -11,13 +11,12 @@ import logging
 import sys
 from typing import Optional
 
-from .. import log as c2f_log
-from .options import HelpFormatter, Parser
-
-from ...model_file import CheckpointError
-from ..data import CacheError
 from ...files import LockedError
+from ...model_file import CheckpointError
+from .. import log as c2f_log
+from ..data import CacheError
 from ..runs import RunError
+from .options import HelpFormatter, Parser
 
 # What a user can cause and fix: bad settings or files, a directory in use, a missing extra. Anything else is a bug.
 USER_ERRORS = (ValueError, OSError, ImportError, TypeError, CacheError, CheckpointError, RunError, LockedError)
@@ -62,7 +61,7 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def main(argv: Optional[list] = None) -> int:
+def main(argv: list | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)

@@ -7,12 +7,12 @@ import logging
 import os
 import sys
 
+from ...errors import ConfigError
 from ..config import VERIFY_MODES, TrainConfig, apply, from_dict, read_config_file
 from ..data.cache import CACHE_DTYPES
 from ..data.extract import SPLITS as EXTRACT_SPLITS
 from ..data.images import CROP_SCALE, HFLIP
 from ..devices import AMP_MODES
-from ...errors import ConfigError
 from .options import add_dataclass_flags, checked, flag, given
 
 log = logging.getLogger("c2f.app.cli")
@@ -89,9 +89,9 @@ def _add_train(p) -> None:
 
 
 def _run_train(args) -> int:
+    from .. import train
     from ..metrics import format_final
     from ..runs import resume_config
-    from .. import train
     values = given(args, TrainConfig)
     if args.resume:
         if args.config:
@@ -134,8 +134,8 @@ def _add_eval(p) -> None:
 def _run_eval(args) -> int:
     import numpy as np
 
-    from ..evaluate import evaluate_on_cache, resolve_checkpoint
     from ...files import atomic_write
+    from ..evaluate import evaluate_on_cache, resolve_checkpoint
     from ..metrics import format_metrics, write_records
     _check_out(args.out)
     m, outputs, cache, _ = evaluate_on_cache(

@@ -11,8 +11,8 @@ import dataclasses
 import json
 import typing
 
-from ..config import base_type, check_value
 from ...errors import ConfigError
+from ..config import base_type, check_value
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -2,7 +2,7 @@
 the images-through-the-backbone feature source."""
 from .backbones import Backbone, ImageFolderDataset, load_backbone, open_backbone
 from .cache import CacheError, CacheWriter, FeatureCache, read_manifest
-from .cub import CUBFormatError, CUBRecord, TARGET_KINDS, attribute_targets, read_cub
+from .cub import TARGET_KINDS, CUBFormatError, CUBRecord, attribute_targets, read_cub
 from .extract import ImageCheckError, check_images, extract
 from .images import Augment, ImageSource
 from .loader import BatchPlan, CachedFeatures, make_loader, split_rows

@@ -7,7 +7,8 @@ import importlib.util
 import json
 import math
 import os
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class Backbone(NamedTuple):
     module: nn.Module                 # images [B, 3, S, S] -> feature maps [B, C, H, W], eval mode, frozen
-    transform: Optional[Callable]     # PIL image -> [3, S, S] tensor; None: resize + ImageNet normalisation
+    transform: Callable | None     # PIL image -> [3, S, S] tensor; None: resize + ImageNet normalisation
     image_size: int                   # S, the side of the images the module is fed
     identity: dict                    # what identifies it: spec, file hashes, package version, preprocessing
 
@@ -50,7 +51,7 @@ class TimmFeatures(nn.Module):
         return f
 
 
-def _timm(name: str, weights: Optional[str], image_size: int):
+def _timm(name: str, weights: str | None, image_size: int):
     try:
         import timm
         import timm.data
@@ -65,7 +66,7 @@ def _timm(name: str, weights: Optional[str], image_size: int):
     return TimmFeatures(model), transform, preprocessing, getattr(timm, "__version__", None)
 
 
-def _torchvision(name: str, weights: Optional[str]):
+def _torchvision(name: str, weights: str | None):
     try:
         import torchvision
     except ImportError:
@@ -79,12 +80,12 @@ def _torchvision(name: str, weights: Optional[str]):
     return nn.Sequential(*list(full.children())[:-2]), torchvision.__version__   # drop avgpool and fc
 
 
-def _factory_file(module_name: str) -> Optional[str]:
+def _factory_file(module_name: str) -> str | None:
     spec = importlib.util.find_spec(module_name)
     return spec.origin if spec is not None and spec.origin and os.path.isfile(spec.origin) else None
 
 
-def open_backbone(spec: str, weights: Optional[str] = None, image_size: int = 448) -> Backbone:
+def open_backbone(spec: str, weights: str | None = None, image_size: int = 448) -> Backbone:
     """The frozen backbone ``spec`` names, with its preprocessing and what identifies it.
 
     ``spec``: a TorchScript file, ``package.module:factory`` (``factory()`` returns the module),
@@ -131,7 +132,7 @@ def open_backbone(spec: str, weights: Optional[str] = None, image_size: int = 44
     return Backbone(model, transform, size, identity)
 
 
-def load_backbone(spec: str, weights: Optional[str] = None) -> nn.Module:
+def load_backbone(spec: str, weights: str | None = None) -> nn.Module:
     """The frozen module of ``open_backbone(spec, weights)``, mapping ``[B, 3, S, S]`` to ``[B, C, H, W]``."""
     return open_backbone(spec, weights).module
 

@@ -15,14 +15,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from ...files import DirLock, atomic_write, lock_directory
 from .manifest import (  # noqa: F401 - the schema's names stay importable from c2f.app.data.cache
-    CACHE_DTYPES, DTYPES, FORMAT, MANIFEST, MANIFEST_FIELDS, META_FILES, SHARD_FIELDS, VERSION, VIEWS_VERSION,
-    CacheError, manifest_problems, read_manifest, shard_groups)
+    CACHE_DTYPES,
+    DTYPES,
+    FORMAT,
+    MANIFEST,
+    MANIFEST_FIELDS,
+    META_FILES,
+    SHARD_FIELDS,
+    VERSION,
+    VIEWS_VERSION,
+    CacheError,
+    manifest_problems,
+    read_manifest,
+    shard_groups,
+)
 
 
 def sha256_file(path: str) -> str:
@@ -269,7 +281,7 @@ class FeatureCache:
                           for group in shard_groups(self.manifest)]
         return self._maps
 
-    def read(self, indices: Optional[Sequence[int]], views: Optional[Sequence[int]] = None) -> np.ndarray:
+    def read(self, indices: Sequence[int] | None, views: Sequence[int] | None = None) -> np.ndarray:
         """Features of ``indices`` in the order given: ``[len(indices), C, H, W]`` in the cache dtype; ``views``
         (one per index, default all 0) picks each row's view (only training images have views above 0)."""
         idx = np.asarray(indices, dtype=np.int64)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 
@@ -30,7 +29,7 @@ class CUBRecord:
     certainty: np.ndarray          # [n, A] int64, 1..4
     attribute_names: list          # [A]
     class_names: list              # [K]
-    class_attributes: Optional[np.ndarray] = field(default=None)  # [K, A] float32 in [0, 1], or None
+    class_attributes: np.ndarray | None = field(default=None)  # [K, A] float32 in [0, 1], or None
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -178,7 +177,7 @@ def read_cub(root: str) -> CUBRecord:
 
 
 def attribute_targets(kind: str, attributes: np.ndarray, certainty: np.ndarray, labels: np.ndarray,
-                      class_attributes: Optional[np.ndarray] = None) -> np.ndarray:
+                      class_attributes: np.ndarray | None = None) -> np.ndarray:
     """Per-image attribute targets ``[n, A]`` float32 in [0, 1].
 
     ``binary``: is_present. ``calibrated``: ``0.5 + (is_present - 0.5) * confidence(certainty)``, so a

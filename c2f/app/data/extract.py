@@ -9,15 +9,14 @@ import hashlib
 import logging
 import os
 import time
-from typing import Optional, Union
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..devices import autocast, resolve_amp, resolve_device
 from ...errors import ConfigError
 from ...extras import require
+from ..devices import autocast, resolve_amp, resolve_device
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, ImageFolderDataset, load_backbone, open_backbone
 from .cache import CACHE_DTYPES, CacheWriter, lock_cache
 from .cub import CUBRecord, read_cub
@@ -107,9 +106,9 @@ def _probe(backbone: Backbone, spec: str, device: torch.device, amp: str) -> tup
     return tuple(probe.shape[1:])
 
 
-def extract(cub: Union[str, CUBRecord], directory: str, backbone: str, image_size: int = 448,
+def extract(cub: str | CUBRecord, directory: str, backbone: str, image_size: int = 448,
             split: str = "all", batch_size: int = 32, dtype: str = "float16", shard_size: int = 256,
-            num_workers: int = 2, device: Optional[str] = None, weights: Optional[str] = None,
+            num_workers: int = 2, device: str | None = None, weights: str | None = None,
             overwrite: bool = False, progress: bool = True, amp: str = "auto", views: int = 1, seed: int = 0,
             crop_scale: float = CROP_SCALE, hflip: float = HFLIP) -> str:
     """Writes the backbone's features of ``split``'s images to the cache ``directory`` and returns it.

@@ -13,15 +13,15 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..devices import autocast
 from ...errors import ConfigError
 from ...extras import require
+from ..devices import autocast
 from .loader import BatchPlan
 
 CROP_SCALE = 0.25          # smallest crop area: fine-grained recipes keep more of the bird than ImageNet's 0.08
@@ -158,7 +158,7 @@ class ImageSource:
     ``attributes``, ``certainty``, ``class_attributes``, names, ``feature_shape``, ``identity``), so the
     trainer and ``c2f eval`` use either; ``loader`` builds the feature batches."""
 
-    def __init__(self, cub: str, backbone: str, weights: Optional[str], image_size: int, device: torch.device,
+    def __init__(self, cub: str, backbone: str, weights: str | None, image_size: int, device: torch.device,
                  amp: str, progress: bool = False):
         from .backbones import ImageFolderDataset, open_backbone
         from .cub import read_cub
@@ -190,7 +190,7 @@ class ImageSource:
         return len(self.labels)
 
     def loader(self, rows: Sequence[int], targets: np.ndarray, batch_size: int, shuffle: bool,
-               augment: Optional[Augment], eval_crop: float, seed: int = 0, rank: int = 0, world: int = 1,
+               augment: Augment | None, eval_crop: float, seed: int = 0, rank: int = 0, world: int = 1,
                drop_last: bool = False, num_workers: int = 2, pin_memory: bool = False) -> BackboneFeatures:
         """Feature batches of ``rows``: augmented (``augment``) when shuffled for training, else centre views."""
         plan = BatchPlan(rows, batch_size, shuffle, seed, rank, world, drop_last, with_epoch=augment is not None)

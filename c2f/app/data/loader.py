@@ -1,7 +1,7 @@
 """Disk-backed training data: batches read straight from the memory-mapped cache by worker processes."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
