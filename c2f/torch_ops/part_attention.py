@@ -68,22 +68,29 @@ def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return out.copy_(torch.bmm(a, b))
 
 
+def _head_major(xo: torch.Tensor, h: int) -> torch.Tensor:
+    """``[C, b, N]`` channels-first map as ``[h, b, N, d]`` (head j's channels, token-major), copied once so
+    all heads' products run as one batched GEMM."""
+    c, b, n = xo.shape
+    return xo.view(h, c // h, b, n).permute(0, 2, 3, 1).contiguous()
+
+
 def _weighted_sum_(parts: torch.Tensor, prr: torch.Tensor, xo: torch.Tensor, gamma: torch.Tensor,
                    beta: torch.Tensor) -> None:
     """``parts [b, P, C] = gamma * (prr_j @ xo_jᵀ) + beta`` per head (head j's channels), ``prr
     [h, b, P, N]``, ``xo [C, b, N]`` in the operand dtype; rounded once to ``parts.dtype``. With one head
-    and fp32 throughout, the product lands in ``parts`` and one pass applies gamma and beta."""
-    h = prr.shape[0]
-    d = xo.shape[0] // h
-    for j in range(h):
-        cols = slice(j * d, (j + 1) * d)
-        xt = xo[cols].permute(1, 2, 0)                                               # [b, N, d]
-        if h == 1 and parts.dtype == prr.dtype == xo.dtype:
-            torch.bmm(prr[0], xt, out=parts)
-            torch.addcmul(beta, parts, gamma, out=parts)
-        else:
-            value = torch.bmm(prr[j].to(xo.dtype), xt).to(gamma.dtype)
-            parts[:, :, cols] = value.mul_(gamma[cols]).add_(beta[cols])
+    and fp32 throughout, the product lands in ``parts`` and one pass applies gamma and beta; with more,
+    all heads run as one batched GEMM over (head, sample) and one pass scatters them into their channels."""
+    h, b, p, n = prr.shape
+    c = xo.shape[0]
+    d = c // h
+    if h == 1 and parts.dtype == prr.dtype == xo.dtype:
+        torch.bmm(prr[0], xo.permute(1, 2, 0), out=parts)
+        torch.addcmul(beta, parts, gamma, out=parts)
+        return
+    xt = _head_major(xo, h).view(h * b, n, d)
+    value = torch.bmm(prr.reshape(h * b, p, n).to(xo.dtype), xt).view(h, b, p, d).to(gamma.dtype)
+    torch.addcmul(beta.view(h, d), value.permute(1, 2, 0, 3), gamma.view(h, d), out=parts.view(b, p, h, d))
 
 
 def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float,
@@ -125,34 +132,39 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
     return parts, attn, probs, mean, rstd
 
 
-def _dprobs(df: torch.Tensor | None, dattn: torch.Tensor | None, xc: torch.Tensor, gamma: torch.Tensor,
+def _dparts_head_major(df: torch.Tensor, h: int, od: torch.dtype) -> torch.Tensor:
+    """``dparts [b, P, C]`` as ``[h, b, P, d]`` in the operand dtype: one copy, shared by dP and the values."""
+    b, p, c = df.shape
+    out = torch.empty(h, b, p, c // h, dtype=od, device=df.device)
+    return out.copy_(df.view(b, p, h, c // h).permute(2, 0, 1, 3))
+
+
+def _dprobs(dfh: torch.Tensor | None, dattn: torch.Tensor | None, xc: torch.Tensor, gamma: torch.Tensor,
             r: torch.Tensor, h: int, xg_buf: torch.Tensor, od: torch.dtype) -> torch.Tensor:
-    """``dP [h, b, P, N] = rstd * ((dparts_j * gamma_j) @ xc_j) + dattn / h``; gamma scales the map's
-    channels (in ``xg_buf``), not ``dparts``, which is larger."""
+    """``dP [h, b, P, N] = rstd * ((dparts_j * gamma_j) @ xc_j) + dattn / h``, ``dfh`` the head-major
+    dparts (``_dparts_head_major``); gamma scales the map's channels (written head-major into ``xg_buf``),
+    not ``dparts``, which is larger. All heads in one batched GEMM."""
     c, b, n = xc.shape
-    p, d = (df if df is not None else dattn).shape[1], c // h
-    dp = (torch.zeros if df is None else torch.empty)(h, b, p, n, dtype=xc.dtype, device=xc.device)
-    if df is not None:
-        xg = torch.mul(xc, gamma[:, None, None], out=view_front(xg_buf, c, b, n)).to(od)
-        dfo = df.to(od)
-        for j in range(h):
-            cols = slice(j * d, (j + 1) * d)
-            _bmm_into(dp[j], dfo[:, :, cols], xg[cols].transpose(0, 1))
+    d = c // h
+    p = (dfh.shape[2] if dfh is not None else dattn.shape[1])
+    dp = (torch.zeros if dfh is None else torch.empty)(h, b, p, n, dtype=xc.dtype, device=xc.device)
+    if dfh is not None:
+        xg = view_front(xg_buf, h, b, d, n)
+        torch.mul(xc.view(h, d, b, n).transpose(1, 2), gamma.view(h, 1, d, 1), out=xg)
+        _bmm_into(dp.view(h * b, p, n), dfh.view(h * b, p, d), xg.view(h * b, d, n).to(od))
         dp.mul_(r)
     if dattn is not None:
         dp.add_(dattn.to(xc.dtype), alpha=1.0 / h)
     return dp
 
 
-def _values(df: torch.Tensor, prr: torch.Tensor, out: torch.Tensor, od: torch.dtype) -> torch.Tensor:
-    """``V [h, b, d, N] = dparts_jᵀ @ (probs_j * rstd)`` per head (head j's channels) into ``out``: with
-    ``xc`` it gives gamma's gradient through the parts, and a term of dxhat."""
+def _values(dfh: torch.Tensor, prr: torch.Tensor, out: torch.Tensor, od: torch.dtype) -> torch.Tensor:
+    """``V [h, b, d, N] = dparts_jᵀ @ (probs_j * rstd)`` per head (head j's channels) into ``out``, as one
+    batched GEMM: with ``xc`` it gives gamma's gradient through the parts, and a term of dxhat."""
     h, b, p, n = prr.shape
-    d = df.shape[2] // h
+    d = dfh.shape[3]
     v = view_front(out, h, b, d, n)
-    dfo = df.to(od)
-    for j in range(h):
-        _bmm_into(v[j], dfo[:, :, j * d:(j + 1) * d].transpose(1, 2), prr[j].to(od))
+    _bmm_into(v.view(h * b, d, n), dfh.view(h * b, p, d).transpose(1, 2), prr.reshape(h * b, p, n).to(od))
     return v
 
 
@@ -188,8 +200,9 @@ def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, att
         pr = (attn[s][None] if h == 1 else probs[s].transpose(0, 1))                  # [h, b, P, N]
         prr = pr * r
         df = None if dparts is None else dparts[s].to(dt)
-        dp = _dprobs(df, None if dattn is None else dattn[s], xc, gamma, r, h, v_buf, od)
-        v = None if df is None else _values(df, prr, v_buf, od)
+        dfh = None if df is None else _dparts_head_major(df, h, od)
+        dp = _dprobs(dfh, None if dattn is None else dattn[s], xc, gamma, r, h, v_buf, od)
+        v = None if df is None else _values(dfh, prr, v_buf, od)
         ds = view_front(ds_buf, h, p, b, n)                                            # dS * rstd
         torch.mul(dp.sub_(torch.linalg.vecdot(pr, dp)[..., None]), prr, out=ds.transpose(1, 2))
         xo = xc.to(od)
@@ -208,19 +221,15 @@ def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, att
 def _values_and_dp(dparts, probs, xhat, gamma, od):
     """Unfolded formulation, for one chunk: ``dP [h, b, P, N] = (dparts_j * gamma_j) @ xhat_j`` and the values
     ``dparts_jᵀ @ probs_j`` as ``[C, b, N]`` (gamma's gradient through the values, and dxhat); GEMM
-    operands in ``od``, results in xhat's dtype."""
+    operands in ``od``, results in xhat's dtype. Each product is one batched GEMM over (head, sample)."""
     h, b, p, n = probs.shape
     c = xhat.shape[0]
     d = c // h
-    xg = (xhat * gamma[:, None, None]).to(od)
-    dfo = dparts.to(od)
-    dp = torch.empty(h, b, p, n, dtype=xhat.dtype, device=xhat.device)
-    values = torch.empty(c, b, n, dtype=xhat.dtype, device=xhat.device)
-    for j in range(h):
-        cols = slice(j * d, (j + 1) * d)
-        df = dfo[:, :, cols]                                                           # [b, P, d]
-        dp[j] = torch.bmm(df, xg[cols].transpose(0, 1))
-        values[cols] = torch.bmm(df.transpose(1, 2), probs[j].to(od)).transpose(0, 1)
+    xg = torch.mul(xhat.view(h, d, b, n).transpose(1, 2), gamma.view(h, 1, d, 1)).to(od)     # [h, b, d, N]
+    dfh = _dparts_head_major(dparts, h, od)                                                  # [h, b, P, d]
+    dp = torch.bmm(dfh.view(h * b, p, d), xg.reshape(h * b, d, n)).view(h, b, p, n).to(xhat.dtype)
+    v = torch.bmm(dfh.view(h * b, p, d).transpose(1, 2), probs.reshape(h * b, p, n).to(od))  # [h*b, d, N]
+    values = v.view(h, b, d, n).transpose(1, 2).reshape(c, b, n).to(xhat.dtype)
     return dp, values
 
 
