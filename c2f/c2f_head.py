@@ -13,8 +13,8 @@ in the part features, so the step never forms them. With ``xhat = (X - mean) * r
 
 Memory scales with B·P·N (the saved P and Zhat), not B·P·C, and the K mixed views cost [2K, C]
 per sample plus [K, B, classes]: nothing of size [K, B, P, C] or [B, P, C] exists. The op is
-``torch.ops.c2f.c2f_head`` (``c2f.ops.c2f_head``), implemented by batched torch ops
-(``c2f.torch_ops.c2f_head``).
+``torch.ops.c2f.c2f_head`` (``c2f.ops.c2f_head``); its two implementations are the Triton kernels
+(``c2f.kernels.c2f_head``) and batched torch ops (``c2f.torch_ops.c2f_head``), picked by ``backend``.
 
 ``materialize_parts=True`` instead forms the part features with the fused attention, reads the
 attributes from them, then mixes them in place with ``part_mixup_`` (one view) or pools the views
@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from ._backend import check_backend, resolve_backend
+from ._backend import resolve_backend
 from ._math import AMP_PRECISIONS, DEFAULT_CHUNK_MIB, autocast_dtype, autocast_softmax_dtype, compute_dtype
 from ._validate import check_pairing, check_same_device, feature_map_as_channels
-from .ops import c2f_head as _ops  # noqa: F401  (registers torch.ops.c2f.c2f_head)
+from .ops.c2f_head import C2FHeadOptions  # (importing it registers torch.ops.c2f.c2f_head)
 from .ops.part_attention import fold_queries
-from .part_attention import DOT_PRECISIONS, part_attention
+from .part_attention import check_options, part_attention
 from .part_mixup import part_mixup_, part_mixup_pool
 from .reference import C2FOutput
 
@@ -71,8 +71,8 @@ class C2FHead(reference.C2FHead):
 
     ``forward(x, perm=None, mask=None)`` returns ``C2FOutput(attr_pred [B, P], logits, attn [B, P, N])``;
     logits are ``[B, classes]`` without a mask or with a ``[B, P]`` mask, ``[K, B, classes]`` with a
-    ``[K, B, P]`` mask. ``materialize_parts`` picks the path (module docstring); ``backend`` applies to
-    the kernels of the materialised path (the fused path runs as torch ops on every device);
+    ``[K, B, P]`` mask. ``materialize_parts`` picks the path (module docstring); ``backend`` ("auto":
+    Triton on CUDA, torch ops on CPU; "triton"; "torch") picks the implementation of either path;
     ``chunk_mib`` and ``dot_precision`` as in ``c2f.nn.PartAttention``.
     """
 
@@ -81,11 +81,7 @@ class C2FHead(reference.C2FHead):
                  materialize_parts: bool = False, backend: str = "auto", chunk_mib: float = DEFAULT_CHUNK_MIB,
                  dot_precision: str = "tf32", device=None, dtype=None):
         super().__init__(dim, num_parts, num_classes, num_heads, qkv_bias, qk_scale, eps, device=device, dtype=dtype)
-        check_backend(backend)
-        if not chunk_mib > 0:
-            raise ValueError(f"chunk_mib must be positive, got {chunk_mib!r}")
-        if dot_precision not in DOT_PRECISIONS:
-            raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
+        check_options(backend, "auto", chunk_mib, dot_precision)
         self.materialize_parts = materialize_parts
         self.backend, self.chunk_mib, self.dot_precision = backend, chunk_mib, dot_precision
 
@@ -115,8 +111,6 @@ class C2FHead(reference.C2FHead):
         return out
 
     def _forward_fused(self, xv, perm, mask) -> C2FOutput:
-        att = self.attention
-        h, c, p = att.num_heads, att.dim, att.num_parts
         cdt = compute_dtype(xv)
         amp = autocast_dtype(xv.device.type)
         with torch.autocast(xv.device.type, enabled=False) if amp is not None else contextlib.nullcontext():
@@ -130,7 +124,7 @@ class C2FHead(reference.C2FHead):
     def _fused_fp32(self, xv, perm, mask, cdt, precision) -> C2FOutput:
         """The fused path in the compute dtype (parameters folded with ordinary autograd)."""
         att = self.attention
-        h, c, p = att.num_heads, att.dim, att.num_parts
+        h, p = att.num_heads, att.num_parts
         gamma, beta = att.norm.weight.to(cdt), att.norm.bias.to(cdt)
         g = fold_queries(att.queries, att.k.weight, gamma, h, att.scale)
         wr, wc = self.regressor.weight.to(cdt), self.classifier.weight.to(cdt)
@@ -139,9 +133,10 @@ class C2FHead(reference.C2FHead):
             b = xv.shape[0]
             perm = torch.arange(b, device=xv.device)
             mask = xv.new_ones(1, b, p, dtype=torch.float32)
-        attn, pred_raw, logits_raw = torch.ops.c2f.c2f_head(
-            xv, g, wr * gamma, wc * gamma, att.k.bias, perm, mask, float(att.eps),
-            resolve_backend(self.backend, xv.device), float(self.chunk_mib), precision)[:3]
+        options = C2FHeadOptions(eps=float(att.eps), backend=resolve_backend(self.backend, xv.device),
+                                 chunk_mib=float(self.chunk_mib), dot_precision=precision)
+        attn, pred_raw, logits_raw = torch.ops.c2f.c2f_head(xv, g, wr * gamma, wc * gamma, att.k.bias, perm, mask,
+                                                            *options)[:3]
         attr_pred = pred_raw + (wr * beta).sum(-1) + self.regressor.bias.to(cdt)
         logits = logits_raw + F.linear(beta, wc, self.classifier.bias.to(cdt))
         if unmixed:

@@ -24,7 +24,7 @@ from . import reference
 from ._backend import check_backend, resolve_backend
 from ._math import AMP_PRECISIONS, DEFAULT_CHUNK_MIB, autocast_dtype, autocast_softmax_dtype
 from ._validate import check_float, check_same_device, describe, feature_map_as_channels
-from .ops import part_attention as _ops  # noqa: F401  (registers torch.ops.c2f.part_attention_*)
+from .ops.part_attention import PartAttentionOptions  # (importing it registers torch.ops.c2f.part_attention_*)
 
 FORMULATIONS = ("auto", "folded", "unfolded")
 # kernels/plans.py DOT_PRECISIONS: c2f imports no kernels module until the Triton backend runs (a source
@@ -90,8 +90,9 @@ def part_attention(x: torch.Tensor, queries: torch.Tensor, k_weight: torch.Tenso
     op = torch.ops.c2f.part_attention_folded if form == "folded" else torch.ops.c2f.part_attention_unfolded
     amp = autocast_dtype(x.device.type)
     precision = AMP_PRECISIONS.get(amp, dot_precision)
-    out = op(xv, queries, k_weight, k_bias, norm_weight, norm_bias, num_heads, float(scale), float(eps),
-             amp or x.dtype, chosen, float(chunk_mib), precision)
+    options = PartAttentionOptions(num_heads=num_heads, scale=float(scale), eps=float(eps), out_dtype=amp or x.dtype,
+                                   backend=chosen, chunk_mib=float(chunk_mib), dot_precision=precision)
+    out = op(xv, queries, k_weight, k_bias, norm_weight, norm_bias, *options)
     attn_dtype = x.dtype if amp is None else autocast_softmax_dtype(x.device.type, amp)
     return out[0], out[1].to(attn_dtype)
 
@@ -103,8 +104,8 @@ class PartAttention(reference.PartAttention):
     ``backend``: "auto" (Triton on CUDA, torch ops on CPU), "triton" (on CPU: the interpreter) or
     "torch". ``formulation``: "auto" (folded below about C/P + 1 heads), "folded" or "unfolded".
     ``chunk_mib``: temporaries per chunk of samples on the torch-op path (larger chunks run closer
-    to the machine's GEMM throughput, smaller ones keep the peak low). ``dot_precision``: "tf32"
-    (default) or "ieee" fp32 dots in the Triton kernels on a GPU.
+    to the machine's GEMM throughput, smaller ones keep the peak low). ``dot_precision``: the operand
+    precision of the Triton kernels' dots on a GPU, "tf32" (default), "ieee", "bf16" or "fp16".
     """
 
     def __init__(self, dim: int, num_parts: int = 312, num_heads: int = 1, qkv_bias: bool = False,

@@ -51,10 +51,10 @@ def reference(x, g, wrg, wcg, perm, mask, dattn, dpred, dlogits, eps=EPS):
             loss = loss + (out * grad.double()).sum()
     leaves = (x64, g64, wrg64, wcg64)
     grads = torch.autograd.grad(loss, leaves, allow_unused=True) if torch.is_tensor(loss) else (None,) * 4
-    grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, grads)]
+    grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, grads, strict=True)]
     outputs = dict(attn=attn, pred=pred, logits=logits, probs=probs, zhat=zhat, mean=mean[:, 0], rstd=rstd[:, 0])
     return ({k: v.detach() for k, v in outputs.items()},
-            dict(zip(("dx", "dg", "dwrg", "dwcg"), grads)))
+            dict(zip(("dx", "dg", "dwrg", "dwcg"), grads, strict=True)))
 
 
 def make_inputs(bsz, c, n, p, h, k, classes=5, dtype=torch.float32, perm=None, layout="nchw"):
@@ -88,7 +88,7 @@ def run_and_compare(impl, x, g, wrg, wcg, perm, mask, grads, needs_dx=True, atol
     h = g.shape[0]
     out = module.c2f_head_fwd(x, g, wrg, wcg, perm, mask, EPS, chunk_mib)
     assert len(out) == len(OUTPUTS)
-    got = dict(zip(OUTPUTS, out))
+    got = dict(zip(OUTPUTS, out, strict=True))
     for key, t in got.items():
         assert t.dtype == torch.float32, (key, t.dtype)
     assert got["probs"].shape == ((x.shape[0], h) + got["attn"].shape[1:] if h > 1 else (0,))

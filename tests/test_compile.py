@@ -5,11 +5,15 @@ registration; ``torch._dynamo.explain`` proves a training step traces as one gra
 equal eager ones. Most compiles use the ``aot_eager`` backend (Dynamo + AOTAutograd, the part that
 must see through c2f's ops) to stay fast on 2 cores; one case runs Inductor end to end.
 """
+import typing
+
 import pytest
 import torch
 
 import c2f
 from c2f import nn as cn
+from c2f.ops.c2f_head import C2FHeadOptions
+from c2f.ops.part_attention import PartAttentionOptions
 from c2f.part_mixup import part_mixup_, part_mixup_pool
 
 BACKENDS = ["torch", "triton"]
@@ -35,8 +39,9 @@ def _attention_args(form, backend, requires_grad):
     x, _, _ = _inputs()
     w = _parameters()
     leaves = [t.requires_grad_(requires_grad) for t in (w["queries"], w["k_weight"], w["norm_weight"], w["norm_bias"])]
-    return (x.flatten(2), leaves[0], leaves[1], None, leaves[2], leaves[3], 2, 0.25, 1e-5, torch.float32, backend,
-            16.0, "tf32")
+    options = PartAttentionOptions(num_heads=2, scale=0.25, eps=1e-5, out_dtype=torch.float32, backend=backend,
+                                   chunk_mib=16.0, dot_precision="tf32")
+    return (x.flatten(2), leaves[0], leaves[1], None, leaves[2], leaves[3], *options)
 
 
 @pytest.mark.parametrize("backend, form", [("torch", "folded"), ("torch", "unfolded"), ("triton", "folded")])
@@ -62,9 +67,27 @@ def test_opcheck_head():
     w = _parameters()
     g = torch.randn(2, 5, 32, requires_grad=True)
     wrg, wcg = torch.randn(5, 32, requires_grad=True), torch.randn(4, 32, requires_grad=True)
-    torch.library.opcheck(torch.ops.c2f.c2f_head.default,
-                          (x.flatten(2), g, wrg, wcg, None, perm, mask, 1e-5, "torch", 16.0, "tf32"))
+    options = C2FHeadOptions(eps=1e-5, backend="torch", chunk_mib=16.0, dot_precision="tf32")
+    torch.library.opcheck(torch.ops.c2f.c2f_head.default, (x.flatten(2), g, wrg, wcg, None, perm, mask, *options))
     del w
+
+
+# The schema type of each Python annotation an options field uses.
+SCHEMA_TYPES = {int: "int", float: "float", str: "str", bool: "bool", torch.dtype: "ScalarType"}
+
+
+@pytest.mark.parametrize("op, options", [
+    ("part_attention_folded", PartAttentionOptions), ("part_attention_folded_backward", PartAttentionOptions),
+    ("part_attention_unfolded", PartAttentionOptions), ("part_attention_unfolded_backward", PartAttentionOptions),
+    ("c2f_head", C2FHeadOptions), ("c2f_head_backward", C2FHeadOptions)])
+def test_schema_tail_is_the_options_type(op, options):
+    """Each op's positional tail is its options type, field by field (name and type): the call sites and the
+    autograd code build and unpack the tail with that type only, so the two must not drift apart."""
+    arguments = getattr(torch.ops.c2f, op).default._schema.arguments
+    tail = arguments[len(arguments) - len(options._fields):]
+    assert [a.name for a in tail] == list(options._fields)
+    annotations = typing.get_type_hints(options)
+    assert [str(a.real_type) for a in tail] == [SCHEMA_TYPES[annotations[f]] for f in options._fields]
 
 
 # ---------------------------------------------------------------------------- tracing, no breaks
@@ -112,7 +135,7 @@ def test_compiled_step_equals_eager(backend):
         loss = fn(*_inputs())
         loss.backward()
         results.append([loss.detach()] + [p.grad.clone() for p in params])
-    for eager, compiled in zip(*results):
+    for eager, compiled in zip(*results, strict=True):
         torch.testing.assert_close(compiled, eager)
 
 
@@ -139,7 +162,7 @@ def test_export_inference_forward():
         exported = torch.export.export(module, (x,))
         names = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
         assert any("c2f." in n for n in names), names
-        for got, want in zip(exported.module()(x), module(x)):
+        for got, want in zip(exported.module()(x), module(x), strict=True):
             torch.testing.assert_close(got, want)
 
 

@@ -144,7 +144,7 @@ def test_mixup_double_backward_triton_matches_torch(make):
         (g,) = torch.autograd.grad((out * weight).sum(), parts, create_graph=True)
         (gg,) = torch.autograd.grad((g.square() * parts).sum(), parts)
         results.append((g.detach(), gg))
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b)
 
 

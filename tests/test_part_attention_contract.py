@@ -106,7 +106,7 @@ def run_and_compare(impl, x, g, gamma, beta, dparts, dattn, num_heads, atol, rto
     assert dg.dtype == dgamma.dtype == dbeta.dtype == torch.float32
     ref = [None if t is None else t.to(x.device) for t in reference(x, g, gamma, beta, num_heads, dparts, dattn)]
     got = {"parts": parts, "attn": attn, "mean": mean, "rstd": rstd, "dg": dg, "dgamma": dgamma, "dbeta": dbeta}
-    want = dict(zip(("parts", "probs", "mean", "rstd", "dg", "dgamma", "dbeta"), ref[:7]))
+    want = dict(zip(("parts", "probs", "mean", "rstd", "dg", "dgamma", "dbeta"), ref[:7], strict=True))
     want["attn"] = want["probs"].mean(1)
     if num_heads > 1:
         got["probs"] = probs
@@ -261,7 +261,7 @@ def precision_errors(dot_precision, device, shape=(2, 256, 49, 40, 2)):
         dg, dgamma, dbeta, dx = triton_impl.folded_bwd(x, g, gamma, attn, probs, mean, rstd, dparts, dattn, h, True,
                                                        16.0, dot_precision)
     ref = dict(zip(("parts", "probs", "mean", "rstd", "dg", "dgamma", "dbeta", "dx"),
-                   reference(x, g, gamma, beta, h, dparts, dattn)))
+                   reference(x, g, gamma, beta, h, dparts, dattn), strict=True))
     ref["attn"] = ref["probs"].mean(1)
     got = dict(parts=parts, attn=attn, probs=probs, dg=dg, dgamma=dgamma, dbeta=dbeta, dx=dx)
     return {k: ((v.detach().cpu().double() - ref[k]).abs().max() / ref[k].abs().max()).item() for k, v in got.items()}
@@ -352,7 +352,7 @@ def test_short_rows_without_one_upstream_gradient(with_dparts, with_dattn, needs
     want = triton_impl.folded_bwd(x, g, gamma, *state, torch.zeros_like(dparts), dattn, 2, needs_dx, 16.0)
     got = triton_impl.folded_bwd(x, g, gamma, *state, None, dattn, 2, needs_dx, 16.0)
     assert not got[1].any() and not got[2].any()
-    for name, a, b in zip(("dg", "dgamma", "dbeta", "dx"), got, want):
+    for name, a, b in zip(("dg", "dgamma", "dbeta", "dx"), got, want, strict=True):
         if needs_dx or name != "dx":
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 

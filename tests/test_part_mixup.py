@@ -5,6 +5,8 @@ check autograd and argument semantics on CPU tensors, where the Triton backend i
 machine with a GPU, CPU tensors with backend="triton" are an error by design: those cases run there with
 the torch backend only).
 """
+import inspect
+
 import pytest
 import torch
 
@@ -315,6 +317,25 @@ def test_pool_rejects_bad_inputs():
         part_mixup_pool(x, _flip(4), torch.rand(2, 4, 3), backend="cuda")
 
 
+# ------------------------------------------------------------------------------------------- contract
+
+def _public_functions(module) -> dict:
+    """The functions ``module`` defines itself whose names do not start with an underscore (jitted kernels
+    are not functions, and are private by name anyway)."""
+    return {name: f for name, f in vars(module).items()
+            if inspect.isfunction(f) and f.__module__ == module.__name__ and not name.startswith("_")}
+
+
+def test_implementations_share_signatures():
+    """One contract: the Triton launchers and the torch ops have exactly the same functions and signatures."""
+    from c2f.kernels import part_mixup as triton_impl
+    from c2f.torch_ops import part_mixup as torch_impl
+    triton_fns, torch_fns = _public_functions(triton_impl), _public_functions(torch_impl)
+    assert sorted(triton_fns) == sorted(torch_fns) == sorted(torch_impl.__all__)
+    for name in torch_impl.__all__:
+        assert inspect.signature(triton_fns[name]) == inspect.signature(torch_fns[name]), name
+
+
 # --------------------------------------------------------------------------------------------- targets
 
 @pytest.mark.parametrize("k", [None, 3])
@@ -374,7 +395,7 @@ def test_same_generator_state_same_result(mode):
     a = mixup.sample(8, 6)
     torch.manual_seed(5)
     b = mixup.sample(8, 6)
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
 
 
 def test_random_pairing_is_an_involution_with_at_most_one_fixed_point():

@@ -2,10 +2,22 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 from torch import Tensor
+
+
+def implementation(op: str, backend: str) -> ModuleType:
+    """The module implementing ``op``'s contract (``op``: "part_attention", "part_mixup" or "c2f_head"):
+    ``c2f.kernels.<op>``, the Triton launchers, for ``backend == "triton"``, else ``c2f.torch_ops.<op>``.
+
+    Imported on first use only, so triton stays optional: ``import c2f`` never imports a kernels module.
+    """
+    package = "..kernels" if backend == "triton" else "..torch_ops"
+    return importlib.import_module(f"{package}.{op}", __package__)
 
 
 def no_autocast(t: Tensor):

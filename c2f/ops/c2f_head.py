@@ -7,21 +7,28 @@ without their constant terms, plus the saved state. The backward op is once diff
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .._math import compute_dtype
-from ._common import chain_rule_error, empty_if_none, no_autocast
+from ._common import chain_rule_error, empty_if_none, implementation, no_autocast
 
 
-def implementation(backend: str):
-    """The module implementing the contract: Triton launchers or torch ops."""
-    if backend == "triton":
-        from ..kernels import c2f_head as impl
-    else:
-        from ..torch_ops import c2f_head as impl
-    return impl
+class C2FHeadOptions(NamedTuple):
+    """The non-tensor arguments of the head's ops, in their schemas' order: ``c2f_head``'s positional tail after
+    its seven tensors, ``c2f_head_backward``'s after ``needs_dx``.
+
+    ``torch.ops.c2f.c2f_head(*tensors, *C2FHeadOptions(...))`` makes a call and ``C2FHeadOptions(*tail)`` reads
+    one back. A new option is a field here and a parameter at the same place of both ops' signatures
+    (custom-op schemas are positional; tests/test_compile.py checks that the two agree).
+    """
+    eps: float                  # LayerNorm's
+    backend: str                # "triton" or "torch", resolved
+    chunk_mib: float            # the torch-op path's temporaries per chunk of samples
+    dot_precision: str          # the operand precision of the Triton kernels' dots
 
 
 @torch.library.custom_op("c2f::c2f_head", mutates_args=())
@@ -31,11 +38,12 @@ def c2f_head(x: Tensor, g: Tensor, wrg: Tensor, wcg: Tensor, k_bias: Tensor | No
     """``(attn [B, P, N], pred [B, P], logits [K, B, classes], probs, zhat, mean, rstd)`` of ``x [B, C, N]``,
     ``perm [B]`` a permutation and ``mask [K, B, P]`` fp32 (K = 1 and all ones: no mixup)."""
     with no_autocast(x):
-        return implementation(backend).c2f_head_fwd(x, g, wrg, wcg, perm, mask, eps, chunk_mib, dot_precision)
+        return implementation("c2f_head", backend).c2f_head_fwd(x, g, wrg, wcg, perm, mask, eps, chunk_mib,
+                                                                dot_precision)
 
 
 @c2f_head.register_fake
-def _(x, g, wrg, wcg, k_bias, perm, mask, eps, backend, chunk_mib, dot_precision):
+def _(x, g, wrg, wcg, k_bias, perm, mask, *options):
     b, c, n = x.shape
     h, p, _ = g.shape
     dt = compute_dtype(x)
@@ -48,46 +56,43 @@ def _(x, g, wrg, wcg, k_bias, perm, mask, eps, backend, chunk_mib, dot_precision
 @torch.library.custom_op("c2f::c2f_head_backward", mutates_args=())
 def c2f_head_backward(x: Tensor, g: Tensor, wrg: Tensor, wcg: Tensor, perm: Tensor, mask: Tensor, attn: Tensor,
                       probs: Tensor, zhat: Tensor, mean: Tensor, rstd: Tensor, dattn: Tensor | None,
-                      dpred: Tensor | None, dlogits: Tensor | None, needs_dx: bool, backend: str,
+                      dpred: Tensor | None, dlogits: Tensor | None, needs_dx: bool, eps: float, backend: str,
                       chunk_mib: float, dot_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx or empty, dg, dwrg, dwcg)``."""
     with no_autocast(x):
-        dg, dwrg, dwcg, dx = implementation(backend).c2f_head_bwd(
+        dg, dwrg, dwcg, dx = implementation("c2f_head", backend).c2f_head_bwd(
             x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd, dattn, dpred, dlogits, needs_dx, chunk_mib,
             dot_precision)
     return empty_if_none(dx, x), dg, dwrg, dwcg
 
 
 @c2f_head_backward.register_fake
-def _(x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd, dattn, dpred, dlogits, needs_dx, backend,
-      chunk_mib, dot_precision):
+def _(x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd, dattn, dpred, dlogits, needs_dx, *options):
     dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
     return dx, torch.empty_like(g), torch.empty_like(wrg), torch.empty_like(wcg)
 
 
 def _setup(ctx, inputs, output):
-    x, g, wrg, wcg, k_bias, perm, mask, eps, backend, chunk_mib, prec = inputs
+    x, g, wrg, wcg, k_bias, perm, mask, *options = inputs
     attn, _, _, probs, zhat, mean, rstd = output
     # Saved: x (the caller's), the folded weights, the pairing, the probabilities (attn with one head),
     # the readout before its weighted sum (zhat), the token statistics: B·P·N, never B·P·C.
     ctx.save_for_backward(x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd)
-    ctx.config = (backend, chunk_mib, prec)
+    ctx.options = C2FHeadOptions(*options)
     ctx.bias_like = None if k_bias is None else (k_bias.shape, k_bias.dtype)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dattn, dpred, dlogits, dprobs, dzhat, dmean, drstd):
-    x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd = ctx.saved_tensors
-    backend, chunk_mib, prec = ctx.config
     needs_dx = ctx.needs_input_grad[0]
-    dx, dg, dwrg, dwcg = torch.ops.c2f.c2f_head_backward(
-        x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd, dattn, dpred, dlogits, needs_dx, backend,
-        chunk_mib, prec)
+    dx, dg, dwrg, dwcg = torch.ops.c2f.c2f_head_backward(*ctx.saved_tensors, dattn, dpred, dlogits, needs_dx,
+                                                         *ctx.options)
     dbias = None
     if ctx.bias_like is not None and ctx.needs_input_grad[4]:
         # The key bias adds a per-query constant to the scores, which the softmax cancels exactly.
-        dbias = x.new_zeros(ctx.bias_like[0], dtype=ctx.bias_like[1])
-    return (dx if needs_dx else None, dg, dwrg, dwcg, dbias) + (None,) * 6
+        dbias = dg.new_zeros(ctx.bias_like[0], dtype=ctx.bias_like[1])
+    # perm and mask (integer and constant) get no gradient, nor the options.
+    return (dx if needs_dx else None, dg, dwrg, dwcg, dbias, None, None) + (None,) * len(ctx.options)
 
 
 c2f_head.register_autograd(_backward, setup_context=_setup)

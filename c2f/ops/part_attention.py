@@ -9,12 +9,15 @@ to the parameters. The backward ops are once differentiable: a second derivative
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .._math import compute_dtype
-from ._common import chain_rule_error, empty_if_none, no_autocast
+from ._common import chain_rule_error, empty_if_none, implementation, no_autocast
 
 # Rows per block of the [C, C] column dot in the backward's parameter-gradient epilogue: [128, C]
 # temporaries (1 MiB at C=2048) instead of a [C, C] one; blocks of 32 rows made 64 pairs of small ops.
@@ -24,13 +27,21 @@ EPILOGUE_ROWS = 128
 QUERY_GRAD_BLOCKS = 2
 
 
-def implementation(backend: str):
-    """The module implementing the contract: Triton launchers or torch ops."""
-    if backend == "triton":
-        from ..kernels import part_attention as impl
-    else:
-        from ..torch_ops import part_attention as impl
-    return impl
+class PartAttentionOptions(NamedTuple):
+    """The non-tensor arguments of the four part-attention ops, in their schemas' order: the forward ops'
+    positional tail after the six tensors, the backward ops' after ``needs_dx``.
+
+    ``op(*tensors, *PartAttentionOptions(...))`` makes a call and ``PartAttentionOptions(*tail)`` reads one
+    back. A new option is a field here and a parameter at the same place of the four ops' signatures
+    (custom-op schemas are positional; tests/test_compile.py checks that the two agree).
+    """
+    num_heads: int
+    scale: float
+    eps: float                  # LayerNorm's
+    out_dtype: torch.dtype      # of the part features
+    backend: str                # "triton" or "torch", resolved
+    chunk_mib: float            # the torch-op path's temporaries per chunk of samples
+    dot_precision: str          # the operand precision of the Triton kernels' dots
 
 
 def head_queries(queries: Tensor, h: int, dtype: torch.dtype) -> Tensor:
@@ -73,6 +84,78 @@ def _column_dot(a: Tensor, b: Tensor, rows: int = EPILOGUE_ROWS) -> Tensor:
     return out
 
 
+# ---------------------------------------------------------------------------------------- shared
+# The two formulations differ in their forward and backward bodies and in the state their forward
+# saves between attn and the token statistics; the rest is registered for both by ``_register``.
+
+def _forward_fake(state_shapes: Callable[[int, int, int, int, int], list[tuple[int, ...]]]) -> Callable:
+    """The fake of a forward op: ``(parts, attn, *state, mean, rstd)``, the formulation's state shaped by
+    ``state_shapes(b, c, n, p, h)``."""
+    def fake(x, queries, k_weight, k_bias, norm_weight, norm_bias, *options):
+        opts = PartAttentionOptions(*options)
+        (b, c, n), p, dt = x.shape, queries.shape[0], compute_dtype(x)
+        state = [x.new_empty(shape, dtype=dt) for shape in state_shapes(b, c, n, p, opts.num_heads)]
+        return (x.new_empty(b, p, c, dtype=opts.out_dtype), x.new_empty(b, p, n, dtype=dt), *state,
+                x.new_empty(b, n, dtype=dt), x.new_empty(b, n, dtype=dt))
+    return fake
+
+
+def _backward_fake(x, queries, k_weight, norm_weight, state0, state1, mean, rstd, dparts, dattn, needs_dx, *options):
+    """The fake of a backward op (``state0, state1``: attn and probs, or keys and lse)."""
+    dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
+    return (dx, torch.empty_like(queries), torch.empty_like(k_weight), torch.empty_like(norm_weight),
+            torch.empty_like(norm_weight))
+
+
+def _parameter_grads(x, queries, k_weight, norm_weight, dx, dq, dwk, dgamma, dbeta):
+    """A backward op's outputs ``(dx or empty, dqueries [P, C], dk_weight, dnorm_weight, dnorm_bias)``, each in
+    its input's dtype, from ``dq [h, P, d]``."""
+    p, c = queries.shape
+    dq = dq.transpose(0, 1).reshape(p, c)
+    return (empty_if_none(dx, x), dq.to(queries.dtype), dwk.to(k_weight.dtype), dgamma.to(norm_weight.dtype),
+            dbeta.to(norm_weight.dtype))
+
+
+def _setup_saving(saved_from: int) -> Callable:
+    """The forward's setup_context: saves x (the caller's, not a copy), the three parameters the backward op
+    reads and the outputs from ``saved_from`` on (its state and the token statistics), in the backward op's
+    argument order."""
+    def setup(ctx, inputs, output):
+        x, queries, k_weight, k_bias, norm_weight, norm_bias, *options = inputs
+        ctx.save_for_backward(x, queries, k_weight, norm_weight, *output[saved_from:])
+        ctx.options = PartAttentionOptions(*options)
+        ctx.bias_like = None if k_bias is None else (k_bias.shape, k_bias.dtype)
+        ctx.set_materialize_grads(False)
+    return setup
+
+
+def _backward_formula(backward_op) -> Callable:
+    """The forward's autograd formula: ``backward_op`` on the saved state, the gradients of parts and attn (the
+    state's own gradients are ignored: it is saved for backward, not differentiable output) and the options."""
+    def backward(ctx, dparts, dattn, *state_grads):
+        needs_dx = ctx.needs_input_grad[0]
+        dx, dq, dwk, dgamma, dbeta = backward_op(*ctx.saved_tensors, dparts, dattn, needs_dx, *ctx.options)
+        return (dx if needs_dx else None, dq, dwk, _bias_grad(ctx, dq), dgamma, dbeta) + (None,) * len(ctx.options)
+    return backward
+
+
+def _bias_grad(ctx, like: Tensor) -> Tensor | None:
+    """The key bias adds a constant to each query's scores: the softmax cancels it exactly."""
+    if ctx.bias_like is None or not ctx.needs_input_grad[3]:
+        return None
+    shape, dtype = ctx.bias_like
+    return like.new_zeros(shape, dtype=dtype)
+
+
+def _register(op, backward_op, state_shapes: Callable, saved_from: int) -> None:
+    """Fakes and autograd of one formulation's forward and backward ops; the backward op is once
+    differentiable."""
+    op.register_fake(_forward_fake(state_shapes))
+    backward_op.register_fake(_backward_fake)
+    op.register_autograd(_backward_formula(backward_op), setup_context=_setup_saving(saved_from))
+    backward_op.register_autograd(chain_rule_error("part attention"))
+
+
 # --------------------------------------------------------------------------------------- folded
 
 @torch.library.custom_op("c2f::part_attention_folded", mutates_args=())
@@ -86,32 +169,23 @@ def part_attention_folded(x: Tensor, queries: Tensor, k_weight: Tensor, k_bias: 
     with no_autocast(x):
         gamma, beta = norm_weight.to(dt), norm_bias.to(dt)
         g = fold_queries(queries, k_weight, gamma, num_heads, scale)
-        return implementation(backend).folded_fwd(x, g, gamma, beta, eps, out_dtype, chunk_mib, dot_precision)
-
-
-@part_attention_folded.register_fake
-def _(x, queries, k_weight, k_bias, norm_weight, norm_bias, num_heads, scale, eps, out_dtype, backend, chunk_mib,
-      dot_precision):
-    b, c, n = x.shape
-    p = queries.shape[0]
-    dt = compute_dtype(x)
-    probs_shape = (b, num_heads, p, n) if num_heads > 1 else (0,)
-    return (x.new_empty(b, p, c, dtype=out_dtype), x.new_empty(b, p, n, dtype=dt), x.new_empty(probs_shape, dtype=dt),
-            x.new_empty(b, n, dtype=dt), x.new_empty(b, n, dtype=dt))
+        return implementation("part_attention", backend).folded_fwd(x, g, gamma, beta, eps, out_dtype, chunk_mib,
+                                                                    dot_precision)
 
 
 @torch.library.custom_op("c2f::part_attention_folded_backward", mutates_args=())
 def part_attention_folded_backward(
         x: Tensor, queries: Tensor, k_weight: Tensor, norm_weight: Tensor, attn: Tensor, probs: Tensor, mean: Tensor,
-        rstd: Tensor, dparts: Tensor | None, dattn: Tensor | None, num_heads: int, scale: float, backend: str,
-        needs_dx: bool, chunk_mib: float, dot_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        rstd: Tensor, dparts: Tensor | None, dattn: Tensor | None, needs_dx: bool, num_heads: int, scale: float,
+        eps: float, out_dtype: torch.dtype, backend: str, chunk_mib: float, dot_precision: str
+        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx or empty, dqueries, dk_weight, dnorm_weight, dnorm_bias)``, each in its input's dtype."""
     with no_autocast(x):
         dt = compute_dtype(x)
-        h, (p, c) = num_heads, queries.shape
+        h, c = num_heads, queries.shape[1]
         gamma = norm_weight.to(dt)
         g = fold_queries(queries, k_weight, gamma, h, scale) if needs_dx else None
-        dg, dgamma, dbeta, dx = implementation(backend).folded_bwd(
+        dg, dgamma, dbeta, dx = implementation("part_attention", backend).folded_bwd(
             x, g, gamma, attn, probs, mean, rstd, dparts, dattn, h, needs_dx, chunk_mib, dot_precision)
         del g
         # G_j = scale * Q_j Wk_j * gamma: M_j = scale * Q_jᵀ dG_j gives dWk_j = M_j * gamma and gamma's
@@ -122,50 +196,17 @@ def part_attention_folded_backward(
         del dg  # peak memory: dG is dead once dQ and M exist
         dgamma += _column_dot(wk, m.view(c, c))
         dwk = m.mul_(gamma).view(c, c)
-        dq = dq.transpose(0, 1).reshape(p, c)
-    return (empty_if_none(dx, x), dq.to(queries.dtype), dwk.to(k_weight.dtype), dgamma.to(norm_weight.dtype),
-            dbeta.to(norm_weight.dtype))
+        return _parameter_grads(x, queries, k_weight, norm_weight, dx, dq, dwk, dgamma, dbeta)
 
 
-@part_attention_folded_backward.register_fake
-def _(x, queries, k_weight, norm_weight, attn, probs, mean, rstd, dparts, dattn, num_heads, scale, backend,
-      needs_dx, chunk_mib, dot_precision):
-    dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
-    return (dx, torch.empty_like(queries), torch.empty_like(k_weight), torch.empty_like(norm_weight),
-            torch.empty_like(norm_weight))
+def _folded_state(b: int, c: int, n: int, p: int, h: int) -> list[tuple[int, ...]]:
+    """probs ``[B, h, P, N]``; empty with one head, where attn is the probabilities."""
+    return [(b, h, p, n) if h > 1 else (0,)]
 
 
-def _folded_setup(ctx, inputs, output):
-    x, queries, k_weight, k_bias, norm_weight, norm_bias, h, scale, eps, out_dtype, backend, chunk_mib, prec = inputs
-    _, attn, probs, mean, rstd = output
-    # Saved: x (the caller's, not a copy), attn (with one head: the probabilities), the per-head
-    # probabilities (more heads), the token statistics; G is refolded from the parameters if dx is needed.
-    ctx.save_for_backward(x, queries, k_weight, norm_weight, attn, probs, mean, rstd)
-    ctx.config = (h, scale, backend, chunk_mib, prec)
-    ctx.bias_like = None if k_bias is None else (k_bias.shape, k_bias.dtype)
-    ctx.set_materialize_grads(False)
-
-
-def _folded_backward(ctx, dparts, dattn, dprobs, dmean, drstd):
-    x, queries, k_weight, norm_weight, attn, probs, mean, rstd = ctx.saved_tensors
-    h, scale, backend, chunk_mib, prec = ctx.config
-    needs_dx = ctx.needs_input_grad[0]
-    dx, dq, dwk, dgamma, dbeta = torch.ops.c2f.part_attention_folded_backward(
-        x, queries, k_weight, norm_weight, attn, probs, mean, rstd, dparts, dattn, h, scale, backend, needs_dx,
-        chunk_mib, prec)
-    return (dx if needs_dx else None, dq, dwk, _bias_grad(ctx, x), dgamma, dbeta) + (None,) * 7
-
-
-def _bias_grad(ctx, x: Tensor) -> Tensor | None:
-    """The key bias adds a constant to each query's scores: the softmax cancels it exactly."""
-    if ctx.bias_like is None or not ctx.needs_input_grad[3]:
-        return None
-    shape, dtype = ctx.bias_like
-    return x.new_zeros(shape, dtype=dtype)
-
-
-part_attention_folded.register_autograd(_folded_backward, setup_context=_folded_setup)
-part_attention_folded_backward.register_autograd(chain_rule_error("part attention"))
+# Saved: attn (with one head: the probabilities), the per-head probabilities (more heads), the token
+# statistics; G is refolded from the parameters if dx is needed.
+_register(part_attention_folded, part_attention_folded_backward, _folded_state, saved_from=1)
 
 
 # ------------------------------------------------------------------------------------- unfolded
@@ -186,71 +227,37 @@ def part_attention_unfolded(x: Tensor, queries: Tensor, k_weight: Tensor, k_bias
     with no_autocast(x):
         gamma, beta = norm_weight.to(dt), norm_bias.to(dt)
         q, wg = _unfolded_weights(queries, k_weight, gamma, num_heads, scale)
-        return implementation(backend).unfolded_fwd(x, q, wg, gamma, beta, eps, out_dtype, chunk_mib, dot_precision)
-
-
-@part_attention_unfolded.register_fake
-def _(x, queries, k_weight, k_bias, norm_weight, norm_bias, num_heads, scale, eps, out_dtype, backend, chunk_mib,
-      dot_precision):
-    b, c, n = x.shape
-    p = queries.shape[0]
-    dt = compute_dtype(x)
-    return (x.new_empty(b, p, c, dtype=out_dtype), x.new_empty(b, p, n, dtype=dt), x.new_empty(c, b, n, dtype=dt),
-            x.new_empty(b, num_heads, p, dtype=dt), x.new_empty(b, n, dtype=dt), x.new_empty(b, n, dtype=dt))
+        return implementation("part_attention", backend).unfolded_fwd(x, q, wg, gamma, beta, eps, out_dtype,
+                                                                      chunk_mib, dot_precision)
 
 
 @torch.library.custom_op("c2f::part_attention_unfolded_backward", mutates_args=())
 def part_attention_unfolded_backward(
         x: Tensor, queries: Tensor, k_weight: Tensor, norm_weight: Tensor, keys: Tensor, lse: Tensor, mean: Tensor,
-        rstd: Tensor, dparts: Tensor | None, dattn: Tensor | None, num_heads: int, scale: float, backend: str,
-        needs_dx: bool, chunk_mib: float, dot_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        rstd: Tensor, dparts: Tensor | None, dattn: Tensor | None, needs_dx: bool, num_heads: int, scale: float,
+        eps: float, out_dtype: torch.dtype, backend: str, chunk_mib: float, dot_precision: str
+        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx or empty, dqueries, dk_weight, dnorm_weight, dnorm_bias)``, each in its input's dtype."""
     with no_autocast(x):
         dt = compute_dtype(x)
-        h, (p, c) = num_heads, queries.shape
         gamma = norm_weight.to(dt)
-        q, wg = _unfolded_weights(queries, k_weight, gamma, h, scale)
-        dq, dwg, dgamma, dbeta, dx = implementation(backend).unfolded_bwd(
+        q, wg = _unfolded_weights(queries, k_weight, gamma, num_heads, scale)
+        dq, dwg, dgamma, dbeta, dx = implementation("part_attention", backend).unfolded_bwd(
             x, q, wg, gamma, keys, lse, mean, rstd, dparts, dattn, needs_dx, chunk_mib, dot_precision)
         # wg = Wk * gamma: dWk = dwg * gamma, and gamma's gradient through the keys is colsum(Wk * dwg).
         dgamma += _column_dot(k_weight.to(dt), dwg)
         dwk = dwg.mul_(gamma)
-        dq = dq.mul_(scale).transpose(0, 1).reshape(p, c)
-    return (empty_if_none(dx, x), dq.to(queries.dtype), dwk.to(k_weight.dtype), dgamma.to(norm_weight.dtype),
-            dbeta.to(norm_weight.dtype))
+        return _parameter_grads(x, queries, k_weight, norm_weight, dx, dq.mul_(scale), dwk, dgamma, dbeta)
 
 
-@part_attention_unfolded_backward.register_fake
-def _(x, queries, k_weight, norm_weight, keys, lse, mean, rstd, dparts, dattn, num_heads, scale, backend,
-      needs_dx, chunk_mib, dot_precision):
-    dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
-    return (dx, torch.empty_like(queries), torch.empty_like(k_weight), torch.empty_like(norm_weight),
-            torch.empty_like(norm_weight))
+def _unfolded_state(b: int, c: int, n: int, p: int, h: int) -> list[tuple[int, ...]]:
+    """keys ``[C, B, N]`` and the logsumexp ``[B, h, P]``."""
+    return [(c, b, n), (b, h, p)]
 
 
-def _unfolded_setup(ctx, inputs, output):
-    x, queries, k_weight, k_bias, norm_weight, norm_bias, h, scale, eps, out_dtype, backend, chunk_mib, prec = inputs
-    _, _, keys, lse, mean, rstd = output
-    # Saved: x, the keys and the logsumexp (backward recomputes the probabilities from them: cheaper
-    # than keeping [B, h, P, N] with many heads), the token statistics.
-    ctx.save_for_backward(x, queries, k_weight, norm_weight, keys, lse, mean, rstd)
-    ctx.config = (h, scale, backend, chunk_mib, prec)
-    ctx.bias_like = None if k_bias is None else (k_bias.shape, k_bias.dtype)
-    ctx.set_materialize_grads(False)
-
-
-def _unfolded_backward(ctx, dparts, dattn, dkeys, dlse, dmean, drstd):
-    x, queries, k_weight, norm_weight, keys, lse, mean, rstd = ctx.saved_tensors
-    h, scale, backend, chunk_mib, prec = ctx.config
-    needs_dx = ctx.needs_input_grad[0]
-    dx, dq, dwk, dgamma, dbeta = torch.ops.c2f.part_attention_unfolded_backward(
-        x, queries, k_weight, norm_weight, keys, lse, mean, rstd, dparts, dattn, h, scale, backend, needs_dx,
-        chunk_mib, prec)
-    return (dx if needs_dx else None, dq, dwk, _bias_grad(ctx, x), dgamma, dbeta) + (None,) * 7
-
-
-part_attention_unfolded.register_autograd(_unfolded_backward, setup_context=_unfolded_setup)
-part_attention_unfolded_backward.register_autograd(chain_rule_error("part attention"))
+# Saved: the keys and the logsumexp (backward recomputes the probabilities from them: cheaper than
+# keeping [B, h, P, N] with many heads), the token statistics.
+_register(part_attention_unfolded, part_attention_unfolded_backward, _unfolded_state, saved_from=2)
 
 
 # ------------------------------------------------------------------------------------- FLOP counts
@@ -264,8 +271,8 @@ def _(x, queries, k_weight, k_bias, norm_weight, norm_bias, num_heads, *args, ou
 
 
 @register_flop_formula(torch.ops.c2f.part_attention_folded_backward)
-def _(x, queries, k_weight, norm_weight, attn, probs, mean, rstd, dparts, dattn, num_heads, scale, backend,
-      needs_dx, *args, out_shape=None, **kwargs):
+def _(x, queries, k_weight, norm_weight, attn, probs, mean, rstd, dparts, dattn, needs_dx, num_heads, *args,
+      out_shape=None, **kwargs):
     (b, c, n), p = x, queries[0]
     flops = 3 * 2 * p * c * b * n + 2 * num_heads * p * c * b * n + 2 * 2 * p * c * c
     return flops + (2 * p * c * c + 2 * num_heads * p * c * b * n if needs_dx else 0)
@@ -278,7 +285,7 @@ def _(x, queries, *args, out_shape=None, **kwargs):
 
 
 @register_flop_formula(torch.ops.c2f.part_attention_unfolded_backward)
-def _(x, queries, k_weight, norm_weight, keys, lse, mean, rstd, dparts, dattn, num_heads, scale, backend,
-      needs_dx, *args, out_shape=None, **kwargs):
+def _(x, queries, k_weight, norm_weight, keys, lse, mean, rstd, dparts, dattn, needs_dx, *args, out_shape=None,
+      **kwargs):
     (b, c, n), p = x, queries[0]
     return 5 * 2 * p * c * b * n + 2 * c * c * b * n + (2 * c * c * b * n if needs_dx else 0)

@@ -11,22 +11,14 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-
-def implementation(backend: str):
-    """The module implementing the contract: Triton launchers or torch ops."""
-    if backend == "triton":
-        from ..kernels import part_mixup as impl
-    else:
-        from ..torch_ops import part_mixup as impl
-    return impl
-
+from ._common import implementation
 
 # -------------------------------------------------------------------------------------- in place
 
 @torch.library.custom_op("c2f::part_mixup_", mutates_args=("x",))
 def part_mixup_inplace(x: Tensor, perm: Tensor, mask: Tensor, backward: bool, backend: str) -> None:
     """Mixes ``x [B, P, C]`` in place (``backward``: the transposed mix, for gradients)."""
-    impl = implementation(backend)
+    impl = implementation("part_mixup", backend)
     (impl.part_mixup_bwd_ if backward else impl.part_mixup_fwd_)(x, perm, mask)
 
 
@@ -88,7 +80,7 @@ class PartMixupInplace(torch.autograd.Function):
 @torch.library.custom_op("c2f::part_mixup_pool", mutates_args=())
 def part_mixup_pool(parts: Tensor, perm: Tensor, mask: Tensor, backend: str) -> Tensor:
     """``[K, B, C]``: the mean over parts of the K mixed views of ``parts [B, P, C]``."""
-    return implementation(backend).part_mixup_pool_fwd(parts, perm, mask)
+    return implementation("part_mixup", backend).part_mixup_pool_fwd(parts, perm, mask)
 
 
 @part_mixup_pool.register_fake
@@ -99,7 +91,7 @@ def _(parts, perm, mask, backend):
 @torch.library.custom_op("c2f::part_mixup_pool_backward", mutates_args=())
 def part_mixup_pool_backward(grad: Tensor, perm: Tensor, mask: Tensor, dtype: torch.dtype, backend: str) -> Tensor:
     """``[B, P, C]`` in ``dtype``: the gradient of the parts from ``grad [K, B, C]``."""
-    return implementation(backend).part_mixup_pool_bwd(grad, perm, mask, dtype)
+    return implementation("part_mixup", backend).part_mixup_pool_bwd(grad, perm, mask, dtype)
 
 
 @part_mixup_pool_backward.register_fake
