@@ -98,6 +98,26 @@ def softmax_bwd_(dp: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     return dp.sub_((probs * dp).sum(-1, keepdim=True)).mul_(probs)
 
 
+def reduce_heads(probs: torch.Tensor, how: str, dim: int, out: torch.Tensor) -> torch.Tensor:
+    """``attn`` from the per-head probabilities: the mean or the max over ``dim``, into ``out``."""
+    if how == "max":
+        return torch.amax(probs, dim, out=out)
+    return torch.mean(probs, dim, out=out)
+
+
+def reduce_heads_grad_(dp: torch.Tensor, dattn: torch.Tensor, probs: torch.Tensor, how: str) -> torch.Tensor:
+    """Adds the gradient of ``attn`` to ``dp [h, b, P, N]`` (``probs`` alike, ``dattn [b, P, N]``): ``dattn / h``
+    to every head for the mean; for the max, ``dattn`` to the heads that reach it, shared evenly between ties
+    (``torch.amax``'s gradient). The heads that reach the max are read from ``probs`` itself."""
+    h = probs.shape[0]
+    if how != "max" or h == 1:
+        return dp.add_(dattn, alpha=1.0 / h)
+    top = probs == probs.amax(0, keepdim=True)
+    share = top.to(dp.dtype)
+    share.div_(share.sum(0, keepdim=True))
+    return dp.addcmul_(share, dattn)
+
+
 def layernorm_bwd(dxhat: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     """dx from the gradient of the normalised tokens, reducing over dim 0 (channels): ``[C, ...]``."""
     return (dxhat - dxhat.mean(0) - xhat * (dxhat * xhat).mean(0)).mul_(rstd)

@@ -89,6 +89,14 @@ def feature_map_as_channels(x: torch.Tensor, dim: int, name: str = "x") -> torch
     return xc
 
 
+HEAD_REDUCES = ("mean", "max")   # c2f._math.HEAD_REDUCES: how the heads' maps become one
+
+
+def check_head_reduce(head_reduce: str) -> None:
+    if head_reduce not in HEAD_REDUCES:
+        raise ValueError(f"head_reduce must be one of {HEAD_REDUCES}, got {head_reduce!r}")
+
+
 def check_perm(perm: torch.Tensor, b: int, involution: bool) -> None:
     """``perm [B]`` int64: a permutation of range(B), an involution (perm[perm] == arange) if asked."""
     if not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64 or tuple(perm.shape) != (b,):

@@ -73,14 +73,16 @@ class C2FHead(reference.C2FHead):
     logits are ``[B, classes]`` without a mask or with a ``[B, P]`` mask, ``[K, B, classes]`` with a
     ``[K, B, P]`` mask. ``materialize_parts`` picks the path (module docstring); ``backend`` ("auto":
     Triton on CUDA, torch ops on CPU; "triton"; "torch") picks the implementation of either path;
-    ``chunk_mib`` and ``dot_precision`` as in ``c2f.nn.PartAttention``.
+    ``chunk_mib``, ``dot_precision`` and ``head_reduce`` (the maps' "mean" or "max" over heads) as in
+    ``c2f.nn.PartAttention``.
     """
 
     def __init__(self, dim: int = 2048, num_parts: int = 312, num_classes: int = 200, num_heads: int = 1,
                  qkv_bias: bool = False, qk_scale: float | None = None, eps: float = 1e-5,
                  materialize_parts: bool = False, backend: str = "auto", chunk_mib: float = DEFAULT_CHUNK_MIB,
-                 dot_precision: str = "tf32", device=None, dtype=None):
-        super().__init__(dim, num_parts, num_classes, num_heads, qkv_bias, qk_scale, eps, device=device, dtype=dtype)
+                 dot_precision: str = "tf32", device=None, dtype=None, head_reduce: str = "mean"):
+        super().__init__(dim, num_parts, num_classes, num_heads, qkv_bias, qk_scale, eps, device=device, dtype=dtype,
+                         head_reduce=head_reduce)
         check_options(backend, "auto", chunk_mib, dot_precision)
         self.materialize_parts = materialize_parts
         self.backend, self.chunk_mib, self.dot_precision = backend, chunk_mib, dot_precision
@@ -150,7 +152,7 @@ class C2FHead(reference.C2FHead):
         def attend():
             return part_attention(x, att.queries, att.k.weight, att.norm.weight, att.norm.bias, att.num_heads,
                                   att.scale, att.eps, backend=backend, k_bias=att.k.bias, chunk_mib=self.chunk_mib,
-                                  dot_precision=self.dot_precision)
+                                  dot_precision=self.dot_precision, head_reduce=att.head_reduce)
 
         parts, attn = attend()
         attr_pred = _RecomputedReadout.apply(parts, self.regressor.weight, lambda: attend()[0])

@@ -174,7 +174,7 @@ def _load(path: str, map_location="cpu") -> tuple:
 
 def _attention_args(att: nn.Module) -> dict:
     return dict(dim=att.dim, num_parts=att.num_parts, num_heads=att.num_heads, qkv_bias=att.k.bias is not None,
-                qk_scale=float(att.scale), eps=float(att.eps))
+                qk_scale=float(att.scale), eps=float(att.eps), head_reduce=getattr(att, "head_reduce", "mean"))
 
 
 def model_args(module: nn.Module) -> dict:

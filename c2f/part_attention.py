@@ -23,7 +23,7 @@ import torch
 from . import reference
 from ._backend import check_backend, resolve_backend
 from ._math import AMP_PRECISIONS, DEFAULT_CHUNK_MIB, autocast_dtype, autocast_softmax_dtype
-from ._validate import check_float, check_same_device, describe, feature_map_as_channels
+from ._validate import check_float, check_head_reduce, check_same_device, describe, feature_map_as_channels
 from .ops.part_attention import PartAttentionOptions  # (importing it registers torch.ops.c2f.part_attention_*)
 
 FORMULATIONS = ("auto", "folded", "unfolded")
@@ -55,7 +55,7 @@ def check_options(backend: str, formulation: str, chunk_mib: float, dot_precisio
 def part_attention(x: torch.Tensor, queries: torch.Tensor, k_weight: torch.Tensor, norm_weight: torch.Tensor,
                    norm_bias: torch.Tensor, num_heads: int = 1, scale: float | None = None, eps: float = 1e-5,
                    backend: str = "auto", formulation: str = "auto", k_bias: torch.Tensor | None = None,
-                   chunk_mib: float = DEFAULT_CHUNK_MIB, dot_precision: str = "tf32"):
+                   chunk_mib: float = DEFAULT_CHUNK_MIB, dot_precision: str = "tf32", head_reduce: str = "mean"):
     """Fused part attention on a feature map ``[B, C, H, W]`` or tokens ``[B, N, C]``.
 
     Returns ``(parts [B, P, C], attn [B, P, N])`` in ``x.dtype``, computed in fp32. Under
@@ -65,9 +65,11 @@ def part_attention(x: torch.Tensor, queries: torch.Tensor, k_weight: torch.Tenso
     on CPU). ``k_bias`` only receives its (exactly zero) gradient: a
     key bias drops out of the softmax. ``chunk_mib`` bounds the torch-op path's temporaries per chunk
     of samples; ``dot_precision`` (``DOT_PRECISIONS``: "tf32", "ieee", "bf16", "fp16") sets the operand
-    precision of the Triton kernels' dots on a GPU (autocast picks bf16/fp16 itself).
+    precision of the Triton kernels' dots on a GPU (autocast picks bf16/fp16 itself). ``head_reduce``:
+    ``attn`` is the mean ("mean") or the max ("max") of the heads' maps; with one head both are its map.
     """
     check_options(backend, formulation, chunk_mib, dot_precision)
+    check_head_reduce(head_reduce)
     check_float("queries", queries)
     if queries.dim() != 2:
         raise ValueError(f"queries must be [P, C], got {describe(queries)}")
@@ -91,7 +93,8 @@ def part_attention(x: torch.Tensor, queries: torch.Tensor, k_weight: torch.Tenso
     amp = autocast_dtype(x.device.type)
     precision = AMP_PRECISIONS.get(amp, dot_precision)
     options = PartAttentionOptions(num_heads=num_heads, scale=float(scale), eps=float(eps), out_dtype=amp or x.dtype,
-                                   backend=chosen, chunk_mib=float(chunk_mib), dot_precision=precision)
+                                   backend=chosen, chunk_mib=float(chunk_mib), dot_precision=precision,
+                                   head_reduce=head_reduce)
     out = op(xv, queries, k_weight, k_bias, norm_weight, norm_bias, *options)
     attn_dtype = x.dtype if amp is None else autocast_softmax_dtype(x.device.type, amp)
     return out[0], out[1].to(attn_dtype)
@@ -106,13 +109,15 @@ class PartAttention(reference.PartAttention):
     ``chunk_mib``: temporaries per chunk of samples on the torch-op path (larger chunks run closer
     to the machine's GEMM throughput, smaller ones keep the peak low). ``dot_precision``: the operand
     precision of the Triton kernels' dots on a GPU, "tf32" (default), "ieee", "bf16" or "fp16".
+    ``head_reduce``: ``attn`` is the mean ("mean", default) or the max ("max") of the heads' maps.
     """
 
     def __init__(self, dim: int, num_parts: int = 312, num_heads: int = 1, qkv_bias: bool = False,
                  qk_scale: float | None = None, eps: float = 1e-5, backend: str = "auto",
                  formulation: str = "auto", chunk_mib: float = DEFAULT_CHUNK_MIB, dot_precision: str = "tf32",
-                 device=None, dtype=None):
-        super().__init__(dim, num_parts, num_heads, qkv_bias, qk_scale, eps, device=device, dtype=dtype)
+                 device=None, dtype=None, head_reduce: str = "mean"):
+        super().__init__(dim, num_parts, num_heads, qkv_bias, qk_scale, eps, device=device, dtype=dtype,
+                         head_reduce=head_reduce)
         check_options(backend, formulation, chunk_mib, dot_precision)
         self.backend, self.formulation = backend, formulation
         self.chunk_mib, self.dot_precision = chunk_mib, dot_precision
@@ -121,4 +126,4 @@ class PartAttention(reference.PartAttention):
         return part_attention(x, self.queries, self.k.weight, self.norm.weight, self.norm.bias,
                               self.num_heads, self.scale, self.eps, backend=self.backend,
                               formulation=self.formulation, k_bias=self.k.bias, chunk_mib=self.chunk_mib,
-                              dot_precision=self.dot_precision)
+                              dot_precision=self.dot_precision, head_reduce=self.head_reduce)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validate import check_float, describe, feature_map_as_channels
+from ._validate import check_float, check_head_reduce, describe, feature_map_as_channels
 
 
 class PartAttention(nn.Module):
@@ -21,12 +21,14 @@ class PartAttention(nn.Module):
 
     ``forward(x)`` takes ``[B, C, H, W]`` or ``[B, N, C]`` and returns ``(parts [B, P, C], attn [B, P, N])``:
     per head j (channels ``j*d:(j+1)*d``), ``P_j = softmax(scale * queries_j @ k(t)_j^T)`` over tokens and
-    ``parts_j = P_j @ t_j``, with ``t = LayerNorm(tokens)``; ``attn`` is the mean of ``P_j`` over heads.
+    ``parts_j = P_j @ t_j``, with ``t = LayerNorm(tokens)``; ``attn`` is the mean of ``P_j`` over heads, or
+    with ``head_reduce="max"`` their max.
     """
 
     def __init__(self, dim: int, num_parts: int = 312, num_heads: int = 1, qkv_bias: bool = False,
-                 qk_scale: float | None = None, eps: float = 1e-5, device=None, dtype=None):
+                 qk_scale: float | None = None, eps: float = 1e-5, device=None, dtype=None, head_reduce: str = "mean"):
         super().__init__()
+        check_head_reduce(head_reduce)
         factory = dict(device=device, dtype=dtype)
         if dim <= 0 or num_parts <= 0 or num_heads <= 0:
             raise ValueError(f"dim, num_parts and num_heads must be positive, got {dim}, {num_parts}, {num_heads}")
@@ -36,13 +38,15 @@ class PartAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = qk_scale or self.head_dim ** -0.5
         self.eps = eps
+        self.head_reduce = head_reduce
         self.norm = nn.LayerNorm(dim, eps=eps, **factory)
         self.queries = nn.Parameter(torch.empty(num_parts, dim, **factory))
         self.k = nn.Linear(dim, dim, bias=qkv_bias, **factory)
         nn.init.trunc_normal_(self.queries, std=0.02)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_parts={self.num_parts}, num_heads={self.num_heads}, scale={self.scale:.4g}"
+        reduce = f", head_reduce={self.head_reduce!r}" if self.head_reduce != "mean" else ""
+        return f"dim={self.dim}, num_parts={self.num_parts}, num_heads={self.num_heads}, scale={self.scale:.4g}{reduce}"
 
     def forward(self, x: torch.Tensor):
         tokens = feature_map_as_channels(x, self.dim).transpose(1, 2)  # [B, N, C]
@@ -55,7 +59,7 @@ class PartAttention(nn.Module):
         attn = torch.softmax(q @ k, dim=-1)                                  # [B, h, P, N]
         v = t.view(b, n, h, d).transpose(1, 2)                               # [B, h, N, d]
         parts = (attn @ v).transpose(1, 2).reshape(b, p, c)
-        return parts, attn.mean(1)
+        return parts, (attn.amax(1) if self.head_reduce == "max" else attn.mean(1))
 
 
 def _check_mixup_args(parts: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> None:
@@ -141,10 +145,11 @@ class C2FHead(nn.Module):
 
     def __init__(self, dim: int = 2048, num_parts: int = 312, num_classes: int = 200, num_heads: int = 1,
                  qkv_bias: bool = False, qk_scale: float | None = None, eps: float = 1e-5, device=None,
-                 dtype=None):
+                 dtype=None, head_reduce: str = "mean"):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
-        self.attention = PartAttention(dim, num_parts, num_heads, qkv_bias, qk_scale, eps, **factory)
+        self.attention = PartAttention(dim, num_parts, num_heads, qkv_bias, qk_scale, eps, head_reduce=head_reduce,
+                                       **factory)
         self.regressor = PartRegressor(num_parts, dim, **factory)
         self.classifier = nn.Linear(dim, num_classes, **factory)
 

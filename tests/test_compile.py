@@ -35,12 +35,12 @@ def _parameters(c=32, p=5, h=2, dtype=torch.float32):
 
 # ------------------------------------------------------------------------------------------ opcheck
 
-def _attention_args(form, backend, requires_grad):
+def _attention_args(form, backend, requires_grad, head_reduce="mean"):
     x, _, _ = _inputs()
     w = _parameters()
     leaves = [t.requires_grad_(requires_grad) for t in (w["queries"], w["k_weight"], w["norm_weight"], w["norm_bias"])]
     options = PartAttentionOptions(num_heads=2, scale=0.25, eps=1e-5, out_dtype=torch.float32, backend=backend,
-                                   chunk_mib=16.0, dot_precision="tf32")
+                                   chunk_mib=16.0, dot_precision="tf32", head_reduce=head_reduce)
     return (x.flatten(2), leaves[0], leaves[1], None, leaves[2], leaves[3], *options)
 
 
@@ -49,6 +49,7 @@ def test_opcheck_attention(backend, form):
     op = getattr(torch.ops.c2f, f"part_attention_{form}").default
     torch.library.opcheck(op, _attention_args(form, backend, requires_grad=True))
     torch.library.opcheck(op, _attention_args(form, backend, requires_grad=False))
+    torch.library.opcheck(op, _attention_args(form, backend, requires_grad=True, head_reduce="max"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

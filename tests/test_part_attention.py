@@ -20,14 +20,14 @@ DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3)]
 BACKENDS = ["torch", "triton"]
 
 
-def make_pair(dim, parts, heads, qkv_bias=True, backend="torch", formulation="auto"):
-    ref = reference.PartAttention(dim, parts, heads, qkv_bias=qkv_bias)
+def make_pair(dim, parts, heads, qkv_bias=True, backend="torch", formulation="auto", head_reduce="mean"):
+    ref = reference.PartAttention(dim, parts, heads, qkv_bias=qkv_bias, head_reduce=head_reduce)
     with torch.no_grad():  # non-trivial affine and queries, so every term of the algebra matters
         ref.norm.weight.uniform_(0.5, 1.5)
         ref.norm.bias.normal_(0, 0.5)
         ref.queries.normal_(0, 1.0)
     fused = PartAttention(dim, parts, heads, qkv_bias=qkv_bias, backend=backend, formulation=formulation,
-                          dot_precision=DOT_PRECISION)
+                          dot_precision=DOT_PRECISION, head_reduce=head_reduce)
     fused.load_state_dict(ref.state_dict())
     return ref, fused
 
@@ -47,7 +47,8 @@ def run(module, x, grads, x_grad):
 def check_parity(ref, fused, x, dtype, atol, x_grad=False, device="cpu"):
     """Runs truth (reference, float64), reference and fused in ``dtype`` (the fused module on ``device``);
     compares everything."""
-    truth_module = reference.PartAttention(ref.dim, ref.num_parts, ref.num_heads, qkv_bias=ref.k.bias is not None)
+    like = dict(qkv_bias=ref.k.bias is not None, head_reduce=ref.head_reduce)
+    truth_module = reference.PartAttention(ref.dim, ref.num_parts, ref.num_heads, **like)
     truth_module.load_state_dict(ref.state_dict())
     truth_module.double()
     with torch.no_grad():
@@ -57,7 +58,7 @@ def check_parity(ref, fused, x, dtype, atol, x_grad=False, device="cpu"):
              torch.randn(attn.shape, generator=gen, dtype=torch.float64))
     truth = run(truth_module, x.double(), grads, x_grad)
     # the reference in the tested dtype: parameters in that dtype too (its LayerNorm needs it)
-    ref_lp = reference.PartAttention(ref.dim, ref.num_parts, ref.num_heads, qkv_bias=ref.k.bias is not None)
+    ref_lp = reference.PartAttention(ref.dim, ref.num_parts, ref.num_heads, **like)
     ref_lp.load_state_dict(ref.state_dict())
     ref_lp.to(dtype)
     baseline = run(ref_lp, x.to(dtype), grads, x_grad)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._backend import BACKENDS
+from .._validate import HEAD_REDUCES
 from ..errors import ConfigError
 from ..part_mixup import MODES, PAIRINGS
 from .data.cub import TARGET_KINDS
@@ -110,6 +111,8 @@ class TrainConfig:
     attr_loss: str = opt("mse", "attribute regression loss", choices=ATTR_LOSSES)
     attr_weight: float = opt(5.0, "weight of the regression loss in the joint stage", check="nonneg")
     num_heads: int = opt(1, "attention heads", check="positive")
+    head_reduce: str = opt("mean", "the heads' attention maps become one map (returned, saved as attention.npy/png) "
+                           "by their mean or their max; one head: either is its map", choices=HEAD_REDUCES)
     mixup_alpha: float = opt(1.0, "Beta(alpha, alpha) of the part-wise mixup", check="positive")
     mixup_mode: str = opt("binary", "binary: each part from the sample with probability lambda; blend: every "
                           "part weighed by lambda; part: a lambda per part", choices=MODES)

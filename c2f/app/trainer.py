@@ -142,7 +142,8 @@ class Trainer(EpochLoop, DataSources):
     def _setup_model(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        args = dict(dim=self.dim, num_parts=self.num_parts, num_classes=self.num_classes, num_heads=cfg.num_heads)
+        args = dict(dim=self.dim, num_parts=self.num_parts, num_classes=self.num_classes, num_heads=cfg.num_heads,
+                    head_reduce=cfg.head_reduce)
         if cfg.head == "fused":
             from .. import nn as c2f_nn
             self.head = c2f_nn.C2FHead(**args, backend=cfg.backend)

@@ -42,6 +42,7 @@ class PartAttentionOptions(NamedTuple):
     backend: str                # "triton" or "torch", resolved
     chunk_mib: float            # the torch-op path's temporaries per chunk of samples
     dot_precision: str          # the operand precision of the Triton kernels' dots
+    head_reduce: str            # attn: the per-head maps' "mean" or "max"
 
 
 def head_queries(queries: Tensor, h: int, dtype: torch.dtype) -> Tensor:
@@ -161,7 +162,7 @@ def _register(op, backward_op, state_shapes: Callable, saved_from: int) -> None:
 @torch.library.custom_op("c2f::part_attention_folded", mutates_args=())
 def part_attention_folded(x: Tensor, queries: Tensor, k_weight: Tensor, k_bias: Tensor | None, norm_weight: Tensor,
                           norm_bias: Tensor, num_heads: int, scale: float, eps: float, out_dtype: torch.dtype,
-                          backend: str, chunk_mib: float, dot_precision: str
+                          backend: str, chunk_mib: float, dot_precision: str, head_reduce: str
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(parts [B, P, C] in out_dtype, attn [B, P, N], probs [B, h, P, N] or empty, mean [B, N], rstd [B, N])``
     of ``x [B, C, N]``; ``k_bias`` only receives its (exactly zero) gradient: the softmax cancels it."""
@@ -170,14 +171,14 @@ def part_attention_folded(x: Tensor, queries: Tensor, k_weight: Tensor, k_bias: 
         gamma, beta = norm_weight.to(dt), norm_bias.to(dt)
         g = fold_queries(queries, k_weight, gamma, num_heads, scale)
         return implementation("part_attention", backend).folded_fwd(x, g, gamma, beta, eps, out_dtype, chunk_mib,
-                                                                    dot_precision)
+                                                                    dot_precision, head_reduce)
 
 
 @torch.library.custom_op("c2f::part_attention_folded_backward", mutates_args=())
 def part_attention_folded_backward(
         x: Tensor, queries: Tensor, k_weight: Tensor, norm_weight: Tensor, attn: Tensor, probs: Tensor, mean: Tensor,
         rstd: Tensor, dparts: Tensor | None, dattn: Tensor | None, needs_dx: bool, num_heads: int, scale: float,
-        eps: float, out_dtype: torch.dtype, backend: str, chunk_mib: float, dot_precision: str
+        eps: float, out_dtype: torch.dtype, backend: str, chunk_mib: float, dot_precision: str, head_reduce: str
         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx or empty, dqueries, dk_weight, dnorm_weight, dnorm_bias)``, each in its input's dtype."""
     with no_autocast(x):
@@ -186,7 +187,7 @@ def part_attention_folded_backward(
         gamma = norm_weight.to(dt)
         g = fold_queries(queries, k_weight, gamma, h, scale) if needs_dx else None
         dg, dgamma, dbeta, dx = implementation("part_attention", backend).folded_bwd(
-            x, g, gamma, attn, probs, mean, rstd, dparts, dattn, h, needs_dx, chunk_mib, dot_precision)
+            x, g, gamma, attn, probs, mean, rstd, dparts, dattn, h, needs_dx, chunk_mib, dot_precision, head_reduce)
         del g
         # G_j = scale * Q_j Wk_j * gamma: M_j = scale * Q_jᵀ dG_j gives dWk_j = M_j * gamma and gamma's
         # gradient through G as the column sums of Wk * M.
@@ -219,8 +220,8 @@ def _unfolded_weights(queries: Tensor, k_weight: Tensor, gamma: Tensor, h: int, 
 @torch.library.custom_op("c2f::part_attention_unfolded", mutates_args=())
 def part_attention_unfolded(x: Tensor, queries: Tensor, k_weight: Tensor, k_bias: Tensor | None,
                             norm_weight: Tensor, norm_bias: Tensor, num_heads: int, scale: float, eps: float,
-                            out_dtype: torch.dtype, backend: str, chunk_mib: float, dot_precision: str
-                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                            out_dtype: torch.dtype, backend: str, chunk_mib: float, dot_precision: str,
+                            head_reduce: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(parts [B, P, C] in out_dtype, attn [B, P, N], keys [C, B, N], lse [B, h, P], mean [B, N],
     rstd [B, N])``."""
     dt = compute_dtype(x)
@@ -228,14 +229,14 @@ def part_attention_unfolded(x: Tensor, queries: Tensor, k_weight: Tensor, k_bias
         gamma, beta = norm_weight.to(dt), norm_bias.to(dt)
         q, wg = _unfolded_weights(queries, k_weight, gamma, num_heads, scale)
         return implementation("part_attention", backend).unfolded_fwd(x, q, wg, gamma, beta, eps, out_dtype,
-                                                                      chunk_mib, dot_precision)
+                                                                      chunk_mib, dot_precision, head_reduce)
 
 
 @torch.library.custom_op("c2f::part_attention_unfolded_backward", mutates_args=())
 def part_attention_unfolded_backward(
         x: Tensor, queries: Tensor, k_weight: Tensor, norm_weight: Tensor, keys: Tensor, lse: Tensor, mean: Tensor,
         rstd: Tensor, dparts: Tensor | None, dattn: Tensor | None, needs_dx: bool, num_heads: int, scale: float,
-        eps: float, out_dtype: torch.dtype, backend: str, chunk_mib: float, dot_precision: str
+        eps: float, out_dtype: torch.dtype, backend: str, chunk_mib: float, dot_precision: str, head_reduce: str
         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx or empty, dqueries, dk_weight, dnorm_weight, dnorm_bias)``, each in its input's dtype."""
     with no_autocast(x):
@@ -243,7 +244,7 @@ def part_attention_unfolded_backward(
         gamma = norm_weight.to(dt)
         q, wg = _unfolded_weights(queries, k_weight, gamma, num_heads, scale)
         dq, dwg, dgamma, dbeta, dx = implementation("part_attention", backend).unfolded_bwd(
-            x, q, wg, gamma, keys, lse, mean, rstd, dparts, dattn, needs_dx, chunk_mib, dot_precision)
+            x, q, wg, gamma, keys, lse, mean, rstd, dparts, dattn, needs_dx, chunk_mib, dot_precision, head_reduce)
         # wg = Wk * gamma: dWk = dwg * gamma, and gamma's gradient through the keys is colsum(Wk * dwg).
         dgamma += _column_dot(k_weight.to(dt), dwg)
         dwk = dwg.mul_(gamma)

@@ -33,6 +33,8 @@ from .._math import (
     layernorm_bwd_centred,
     normalised_tokens,
     operand_dtype,
+    reduce_heads,
+    reduce_heads_grad_,
     scratch,
     softmax_bwd_,
     view_front,
@@ -94,12 +96,12 @@ def _weighted_sum_(parts: torch.Tensor, prr: torch.Tensor, xo: torch.Tensor, gam
 
 
 def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float,
-               out_dtype: torch.dtype, chunk_mib: float, dot_precision: str = "tf32"):
+               out_dtype: torch.dtype, chunk_mib: float, dot_precision: str = "tf32", head_reduce: str = "mean"):
     """Forward of the folded formulation.
 
     ``x [B, C, N]`` (any strides and float dtype), ``g [h, P, C]``, ``gamma, beta [C]`` in the compute
-    dtype. Returns ``parts [B, P, C]`` (``out_dtype``), ``attn [B, P, N]`` (the head-mean of the
-    probabilities), ``probs [B, h, P, N]`` (empty when h == 1: ``attn`` is the probabilities), and the
+    dtype. Returns ``parts [B, P, C]`` (``out_dtype``), ``attn [B, P, N]`` (the probabilities' mean or max over
+    heads, ``head_reduce``), ``probs [B, h, P, N]`` (empty when h == 1: ``attn`` is the probabilities), and the
     token ``mean, rstd [B, N]``; all but ``parts`` in the compute dtype.
 
     Per chunk: the centred map ``xc [C, b, N]`` (one pass over x after the statistics), the scores
@@ -126,7 +128,7 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
         pr = attn[s] if h == 1 else probs[s].view(b, h * p, n)
         torch.softmax(scores.mul_(r), -1, out=pr)
         if h > 1:
-            torch.mean(probs[s], 1, out=attn[s])
+            reduce_heads(probs[s], head_reduce, 1, attn[s])
         prr = torch.mul(pr, r, out=scores).view(b, h, p, n).transpose(0, 1)            # [h, b, P, N]
         _weighted_sum_(parts[s], prr, xo, gamma, beta)
     return parts, attn, probs, mean, rstd
@@ -139,12 +141,15 @@ def _dparts_head_major(df: torch.Tensor, h: int, od: torch.dtype) -> torch.Tenso
     return out.copy_(df.view(b, p, h, c // h).permute(2, 0, 1, 3))
 
 
-def _dprobs(dfh: torch.Tensor | None, dattn: torch.Tensor | None, xc: torch.Tensor, gamma: torch.Tensor,
-            r: torch.Tensor, h: int, xg_buf: torch.Tensor, od: torch.dtype) -> torch.Tensor:
-    """``dP [h, b, P, N] = rstd * ((dparts_j * gamma_j) @ xc_j) + dattn / h``, ``dfh`` the head-major
+def _dprobs(dfh: torch.Tensor | None, dattn: torch.Tensor | None, pr: torch.Tensor, xc: torch.Tensor,
+            gamma: torch.Tensor, r: torch.Tensor, xg_buf: torch.Tensor, od: torch.dtype, head_reduce: str
+            ) -> torch.Tensor:
+    """``dP [h, b, P, N] = rstd * ((dparts_j * gamma_j) @ xc_j) + d(attn)/dP_j dattn`` (``reduce_heads_grad_``:
+    ``dattn / h`` for the mean), ``pr [h, b, P, N]`` the probabilities, ``dfh`` the head-major
     dparts (``_dparts_head_major``); gamma scales the map's channels (written head-major into ``xg_buf``),
     not ``dparts``, which is larger. All heads in one batched GEMM."""
     c, b, n = xc.shape
+    h = pr.shape[0]
     d = c // h
     p = (dfh.shape[2] if dfh is not None else dattn.shape[1])
     dp = (torch.zeros if dfh is None else torch.empty)(h, b, p, n, dtype=xc.dtype, device=xc.device)
@@ -154,7 +159,7 @@ def _dprobs(dfh: torch.Tensor | None, dattn: torch.Tensor | None, xc: torch.Tens
         _bmm_into(dp.view(h * b, p, n), dfh.view(h * b, p, d), xg.view(h * b, d, n).to(od))
         dp.mul_(r)
     if dattn is not None:
-        dp.add_(dattn.to(xc.dtype), alpha=1.0 / h)
+        reduce_heads_grad_(dp, dattn.to(xc.dtype), pr, head_reduce)
     return dp
 
 
@@ -171,7 +176,7 @@ def _values(dfh: torch.Tensor, prr: torch.Tensor, out: torch.Tensor, od: torch.d
 def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, attn: torch.Tensor,
                probs: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dparts: torch.Tensor | None,
                dattn: torch.Tensor | None, num_heads: int, needs_dx: bool, chunk_mib: float,
-               dot_precision: str = "tf32"):
+               dot_precision: str = "tf32", head_reduce: str = "mean"):
     """Backward of the folded formulation from its saved ``attn``, ``probs``, ``mean``, ``rstd``.
 
     ``g`` is needed for dx only (None otherwise). ``dparts [B, P, C]`` and ``dattn [B, P, N]`` (either
@@ -201,7 +206,7 @@ def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, att
         prr = pr * r
         df = None if dparts is None else dparts[s].to(dt)
         dfh = None if df is None else _dparts_head_major(df, h, od)
-        dp = _dprobs(dfh, None if dattn is None else dattn[s], xc, gamma, r, h, v_buf, od)
+        dp = _dprobs(dfh, None if dattn is None else dattn[s], pr, xc, gamma, r, v_buf, od, head_reduce)
         v = None if df is None else _values(dfh, prr, v_buf, od)
         ds = view_front(ds_buf, h, p, b, n)                                            # dS * rstd
         torch.mul(dp.sub_(torch.linalg.vecdot(pr, dp)[..., None]), prr, out=ds.transpose(1, 2))
@@ -234,7 +239,8 @@ def _values_and_dp(dparts, probs, xhat, gamma, od):
 
 
 def unfolded_fwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                 eps: float, out_dtype: torch.dtype, chunk_mib: float, dot_precision: str = "tf32"):
+                 eps: float, out_dtype: torch.dtype, chunk_mib: float, dot_precision: str = "tf32",
+                 head_reduce: str = "mean"):
     """Forward of the unfolded formulation: ``q [h, P, d]`` (scaled queries), ``wg [C, C]`` (Wk * gamma).
 
     Returns ``parts [B, P, C]`` (``out_dtype``), ``attn [B, P, N]``, the keys ``[C, B, N]`` and the
@@ -262,14 +268,15 @@ def unfolded_fwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torc
         m = torch.logsumexp(scores, -1)                                               # [h, P, b]
         lse[s] = m.permute(2, 0, 1)
         pr = scores.sub_(m[..., None]).exp_().transpose(1, 2)                         # [h, b, P, N]
-        torch.mean(pr, 0, out=attn[s])
+        reduce_heads(pr, head_reduce, 0, attn[s])
         _weighted_sum_(parts[s], pr, xo, gamma, beta)
     return parts, attn, keys, lse, mean, rstd
 
 
 def unfolded_bwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torch.Tensor, keys: torch.Tensor,
                  lse: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dparts: torch.Tensor | None,
-                 dattn: torch.Tensor | None, needs_dx: bool, chunk_mib: float, dot_precision: str = "tf32"):
+                 dattn: torch.Tensor | None, needs_dx: bool, chunk_mib: float, dot_precision: str = "tf32",
+                 head_reduce: str = "mean"):
     """Backward of the unfolded formulation. Returns ``dq [h, P, d]``, ``dwg [C, C]``, ``dgamma``
     (through the values only), ``dbeta [C]`` and ``dx [B, C, N]`` (or None)."""
     b_total, c, n = x.shape
@@ -297,7 +304,7 @@ def unfolded_bwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torc
         else:
             dp, values = torch.zeros(h, b, p, n, dtype=dt, device=x.device), None
         if dattn is not None:
-            dp.add_(dattn[s].to(dt), alpha=1.0 / h)
+            reduce_heads_grad_(dp, dattn[s].to(dt), pr, head_reduce)
         ds = softmax_bwd_(dp, pr).transpose(1, 2).reshape(h, p, b * n).to(od)        # [h, P, b*N]
         dq += torch.bmm(ds, k.transpose(1, 2))
         dk = torch.bmm(qo.transpose(1, 2), ds).view(c, b * n)                        # dkeys [C, b*N]
