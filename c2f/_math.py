@@ -161,3 +161,34 @@ def autocast_softmax_dtype(device_type: str, amp: torch.dtype) -> torch.dtype:
 def operand_dtype(dot_precision: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype GEMM operands are rounded to under ``dot_precision`` (``dtype`` for fp32 dots)."""
     return LOW_PRECISION_DOTS.get(dot_precision, dtype)
+
+
+# ------------------------------------------------------------------------------------ pooled mixed views
+# K mixed views pool over parts (docs/design.md, "The algebra" 7 and 8): view k of sample b takes mask[k, b] of
+# sample b's parts and 1 - mask[k, b] of sample perm[b]'s. Per sample j that is 2K rows over its own
+# parts: its own views (k), and the views of the sample inv[j] it was mixed into (K + k).
+
+def pool_matrix(mask: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype,
+                samples: slice = slice(None)) -> torch.Tensor:
+    """``M [b, 2K, P]`` (contiguous) for the ``samples`` of ``mask [K, B, P]``: row k weighs sample j's
+    parts for its own view k by ``mask[k, j]``, row K + k for view k of the sample it was mixed into by
+    ``1 - mask[k, inv[j]]`` (``inv = perm^-1``); divided by P (the mean over parts). The mask math in the
+    mask's dtype (fp32: ``m / P`` and ``(1 - m) / P`` sum to ``1 / P``), then ``dtype``."""
+    own = mask[:, samples].transpose(0, 1)
+    partner = (1 - mask[:, inv[samples]]).transpose(0, 1)
+    return torch.cat([own, partner], 1).div_(mask.shape[-1]).to(dtype)
+
+
+def mixed_views(rows: torch.Tensor, perm: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[K, B, D]`` from per-sample rows ``[B, 2K, D]`` (``pool_matrix``'s rows times features): view k of
+    sample b is its own row k plus row K + k of ``perm[b]``, the sample mixed into it."""
+    k = rows.shape[1] // 2
+    return torch.add(rows[:, :k].transpose(0, 1), rows[perm, k:].transpose(0, 1), out=out)
+
+
+def mixed_views_bwd(dviews: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype,
+                    samples: slice = slice(None)) -> torch.Tensor:
+    """The gradient of ``mixed_views``' rows, ``[b, 2K, D]`` in ``dtype`` for the ``samples`` of ``dviews [K, B,
+    D]``: sample j's own views, then the views of the sample it was mixed into (``inv = perm^-1``). A view
+    of the concatenation (not contiguous)."""
+    return torch.cat([dviews[:, samples], dviews[:, inv[samples]]]).transpose(0, 1).to(dtype)

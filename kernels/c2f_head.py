@@ -12,54 +12,41 @@ in the part features, so ``[B, P, C]`` is never written. Per step, independent o
 
 The kernels live in ``c2f_head_fwd.py`` and ``c2f_head_bwd.py``, their plans in ``plans_c2f_head.py``; the
 token statistics, the dG reduction and the LayerNorm backward are the part-attention kernels, reused as
-they are. Each launcher makes all its plans before it allocates or launches anything.
+they are with their plans (``plans_part_attention.py``). Each launcher makes all its plans before it
+allocates or launches anything.
 """
 from __future__ import annotations
 
 import torch
 
-from .._math import inverse_permutation
-from . import plans, plans_c2f_head, targets
+from .._math import inverse_permutation, mixed_views, mixed_views_bwd, pool_matrix
+from . import targets
 from .c2f_head_bwd import _c2f_head_bwd_dwrg_kernel, _c2f_head_bwd_dxhat_kernel, _c2f_head_bwd_kernel
 from .c2f_head_fwd import _c2f_head_fwd_kernel, _c2f_head_pool_kernel
+from .common import F32, check, check_dims, check_perm, check_x, make_plans, xstrides
 from .launch import FLOAT_DTYPES, launch
-from .part_attention import _check_x, check, describe, make_plans
 from .part_attention_bwd import _part_attention_bwd_dg_kernel, _part_attention_bwd_dx_kernel
 from .part_attention_fwd import _part_attention_stats_kernel
+from .plans_c2f_head import head_bwd, head_dwrg, head_dxhat, head_fwd, head_pool
+from .plans_part_attention import attention_dg, attention_dx, attention_stats
 
 __all__ = ["c2f_head_fwd", "c2f_head_bwd"]
 
-F32 = (torch.float32,)
+OP = "the C2F head"
 
 
 def _check_inputs(x, g, wrg, wcg, perm, mask):
     """Shapes, dtypes and layouts of the inputs both launchers take; returns (B, C, N, h, P, K)."""
-    if not isinstance(g, torch.Tensor) or g.dim() != 3:
-        raise ValueError(f"g must be a [h, P, C] tensor, got {describe(g) if isinstance(g, torch.Tensor) else g!r}")
-    h, p = g.shape[:2]
-    bsz, c, n = _check_x(x, g, h, p)
+    h, p, _ = check_dims("g", g, "[h, P, C]")
+    bsz, c, n = check_x(x, g, h, p)
     dev = x.device
     check("wrg", wrg, (p, c), F32, dev, contiguous=True)
-    if not isinstance(wcg, torch.Tensor) or wcg.dim() != 2:
-        raise ValueError(f"wcg must be a [classes, C] tensor, got {describe(wcg) if isinstance(wcg, torch.Tensor) else wcg!r}")
-    check("wcg", wcg, (wcg.shape[0], c), F32, dev, contiguous=True)
-    check("perm", perm, (bsz,), (torch.int64,), dev)
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 3:
-        raise ValueError(f"mask must be a [K, B, P] tensor, got "
-                         f"{describe(mask) if isinstance(mask, torch.Tensor) else mask!r}")
-    check("mask", mask, (mask.shape[0], bsz, p), F32, dev)
-    return bsz, c, n, h, p, mask.shape[0]
-
-
-def _pool_matrix(mask: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    """``M [B, 2K, P]`` fp32: sample b's own views weigh its parts by ``mask[:, b]``, the views of the
-    sample it is paired into by ``1 - mask[:, inv[b]]`` (``inv = perm^-1``); divided by P (the mean over
-    parts)."""
-    return torch.cat([mask, 1 - mask[:, inv]]).transpose(0, 1).div(mask.shape[-1]).contiguous()
-
-
-def _xstrides(x: torch.Tensor) -> dict:
-    return dict(stride_xb=x.stride(0), stride_xc=x.stride(1), stride_xn=x.stride(2))
+    classes, _ = check_dims("wcg", wcg, "[classes, C]")
+    check("wcg", wcg, (classes, c), F32, dev, contiguous=True)
+    check_perm(perm, bsz, dev)
+    k, _, _ = check_dims("mask", mask, "[K, B, P]")
+    check("mask", mask, (k, bsz, p), F32, dev)
+    return bsz, c, n, h, p, k
 
 
 def _pooled_rows(x, mean, rstd, coef, du, views, plan):
@@ -71,7 +58,7 @@ def _pooled_rows(x, mean, rstd, coef, du, views, plan):
     dcoef_part = torch.empty(bsz, h, splits, views, n, device=x.device, dtype=torch.float32) if du is not None else u
     launch(_c2f_head_pool_kernel, plan,
            X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, Coef_ptr=coef, U_ptr=u, DU_ptr=du if du is not None else u,
-           DCoefPart_ptr=dcoef_part, C=c, N=n, D=c // h, H=h, V=views, **_xstrides(x))
+           DCoefPart_ptr=dcoef_part, C=c, N=n, D=c // h, H=h, V=views, **xstrides(x))
     return u, (dcoef_part.sum(2) if du is not None else None)
 
 
@@ -90,10 +77,9 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     target = targets.current(dev)
     views = 2 * k
     plan = make_plans(lambda: dict(
-        stats=plans.attention_stats(bsz, c, n, x.dtype, target),
-        fwd=plans_c2f_head.head_fwd(bsz, c, n, p, h, views, x.dtype, target, dot_precision),
-        pool=plans_c2f_head.head_pool(bsz, c, n, h, views, x.dtype, target, dot_precision)), x, target, dot_precision,
-        "the C2F head")
+        stats=attention_stats(bsz, c, n, x.dtype, target),
+        fwd=head_fwd(bsz, c, n, p, h, views, x.dtype, target, dot_precision),
+        pool=head_pool(bsz, c, n, h, views, x.dtype, target, dot_precision)), OP, x, target, dot_precision)
     attn = torch.empty(bsz, p, n, device=dev, dtype=f32)
     probs = torch.empty((bsz, h, p, n) if h > 1 else (0,), device=dev, dtype=f32)
     zhat = torch.empty(bsz, h, p, n, device=dev, dtype=f32)
@@ -102,20 +88,19 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     rstd = torch.empty_like(mean)
     if bsz == 0:
         return attn, pred, torch.empty(k, 0, wcg.shape[0], device=dev, dtype=f32), probs, zhat, mean, rstd
-    m = _pool_matrix(mask, inverse_permutation(perm))
+    m = pool_matrix(mask, inverse_permutation(perm), f32)                              # [B, 2K, P]
     launch(_part_attention_stats_kernel, plan["stats"], X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, C=c, N=n,
-           **_xstrides(x), eps=float(eps))
+           **xstrides(x), eps=float(eps))
     num_pb = plan["fwd"].grid[0] // (bsz * h)
     coef_part = torch.empty(bsz, h, num_pb, views, n, device=dev, dtype=f32)
     pred_heads = pred if h == 1 else torch.empty(bsz, h, p, device=dev, dtype=f32)
     launch(_c2f_head_fwd_kernel, plan["fwd"],
            X_ptr=x, G_ptr=g, Wrg_ptr=wrg, M_ptr=m, Mean_ptr=mean, Rstd_ptr=rstd,
            Probs_ptr=attn if h == 1 else probs, Zhat_ptr=zhat, Pred_ptr=pred_heads, CoefPart_ptr=coef_part,
-           C=c, N=n, P=p, D=c // h, H=h, V=views, **_xstrides(x))
+           C=c, N=n, P=p, D=c // h, H=h, V=views, **xstrides(x))
     u, _ = _pooled_rows(x, mean, rstd, coef_part.sum(2), None, views, plan["pool"])
     rows = torch.matmul(u, wcg.T)                                                      # [B, 2K, classes]
-    # Sample b's own views are its logits; the other K rows go to the views it was mixed into.
-    logits = rows[:, :k].transpose(0, 1) + rows[perm, k:].transpose(0, 1)
+    logits = mixed_views(rows, perm)                                                   # [K, B, classes]
     if h > 1:
         torch.mean(probs, 1, out=attn)
         torch.sum(pred_heads, 1, out=pred)
@@ -131,8 +116,35 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     is dense (``torch.empty_like``), or None. ``dattn [B, P, N]``, ``dpred [B, P]``, ``dlogits [K, B,
     classes]``: any float dtype, each may be None."""
     bsz, c, n, h, p, k = _check_inputs(x, g, wrg, wcg, perm, mask)
+    dattn, dpred = _check_saved(x, wcg, attn, probs, zhat, mean, rstd, dattn, dpred, dlogits, h, p, k)
     dev, f32 = x.device, torch.float32
     classes = wcg.shape[0]
+    target = targets.current(dev)
+    # dS and dZ: with one head in one [B, 2, P, N] buffer, so one dG launch reduces both (dZ as a
+    # second "head" whose queries are the regressor's rows).
+    stacked = h == 1 and dpred is not None
+    plan = make_plans(lambda: _bwd_plans(bsz, c, n, p, h, 2 * k, x.dtype, target, dot_precision, stacked, needs_dx,
+                                         dattn is not None, dpred is not None, dlogits is not None),
+                      OP, x, target, dot_precision)
+    if bsz == 0:
+        return (torch.zeros(h, p, c, device=dev, dtype=f32), torch.zeros(p, c, device=dev, dtype=f32),
+                torch.zeros(classes, c, device=dev, dtype=f32), torch.empty_like(x) if needs_dx else None)
+    probs = attn.unsqueeze(1) if h == 1 else probs
+    m = coef = du = dcoef = None
+    if dlogits is not None:
+        m, coef, du, dcoef, dwcg = _pooled_grads(x, wcg, perm, mask, probs, mean, rstd, dlogits, plan["pool"])
+    else:
+        dwcg = torch.zeros(classes, c, device=dev, dtype=f32)
+    ds, dz, grads = _score_grads(probs, zhat, m, dattn, dpred, dcoef, 2 * k, stacked, plan["bwd"])
+    dg, dwrg = _weight_grads(x, mean, rstd, ds, dz, grads, dpred is not None, plan)
+    dx = _input_grad(x, g, wrg, mean, rstd, ds, dz, du, coef, k, plan) if needs_dx else None
+    return dg, dwrg, dwcg, dx
+
+
+def _check_saved(x, wcg, attn, probs, zhat, mean, rstd, dattn, dpred, dlogits, h: int, p: int, k: int):
+    """Checks the forward's saved state and the incoming gradients; returns ``dattn, dpred`` contiguous."""
+    bsz, _, n = x.shape
+    dev = x.device
     check("attn", attn, (bsz, p, n), F32, dev, contiguous=True)
     if h > 1:
         check("probs", probs, (bsz, h, p, n), F32, dev, contiguous=True)
@@ -146,80 +158,97 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
         check("dpred", dpred, (bsz, p), FLOAT_DTYPES, dev)
         dpred = dpred.contiguous()
     if dlogits is not None:
-        check("dlogits", dlogits, (k, bsz, classes), FLOAT_DTYPES, dev)
-    target = targets.current(dev)
-    views = 2 * k
-    # dS and dZ: with one head in one [B, 2, P, N] buffer, so one dG launch reduces both (dZ as a
-    # second "head" whose queries are the regressor's rows).
-    stacked = h == 1 and dpred is not None
+        check("dlogits", dlogits, (k, bsz, wcg.shape[0]), FLOAT_DTYPES, dev)
+    return dattn, dpred
 
-    def make():
-        made = dict(bwd=plans_c2f_head.head_bwd(bsz, c, n, p, h, views, x.dtype, target, dot_precision,
-                                            has_dattn=dattn is not None, has_dpred=dpred is not None,
-                                            has_dcoef=dlogits is not None),
-                    dg=plans.attention_dg(bsz, c, n, p, 2 if stacked else h, x.dtype, target, dot_precision))
-        if dlogits is not None:
-            made["pool"] = plans_c2f_head.head_pool(bsz, c, n, h, views, x.dtype, target, dot_precision, has_du=True)
-        if dpred is not None and not stacked:
-            made["dwrg"] = plans_c2f_head.head_dwrg(bsz, c, n, p, h, x.dtype, target, dot_precision)
-        if needs_dx:
-            made["dxhat"] = plans_c2f_head.head_dxhat(bsz, c, n, p, h, views, x.dtype, target, dot_precision,
-                                                  has_dpred=dpred is not None, has_du=dlogits is not None)
-            made["dx"] = plans.attention_dx(bsz, c, n, x.dtype, target)
-        return made
-    plan = make_plans(make, x, target, dot_precision, "the C2F head")
-    if bsz == 0:
-        return (torch.zeros(h, p, c, device=dev, dtype=f32), torch.zeros(p, c, device=dev, dtype=f32),
-                torch.zeros(classes, c, device=dev, dtype=f32), torch.empty_like(x) if needs_dx else None)
-    probs = attn.unsqueeze(1) if h == 1 else probs
-    xs = _xstrides(x)
-    m = coef = du = dcoef = None
-    if dlogits is not None:
-        inv = inverse_permutation(perm)
-        m = _pool_matrix(mask, inv)
-        # Rows of sample b: its own views, then the views it was mixed into (logits[k, perm^-1 b]).
-        drows = torch.cat([dlogits, dlogits[:, inv]]).transpose(0, 1).to(f32).contiguous()  # [B, 2K, classes]
-        du = torch.matmul(drows, wcg)                                                  # [B, 2K, C]
-        coef = torch.matmul(m.unsqueeze(1), probs)                                     # [B, h, 2K, N]
-        u, dcoef = _pooled_rows(x, mean, rstd, coef, du, views, plan["pool"])
-        dwcg = torch.mm(drows.view(-1, classes).T, u.view(-1, c))
-    else:
-        dwcg = torch.zeros(classes, c, device=dev, dtype=f32)
+
+def _bwd_plans(bsz: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dtype, target, dot_precision: str,
+               stacked: bool, needs_dx: bool, has_dattn: bool, has_dpred: bool, has_dlogits: bool) -> dict:
+    """The backward's plans: dS / dZ and dG (with dZ stacked under dS for one head); the pooled rows with
+    ``dlogits``, dWrg with ``dpred`` and several heads, dxhat and dx with ``needs_dx``."""
+    plans = dict(bwd=head_bwd(bsz, c, n, p, h, views, dtype, target, dot_precision, has_dattn=has_dattn,
+                              has_dpred=has_dpred, has_dcoef=has_dlogits),
+                 dg=attention_dg(bsz, c, n, p, 2 if stacked else h, dtype, target, dot_precision))
+    if has_dlogits:
+        plans["pool"] = head_pool(bsz, c, n, h, views, dtype, target, dot_precision, has_du=True)
+    if has_dpred and not stacked:
+        plans["dwrg"] = head_dwrg(bsz, c, n, p, h, dtype, target, dot_precision)
+    if needs_dx:
+        plans["dxhat"] = head_dxhat(bsz, c, n, p, h, views, dtype, target, dot_precision, has_dpred=has_dpred,
+                                    has_du=has_dlogits)
+        plans["dx"] = attention_dx(bsz, c, n, dtype, target)
+    return plans
+
+
+def _pooled_grads(x, wcg, perm, mask, probs, mean, rstd, dlogits, plan):
+    """Through the pooled classifier: ``M [B, 2K, P]``, ``coef = M P [B, h, 2K, N]``, ``dU = drows wcg
+    [B, 2K, C]``, ``dcoef [B, h, 2K, N]`` and ``dwcg = drows^T U [classes, C]``."""
+    f32 = torch.float32
+    inv = inverse_permutation(perm)
+    m = pool_matrix(mask, inv, f32)                                                    # [B, 2K, P]
+    drows = mixed_views_bwd(dlogits, inv, f32).contiguous()                            # [B, 2K, classes]
+    du = torch.matmul(drows, wcg)                                                      # [B, 2K, C]
+    coef = torch.matmul(m.unsqueeze(1), probs)                                         # [B, h, 2K, N]
+    u, dcoef = _pooled_rows(x, mean, rstd, coef, du, m.shape[1], plan)                 # m.shape[1] = 2K views
+    dwcg = torch.mm(drows.view(-1, wcg.shape[0]).T, u.view(-1, x.shape[1]))
+    return m, coef, du, dcoef, dwcg
+
+
+def _score_grads(probs, zhat, m, dattn, dpred, dcoef, views: int, stacked: bool, plan):
+    """dS and dZ ``[B, h, P, N]`` (views of one ``[B, 2, P, N]`` buffer, also returned, when ``stacked``),
+    dZ aliasing dS without ``dpred``; the kernel needs no pass over x."""
+    bsz, h, p, n = zhat.shape
+    dev, f32 = zhat.device, torch.float32
+    grads = None
     if stacked:
         grads = torch.empty(bsz, 2, p, n, device=dev, dtype=f32)
         ds, dz = grads[:, :1], grads[:, 1:]
     else:
         ds = torch.empty(bsz, h, p, n, device=dev, dtype=f32)
         dz = torch.empty_like(ds) if dpred is not None else ds
-    stride_tb = ds.stride(0)
-    launch(_c2f_head_bwd_kernel, plan["bwd"],
-           Probs_ptr=probs, Zhat_ptr=zhat, M_ptr=m if m is not None else probs, DAttn_ptr=dattn if dattn is not None else probs,
-           DPred_ptr=dpred if dpred is not None else probs, DCoef_ptr=dcoef if dcoef is not None else probs,
-           DS_ptr=ds, DZ_ptr=dz, N=n, P=p, H=h, V=views, stride_tb=stride_tb, inv_h=1.0 / h)
-    if stacked:
+    launch(_c2f_head_bwd_kernel, plan,
+           Probs_ptr=probs, Zhat_ptr=zhat, M_ptr=m if m is not None else probs,
+           DAttn_ptr=dattn if dattn is not None else probs, DPred_ptr=dpred if dpred is not None else probs,
+           DCoef_ptr=dcoef if dcoef is not None else probs, DS_ptr=ds, DZ_ptr=dz, N=n, P=p, H=h,
+           V=views, stride_tb=ds.stride(0), inv_h=1.0 / h)
+    return ds, dz, grads
+
+
+def _weight_grads(x, mean, rstd, ds, dz, grads, has_dpred: bool, plan: dict):
+    """``dg [h, P, C]`` and ``dwrg [P, C]``: one dG launch over the stacked ``[dS; dZ]`` for one head (``grads``),
+    else dG and, with ``dpred``, the dWrg kernel."""
+    bsz, c, n = x.shape
+    h, p = ds.shape[1], ds.shape[2]
+    dev, f32, xs = x.device, torch.float32, xstrides(x)
+    if grads is not None:
         dgw = torch.empty(2, p, c, device=dev, dtype=f32)
         launch(_part_attention_bwd_dg_kernel, plan["dg"],
                X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, DS_ptr=grads, DG_ptr=dgw, B=bsz, C=c, N=n, P=p, H=2, **xs)
-        dg, dwrg = dgw[:1], dgw[1].clone()   # outputs of a custom op may not share storage
-    else:
-        dg = torch.empty(h, p, c, device=dev, dtype=f32)
-        launch(_part_attention_bwd_dg_kernel, plan["dg"],
-               X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, DS_ptr=ds, DG_ptr=dg, B=bsz, C=c, N=n, P=p, H=h, **xs)
-        dwrg = (torch.empty if dpred is not None else torch.zeros)(p, c, device=dev, dtype=f32)
-        if dpred is not None:
-            launch(_c2f_head_bwd_dwrg_kernel, plan["dwrg"],
-                   X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, DZ_ptr=dz, DWrg_ptr=dwrg, B=bsz, C=c, N=n, P=p, D=c // h,
-                   stride_tb=stride_tb, **xs)
-    dx = None
-    if needs_dx:
-        dxhat = torch.empty(bsz, c, n, device=dev, dtype=f32)
-        launch(_c2f_head_bwd_dxhat_kernel, plan["dxhat"],
-               G_ptr=g, Wrg_ptr=wrg, DS_ptr=ds, DZ_ptr=dz, DU_ptr=du if du is not None else dxhat,
-               Coef_ptr=coef if coef is not None else dxhat, DXhat_ptr=dxhat, C=c, N=n, P=p, D=c // h, H=h,
-               V=views, stride_tb=stride_tb)
-        # Same strides as x when x is dense: the caller views dx back into x's shape without a copy.
-        dx = torch.empty_like(x)
-        launch(_part_attention_bwd_dx_kernel, plan["dx"],
-               X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, DXhat_ptr=dxhat, DX_ptr=dx, C=c, N=n, **xs,
-               stride_db=dx.stride(0), stride_dc=dx.stride(1), stride_dn=dx.stride(2))
-    return dg, dwrg, dwcg, dx
+        return dgw[:1], dgw[1].clone()   # outputs of a custom op may not share storage
+    dg = torch.empty(h, p, c, device=dev, dtype=f32)
+    launch(_part_attention_bwd_dg_kernel, plan["dg"],
+           X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, DS_ptr=ds, DG_ptr=dg, B=bsz, C=c, N=n, P=p, H=h, **xs)
+    dwrg = (torch.empty if has_dpred else torch.zeros)(p, c, device=dev, dtype=f32)
+    if has_dpred:
+        launch(_c2f_head_bwd_dwrg_kernel, plan["dwrg"],
+               X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, DZ_ptr=dz, DWrg_ptr=dwrg, B=bsz, C=c, N=n, P=p, D=c // h,
+               stride_tb=ds.stride(0), **xs)
+    return dg, dwrg
+
+
+def _input_grad(x, g, wrg, mean, rstd, ds, dz, du, coef, k: int, plan: dict):
+    """dx in ``x.dtype``, with the strides of ``x`` when ``x`` is dense: dxhat from the scores, the readout
+    and (with ``du``) the pooled rows, then the LayerNorm backward."""
+    bsz, c, n = x.shape
+    h, p = g.shape[:2]
+    dxhat = torch.empty(bsz, c, n, device=x.device, dtype=torch.float32)
+    launch(_c2f_head_bwd_dxhat_kernel, plan["dxhat"],
+           G_ptr=g, Wrg_ptr=wrg, DS_ptr=ds, DZ_ptr=dz, DU_ptr=du if du is not None else dxhat,
+           Coef_ptr=coef if coef is not None else dxhat, DXhat_ptr=dxhat, C=c, N=n, P=p, D=c // h, H=h,
+           V=2 * k, stride_tb=ds.stride(0))
+    # Same strides as x when x is dense: the caller views dx back into x's shape without a copy.
+    dx = torch.empty_like(x)
+    launch(_part_attention_bwd_dx_kernel, plan["dx"],
+           X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, DXhat_ptr=dxhat, DX_ptr=dx, C=c, N=n, **xstrides(x),
+           stride_db=dx.stride(0), stride_dc=dx.stride(1), stride_dn=dx.stride(2))
+    return dx

@@ -1,7 +1,7 @@
 """How every kernel is launched: a plan, one ``launch`` call, and a recorder for offline compiles.
 
 A launcher computes each kernel's ``KernelPlan`` (grid, constexprs, warps, stages) with the kernel's
-plan function in ``plans.py`` and calls ``launch(kernel, plan, **args)``. Inside ``recording(target)``
+plan function in its op's ``plans_<op>.py`` and calls ``launch(kernel, plan, **args)``. Inside ``recording(target)``
 the same launcher, called on ``meta`` tensors, records its launches instead of running them:
 ``inspect.py`` compiles exactly those, with the argument types and divisibility the JIT would infer
 from the very same arguments. What is inspected is what runs.
@@ -31,11 +31,12 @@ def next_pow2(n: int) -> int:
 @functools.cache
 def interpreting() -> bool:
     """True when the kernels were decorated for the Triton interpreter: triton reads
-    ``TRITON_INTERPRET=1`` when a kernel module is first imported (here, if not before)."""
+    ``TRITON_INTERPRET=1`` when a kernel module is first imported. Every kernel module imports ``dots``
+    (the one matrix product), so its functions are decorated as the kernels are (here, if not before)."""
     from triton.runtime.jit import JITFunction
 
-    from .part_attention_fwd import _part_attention_stats_kernel
-    return not isinstance(_part_attention_stats_kernel, JITFunction)
+    from .dots import mma
+    return not isinstance(mma, JITFunction)
 
 
 # The oldest Triton c2f supports (pyproject.toml's triton extra; `make test-compat` runs the suite on it).

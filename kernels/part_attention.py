@@ -1,7 +1,8 @@
 """Part attention with Triton kernels: the launchers of the op contract that ``c2f.torch_ops.part_attention``
 implements with torch ops (same functions, same signatures, same saved state).
 
-The launchers validate layouts, allocate, and launch each kernel with its plan from ``plans.py``;
+The launchers validate layouts, allocate, and launch each kernel with its plan from
+``plans_part_attention.py``;
 the kernels live in ``part_attention_fwd.py`` and ``part_attention_bwd.py``.
 
 The unfolded formulation (many heads) is, apart from its softmax, three dense GEMMs over all the
@@ -16,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from ..torch_ops.part_attention import unfolded_bwd, unfolded_fwd  # see the module docstring
-from . import plans, targets
+from . import targets
+from .common import F32, check, check_dims, check_x, make_plans, xstrides
 from .launch import FLOAT_DTYPES, launch
 from .part_attention_bwd import (
     _part_attention_bwd_dg_kernel,
@@ -33,53 +35,22 @@ from .part_attention_fwd import (
     _part_attention_fwd_softmax_kernel,
     _part_attention_stats_kernel,
 )
+from .plans_part_attention import (
+    attention_bwd_rows,
+    attention_dg,
+    attention_dp,
+    attention_dx,
+    attention_dxhat,
+    attention_fwd_rows,
+    attention_parts,
+    attention_scores,
+    attention_softmax,
+    attention_softmax_bwd,
+    attention_stats,
+    short_rows,
+)
 
 __all__ = ["folded_fwd", "folded_bwd", "unfolded_fwd", "unfolded_bwd"]
-
-
-def describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, stride {tuple(t.stride())}, dtype {t.dtype}, device {t.device}"
-
-
-def check(name: str, t, shape: tuple, dtypes: tuple, device: torch.device, contiguous: bool = False) -> None:
-    """Raises naming ``name`` when ``t`` is not a tensor of ``shape``, one of ``dtypes``, on ``device``."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {describe(t)}")
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {describe(t)}")
-    if t.device != device:
-        raise RuntimeError(f"{name} must be on {device} like x, got {describe(t)}")
-    if contiguous and not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous, got {describe(t)}")
-
-
-def _check_x(x, g, h: int, p: int):
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise ValueError(f"x must be a [B, C, N] tensor, got "
-                         f"{describe(x) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {describe(x)}")
-    bsz, c, n = x.shape
-    if c == 0 or n == 0:
-        raise ValueError(f"x must have C, N > 0, got {describe(x)}")
-    if n > plans.MAX_TOKENS:
-        raise ValueError(f"x has N={n} tokens; the softmax kernels hold whole rows of at most "
-                         f"{plans.MAX_TOKENS} tokens: {describe(x)}")
-    if not isinstance(h, int) or h <= 0 or c % h:
-        raise ValueError(f"num_heads must be a positive divisor of C={c}, got {h!r}")
-    if p <= 0:
-        raise ValueError(f"there must be P > 0 queries, got {p}")
-    if g is not None:
-        check("g", g, (h, p, c), (torch.float32,), x.device, contiguous=True)
-    # Offsets inside one sample (and within g) are int32 in the kernels; only per-sample bases are int64.
-    span = max((c - 1) * abs(x.stride(1)) + (n - 1) * abs(x.stride(2)) + 1, h * p * max(c, n), bsz * h * p)
-    if span >= 2 ** 31:
-        raise ValueError(f"one sample of x (or h * P * max(C, N) = {h * p * max(c, n)}, or the B * h * P = "
-                         f"{bsz * h * p} rows of the probabilities) spans {span} elements, more than int32 offsets "
-                         f"address: x {describe(x)}")
-    return bsz, c, n
 
 
 def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float,
@@ -89,21 +60,19 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
     ``x [B, C, N]`` any strides, fp32/fp16/bf16, read in place; ``g [h, P, C]``, ``gamma, beta [C]``
     fp32. Returns ``parts [B, P, C]`` (``out_dtype``), ``attn [B, P, N]``, ``probs [B, h, P, N]``
     (empty when h == 1), ``mean, rstd [B, N]``, all fp32 but parts. ``chunk_mib`` is the torch-op
-    path's; the kernels keep no per-chunk temporaries. ``dot_precision``: ``plans.DOT_PRECISIONS``.
+    path's; the kernels keep no per-chunk temporaries. ``dot_precision``: one of ``plans.DOT_PRECISIONS``.
     """
-    if not isinstance(g, torch.Tensor) or g.dim() != 3:
-        raise ValueError(f"g must be a [h, P, C] tensor, got {describe(g) if isinstance(g, torch.Tensor) else g!r}")
-    h, p = g.shape[:2]
-    bsz, c, n = _check_x(x, g, h, p)
+    h, p, _ = check_dims("g", g, "[h, P, C]")
+    bsz, c, n = check_x(x, g, h, p)
     dev = x.device
-    check("gamma", gamma, (c,), (torch.float32,), dev, contiguous=True)
-    check("beta", beta, (c,), (torch.float32,), dev, contiguous=True)
+    check("gamma", gamma, (c,), F32, dev, contiguous=True)
+    check("beta", beta, (c,), F32, dev, contiguous=True)
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     target = targets.current(dev)
-    rows = plans.short_rows(n, target)
-    plan = make_plans(lambda: _fwd_plans(bsz, c, n, p, h, x.dtype, target, dot_precision, rows), x, target,
-                      dot_precision)
+    rows = short_rows(n, target)
+    plan = make_plans(lambda: _fwd_plans(bsz, c, n, p, h, x.dtype, target, dot_precision, rows), "part attention",
+                      x, target, dot_precision)
     mean = torch.empty(bsz, n, device=dev, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     parts = torch.empty(bsz, p, c, device=dev, dtype=out_dtype)
@@ -112,7 +81,7 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
     if bsz == 0:
         return parts, attn, probs, mean, rstd
     scores = attn if h == 1 else probs      # the scores are written where their probabilities go
-    xs = dict(stride_xb=x.stride(0), stride_xc=x.stride(1), stride_xn=x.stride(2))
+    xs = xstrides(x)
     if rows:
         launch(_part_attention_fwd_rows_kernel, plan["rows"], X_ptr=x, G_ptr=g, Gamma_ptr=gamma, Beta_ptr=beta,
                Mean_ptr=mean, Rstd_ptr=rstd, Probs_ptr=scores, Parts_ptr=parts, C=c, N=n, P=p, D=c // h, H=h, **xs,
@@ -132,13 +101,13 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
 
 def _fwd_plans(bsz: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target, dot_precision: str,
                rows: bool) -> dict:
-    """The forward's plans: the short-row kernel (``plans.short_rows``) or the four tiled ones."""
+    """The forward's plans: the short-row kernel (``short_rows``) or the four tiled ones."""
     if rows:
-        return dict(rows=plans.attention_fwd_rows(bsz, c, n, p, h, dtype, target, dot_precision))
-    return dict(stats=plans.attention_stats(bsz, c, n, dtype, target),
-                scores=plans.attention_scores(bsz, c, n, p, h, dtype, target, dot_precision),
-                softmax=plans.attention_softmax(bsz * h * p, n, target),
-                parts=plans.attention_parts(bsz, c, n, p, h, dtype, target, dot_precision))
+        return dict(rows=attention_fwd_rows(bsz, c, n, p, h, dtype, target, dot_precision))
+    return dict(stats=attention_stats(bsz, c, n, dtype, target),
+                scores=attention_scores(bsz, c, n, p, h, dtype, target, dot_precision),
+                softmax=attention_softmax(bsz * h * p, n, target),
+                parts=attention_parts(bsz, c, n, p, h, dtype, target, dot_precision))
 
 
 def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, attn: torch.Tensor,
@@ -154,14 +123,14 @@ def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, att
     h, p = num_heads, attn.shape[1]
     if needs_dx and g is None:
         raise ValueError("folded_bwd needs g to compute dx")
-    bsz, c, n = _check_x(x, g, h, p)
+    bsz, c, n = check_x(x, g, h, p)
     dev = x.device
-    check("gamma", gamma, (c,), (torch.float32,), dev, contiguous=True)
-    check("attn", attn, (bsz, p, n), (torch.float32,), dev, contiguous=True)
+    check("gamma", gamma, (c,), F32, dev, contiguous=True)
+    check("attn", attn, (bsz, p, n), F32, dev, contiguous=True)
     if h > 1:
-        check("probs", probs, (bsz, h, p, n), (torch.float32,), dev, contiguous=True)
-    check("mean", mean, (bsz, n), (torch.float32,), dev, contiguous=True)
-    check("rstd", rstd, (bsz, n), (torch.float32,), dev, contiguous=True)
+        check("probs", probs, (bsz, h, p, n), F32, dev, contiguous=True)
+    check("mean", mean, (bsz, n), F32, dev, contiguous=True)
+    check("rstd", rstd, (bsz, n), F32, dev, contiguous=True)
     if dparts is not None:
         check("dparts", dparts, (bsz, p, c), FLOAT_DTYPES, dev)
         dparts = dparts.contiguous()
@@ -169,16 +138,16 @@ def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, att
         check("dattn", dattn, (bsz, p, n), FLOAT_DTYPES, dev)
         dattn = dattn.contiguous()
     target = targets.current(dev)
-    rows = plans.short_rows(n, target)
+    rows = short_rows(n, target)
     has_dparts, has_dattn = dparts is not None, dattn is not None
     plan = make_plans(lambda: _bwd_plans(bsz, c, n, p, h, x.dtype, target, dot_precision, rows, needs_dx, has_dparts,
-                                         has_dattn), x, target, dot_precision)
+                                         has_dattn), "part attention", x, target, dot_precision)
     dg = torch.zeros(h, p, c, device=dev, dtype=torch.float32)
     if bsz == 0:
         zeros = torch.zeros(c, device=dev, dtype=torch.float32)
         return dg, zeros, zeros.clone(), torch.empty_like(x) if needs_dx else None
     probs = attn.unsqueeze(1) if h == 1 else probs
-    xs = dict(stride_xb=x.stride(0), stride_xc=x.stride(1), stride_xn=x.stride(2))
+    xs = xstrides(x)
     ds = torch.empty(bsz, h, p, n, device=dev, dtype=torch.float32)
     if rows:
         dgamma_part, dbeta = _rows_ds(x, gamma, mean, rstd, probs, dparts, dattn, ds, plan["rows"], xs)
@@ -207,19 +176,19 @@ def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, att
 
 def _bwd_plans(bsz: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target, dot_precision: str, rows: bool,
                needs_dx: bool, has_dparts: bool, has_dattn: bool) -> dict:
-    """The backward's plans: the short-row kernel (``plans.short_rows``) or dP and the softmax backward;
-    then dG, and dxhat (after the short-row kernel only for dx, without gamma's gradient) and dx."""
-    out = dict(dg=plans.attention_dg(bsz, c, n, p, h, dtype, target, dot_precision),
-               dx=plans.attention_dx(bsz, c, n, dtype, target))
+    """The backward's plans: the short-row kernel (``short_rows``) or dP and the softmax backward; then dG,
+    and dxhat (after the short-row kernel only for dx, without gamma's gradient) and dx."""
+    out = dict(dg=attention_dg(bsz, c, n, p, h, dtype, target, dot_precision),
+               dx=attention_dx(bsz, c, n, dtype, target))
     if rows:
-        out["rows"] = plans.attention_bwd_rows(bsz, c, n, p, h, dtype, target, dot_precision, has_dparts=has_dparts,
-                                               has_dattn=has_dattn)
+        out["rows"] = attention_bwd_rows(bsz, c, n, p, h, dtype, target, dot_precision, has_dparts=has_dparts,
+                                         has_dattn=has_dattn)
     else:
-        out["dp"] = plans.attention_dp(bsz, c, n, p, h, dtype, target, dot_precision)
-        out["softmax"] = plans.attention_softmax_bwd(bsz * h * p, n, target, has_dattn=has_dattn)
+        out["dp"] = attention_dp(bsz, c, n, p, h, dtype, target, dot_precision)
+        out["softmax"] = attention_softmax_bwd(bsz * h * p, n, target, has_dattn=has_dattn)
     if needs_dx or not rows:
-        out["dxhat"] = plans.attention_dxhat(bsz, c, n, p, h, dtype, target, dot_precision, needs_dx=needs_dx,
-                                             dgamma=not rows)
+        out["dxhat"] = attention_dxhat(bsz, c, n, p, h, dtype, target, dot_precision, needs_dx=needs_dx,
+                                       dgamma=not rows)
     return out
 
 
@@ -254,13 +223,3 @@ def _tiled_ds(x, gamma, mean, rstd, probs, dparts, dattn, ds, plan: dict, xs: di
     launch(_part_attention_bwd_softmax_kernel, plan["softmax"], Probs_ptr=probs,
            DAttn_ptr=dattn if dattn is not None else ds, DS_ptr=ds, R=bsz * h * p, N=n, P=p, HP=h * p, inv_h=1.0 / h)
     return dbeta
-
-
-def make_plans(make, x: torch.Tensor, target, dot_precision: str, op: str = "part attention") -> dict:
-    """The plans of an op's kernels, made before anything is allocated or launched; a shape no plan
-    fits on ``target`` raises here, naming the op, shape, dtype, target and limit."""
-    try:
-        return make()
-    except plans.PlanError as e:
-        raise plans.PlanError(f"{op} on x {describe(x)} with dot_precision={dot_precision!r} cannot run "
-                              f"on {target.name} ({target.devices}): {e}") from None

@@ -15,7 +15,7 @@
 As in the forward, every product is a tiled GEMM whose tiles do not depend on N; only the softmax
 backward holds whole rows.
 
-Short rows (N <= ``plans.ROW_TOKENS``, ``plans.short_rows``): ``_part_attention_bwd_rows_kernel`` takes the
+Short rows (N <= ``ROW_TOKENS``, ``plans_part_attention.short_rows``): ``_part_attention_bwd_rows_kernel`` takes the
 place of the dP and softmax-backward kernels and of dgamma's pass in dxhat: per (sample, head, query block)
 it computes dP, dS and gamma's and beta's partial gradients with the rows on chip; dG (and dxhat, dx) follow
 as above.
@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .dots import mma, round_operand
+from .part_attention_fwd import block_head_sample
 
 
 @triton.jit
@@ -66,11 +67,7 @@ def _part_attention_bwd_dp_kernel(
     DOT_PRECISION: tl.constexpr,  # dots.mma precision
 ):
     # Query block fastest: the programs of one (sample, head, token block) share its x tiles in L2.
-    num_pb = tl.cdiv(P, BLOCK_P)
-    pid = tl.program_id(0)
-    pb = pid % num_pb
-    j = (pid // num_pb) % H
-    b = (pid // num_pb // H).to(tl.int64)
+    pb, j, b = block_head_sample(P, BLOCK_P, H)
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     p_mask = p < P
@@ -167,11 +164,7 @@ def _part_attention_bwd_dxhat_kernel(
 ):
     # Grid: (channel block within the head fastest, head, sample) x token block. A channel block never
     # straddles two heads.
-    num_cb = tl.cdiv(D, BLOCK_C)
-    pid = tl.program_id(0)
-    cb = pid % num_cb
-    j = (pid // num_cb) % H
-    b = (pid // num_cb // H).to(tl.int64)
+    cb, j, b = block_head_sample(D, BLOCK_C, H)
     nb = tl.program_id(1)
     c = j * D + cb * BLOCK_C + tl.arange(0, BLOCK_C)
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -279,11 +272,8 @@ def _part_attention_bwd_rows_kernel(
     # through the values, sum_p dparts * ((probs * rstd) @ Xc^T), and beta's, sum_p dparts (per-program
     # partial sums: each program owns its row of the partials, summed afterwards); then the softmax
     # backward in registers. Only dS leaves the chip (dG needs it for every sample).
+    qb, j, b = block_head_sample(P, BLOCK_Q, H)
     num_qb = tl.cdiv(P, BLOCK_Q)
-    pid = tl.program_id(0)
-    qb = pid % num_qb
-    j = (pid // num_qb) % H
-    b = (pid // num_qb // H).to(tl.int64)
     q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     n = tl.arange(0, BLOCK_N)
     q_mask = q < P

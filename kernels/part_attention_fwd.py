@@ -18,7 +18,7 @@ queries, ``g [h, P, C] = (scale * Q_j @ Wk_j) * gamma``. With ``X_b`` one sample
 Every product is a tiled GEMM whose tiles do not depend on N (``plans.py``), so every supported N fits
 every target; only the softmax holds a whole row of N <= ``plans.MAX_TOKENS`` tokens, in registers.
 
-- ``_part_attention_fwd_rows_kernel``: short rows (N <= ``plans.ROW_TOKENS``, ``plans.short_rows``): all of
+- ``_part_attention_fwd_rows_kernel``: short rows (N <= ``ROW_TOKENS``, ``plans_part_attention.short_rows``): all of
   the above in one kernel per (sample, head, query block), the scores never leaving the chip; x_b is read
   by both of its passes and by every query block of the sample at about the same time (from L2).
 """
@@ -28,6 +28,16 @@ import triton.language as tl
 from .dots import mma, round_operand
 
 LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def block_head_sample(extent, BLOCK: tl.constexpr, H):
+    """``(block, head, sample)`` of this program along grid axis 0, ordered block fastest, then head, then
+    sample: ``cdiv(extent, BLOCK)`` blocks per (sample, head), so a sample's programs run side by side
+    and share its x tiles in L2. The sample is int64 (it multiplies per-sample strides)."""
+    num_blocks = tl.cdiv(extent, BLOCK)
+    pid = tl.program_id(0)
+    return pid % num_blocks, (pid // num_blocks) % H, (pid // num_blocks // H).to(tl.int64)
 
 
 @triton.jit
@@ -190,15 +200,11 @@ def _part_attention_fwd_rows_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,   # BLOCK_N >= N: whole rows
     DOT_PRECISION: tl.constexpr,  # dots.mma precision
 ):
-    # Short rows (N <= plans.ROW_TOKENS): one program per (sample, head, query block) keeps its rows of
+    # Short rows (N <= plans_part_attention.ROW_TOKENS): one program per (sample, head, query block) keeps its rows of
     # scores on chip from the product to the parts. Pass 1 over all C channels: S and the token
     # statistics together; the softmax in registers; pass 2 over the head's channels: the parts. The
     # programs of one sample run side by side (query block fastest), so both passes read x_b from L2.
-    num_qb = tl.cdiv(P, BLOCK_Q)
-    pid = tl.program_id(0)
-    qb = pid % num_qb
-    j = (pid // num_qb) % H
-    b = (pid // num_qb // H).to(tl.int64)
+    qb, j, b = block_head_sample(P, BLOCK_Q, H)
     q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     n = tl.arange(0, BLOCK_N)
     q_mask = q < P

@@ -25,9 +25,13 @@ import triton
 import triton.language as tl
 
 from .._math import inverse_permutation
-from . import plans, targets
+from . import targets
+from .common import F32, check, check_dims, check_perm, describe, make_plans
 from .dots import mma, round_operand
 from .launch import launch
+from .plans_part_mixup import mixup_pairs, mixup_pool_bwd, mixup_pool_fwd
+
+OP = "part mixup"
 
 
 @triton.jit
@@ -196,59 +200,50 @@ def _part_mixup_pool_bwd_kernel(
     tl.store(df_ptrs, (acc * inv_P).to(DF_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
 
 
-def _check_pair_args(name: str, x: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> None:
-    if x.dim() != 3 or not x.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous [B, P, C] tensor to be mixed in place, "
-                         f"got shape {tuple(x.shape)}, stride {x.stride()}")
-    b, p, _ = x.shape
-    if perm.shape != (b,) or perm.dtype != torch.int64:
-        raise ValueError(f"perm must be int64 of shape ({b},), got {perm.dtype} {tuple(perm.shape)}")
-    if mask.shape != (b, p) or mask.dtype != torch.float32 or mask.stride(-1) != 1:
-        raise ValueError(f"mask must be float32 [B={b}, P={p}] with unit stride along P, "
-                         f"got {mask.dtype} {tuple(mask.shape)} stride {mask.stride()}")
+def _check_mix(name: str, x: torch.Tensor, perm, mask, mask_shape: tuple, in_place: bool) -> None:
+    """Layouts of a mix's other arguments, ``x`` being a tensor already: ``x`` contiguous when mixed
+    ``in_place``, ``perm`` int64 ``[B]``, ``mask`` fp32 of ``mask_shape`` with unit stride along P, all on
+    x's device."""
+    if in_place and not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous to be mixed in place, got {describe(x)}")
+    check_perm(perm, mask_shape[-2], x.device)
+    check("mask", mask, mask_shape, F32, x.device, unit_stride=True)
 
 
-def _launch_pairs(kernel, x: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> None:
-    b, p, c = x.shape
+def _mix_in_place(kernel, name: str, x, perm, mask) -> None:
+    """Checks and launches an in-place mix of ``x [B, P, C]`` (``kernel``: forward or backward)."""
+    b, p, c = check_dims(name, x, "[B, P, C]")
+    _check_mix(name, x, perm, mask, (b, p), in_place=True)
+    target = targets.current(x.device)
+    plan = make_plans(lambda: mixup_pairs(b, p, c, x.dtype, target), OP, x, target, name=name)
     if x.numel() == 0:
         return
-    plan = plans.mixup_pairs(b, p, c, x.dtype, targets.current(x.device))
     launch(kernel, plan, X_ptr=x, Perm_ptr=perm, M_ptr=mask, P=p, C=c, stride_xb=x.stride(0),
            stride_xp=x.stride(1), stride_mb=mask.stride(0))
 
 
 def part_mixup_fwd_(parts: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> None:
     """Mixes ``parts [B, P, C]`` in place by the involution ``perm [B]`` and ``mask [B, P]`` (fp32)."""
-    _check_pair_args("parts", parts, perm, mask)
-    _launch_pairs(_part_mixup_fwd_kernel, parts, perm, mask)
+    _mix_in_place(_part_mixup_fwd_kernel, "parts", parts, perm, mask)
 
 
 def part_mixup_bwd_(grad: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> None:
     """Turns ``grad [B, P, C]`` of the mixed parts into the gradient of the parts, in place."""
-    _check_pair_args("grad", grad, perm, mask)
-    _launch_pairs(_part_mixup_bwd_kernel, grad, perm, mask)
-
-
-def _check_pool_mask(mask: torch.Tensor, b: int, p: int) -> None:
-    if mask.dim() != 3 or mask.shape[1:] != (b, p) or mask.dtype != torch.float32 or mask.stride(-1) != 1:
-        raise ValueError(f"mask must be float32 [K, B={b}, P={p}] with unit stride along P, "
-                         f"got {mask.dtype} {tuple(mask.shape)} stride {mask.stride()}")
+    _mix_in_place(_part_mixup_bwd_kernel, "grad", grad, perm, mask)
 
 
 def part_mixup_pool_fwd(parts: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over parts of the K mixed views: ``parts [B, P, C]`` (any strides), ``perm [B]`` a permutation,
     ``mask [K, B, P]`` fp32; returns ``[K, B, C]`` in the dtype of ``parts``."""
-    if parts.dim() != 3:
-        raise ValueError(f"parts must be [B, P, C], got shape {tuple(parts.shape)}")
-    b, p, c = parts.shape
-    if perm.shape != (b,) or perm.dtype != torch.int64:
-        raise ValueError(f"perm must be int64 of shape ({b},), got {perm.dtype} {tuple(perm.shape)}")
-    _check_pool_mask(mask, b, p)
-    k = mask.shape[0]
+    b, p, c = check_dims("parts", parts, "[B, P, C]")
+    k, _, _ = check_dims("mask", mask, "[K, B, P]")
+    _check_mix("parts", parts, perm, mask, (k, b, p), in_place=False)
+    target = targets.current(parts.device)
+    plan = make_plans(lambda: mixup_pool_fwd(k, b, p, c, parts.dtype, target), OP, parts, target, name="parts")
     out = torch.empty((k, b, c), device=parts.device, dtype=parts.dtype)
     if out.numel() == 0 or p == 0:
         return out.zero_() if p == 0 else out
-    launch(_part_mixup_pool_fwd_kernel, plans.mixup_pool_fwd(k, b, p, c, parts.dtype, targets.current(parts.device)),
+    launch(_part_mixup_pool_fwd_kernel, plan,
            F_ptr=parts, Perm_ptr=perm, M_ptr=mask, Out_ptr=out, K=k, P=p, C=c,
            stride_fb=parts.stride(0), stride_fp=parts.stride(1), stride_fc=parts.stride(2),
            stride_mk=mask.stride(0), stride_mb=mask.stride(1), stride_ok=out.stride(0), stride_ob=out.stride(1),
@@ -259,22 +254,18 @@ def part_mixup_pool_fwd(parts: torch.Tensor, perm: torch.Tensor, mask: torch.Ten
 def part_mixup_pool_bwd(grad: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Gradient of the parts ``[B, P, C]`` (in ``dtype``) from ``grad [K, B, C]`` (any strides, expanded
     included), the permutation ``perm [B]`` and ``mask [K, B, P]`` fp32."""
-    if grad.dim() != 3:
-        raise ValueError(f"grad must be [K, B, C], got shape {tuple(grad.shape)}")
-    k, b, c = grad.shape
-    if perm.shape != (b,) or perm.dtype != torch.int64:
-        raise ValueError(f"perm must be int64 of shape ({b},), got {perm.dtype} {tuple(perm.shape)}")
-    if mask.dim() != 3 or mask.shape[:2] != (k, b):
-        raise ValueError(f"mask must be [K={k}, B={b}, P], got {tuple(mask.shape)}")
-    p = mask.shape[2]
-    _check_pool_mask(mask, b, p)
+    k, b, c = check_dims("grad", grad, "[K, B, C]")
+    p = check_dims("mask", mask, "[K, B, P]")[2]
+    _check_mix("grad", grad, perm, mask, (k, b, p), in_place=False)
+    target = targets.current(grad.device)
+    plan = make_plans(lambda: mixup_pool_bwd(k, b, p, c, grad.dtype, target), OP, grad, target, name="grad")
     out = torch.empty((b, p, c), device=grad.device, dtype=dtype)
     if out.numel() == 0:
         return out
     if k == 0:
         return out.zero_()
     inv = inverse_permutation(perm)   # the sample paired with j took (1 - m) of F[j] in its views
-    launch(_part_mixup_pool_bwd_kernel, plans.mixup_pool_bwd(k, b, p, c, grad.dtype, targets.current(grad.device)),
+    launch(_part_mixup_pool_bwd_kernel, plan,
            G_ptr=grad, Inv_ptr=inv, M_ptr=mask, DF_ptr=out, K=k, P=p, C=c,
            stride_gk=grad.stride(0), stride_gb=grad.stride(1), stride_gc=grad.stride(2),
            stride_mk=mask.stride(0), stride_mb=mask.stride(1), stride_db=out.stride(0), stride_dp=out.stride(1),

@@ -1,6 +1,7 @@
-"""Launch plans: one function per kernel returning its grid, tiles, warps and stages for given shapes,
-dtype and target. Launchers launch these plans and ``inspect.py`` compiles the same plans, so every
-number below lives here once, with the reason for it.
+"""Launch-plan machinery shared by every op's plans (``plans_part_attention.py``, ``plans_part_mixup.py``,
+``plans_c2f_head.py``: one plan function per kernel, returning its grid, tiles, warps and stages for given
+shapes, dtype and target). Launchers launch these plans and ``inspect.py`` compiles the same plans, so every
+number lives in a plan module once, with the reason for it.
 
 How tiles are chosen
 --------------------
@@ -24,20 +25,17 @@ its per-block shared memory (LDS) limit alone:
   [128, 64]. Operand tiles and their offsets take about as much again: measured with ptxas, [64, 64]
   tiles at 4 warps reached 252 of 255 registers (dxhat, sm_86), at 8 warps 200; dxhat's two [128, 64]
   accumulators spilled on sm_90; a [128, 128] tile spilled at 8 warps on sm_80 and sm_90. NVIDIA plans
-  state their register budget (``maxnreg``, see ``_options``), or ptxas spills on its own.
+  state their register budget (``maxnreg``, see ``compile_options``), or ptxas spills on its own.
 - The tiers that result: 227 KiB (sm_90, sm_100) and 163 / 160 KiB (sm_80, gfx950) run [128, 64, 32]
   tiles; 99 KiB (sm_86, sm_89, sm_120) [64, 64, 32] with 3 stages; 64 KiB (gfx90a, gfx942) [64, 64, 32]
   with 2 stages; all with 8 warps. AMD runs at most 2 stages (``HIP_MAX_STAGES``). Below 32 KiB of
   shared memory per block: ``PlanError``.
 - Tiles shrink to the problem (a head of 25 channels, 7 queries) but never below ``MIN_DOT``.
-- Short rows (``short_rows``: ``next_pow2(N) <= ROW_TOKENS`` and the plans fit): one forward and one
-  backward kernel per (sample, head, query block) hold whole rows of scores on chip instead of the tiled
-  kernels and their row kernels; their rule is the head's (``rows_per_block``, ``fit_channels``), below.
-- The row kernels hold whole rows, ``BLOCK_N = next_pow2(N)`` wide (at most ``MAX_TOKENS``), and as
-  many rows as make ``ROW_VALUES`` fp32 values per thread: twice the rows with 64-lane wavefronts. The
-  streaming kernels (statistics, the LayerNorm backward, the in-place mix) read [64, 32] or [8, 512]
-  tiles: bytes in flight, not reuse. The pooled mix shrinks its stages, then its channel block, until
-  its bound fits.
+- Kernels that loop over channel chunks with whole rows or fused work (the short-row attention, the
+  head, the pooled mix) size their chunk with one rule, ``shrink_to_fit``: the stages, then the chunk,
+  shrink until ``SMEM_HEADROOM`` x the pipelined operand tiles (and one staged copy of the operands of
+  the products after the loop) fit the target's per-block limit. Their rows per block come from a
+  per-thread register budget (``rows_per_block``).
 - The interpreter pays per Triton op (~0.1-1 ms of Python), not per element: big tiles, few programs
   and few loop trips make the same kernels 5-10x cheaper on CPU. Correctness does not depend on the
   tiles; tests also run the GPU tiles under the interpreter (``launch.plan_for``).
@@ -54,26 +52,32 @@ interpreter's bf16 dot is broken, so there "bf16" rounds operands to bf16 and mu
 
 Adding a plan function (the convention every kernel follows)
 -----------------------------------------------------------
-``def <op>_<kernel>(<shape ints>, dtype, target, dot_precision="tf32", <flags>) -> KernelPlan``, placed
-after the existing ones. A GEMM kernel returns ``_gemm_plan(grid, target, m, n, k, names,
+``def <op>_<kernel>(<shape ints>, dtype, target, dot_precision="tf32", <flags>) -> KernelPlan`` in
+``plans_<op>.py``, the op's plan module. A GEMM kernel returns ``gemm_plan(grid, target, m, n, k, names,
 dot_constexpr(target, dot_precision), accumulators=..., **flags)``: tiles from ``gemm_tiles``, clamped
-with ``fit_tile``, ``smem_bound`` and ``options`` set, ``PlanError`` when nothing fits. A kernel without
-dots sets ``smem_bound=tile_bound(...)`` and ``options=_options(target)`` itself. Its kernel multiplies
+with ``fit_tile``, ``smem_bound`` and ``options`` set, ``PlanError`` when nothing fits. A kernel looping
+over channel chunks takes its chunk, stages and bound from ``shrink_to_fit``; a kernel without dots sets
+``smem_bound=tile_bound(...)``; every plan sets ``options=compile_options(target)``. Its kernel multiplies
 with ``dots.mma(a, b, acc, DOT_PRECISION)``, never ``tl.dot`` directly. The launcher makes all its plans
-before it allocates or launches anything, and the op's shape grid goes into ``inspect.cases()``.
+(``common.make_plans``) before it allocates or launches anything, and the op's shape grid goes into
+``inspect_cases.cases()``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
 
 from .launch import KernelPlan, interpreting, next_pow2
 from .targets import Target
 
+__all__ = ["DOT_PRECISIONS", "MIN_DOT", "FP32_BYTES", "MAX_TOKENS", "SMEM_HEADROOM", "GEMM_LADDER", "GemmTiles",
+           "PlanError", "dot_constexpr", "is_interpreter", "pipeline_stages", "compile_options", "gemm_tiles",
+           "fit_tile", "tile_bound", "gemm_plan", "cdiv", "rows_per_block", "shrink_to_fit"]
+
 DOT_PRECISIONS = ("tf32", "ieee", "bf16", "fp16")
 MIN_DOT = 16            # tl.dot wants M, N >= 16 for tensor cores and K >= 16 for 16-bit operands
 FP32_BYTES = 4
+MAX_TOKENS = 1024       # kernels holding a whole row of N tokens (the softmax): 32 x 32 maps at most
 
 
 class PlanError(ValueError):
@@ -125,7 +129,7 @@ class GemmTiles:
 SMEM_HEADROOM = 2       # pipeline buffers <= half the limit; the other half for conversions, epilogue
 ACC_VALUES = 32         # fp32 accumulator values per thread (all accumulators of a kernel together)
 HIP_MAX_STAGES = 2      # AMD's stream pipeliner holds stages beyond two in registers: 3 spilled (gfx950, pool)
-MAX_REGISTERS = 255     # NVIDIA: registers per thread a plan allows (.maxnreg; see _options)
+MAX_REGISTERS = 255     # NVIDIA: registers per thread a plan allows (.maxnreg; see compile_options)
 GEMM_LADDER = (
     GemmTiles(128, 64, 32, stages=3, warps=8),   # 72 KiB footprint: needs >= 144 KiB per block
     GemmTiles(64, 64, 32, stages=3, warps=8),    # 48 KiB: >= 96 KiB
@@ -133,24 +137,19 @@ GEMM_LADDER = (
     GemmTiles(32, 32, 32, stages=2, warps=4),    # 16 KiB: >= 32 KiB
 )
 INTERPRETER_GEMM = GemmTiles(128, 256, 128, stages=1, warps=4)
-MAX_TOKENS = 1024       # the row kernels hold a whole row of N tokens: 32 x 32 maps at most
-ROW_VALUES = 16         # fp32 values per thread in the row kernels (whole rows, registers only): the
-ROW_WARPS = 4           # softmax backward holds three such tiles and its row offsets; 32 spilled (sm_86)
-INTERPRETER_ROW_TILE = 1 << 16
-STREAM_TILE = (64, 32)  # statistics and dx: [channels, tokens] tiles, 7 programs per sample at N = 196
-INTERPRETER_STREAM_TILE = (512, 256)
-STREAM_WARPS = 4
 
 
-def _interpreting(target: Target) -> bool:
+def is_interpreter(target: Target) -> bool:
+    """Whether plans for ``target`` are sized for the interpreter (Python overhead, no limits)."""
     return target.backend == "interpreter"
 
 
-def _stages(target: Target, stages: int) -> int:
+def pipeline_stages(target: Target, stages: int) -> int:
+    """``stages``, at most ``HIP_MAX_STAGES`` on AMD."""
     return min(stages, HIP_MAX_STAGES) if target.backend == "hip" else stages
 
 
-def _options(target: Target) -> dict:
+def compile_options(target: Target) -> dict:
     """Backend compile options of every plan. NVIDIA: ``maxnreg`` states the register budget. Without it
     ptxas (run by Triton with ``--regAllocOptLevel=2``) picks a register target of its own for occupancy
     and spills below it: measured, the parts kernel on sm_80 at 128 registers with 12 B of spills, with
@@ -158,10 +157,14 @@ def _options(target: Target) -> dict:
     return {"maxnreg": MAX_REGISTERS} if target.backend == "cuda" else {}
 
 
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def gemm_tiles(target: Target, accumulators: int = 1) -> GemmTiles:
     """The largest ``GEMM_LADDER`` entry whose ``smem_bound`` fits ``target``'s per-block limit and whose
     ``accumulators`` [m, n] fp32 accumulators come to at most ``ACC_VALUES`` per thread."""
-    if _interpreting(target):
+    if is_interpreter(target):
         return INTERPRETER_GEMM
     for tiles in GEMM_LADDER:
         acc_per_thread = accumulators * tiles.m * tiles.n // (tiles.warps * target.warp_size)
@@ -182,29 +185,17 @@ def tile_bound(*tiles: tuple[int, int]) -> int:
     return sum(r * c for r, c in tiles) * FP32_BYTES
 
 
-def _gemm_plan(grid, target: Target, m: int, n: int, k: int, names: tuple[str, str, str], precision: str,
-               accumulators: int = 1, **flags) -> KernelPlan:
-    """A GEMM kernel's plan on ``target``: tiles clamped to the problem (m x n output, k reduction)."""
+def gemm_plan(grid: Callable[[int, int], tuple[int, ...]], target: Target, m: int, n: int, k: int,
+              names: tuple[str, str, str], precision: str, accumulators: int = 1, **flags) -> KernelPlan:
+    """A GEMM kernel's plan on ``target``: tiles clamped to the problem (m x n output, k reduction),
+    ``names`` the constexprs of the three tile sizes, ``grid(tile_m, tile_n)`` the launch grid."""
     tiles = gemm_tiles(target, accumulators)
     tm, tn, tk = fit_tile(tiles.m, m), fit_tile(tiles.n, n), fit_tile(tiles.k, k)
-    sized = GemmTiles(tm, tn, tk, _stages(target, tiles.stages), tiles.warps)
-    return KernelPlan(grid=grid(tm, tn), constexprs=dict(flags, **dict(zip(names, (tm, tn, tk))),
+    sized = GemmTiles(tm, tn, tk, pipeline_stages(target, tiles.stages), tiles.warps)
+    return KernelPlan(grid=grid(tm, tn), constexprs=dict(flags, **dict(zip(names, (tm, tn, tk), strict=True)),
                                                           DOT_PRECISION=precision),
                       num_warps=sized.warps, num_stages=sized.stages, smem_bound=sized.smem_bound(),
-                      options=_options(target))
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def row_block(n: int, target: Target) -> tuple[int, int]:
-    """``(BLOCK_R, BLOCK_N)`` of the row kernels: whole rows of ``n`` tokens."""
-    if n > MAX_TOKENS:
-        raise PlanError(f"the softmax holds whole rows of at most {MAX_TOKENS} tokens, got N = {n}")
-    bn = max(MIN_DOT, next_pow2(n))
-    tile = INTERPRETER_ROW_TILE if _interpreting(target) else ROW_VALUES * ROW_WARPS * target.warp_size
-    return max(1, tile // bn), bn
+                      options=compile_options(target))
 
 
 def rows_per_block(cap: int, extent: int, tiles: int, bn: int, target: Target, values: int, warps: int) -> int:
@@ -216,250 +207,26 @@ def rows_per_block(cap: int, extent: int, tiles: int, bn: int, target: Target, v
     return fit_tile(rows, extent)
 
 
-def fit_channels(target: Target, bc: int, stages: int, operands, what: str, fixed=0) -> tuple[int, int, int]:
-    """``(BLOCK_C, stages, smem_bound)`` of a kernel looping over channel chunks: stages, then the chunk,
-    shrink until ``SMEM_HEADROOM`` x ``stages`` x ``operands(bc)`` (bytes of one stage's fp32 operand
-    tiles), and ``fixed`` (one copy of the operands of the products, staged for their layout conversion;
-    bytes, or a function of the chunk), fit the per-block limit; ``PlanError`` below ``MIN_DOT`` channels."""
+def shrink_to_fit(target: Target, block: int, stages: int, operands: Callable[[int], int], what: str,
+                  fixed: int | Callable[[int], int] = 0) -> tuple[int, int, int]:
+    """``(block, stages, smem_bound)`` of a kernel looping over ``block``-wide chunks (of channels): on a
+    GPU the stages, then the chunk, shrink until ``SMEM_HEADROOM`` x ``stages`` x ``operands(block)``
+    (bytes of one stage's fp32 operand tiles), and ``fixed`` (one copy of the operands of the products,
+    staged for their layout conversion; bytes, or a function of the chunk), fit the per-block limit;
+    ``PlanError`` naming ``what`` below ``MIN_DOT``. The interpreter keeps the chunk, unpipelined."""
     def bound_at(k: int, s: int) -> int:
         return max(SMEM_HEADROOM * s * operands(k), fixed(k) if callable(fixed) else fixed)
 
-    stages = _stages(target, stages)
-    if _interpreting(target):
-        return bc, 1, bound_at(bc, 1)
+    stages = pipeline_stages(target, stages)
+    if is_interpreter(target):
+        return block, 1, bound_at(block, 1)
     while True:
-        while stages > 1 and bound_at(bc, stages) > target.smem_per_block:
+        while stages > 1 and bound_at(block, stages) > target.smem_per_block:
             stages -= 1
-        bound = bound_at(bc, stages)
+        bound = bound_at(block, stages)
         if bound <= target.smem_per_block:
-            return bc, stages, bound
-        if bc <= MIN_DOT:
+            return block, stages, bound
+        if block <= MIN_DOT:
             raise PlanError(f"no {what} tiles fit {target.name}: {target.smem_per_block / 1024:.0f} KiB of shared "
                             f"memory per block, the smallest plan needs {bound / 1024:.0f} KiB")
-        bc //= 2
-
-
-def _stream_plan(b: int, n: int, target: Target) -> KernelPlan:
-    bc, bn = INTERPRETER_STREAM_TILE if _interpreting(target) else STREAM_TILE
-    return KernelPlan(grid=(b, _cdiv(n, bn)), constexprs=dict(BLOCK_C=bc, BLOCK_N=bn), num_warps=STREAM_WARPS,
-                      num_stages=1, smem_bound=tile_bound((bc, bn)), options=_options(target))
-
-
-# ---------------------------------------------------------------------------- part attention
-
-def attention_stats(b: int, c: int, n: int, dtype: torch.dtype, target: Target) -> KernelPlan:
-    """Token mean / rstd: one program per (sample, token block)."""
-    return _stream_plan(b, n, target)
-
-
-def attention_scores(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
-                     dot_precision: str = "tf32") -> KernelPlan:
-    """S = G @ Xc for all heads: [hP, C] x [C, N] per sample; grid (query block x sample, token block)."""
-    return _gemm_plan(lambda tm, tn: (_cdiv(h * p, tm) * b, _cdiv(n, tn)), target, h * p, n, c,
-                      ("BLOCK_Q", "BLOCK_N", "BLOCK_K"), dot_constexpr(target, dot_precision))
-
-
-def attention_softmax(rows: int, n: int, target: Target) -> KernelPlan:
-    """Softmax of ``rows`` rows of ``n`` tokens in place."""
-    br, bn = row_block(n, target)
-    return KernelPlan(grid=(_cdiv(rows, br),), constexprs=dict(BLOCK_R=br, BLOCK_N=bn), num_warps=ROW_WARPS,
-                      num_stages=1, smem_bound=tile_bound((br, bn)), options=_options(target))
-
-
-def attention_parts(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
-                    dot_precision: str = "tf32") -> KernelPlan:
-    """parts_j = gamma * ((probs_j * rstd) @ Xc_j^T) + beta: [P, N] x [N, d] per sample and head;
-    grid (query block x sample, head x channel block)."""
-    d = c // h
-    return _gemm_plan(lambda tm, tn: (_cdiv(p, tm) * b, h * _cdiv(d, tn)), target, p, d, n,
-                      ("BLOCK_P", "BLOCK_C", "BLOCK_K"), dot_constexpr(target, dot_precision))
-
-
-def attention_dp(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
-                 dot_precision: str = "tf32") -> KernelPlan:
-    """dP_j = rstd * ((dparts_j * gamma) @ Xc_j): [P, d] x [d, N] per sample and head;
-    grid (query block x head x sample, token block)."""
-    return _gemm_plan(lambda tm, tn: (_cdiv(p, tm) * h * b, _cdiv(n, tn)), target, p, n, c // h,
-                      ("BLOCK_P", "BLOCK_N", "BLOCK_K"), dot_constexpr(target, dot_precision))
-
-
-def attention_softmax_bwd(rows: int, n: int, target: Target, has_dattn: bool = True) -> KernelPlan:
-    """dS = probs * (dP' - rowsum(probs * dP')) in place over ``rows`` rows of ``n`` tokens."""
-    br, bn = row_block(n, target)
-    return KernelPlan(grid=(_cdiv(rows, br),), constexprs=dict(HAS_DATTN=has_dattn, BLOCK_R=br, BLOCK_N=bn),
-                      num_warps=ROW_WARPS, num_stages=1, smem_bound=tile_bound((br, bn)), options=_options(target))
-
-
-def attention_dg(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
-                 dot_precision: str = "tf32") -> KernelPlan:
-    """dG_j = sum_b (dS_b,j * rstd_b) @ Xc_b^T: [P, B*N] x [B*N, C]; grid (head, query block, channel
-    block), the batch loop inside."""
-    return _gemm_plan(lambda tm, tn: (h, _cdiv(p, tm), _cdiv(c, tn)), target, p, c, n,
-                      ("BLOCK_P", "BLOCK_C", "BLOCK_N"), dot_constexpr(target, dot_precision))
-
-
-def attention_dxhat(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
-                    dot_precision: str = "tf32", needs_dx: bool = True, dgamma: bool = True) -> KernelPlan:
-    """V = dparts_j^T @ probs_j ([d, P] x [P, N]), with ``dgamma`` gamma's partial gradients and, with
-    ``needs_dx``, dxhat = G^T @ dS + gamma * V ([C, hP] x [hP, N]); grid (channel block x head x sample,
-    token block)."""
-    d = c // h
-    return _gemm_plan(lambda tm, tn: (_cdiv(d, tm) * h * b, _cdiv(n, tn)), target, d, n, p,
-                      ("BLOCK_C", "BLOCK_N", "BLOCK_K"), dot_constexpr(target, dot_precision),
-                      accumulators=2 if needs_dx else 1, NEEDS_DX=needs_dx, DGAMMA=dgamma)
-
-
-def attention_dx(b: int, c: int, n: int, dtype: torch.dtype, target: Target) -> KernelPlan:
-    """LayerNorm backward: one program per (sample, token block)."""
-    return _stream_plan(b, n, target)
-
-
-# ------------------------------------------------------------------ part attention, short rows
-# Where a whole row of scores fits (N <= ROW_TOKENS), one kernel per direction keeps the rows on chip: the
-# forward computes scores, token statistics, softmax and parts; the backward dP, the softmax backward and
-# gamma's and beta's partial gradients (dG stays the tiled GEMM: it sums over the batch). Their tiles
-# follow the head's rule (kernels/plans_c2f_head.py): rows per block from a per-thread register budget, the
-# channel chunk and stages shrunk by ``fit_channels`` until the shared-memory bound fits the target.
-ROW_TOKENS = 256        # whole rows of next_pow2(N) <= 256 tokens: N = 196 (14 x 14) in one block
-ROWS_WARPS = 8
-ROWS_VALUES = 64        # fp32 values per thread in the row tiles held together (the head's budget)
-ROWS_FWD_BLOCK_Q = 32   # forward: queries per program (cap); S, then probs and probs * rstd: 2 tiles
-ROWS_FWD_TILES = 2
-ROWS_BWD_BLOCK_Q = 16   # backward: queries per program (cap); probs * rstd and dP through the channel loop,
-ROWS_BWD_TILES = 2      # probs after it
-ROWS_FWD_BLOCK_K = 32   # channels per chunk (cap), both passes ...
-ROWS_FWD_STAGES = 2     # ... one x chunk in flight while the other is consumed
-ROWS_BWD_BLOCK_K = 32
-ROWS_BWD_STAGES = 2
-ROWS_BWD_STAGES_HIP = 1  # AMD: 2 stages spilled 25-33 B at 256 VGPRs (gfx950, fp32 operands)
-INTERPRETER_ROWS = (128, 256)   # (BLOCK_Q, BLOCK_K): few programs and loop trips on CPU
-
-
-def _rows_plan(b: int, c: int, n: int, p: int, h: int, target: Target, dot_precision: str, cap: int, tiles: int,
-               chunk: int, stages: int, what: str, **flags) -> KernelPlan:
-    """A short-row kernel's plan: one program per (sample, head, query block) over whole rows of N tokens."""
-    bn = max(MIN_DOT, next_pow2(n))
-    if bn > ROW_TOKENS:
-        raise PlanError(f"the {what} kernel holds whole rows of at most {ROW_TOKENS} tokens, got N = {n}")
-    d = c // h
-    if _interpreting(target):
-        bq, bk = fit_tile(INTERPRETER_ROWS[0], p), fit_tile(INTERPRETER_ROWS[1], d)
-    else:
-        bq = rows_per_block(cap, p, tiles, bn, target, ROWS_VALUES, ROWS_WARPS)
-        bk = fit_tile(chunk, d)
-    # A stage: a [BLOCK_Q, BLOCK_K] chunk of g (dparts) and a [BLOCK_K, BLOCK_N] chunk of x. Staged for
-    # the products besides: the row tile probs * rstd, and the centred x chunk in both orientations (the
-    # backward multiplies it from both sides; measured 80 KiB at [16, 256] rows and 32 channels, sm_86).
-    bk, stages, bound = fit_channels(target, bk, stages, lambda k: (bq * k + k * bn) * FP32_BYTES,
-                                     f"short-row {what}", fixed=lambda k: tile_bound((bq, bn), (k, bn), (bn, k)))
-    return KernelPlan(grid=(b * h * _cdiv(p, bq),),
-                      constexprs=dict(flags, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_K=bk,
-                                      DOT_PRECISION=dot_constexpr(target, dot_precision)),
-                      num_warps=4 if _interpreting(target) else ROWS_WARPS, num_stages=stages, smem_bound=bound,
-                      options=_options(target))
-
-
-def attention_fwd_rows(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
-                       dot_precision: str = "tf32") -> KernelPlan:
-    """Short rows: scores with the token statistics, softmax and parts in one kernel; grid (query block x
-    head x sample)."""
-    return _rows_plan(b, c, n, p, h, target, dot_precision, ROWS_FWD_BLOCK_Q, ROWS_FWD_TILES, ROWS_FWD_BLOCK_K,
-                      ROWS_FWD_STAGES, "forward")
-
-
-def attention_bwd_rows(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
-                       dot_precision: str = "tf32", has_dparts: bool = True, has_dattn: bool = True) -> KernelPlan:
-    """Short rows: dP, the softmax backward and gamma's and beta's partial sums in one kernel; grid (query
-    block x head x sample)."""
-    return _rows_plan(b, c, n, p, h, target, dot_precision, ROWS_BWD_BLOCK_Q, ROWS_BWD_TILES, ROWS_BWD_BLOCK_K,
-                      ROWS_BWD_STAGES_HIP if target.backend == "hip" else ROWS_BWD_STAGES, "backward",
-                      HAS_DPARTS=has_dparts, HAS_DATTN=has_dattn)
-
-
-def short_rows(n: int, target: Target) -> bool:
-    """Whether part attention over ``n`` tokens takes the short-row kernels on ``target``: a whole row fits
-    (``next_pow2(n) <= ROW_TOKENS``), both short-row plans fit the target's limits at their full tiles, and
-    so do the tiled GEMMs the backward still runs after them (dG; dxhat for dx): an op whose forward runs
-    must have a backward. Elsewhere the tiled kernels run (tiles independent of N, every target)."""
-    try:
-        gemm_tiles(target, accumulators=2)
-        attention_fwd_rows(1, ROWS_FWD_BLOCK_K, n, ROWS_FWD_BLOCK_Q, 1, torch.float32, target)
-        attention_bwd_rows(1, ROWS_BWD_BLOCK_K, n, ROWS_BWD_BLOCK_Q, 1, torch.float32, target)
-    except PlanError:
-        return False
-    return True
-
-
-# ---------------------------------------------------------------------------- part mixup
-# Mixup streams [B, P, C] once at a few FLOPs per byte: tiles are sized for bytes in flight, not reuse.
-PAIR_BLOCK_P = 8           # in-place mix: [8, 512] tiles of both rows of a pair, 16 fp32 values
-PAIR_BLOCK_C = 512         # per thread and row with 8 warps: 64 KiB of a pair in flight per program
-PAIR_NUM_WARPS = 8
-POOL_BLOCK_K = 32          # views per program; K = 32 fits one block, more views add grid axis 2
-POOL_FWD_BLOCK_P = 16      # forward: [BLOCK_K, 16] masks x [16, 128] parts of both samples per step
-POOL_FWD_BLOCK_C = 128     # into an fp32 [BLOCK_K, 128] accumulator; [.., 32] chunks spilled
-POOL_FWD_NUM_STAGES = 3    # the forward loops over P / 16 part chunks: two in flight while one is used
-POOL_BWD_BLOCK_P = 32      # backward writes d parts in [32, 128] tiles contracting over the views;
-POOL_BWD_BLOCK_C = 128     # [64, 128] tiles spilled at K = 32 (fp32 and bf16, sm_80)
-POOL_BWD_NUM_STAGES = 1    # its loop runs over view blocks, once for K <= 32: nothing to pipeline
-POOL_NUM_WARPS = 8         # with 4 warps the fp32 (3xTF32) tiles need > 255 registers and spill
-
-
-def mixup_pairs(b: int, p: int, c: int, dtype: torch.dtype, target: Target) -> KernelPlan:
-    """In-place pair mix (forward and backward): one program per (sample, part block, channel block)."""
-    bp, bc = min(PAIR_BLOCK_P, next_pow2(p)), min(PAIR_BLOCK_C, next_pow2(c))
-    return KernelPlan(grid=(b, _cdiv(p, bp), _cdiv(c, bc)), constexprs=dict(BLOCK_P=bp, BLOCK_C=bc),
-                      num_warps=PAIR_NUM_WARPS, num_stages=1, smem_bound=tile_bound((bp, bc), (bp, bc)),
-                      options=_options(target))
-
-
-def _pool_dot(dtype: torch.dtype, target: Target) -> dict:
-    """Mask dots of the pooled mix (``part_mixup._mask_dot``): 16-bit parts are multiplied in their own
-    dtype, exact, with the fp32 mask as two 16-bit pieces (``SPLIT``); fp32 parts at an fp32-accurate
-    precision: three TF32 products on NVIDIA, fp32 MFMA on AMD, exact under the interpreter."""
-    if dtype == torch.float32:
-        return dict(PRECISION="tf32x3" if target.backend == "cuda" else "ieee", SPLIT=False)
-    return dict(PRECISION=dot_constexpr(target, "bf16" if dtype == torch.bfloat16 else "fp16"), SPLIT=True)
-
-
-def _pool_plan(grid, extents: dict[str, int], blocks: dict[str, int], stages: int, dtype, target) -> KernelPlan:
-    """A pooled-mix plan: ``blocks`` (BLOCK_K, BLOCK_P, BLOCK_C) clamped to ``extents``; on a GPU, stages
-    and then the channel block shrink until the bound (``SMEM_HEADROOM`` x stages x the fp32 operand
-    tiles: the mask and the two samples' rows) fits the target's per-block limit."""
-    sizes = {name: fit_tile(block, extents[name]) for name, block in blocks.items()}
-    stages = _stages(target, stages)
-    while True:
-        operands = tile_bound(*_pool_operands(blocks, sizes))
-        while not _interpreting(target) and stages > 1 and SMEM_HEADROOM * stages * operands > target.smem_per_block:
-            stages -= 1
-        if _interpreting(target) or SMEM_HEADROOM * stages * operands <= target.smem_per_block:
-            break
-        if sizes["BLOCK_C"] <= MIN_DOT:
-            raise PlanError(f"no pooled-mixup tiles fit {target.name}: {target.smem_per_block / 1024:.0f} KiB of "
-                            f"shared memory per block, the smallest plan needs {SMEM_HEADROOM * operands / 1024:.0f} KiB")
-        sizes["BLOCK_C"] //= 2
-    return KernelPlan(grid=grid(sizes), constexprs=dict(**_pool_dot(dtype, target), **sizes),
-                      num_warps=POOL_NUM_WARPS, num_stages=stages, smem_bound=SMEM_HEADROOM * stages * operands,
-                      options=_options(target))
-
-
-def _pool_operands(blocks: dict[str, int], sizes: dict[str, int]):
-    """The operand tiles of a pool kernel: the mask and the two samples' rows, the first dot extent
-    being the output rows (views in the forward, parts in the backward) and BLOCK_C the columns."""
-    k, p, c = sizes["BLOCK_K"], sizes["BLOCK_P"], sizes["BLOCK_C"]
-    inner = p if next(iter(blocks)) == "BLOCK_K" else k      # the contracted extent
-    return (k, p), (inner, c), (inner, c)
-
-
-def mixup_pool_fwd(k: int, b: int, p: int, c: int, dtype: torch.dtype, target: Target) -> KernelPlan:
-    """Pooled mix: one program per (sample, channel block, view block)."""
-    return _pool_plan(lambda s: (b, _cdiv(c, s["BLOCK_C"]), _cdiv(k, s["BLOCK_K"])), dict(BLOCK_K=k, BLOCK_P=p, BLOCK_C=c),
-                      dict(BLOCK_K=POOL_BLOCK_K, BLOCK_P=POOL_FWD_BLOCK_P, BLOCK_C=POOL_FWD_BLOCK_C),
-                      POOL_FWD_NUM_STAGES, dtype, target)
-
-
-def mixup_pool_bwd(k: int, b: int, p: int, c: int, dtype: torch.dtype, target: Target) -> KernelPlan:
-    """Gradient of the pooled mix: one program per (sample, part block, channel block)."""
-    return _pool_plan(lambda s: (b, _cdiv(p, s["BLOCK_P"]), _cdiv(c, s["BLOCK_C"])), dict(BLOCK_K=k, BLOCK_P=p, BLOCK_C=c),
-                      dict(BLOCK_P=POOL_BWD_BLOCK_P, BLOCK_K=POOL_BLOCK_K, BLOCK_C=POOL_BWD_BLOCK_C),
-                      POOL_BWD_NUM_STAGES, dtype, target)
+        block //= 2

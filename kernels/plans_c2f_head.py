@@ -1,7 +1,9 @@
 """Launch plans of the fused C2F head (``kernels/c2f_head.py``), by the convention of ``plans.py``: tiles
-from the target's limits, ``smem_bound`` set, ``PlanError`` when nothing fits, options from ``_options``.
+from the target's limits, ``smem_bound`` set, ``PlanError`` when nothing fits, options from
+``compile_options``. The head also runs three part-attention kernels (statistics, dG, the LayerNorm
+backward) with their plans from ``plans_part_attention.py``.
 
-Two of the head's kernels are tiled GEMMs and take ``plans._gemm_plan`` as they are: dWrg (``[P, B*N] x
+Two of the head's kernels are tiled GEMMs and take ``plans.gemm_plan`` as they are: dWrg (``[P, B*N] x
 [B*N, d]`` per head) and dxhat (``[d, hP] x [hP, N]`` plus the readout and pooled-row terms). The pooled
 rows (``U = [2K, N] x [N, c]`` and ``dcoef = [2K, c] x [c, N]``) are GEMMs with 2K output rows in
 ``HEAD_POOL_*`` tiles. Two fuse row-wise work and walk the tokens in chunks of at most ``HEAD_BLOCK_N``,
@@ -14,8 +16,8 @@ backward; two passes past one chunk). Their rule (the channel chunk and stages a
   ``MIN_DOT``;
 - shared memory: ``SMEM_HEADROOM`` x stages x the fp32 operand tiles of a channel loop, as for the
   GEMMs, and one fp32 copy of the operands of a product after the loop (``tile_bound``: its layout
-  conversion); stages, then the channel chunk, shrink until that fits the target's per-block limit;
-  below ``MIN_DOT`` channels: ``PlanError``.
+  conversion); stages, then the channel chunk, shrink until that fits the target's per-block limit
+  (``plans.shrink_to_fit``); below ``MIN_DOT`` channels: ``PlanError``.
 - The interpreter takes all tokens in one chunk and large tiles (few Python-level ops).
 """
 from __future__ import annotations
@@ -29,14 +31,14 @@ from .plans import (
     MIN_DOT,
     SMEM_HEADROOM,
     PlanError,
-    _cdiv,
-    _gemm_plan,
-    _interpreting,
-    _options,
+    cdiv,
+    compile_options,
     dot_constexpr,
-    fit_channels,
     fit_tile,
+    gemm_plan,
+    is_interpreter,
     rows_per_block,
+    shrink_to_fit,
     tile_bound,
 )
 from .targets import Target
@@ -71,7 +73,7 @@ INTERPRETER_BWD_P = 128
 def head_block_n(n: int, target: Target) -> int:
     """Tokens per chunk of the row kernels: all N up to ``HEAD_BLOCK_N`` (up to ``MAX_TOKENS`` in the
     interpreter), in a power-of-two block."""
-    return max(MIN_DOT, min(next_pow2(n), MAX_TOKENS if _interpreting(target) else HEAD_BLOCK_N))
+    return max(MIN_DOT, min(next_pow2(n), MAX_TOKENS if is_interpreter(target) else HEAD_BLOCK_N))
 
 
 def _head_fwd_stages(target: Target, dtype: torch.dtype, dot_precision: str) -> int:
@@ -90,7 +92,7 @@ def head_fwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dt
     """Scores, softmax, readout and pooling coefficients: one program per (sample, head, query block)."""
     bn = head_block_n(n, target)
     bv = fit_tile(HEAD_VIEWS_BLOCK, views)
-    if _interpreting(target):
+    if is_interpreter(target):
         bp, bc = fit_tile(INTERPRETER_FWD[0], p), fit_tile(INTERPRETER_FWD[1], c)
     else:
         bp = rows_per_block(HEAD_FWD_BLOCK_P, p, 2 if bn >= n else HEAD_FWD_TWO_PASS_TILES, bn, target,
@@ -99,34 +101,34 @@ def head_fwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dt
         bc = fit_tile(HEAD_FWD_TWO_PASS_BLOCK_C_SM90 if two_pass_sm90 else HEAD_FWD_BLOCK_C, c)
     # A stage: the g and wrg chunks [BLOCK_P, BLOCK_C] and an x chunk [BLOCK_C, BLOCK_N]; the epilogue
     # M [BLOCK_V, BLOCK_P] x probs [BLOCK_P, BLOCK_N] reuses the same memory.
-    bc, stages, bound = fit_channels(target, bc, _head_fwd_stages(target, dtype, dot_precision) if bn >= n else 1,
-                                      lambda k: (2 * bp * k + k * bn) * FP32_BYTES, "head forward",
-                                      fixed=tile_bound((bv, bp), (bp, bn)))
-    return KernelPlan(grid=(b * h * _cdiv(p, bp),),
+    bc, stages, bound = shrink_to_fit(target, bc, _head_fwd_stages(target, dtype, dot_precision) if bn >= n else 1,
+                                       lambda k: (2 * bp * k + k * bn) * FP32_BYTES, "head forward",
+                                       fixed=tile_bound((bv, bp), (bp, bn)))
+    return KernelPlan(grid=(b * h * cdiv(p, bp),),
                       constexprs=dict(SINGLE_PASS=bn >= n, BLOCK_P=bp, BLOCK_N=bn, BLOCK_C=bc, BLOCK_V=bv,
                                       DOT_PRECISION=dot_constexpr(target, dot_precision)),
-                      num_warps=4 if _interpreting(target) else HEAD_WARPS, num_stages=stages, smem_bound=bound,
-                      options=_options(target))
+                      num_warps=4 if is_interpreter(target) else HEAD_WARPS, num_stages=stages, smem_bound=bound,
+                      options=compile_options(target))
 
 
 def head_pool(b: int, c: int, n: int, h: int, views: int, dtype: torch.dtype, target: Target,
               dot_precision: str = "tf32", has_du: bool = False) -> KernelPlan:
     """Pooled rows (and in backward the coefficient gradient): one program per (sample, head, split)."""
     d = c // h
-    bn = head_block_n(n, target) if _interpreting(target) else fit_tile(HEAD_POOL_BLOCK_N, n)
+    bn = head_block_n(n, target) if is_interpreter(target) else fit_tile(HEAD_POOL_BLOCK_N, n)
     bv = fit_tile(HEAD_VIEWS_BLOCK, views)
-    split_cap, bc = INTERPRETER_POOL if _interpreting(target) else \
+    split_cap, bc = INTERPRETER_POOL if is_interpreter(target) else \
         (HEAD_POOL_SPLIT, HEAD_POOL_BLOCK_C_HIP if target.backend == "hip" else HEAD_POOL_BLOCK_C)
     split = min(split_cap, d)
     # One product at a time: coef [BLOCK_V, BLOCK_N] x x^T [BLOCK_N, BLOCK_C], then dU [BLOCK_V, BLOCK_C]
     # x x [BLOCK_C, BLOCK_N].
-    bc, stages, bound = fit_channels(target, fit_tile(bc, split), HEAD_POOL_STAGES,
-                                      lambda k: (bv * bn + bn * k) * FP32_BYTES, "head pooled-row")
-    return KernelPlan(grid=(b * h, _cdiv(d, split)),
+    bc, stages, bound = shrink_to_fit(target, fit_tile(bc, split), HEAD_POOL_STAGES,
+                                       lambda k: (bv * bn + bn * k) * FP32_BYTES, "head pooled-row")
+    return KernelPlan(grid=(b * h, cdiv(d, split)),
                       constexprs=dict(HAS_DU=has_du, BLOCK_V=bv, BLOCK_N=bn, BLOCK_C=bc,
                                       DOT_PRECISION=dot_constexpr(target, dot_precision)),
-                      num_warps=4 if _interpreting(target) else HEAD_WARPS, num_stages=stages, smem_bound=bound,
-                      options=_options(target))
+                      num_warps=4 if is_interpreter(target) else HEAD_WARPS, num_stages=stages, smem_bound=bound,
+                      options=compile_options(target))
 
 
 def head_bwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dtype, target: Target,
@@ -135,21 +137,21 @@ def head_bwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dt
     """dS and dZ per (sample, head, query block); no pass over x."""
     bn = head_block_n(n, target)
     bv = fit_tile(HEAD_VIEWS_BLOCK, views)
-    if _interpreting(target):
+    if is_interpreter(target):
         bp = fit_tile(INTERPRETER_BWD_P, p)
     else:
         bp = rows_per_block(HEAD_BWD_BLOCK_P, p, HEAD_BWD_ROW_TILES, bn, target, HEAD_ROW_VALUES, HEAD_WARPS)
     # M^T [BLOCK_P, BLOCK_V] x dcoef [BLOCK_V, BLOCK_N], unpipelined.
     bound = SMEM_HEADROOM * (bp * bv + bv * bn) * FP32_BYTES
-    if not _interpreting(target) and bound > target.smem_per_block:
+    if not is_interpreter(target) and bound > target.smem_per_block:
         raise PlanError(f"no head dS tiles fit {target.name}: {target.smem_per_block / 1024:.0f} KiB of shared "
                         f"memory per block, the plan needs {bound / 1024:.0f} KiB")
-    return KernelPlan(grid=(b * h * _cdiv(p, bp),),
+    return KernelPlan(grid=(b * h * cdiv(p, bp),),
                       constexprs=dict(HAS_DATTN=has_dattn, HAS_DPRED=has_dpred, HAS_DCOEF=has_dcoef,
                                       SINGLE_PASS=bn >= n, BLOCK_P=bp, BLOCK_N=bn, BLOCK_V=bv,
                                       DOT_PRECISION=dot_constexpr(target, dot_precision)),
-                      num_warps=4 if _interpreting(target) else HEAD_WARPS, num_stages=1, smem_bound=bound,
-                      options=_options(target))
+                      num_warps=4 if is_interpreter(target) else HEAD_WARPS, num_stages=1, smem_bound=bound,
+                      options=compile_options(target))
 
 
 def head_dwrg(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
@@ -157,7 +159,7 @@ def head_dwrg(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target
     """dWrg_j = sum_b (dZ_b,j * rstd_b) @ Xc_b,j^T: [P, B*N] x [B*N, d] per head (h > 1; one head stacks
     dZ under dS and runs the attention's dG kernel); grid (head, query block, channel block)."""
     d = c // h
-    return _gemm_plan(lambda tm, tn: (h, _cdiv(p, tm), _cdiv(d, tn)), target, p, d, n,
+    return gemm_plan(lambda tm, tn: (h, cdiv(p, tm), cdiv(d, tn)), target, p, d, n,
                       ("BLOCK_P", "BLOCK_C", "BLOCK_N"), dot_constexpr(target, dot_precision))
 
 
@@ -166,6 +168,6 @@ def head_dxhat(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.
     """dxhat = G^T dS + Wrg_j^T dZ_j + dU_j^T coef_j: [d, hP] x [hP, N] per sample and head, plus the
     readout and pooled-row terms; grid (sample, head x channel block, token block)."""
     d = c // h
-    return _gemm_plan(lambda tm, tn: (b, h * _cdiv(d, tm), _cdiv(n, tn)), target, d, n, p,
+    return gemm_plan(lambda tm, tn: (b, h * cdiv(d, tm), cdiv(n, tn)), target, d, n, p,
                       ("BLOCK_C", "BLOCK_N", "BLOCK_P"), dot_constexpr(target, dot_precision),
                       HAS_DPRED=has_dpred, HAS_DU=has_du, BLOCK_V=fit_tile(HEAD_VIEWS_BLOCK, views))

@@ -1,7 +1,8 @@
 """The GPUs the kernels are planned for, with their per-block and per-SM limits.
 
-Plans (``plans.py``) size tiles from a ``Target``: at run time the device's own properties (read
-once per device, ``device_target``), offline (``inspect.py``) the table below. Checked against:
+Plans (``plans.py`` and each op's ``plans_<op>.py``) size tiles from a ``Target``: at run time the device's
+own properties (read once per device, ``device_target``), offline (``inspect.py``) the table below.
+Checked against:
 
 - NVIDIA: CUDA C++ Programming Guide, "Technical Specifications per Compute Capability" (shared memory
   per block is the opt-in maximum a launch is held to, 1 KiB below the per-SM figure: CUDA reserves
@@ -69,7 +70,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     _gfx("gfx950", 160, "MI350X, MI355X"),
 )}
 
-INTERPRETER = Target("interpreter", "interpreter", None, 32, 1 << 30, 1 << 30, 1 << 30, 64, 32, "CPU, TRITON_INTERPRET=1")
+INTERPRETER = Target("interpreter", "interpreter", None, 32, 1 << 30, 1 << 30, 1 << 30, 64, 32,
+                     "CPU, TRITON_INTERPRET=1")
 
 
 def parse(name: str) -> Target:

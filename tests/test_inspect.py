@@ -54,7 +54,7 @@ def toy_launches() -> list[Launch]:
     def launch(dtype, block, warps, stages):
         a, b, c = (torch.empty(256, 256, dtype=dtype, device="meta") for _ in range(3))
         args = dict(A_ptr=a, B_ptr=b, C_ptr=c, M=100, N=256, K=256, stride_am=256, stride_bk=256, stride_cm=256)
-        plan = KernelPlan(grid=(1, 1), constexprs=dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), block)),
+        plan = KernelPlan(grid=(1, 1), constexprs=dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), block, strict=True)),
                           num_warps=warps, num_stages=stages)
         return Launch(_toy_dot_kernel, plan, args)
     return [launch(torch.bfloat16, (128, 128, 64), 8, 3), launch(torch.float32, (128, 64, 64), 2, 1)]
@@ -157,17 +157,17 @@ def test_occupancy_bounds():
 def test_launcher_plans_are_what_is_inspected(monkeypatch):
     """The inspected launches are the launchers' own: change the tiles the plans choose from and the
     recorded launch (so the compiled kernel) changes with it."""
-    from c2f.kernels import plans
+    from c2f.kernels import plans, plans_part_attention
     sm90 = targets.TARGETS["sm_90"]
-    # N = 324: the tiled kernels (past plans.ROW_TOKENS); N = 196: the short-row ones.
+    # N = 324: the tiled kernels (past plans_part_attention.ROW_TOKENS); N = 196: the short-row ones.
     run = dict(kinspect.cases()["part_attention"])["N=324 h=1 fp32"]
     short = dict(kinspect.cases(quick=True)["part_attention"])["N=196 h=1 fp32"]
-    before = {l.name: l.plan.constexprs for l in kinspect.record(sm90, run)}
-    short_before = {l.name: dict(l.plan.constexprs) for l in kinspect.record(sm90, short)}
+    before = {launch.name: launch.plan.constexprs for launch in kinspect.record(sm90, run)}
+    short_before = {launch.name: dict(launch.plan.constexprs) for launch in kinspect.record(sm90, short)}
     monkeypatch.setattr(plans, "GEMM_LADDER", (plans.GemmTiles(64, 32, 32, stages=2, warps=4),))
-    monkeypatch.setattr(plans, "ROWS_FWD_BLOCK_Q", 16)
-    after = {l.name: (l.plan.constexprs, l.plan.num_stages) for l in kinspect.record(sm90, run)}
-    short_after = {l.name: l.plan.constexprs for l in kinspect.record(sm90, short)}
+    monkeypatch.setattr(plans_part_attention, "ROWS_FWD_BLOCK_Q", 16)
+    after = {launch.name: (launch.plan.constexprs, launch.plan.num_stages) for launch in kinspect.record(sm90, run)}
+    short_after = {launch.name: launch.plan.constexprs for launch in kinspect.record(sm90, short)}
     assert before["_part_attention_fwd_scores_kernel"]["BLOCK_Q"] == 128
     assert after["_part_attention_fwd_scores_kernel"] == (dict(BLOCK_Q=64, BLOCK_N=32, BLOCK_K=32,
                                                                DOT_PRECISION="tf32"), 2)
@@ -212,8 +212,8 @@ def test_every_kernel_is_in_the_grid():
     """Every @triton.jit kernel the launchers can launch appears in the inspected grid (the full one: the quick
     grid, N = 196 only, runs the short-row attention kernels and not the tiled ones)."""
     from c2f.kernels import c2f_head_bwd, c2f_head_fwd, part_attention_bwd, part_attention_fwd, part_mixup
-    recorded = {l.name for op in kinspect.cases().values() for _, run in op
-                for l in kinspect.record(targets.TARGETS["sm_90"], run)}
+    recorded = {launch.name for op in kinspect.cases().values() for _, run in op
+                for launch in kinspect.record(targets.TARGETS["sm_90"], run)}
     defined = {name for module in (part_attention_fwd, part_attention_bwd, part_mixup, c2f_head_fwd, c2f_head_bwd)
                for name in dir(module) if name.endswith("_kernel") and name.startswith(("_part", "_c2f"))}
     assert defined <= recorded, defined - recorded
@@ -252,7 +252,8 @@ def test_cache_key_follows_the_kernel_and_plan(tmp_path, monkeypatch):
     sm90 = targets.TARGETS["sm_90"]
     key = kinspect.compile_key(*kinspect.compile_source(good, sm90), sm90)
     assert key == kinspect.compile_key(*kinspect.compile_source(toy_launches()[0], sm90), sm90)
-    assert key != kinspect.compile_key(*kinspect.compile_source(good, targets.TARGETS["sm_80"]), targets.TARGETS["sm_80"])
+    sm80 = targets.TARGETS["sm_80"]
+    assert key != kinspect.compile_key(*kinspect.compile_source(good, sm80), sm80)
     assert key != kinspect.compile_key(*kinspect.compile_source(spills, sm90), sm90)
     assert key != kinspect.compile_key(*kinspect.compile_source(good, sm90), sm90, derivation="other parser")
     edited = JITFunction(_toy_dot)

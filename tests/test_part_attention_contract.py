@@ -287,8 +287,8 @@ def test_ieee_is_exact_fp32_even_with_tf32_emulated(device):
 
 
 # ------------------------------------------------------------------------------ short rows and tiles
-# Where a whole row of scores fits (N <= plans.ROW_TOKENS and the target's limits), one forward and one
-# backward kernel keep the rows on chip (plans.short_rows); longer rows take the tiled kernels.
+# Where a whole row of scores fits (N <= ROW_TOKENS and the target's limits), one forward and one backward
+# kernel keep the rows on chip (plans_part_attention.short_rows); longer rows take the tiled kernels.
 ROWS_KERNELS = {"_part_attention_fwd_rows_kernel", "_part_attention_bwd_rows_kernel"}
 TILED_KERNELS = {"_part_attention_stats_kernel", "_part_attention_fwd_scores_kernel",
                  "_part_attention_fwd_softmax_kernel", "_part_attention_fwd_parts_kernel",
@@ -360,8 +360,8 @@ def test_short_rows_without_one_upstream_gradient(with_dparts, with_dattn, needs
 @pytest.fixture
 def tiled_only(monkeypatch):
     """The tiled kernels at every N (no row fits), as on a target too small for the short-row kernels."""
-    from c2f.kernels import plans
-    monkeypatch.setattr(plans, "ROW_TOKENS", 0)
+    from c2f.kernels import plans_part_attention
+    monkeypatch.setattr(plans_part_attention, "ROW_TOKENS", 0)
 
 
 @pytest.mark.parametrize("bsz, c, n, p, num_heads, dtype, atol, rtol", [

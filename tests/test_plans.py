@@ -1,4 +1,5 @@
-"""Launch plans against the targets' limits (kernels/plans.py, kernels/targets.py).
+"""Launch plans against the targets' limits (kernels/plans.py and the ops' kernels/plans_<op>.py,
+kernels/targets.py).
 
 - Tiles and stages shrink as the per-block shared-memory limit shrinks (227 -> 99 -> 64 KiB), the plan's
   own bound stays within the limit, and the kernels stay exact under the interpreter with those tiles.
@@ -16,6 +17,8 @@ import torch
 from c2f import _backend
 from c2f.kernels import launch, plans, targets
 from c2f.kernels import part_mixup as pm
+from c2f.kernels import plans_part_attention as attention_plans
+from c2f.kernels import plans_part_mixup as mixup_plans
 from c2f.kernels.launch import plan_for
 from tests.test_part_attention_contract import FP32_TOL, make_inputs, run_and_compare
 
@@ -34,10 +37,13 @@ def production_plans(target) -> dict:
     b, c, n, p, h, k = 16, 2048, 196, 312, 1, 4
     dt = torch.float32
     return dict(
-        scores=plans.attention_scores(b, c, n, p, h, dt, target), parts=plans.attention_parts(b, c, n, p, h, dt, target),
-        dp=plans.attention_dp(b, c, n, p, h, dt, target), dg=plans.attention_dg(b, c, n, p, h, dt, target),
-        dxhat=plans.attention_dxhat(b, c, n, p, h, dt, target),
-        pool_fwd=plans.mixup_pool_fwd(k, b, p, c, dt, target), pool_bwd=plans.mixup_pool_bwd(k, b, p, c, dt, target))
+        scores=attention_plans.attention_scores(b, c, n, p, h, dt, target),
+        parts=attention_plans.attention_parts(b, c, n, p, h, dt, target),
+        dp=attention_plans.attention_dp(b, c, n, p, h, dt, target),
+        dg=attention_plans.attention_dg(b, c, n, p, h, dt, target),
+        dxhat=attention_plans.attention_dxhat(b, c, n, p, h, dt, target),
+        pool_fwd=mixup_plans.mixup_pool_fwd(k, b, p, c, dt, target),
+        pool_bwd=mixup_plans.mixup_pool_bwd(k, b, p, c, dt, target))
 
 
 def tile_volume(plan) -> int:
@@ -93,7 +99,8 @@ def test_pool_parity_with_the_smaller_tiles(kib, dtype, device):
     grad = torch.randn(k, b, c).to(dtype).to(device)
     with plan_for(with_limit(kib)):
         out, dparts = pm.part_mixup_pool_fwd(parts, perm, mask), pm.part_mixup_pool_bwd(grad, perm, mask, dtype)
-    want, want_d = torch_pm.part_mixup_pool_fwd(parts, perm, mask), torch_pm.part_mixup_pool_bwd(grad, perm, mask, dtype)
+    want = torch_pm.part_mixup_pool_fwd(parts, perm, mask)
+    want_d = torch_pm.part_mixup_pool_bwd(grad, perm, mask, dtype)
     # Both compute in fp32 (exact 16-bit operands, fp32 masks) and round once: at most one 16-bit ulp apart
     # (the interpreter's bf16 stores truncate), fp32 to accumulation order.
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2 ** -12, rtol=2 ** -7)
@@ -109,11 +116,15 @@ def test_nothing_fits_raises_before_launch():
         pa.folded_fwd(x, g, gamma, beta, 1e-5, x.dtype, 16.0)
     with plan_for(tiny), pytest.raises(plans.PlanError, match=r"x shape \(1, 64, 16\).*float32"):
         pa.folded_fwd(x, g, gamma, beta, 1e-5, x.dtype, 16.0)
-    # The pooled mix shrinks its channel block down to 16 first: only a few KiB are too few.
+    # The pooled mix shrinks its channel block down to 16 first: only a few KiB are too few. Its error names
+    # the op and the parts like the attention's.
+    parts, perm, mask = torch.randn(2, 7, 64), torch.tensor([1, 0]), torch.rand(4, 2, 7)
     with plan_for(with_limit(4)), pytest.raises(plans.PlanError, match="pooled-mixup tiles fit sm_90@4KiB"):
-        pm.part_mixup_pool_fwd(torch.randn(2, 7, 64), torch.tensor([1, 0]), torch.rand(4, 2, 7))
+        pm.part_mixup_pool_fwd(parts, perm, mask)
+    with plan_for(with_limit(4)), pytest.raises(plans.PlanError, match=r"part mixup on grad shape \(4, 2, 64\)"):
+        pm.part_mixup_pool_bwd(torch.randn(4, 2, 64), perm, mask, torch.float32)
     with plan_for(tiny):
-        assert pm.part_mixup_pool_fwd(torch.randn(2, 7, 64), torch.tensor([1, 0]), torch.rand(4, 2, 7)).shape == (4, 2, 64)
+        assert pm.part_mixup_pool_fwd(parts, perm, mask).shape == (4, 2, 64)
 
 
 def test_dot_precision_per_target():
@@ -127,9 +138,9 @@ def test_dot_precision_per_target():
     with pytest.raises(ValueError, match="dot_precision"):
         plans.dot_constexpr(t["sm_90"], "fp8")
     # The pooled mix: fp32 parts at an fp32-accurate precision, 16-bit parts split the mask.
-    assert plans.mixup_pool_fwd(4, 2, 7, 64, torch.float32, t["sm_90"]).constexprs["PRECISION"] == "tf32x3"
-    assert plans.mixup_pool_fwd(4, 2, 7, 64, torch.float32, t["gfx942"]).constexprs["PRECISION"] == "ieee"
-    assert plans.mixup_pool_fwd(4, 2, 7, 64, torch.float16, t["gfx942"]).constexprs["SPLIT"]
+    assert mixup_plans.mixup_pool_fwd(4, 2, 7, 64, torch.float32, t["sm_90"]).constexprs["PRECISION"] == "tf32x3"
+    assert mixup_plans.mixup_pool_fwd(4, 2, 7, 64, torch.float32, t["gfx942"]).constexprs["PRECISION"] == "ieee"
+    assert mixup_plans.mixup_pool_fwd(4, 2, 7, 64, torch.float16, t["gfx942"]).constexprs["SPLIT"]
 
 
 # ------------------------------------------------------------------------------------------ device query
@@ -216,16 +227,16 @@ def test_short_rows_flip_past_256_tokens_on_every_target(name):
     """Every target in the table keeps whole rows of up to 256 tokens on chip, the tiled kernels past that;
     the short-row plans stay within the target's limit at every short N and shape of the inspect grid."""
     target = targets.TARGETS[name]
-    assert [plans.short_rows(n, target) for n in SHORT_ROW_N + LONG_ROW_N] == \
+    assert [attention_plans.short_rows(n, target) for n in SHORT_ROW_N + LONG_ROW_N] == \
         [True] * len(SHORT_ROW_N) + [False] * len(LONG_ROW_N)
     for n in SHORT_ROW_N:
         for c, h in ((2048, 1), (1536, 3), (2048, 16), (200, 1)):
-            for plan in (plans.attention_fwd_rows(16, c, n, 312, h, torch.float32, target),
-                         plans.attention_bwd_rows(16, c, n, 312, h, torch.float32, target)):
+            for plan in (attention_plans.attention_fwd_rows(16, c, n, 312, h, torch.float32, target),
+                         attention_plans.attention_bwd_rows(16, c, n, 312, h, torch.float32, target)):
                 assert plan.smem_bound <= target.smem_per_block, (name, n, c, h, plan)
                 assert plan.constexprs["BLOCK_N"] >= n
     with pytest.raises(plans.PlanError, match="whole rows of at most 256 tokens"):
-        plans.attention_fwd_rows(16, 2048, 257, 312, 1, torch.float32, target)
+        attention_plans.attention_fwd_rows(16, 2048, 257, 312, 1, torch.float32, target)
 
 
 def test_short_rows_flip_earlier_on_smaller_targets():
@@ -233,7 +244,7 @@ def test_short_rows_flip_earlier_on_smaller_targets():
     even the tiled backward's GEMMs fit, nowhere (the tiled path then raises PlanError)."""
     flips = {}
     for kib in (227, 99, 64, 48, 40, 32, 16):
-        short = [n for n in (16, 32, 64, 128, 256) if plans.short_rows(n, with_limit(kib))]
+        short = [n for n in (16, 32, 64, 128, 256) if attention_plans.short_rows(n, with_limit(kib))]
         assert short == sorted(short) and short == [n for n in (16, 32, 64, 128, 256) if n <= max(short, default=0)]
         flips[kib] = max(short, default=0)
     assert flips[227] == flips[99] == flips[64] == 256
@@ -243,8 +254,10 @@ def test_short_rows_flip_earlier_on_smaller_targets():
 
 def test_short_row_tiles_shrink_with_the_limit():
     """Stages, then the channel chunk, shrink with the per-block limit; rows per block come from registers."""
-    got = {kib: plans.attention_fwd_rows(16, 2048, 196, 312, 1, torch.float32, with_limit(kib)) for kib in LIMITS_KIB}
+    got = {kib: attention_plans.attention_fwd_rows(16, 2048, 196, 312, 1, torch.float32, with_limit(kib))
+           for kib in LIMITS_KIB}
     assert [(p.num_stages, p.constexprs["BLOCK_K"]) for p in got.values()] == [(2, 32), (1, 32), (1, 16)]
-    assert {p.constexprs["BLOCK_Q"] for p in got.values()} == {plans.ROWS_FWD_BLOCK_Q}
-    bwd = plans.attention_bwd_rows(16, 2048, 196, 312, 1, torch.float32, targets.TARGETS["gfx950"])
-    assert bwd.num_stages == plans.ROWS_BWD_STAGES_HIP and bwd.constexprs["BLOCK_Q"] == plans.ROWS_BWD_BLOCK_Q
+    assert {p.constexprs["BLOCK_Q"] for p in got.values()} == {attention_plans.ROWS_FWD_BLOCK_Q}
+    bwd = attention_plans.attention_bwd_rows(16, 2048, 196, 312, 1, torch.float32, targets.TARGETS["gfx950"])
+    assert bwd.num_stages == attention_plans.ROWS_BWD_STAGES_HIP
+    assert bwd.constexprs["BLOCK_Q"] == attention_plans.ROWS_BWD_BLOCK_Q

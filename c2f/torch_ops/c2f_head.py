@@ -24,8 +24,11 @@ from .._math import (
     chunks,
     inverse_permutation,
     layernorm_bwd,
+    mixed_views,
+    mixed_views_bwd,
     normalised_tokens,
     operand_dtype,
+    pool_matrix,
     softmax_,
     softmax_bwd_,
 )
@@ -37,13 +40,6 @@ def _per_sample_bytes(c: int, n: int, rows: int, views: int, backward: bool) -> 
     """fp32 temporaries of one sample: xhat (twice in backward: dxhat), scores and readout
     (and their gradients), the pooled rows."""
     return 4 * ((2 if backward else 1) * c * n + (4 if backward else 2) * rows * n + 4 * views * (c + n))
-
-
-def _pool_rows(mask: torch.Tensor, inv: torch.Tensor, s: slice, dtype: torch.dtype) -> torch.Tensor:
-    """``M [b, 2K, P]``: sample b's own views weigh its parts by ``mask[:, b]``, the views of the sample
-    paired with it by ``1 - mask[:, inv[b]]``; divided by P (fp32 mask math, then ``dtype``)."""
-    p = mask.shape[-1]
-    return torch.cat([mask[:, s], 1 - mask[:, inv[s]]]).transpose(0, 1).div_(p).to(dtype)
 
 
 def _pooled(coef: torch.Tensor, xhat: torch.Tensor) -> torch.Tensor:
@@ -105,11 +101,11 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
             torch.mean(pr, 0, out=attn[s])
         zhat[s] = z.transpose(0, 1)
         pred[s] = (pr * z).sum((0, 3))
-        m = _pool_rows(mask, inv, s, dt)                                                # [b, 2K, P]
+        m = pool_matrix(mask, inv, dt, s)                                               # [b, 2K, P]
         coef = torch.stack([torch.bmm(m, pr[j]) for j in range(h)])                   # [h, b, 2K, N]
         torch.matmul(_pooled(coef, xhat), wcg.T, out=rows[s])
     logits = torch.empty(k, b_total, wcg.shape[0], dtype=dt, device=dev)
-    torch.add(rows[:, :k].transpose(0, 1), rows[perm, k:].transpose(0, 1), out=logits)
+    mixed_views(rows, perm, out=logits)
     return attn, pred, logits, probs, zhat, mean, rstd
 
 
@@ -136,7 +132,7 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     od = operand_dtype(dot_precision, dt)
     wrg_h = wrg.to(od).view(p, h, d).transpose(0, 1)
     if dlogits is not None:   # rows of sample b: its own views, then the views it was mixed into
-        drows = torch.cat([dlogits, dlogits[:, inv]]).transpose(0, 1).to(dt)         # [B, 2K, classes]
+        drows = mixed_views_bwd(dlogits, inv, dt)                                    # [B, 2K, classes]
     step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, k, True), chunk_mib)
     for s in chunks(b_total, step):
         xhat, _, _ = normalised_tokens(x[s], 0.0, dt, mean[s], rstd[s])
@@ -160,7 +156,7 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
             if needs_dx:
                 dxhat.view(h, d, b * n).add_(torch.bmm(wrg_h.transpose(1, 2), dz))
         if dlogits is not None:
-            m = _pool_rows(mask, inv, s, dt)                                               # [b, 2K, P]
+            m = pool_matrix(mask, inv, dt, s)                                              # [b, 2K, P]
             coef = torch.stack([torch.bmm(m, pr[j]) for j in range(h)])                  # [h, b, 2K, N]
             dr = drows[s]                                                                # [b, 2K, classes]
             dwcg.addmm_(dr.reshape(-1, dr.shape[-1]).T, _pooled(coef, xhat).view(-1, c))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .._math import inverse_permutation
+from .._math import inverse_permutation, mixed_views, mixed_views_bwd, pool_matrix
 
 __all__ = ["part_mixup_fwd_", "part_mixup_bwd_", "part_mixup_pool_fwd", "part_mixup_pool_bwd"]
 
@@ -69,15 +69,6 @@ def part_mixup_bwd_(grad: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) 
     _mix_(grad, perm, mask, backward=True)
 
 
-def _pool_weights(mask: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[B, 2K, P]``: row k of sample j weighs F[j] for its own view k, row K + k weighs F[j] for view k
-    of the sample paired with j (``inv[j]``), both divided by P; fp32 mask math, then ``dtype``."""
-    p = mask.shape[-1]
-    own = mask.transpose(0, 1)
-    partner = (1 - mask[:, inv]).transpose(0, 1)
-    return (torch.cat([own, partner], 1) / p).to(dtype)
-
-
 def part_mixup_pool_fwd(parts: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``[K, B, C]``: the mean over parts of the K mixed views of ``parts [B, P, C]`` (any strides),
     ``perm [B]`` any permutation, ``mask [K, B, P]`` fp32; in the dtype of ``parts``.
@@ -88,7 +79,7 @@ def part_mixup_pool_fwd(parts: torch.Tensor, perm: torch.Tensor, mask: torch.Ten
     k = mask.shape[0]
     b, p, c = parts.shape
     dt = _compute_dtype(parts.dtype)
-    weights = _pool_weights(mask, inverse_permutation(perm), dt)                  # [B, 2K, P]
+    weights = pool_matrix(mask, inverse_permutation(perm), dt)                    # [B, 2K, P]
     if parts.dtype == dt:
         both = torch.bmm(weights, parts)                                          # [B, 2K, C]
     else:
@@ -97,8 +88,7 @@ def part_mixup_pool_fwd(parts: torch.Tensor, perm: torch.Tensor, mask: torch.Ten
         for s in range(0, b, per_chunk):
             js = slice(s, s + per_chunk)
             torch.bmm(weights[js], parts[js].to(dt), out=both[js])
-    out = torch.empty(k, b, c, dtype=parts.dtype, device=parts.device)
-    return torch.add(both[:, :k].transpose(0, 1), both[perm, k:].transpose(0, 1), out=out)
+    return mixed_views(both, perm, out=torch.empty(k, b, c, dtype=parts.dtype, device=parts.device))
 
 
 def part_mixup_pool_bwd(grad: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -108,11 +98,11 @@ def part_mixup_pool_bwd(grad: torch.Tensor, perm: torch.Tensor, mask: torch.Tens
     p = mask.shape[-1]
     dt = _compute_dtype(dtype)
     inv = inverse_permutation(perm)
-    weights = _pool_weights(mask, inv, dt).transpose(1, 2)                        # [B, P, 2K]
+    weights = pool_matrix(mask, inv, dt).transpose(1, 2)                          # [B, P, 2K]
     out = torch.empty((b, p, c), dtype=dtype, device=grad.device)
     per_chunk = max(1, CHUNK_ELEMS // max(2 * k * c, 1))
     for s in range(0, b, per_chunk):
         js = slice(s, s + per_chunk)
-        rhs = torch.cat([grad[:, js], grad[:, inv[js]]], 0).transpose(0, 1).to(dt)   # [b', 2K, C]
+        rhs = mixed_views_bwd(grad, inv, dt, js)                                  # [b', 2K, C]
         out[js] = torch.bmm(weights[js], rhs)
     return out
