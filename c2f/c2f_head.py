@@ -136,7 +136,8 @@ class C2FHead(reference.C2FHead):
             perm = torch.arange(b, device=xv.device)
             mask = xv.new_ones(1, b, p, dtype=torch.float32)
         options = C2FHeadOptions(eps=float(att.eps), backend=resolve_backend(self.backend, xv.device),
-                                 chunk_mib=float(self.chunk_mib), dot_precision=precision)
+                                 chunk_mib=float(self.chunk_mib), dot_precision=precision,
+                                 head_reduce=att.head_reduce)
         attn, pred_raw, logits_raw = torch.ops.c2f.c2f_head(xv, g, wr * gamma, wc * gamma, att.k.bias, perm, mask,
                                                             *options)[:3]
         attr_pred = pred_raw + (wr * beta).sum(-1) + self.regressor.bias.to(cdt)

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from .._math import inverse_permutation, mixed_views, mixed_views_bwd, pool_matrix
+from .._math import inverse_permutation, mixed_views, mixed_views_bwd, pool_matrix, reduce_heads
 from . import targets
 from .c2f_head_bwd import _c2f_head_bwd_dwrg_kernel, _c2f_head_bwd_dxhat_kernel, _c2f_head_bwd_kernel
 from .c2f_head_fwd import _c2f_head_fwd_kernel, _c2f_head_pool_kernel
-from .common import F32, check, check_dims, check_perm, check_x, make_plans, xstrides
+from .common import F32, DAttn, check, check_dims, check_perm, check_x, dattn_operand, make_plans, xstrides
 from .launch import FLOAT_DTYPES, launch
 from .part_attention_bwd import _part_attention_bwd_dg_kernel, _part_attention_bwd_dx_kernel
 from .part_attention_fwd import _part_attention_stats_kernel
@@ -63,7 +63,8 @@ def _pooled_rows(x, mean, rstd, coef, du, views, plan):
 
 
 def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch.Tensor, perm: torch.Tensor,
-                 mask: torch.Tensor, eps: float, chunk_mib: float, dot_precision: str = "tf32"):
+                 mask: torch.Tensor, eps: float, chunk_mib: float, dot_precision: str = "tf32",
+                 head_reduce: str = "mean"):
     """Forward of the fused head (``c2f.torch_ops.c2f_head.c2f_head_fwd`` has the contract).
 
     ``x [B, C, N]`` any strides, fp32/fp16/bf16, read in place; ``g [h, P, C]``, ``wrg [P, C]``,
@@ -102,7 +103,7 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     rows = torch.matmul(u, wcg.T)                                                      # [B, 2K, classes]
     logits = mixed_views(rows, perm)                                                   # [K, B, classes]
     if h > 1:
-        torch.mean(probs, 1, out=attn)
+        reduce_heads(probs, head_reduce, 1, attn)
         torch.sum(pred_heads, 1, out=pred)
     return attn, pred, logits, probs, zhat, mean, rstd
 
@@ -110,7 +111,8 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
 def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch.Tensor, perm: torch.Tensor,
                  mask: torch.Tensor, attn: torch.Tensor, probs: torch.Tensor, zhat: torch.Tensor, mean: torch.Tensor,
                  rstd: torch.Tensor, dattn: torch.Tensor | None, dpred: torch.Tensor | None,
-                 dlogits: torch.Tensor | None, needs_dx: bool, chunk_mib: float, dot_precision: str = "tf32"):
+                 dlogits: torch.Tensor | None, needs_dx: bool, chunk_mib: float, dot_precision: str = "tf32",
+                 head_reduce: str = "mean"):
     """Backward of the fused head from its saved state. Returns ``dg [h, P, C]``, ``dwrg [P, C]``,
     ``dwcg [classes, C]`` (fp32) and ``dx [B, C, N]`` in ``x.dtype`` with the strides of ``x`` when ``x``
     is dense (``torch.empty_like``), or None. ``dattn [B, P, N]``, ``dpred [B, P]``, ``dlogits [K, B,
@@ -135,7 +137,8 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
         m, coef, du, dcoef, dwcg = _pooled_grads(x, wcg, perm, mask, probs, mean, rstd, dlogits, plan["pool"])
     else:
         dwcg = torch.zeros(classes, c, device=dev, dtype=f32)
-    ds, dz, grads = _score_grads(probs, zhat, m, dattn, dpred, dcoef, 2 * k, stacked, plan["bwd"])
+    da = None if dattn is None else dattn_operand(dattn, probs, head_reduce)
+    ds, dz, grads = _score_grads(probs, zhat, m, da, dpred, dcoef, 2 * k, stacked, plan["bwd"])
     dg, dwrg = _weight_grads(x, mean, rstd, ds, dz, grads, dpred is not None, plan)
     dx = _input_grad(x, g, wrg, mean, rstd, ds, dz, du, coef, k, plan) if needs_dx else None
     return dg, dwrg, dwcg, dx
@@ -194,7 +197,7 @@ def _pooled_grads(x, wcg, perm, mask, probs, mean, rstd, dlogits, plan):
     return m, coef, du, dcoef, dwcg
 
 
-def _score_grads(probs, zhat, m, dattn, dpred, dcoef, views: int, stacked: bool, plan):
+def _score_grads(probs, zhat, m, da: DAttn | None, dpred, dcoef, views: int, stacked: bool, plan):
     """dS and dZ ``[B, h, P, N]`` (views of one ``[B, 2, P, N]`` buffer, also returned, when ``stacked``),
     dZ aliasing dS without ``dpred``; the kernel needs no pass over x."""
     bsz, h, p, n = zhat.shape
@@ -208,9 +211,10 @@ def _score_grads(probs, zhat, m, dattn, dpred, dcoef, views: int, stacked: bool,
         dz = torch.empty_like(ds) if dpred is not None else ds
     launch(_c2f_head_bwd_kernel, plan,
            Probs_ptr=probs, Zhat_ptr=zhat, M_ptr=m if m is not None else probs,
-           DAttn_ptr=dattn if dattn is not None else probs, DPred_ptr=dpred if dpred is not None else probs,
+           DAttn_ptr=probs if da is None else da.tensor, DPred_ptr=dpred if dpred is not None else probs,
            DCoef_ptr=dcoef if dcoef is not None else probs, DS_ptr=ds, DZ_ptr=dz, N=n, P=p, H=h,
-           V=views, stride_tb=ds.stride(0), inv_h=1.0 / h)
+           V=views, stride_tb=ds.stride(0), stride_dab=0 if da is None else da.stride_b,
+           stride_dah=0 if da is None else da.stride_h, inv_h=1.0 / h if da is None else da.scale)
     return ds, dz, grads
 
 

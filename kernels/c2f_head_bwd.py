@@ -25,8 +25,9 @@ from .part_attention_bwd import rows_times_centred_x
 
 @triton.jit
 def _probs_and_dp(Probs_ptr, Zhat_ptr, M_ptr, DAttn_ptr, DCoef_ptr, b, j, p, p_mask, dpred, n, n_mask, N, P, H, V,
-                  inv_h, HAS_DATTN: tl.constexpr, HAS_DPRED: tl.constexpr, HAS_DCOEF: tl.constexpr,
-                  BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  stride_dab, stride_dah, inv_h, HAS_DATTN: tl.constexpr, HAS_DPRED: tl.constexpr,
+                  HAS_DCOEF: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
     """``(P_j, dP_j)`` on the tokens ``n`` of the queries ``p``: [BLOCK_P, BLOCK_N] fp32."""
     pn_mask = p_mask[:, None] & n_mask[None, :]
     pn = p[:, None] * N + n[None, :]
@@ -41,7 +42,7 @@ def _probs_and_dp(Probs_ptr, Zhat_ptr, M_ptr, DAttn_ptr, DCoef_ptr, b, j, p, p_m
                             mask=v_mask[:, None] & n_mask[None, :], other=0.0)
             dp = mma(mt, dcoef, dp, DOT_PRECISION)
     if HAS_DATTN:
-        dattn = tl.load(DAttn_ptr + b * P * N + pn, mask=pn_mask, other=0.0)
+        dattn = tl.load(DAttn_ptr + b * stride_dab + j * stride_dah + pn, mask=pn_mask, other=0.0)
         dp += dattn.to(tl.float32) * inv_h
     if HAS_DPRED:
         zhat = tl.load(Zhat_ptr + (b * H + j) * P * N + pn, mask=pn_mask, other=0.0)
@@ -55,13 +56,14 @@ def _c2f_head_bwd_kernel(
     Probs_ptr,        # [B, h, P, N] fp32
     Zhat_ptr,         # [B, h, P, N] fp32 (HAS_DPRED)
     M_ptr,            # [B, V, P] fp32 pooling matrix (HAS_DCOEF)
-    DAttn_ptr,        # [B, P, N] contiguous, any float dtype (HAS_DATTN)
+    DAttn_ptr,        # dattn of sample b, head j at b * stride_dab + j * stride_dah, [P, N] contiguous (HAS_DATTN)
     DPred_ptr,        # [B, P] contiguous, any float dtype (HAS_DPRED)
     DCoef_ptr,        # [B, h, V, N] fp32 (HAS_DCOEF)
     DS_ptr,           # [B, *, P, N] fp32 out, sample stride stride_tb, head j at j * P * N
     DZ_ptr,           # [B, *, P, N] fp32 out, same layout (HAS_DPRED)
     N, P, H, V,
     stride_tb,
+    stride_dab, stride_dah,   # dattn [B, P, N] shared by the heads (P*N, 0), or per head [B, h, P, N]
     inv_h,
     HAS_DATTN: tl.constexpr, HAS_DPRED: tl.constexpr, HAS_DCOEF: tl.constexpr,
     SINGLE_PASS: tl.constexpr,    # all tokens in one BLOCK_N chunk; else two passes over the chunks
@@ -89,8 +91,8 @@ def _c2f_head_bwd_kernel(
         pn_mask = p_mask[:, None] & n_mask[None, :]
         pn = p[:, None] * N + n[None, :]
         probs, dp = _probs_and_dp(Probs_ptr, Zhat_ptr, M_ptr, DAttn_ptr, DCoef_ptr, b, j, p, p_mask, dpred, n,
-                                  n_mask, N, P, H, V, inv_h, HAS_DATTN, HAS_DPRED, HAS_DCOEF, BLOCK_P, BLOCK_N,
-                                  BLOCK_V, DOT_PRECISION)
+                                  n_mask, N, P, H, V, stride_dab, stride_dah, inv_h, HAS_DATTN, HAS_DPRED,
+                                  HAS_DCOEF, BLOCK_P, BLOCK_N, BLOCK_V, DOT_PRECISION)
         row += tl.sum(probs * dp, axis=1)
         if HAS_DPRED:
             tl.store(DZ_ptr + out_base + pn, probs * dpred[:, None], mask=pn_mask)
@@ -101,8 +103,8 @@ def _c2f_head_bwd_kernel(
             n = n0 + tl.arange(0, BLOCK_N)
             n_mask = n < N
             probs, dp = _probs_and_dp(Probs_ptr, Zhat_ptr, M_ptr, DAttn_ptr, DCoef_ptr, b, j, p, p_mask, dpred, n,
-                                      n_mask, N, P, H, V, inv_h, HAS_DATTN, HAS_DPRED, HAS_DCOEF, BLOCK_P,
-                                      BLOCK_N, BLOCK_V, DOT_PRECISION)
+                                      n_mask, N, P, H, V, stride_dab, stride_dah, inv_h, HAS_DATTN, HAS_DPRED,
+                                      HAS_DCOEF, BLOCK_P, BLOCK_N, BLOCK_V, DOT_PRECISION)
             tl.store(DS_ptr + out_base + (p[:, None] * N + n[None, :]), probs * (dp - row[:, None]),
                      mask=p_mask[:, None] & n_mask[None, :])
 

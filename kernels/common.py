@@ -6,13 +6,16 @@ names: what two of them need lives here.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
+from .._math import reduce_heads_grad_
 from .launch import FLOAT_DTYPES
 from .plans import MAX_TOKENS, PlanError
 
-__all__ = ["F32", "describe", "check", "check_dims", "check_x", "check_perm", "xstrides", "make_plans"]
+__all__ = ["F32", "describe", "check", "check_dims", "check_x", "check_perm", "xstrides", "make_plans",
+           "DAttn", "dattn_operand"]
 
 F32 = (torch.float32,)
 
@@ -85,6 +88,28 @@ def check_perm(perm, b: int, device: torch.device) -> None:
 def xstrides(x: torch.Tensor) -> dict:
     """The strides of ``x [B, C, N]`` as the kernels' ``stride_xb, stride_xc, stride_xn`` arguments."""
     return dict(stride_xb=x.stride(0), stride_xc=x.stride(1), stride_xn=x.stride(2))
+
+
+class DAttn(NamedTuple):
+    """The gradient of ``attn`` as the backward kernels read it: sample b, head j at ``b * stride_b + j *
+    stride_h`` (``[P, N]`` rows), scaled by ``scale``."""
+    tensor: torch.Tensor
+    stride_b: int
+    stride_h: int
+    scale: float
+    per_head: bool
+
+
+def dattn_operand(dattn: torch.Tensor, probs: torch.Tensor, head_reduce: str) -> DAttn:
+    """``dattn [B, P, N]`` for the backward kernels. The mean over heads shares it (stride 0 over heads, scaled
+    by 1/h); the max routes it to the heads that reach the max, ties sharing evenly: a per-head ``[B, h, P, N]``
+    fp32 gradient (``c2f._math.reduce_heads_grad_`` from ``probs [B, h, P, N]``), the memory of the probs."""
+    b, h, p, n = probs.shape
+    if head_reduce != "max" or h == 1:
+        return DAttn(dattn, p * n, 0, 1.0 / h, False)
+    per_head = torch.zeros(b, h, p, n, device=probs.device, dtype=torch.float32)
+    reduce_heads_grad_(per_head.transpose(0, 1), dattn.float(), probs.transpose(0, 1), "max")
+    return DAttn(per_head, h * p * n, p * n, 1.0, True)
 
 
 def make_plans(make: Callable[[], dict], op: str, x: torch.Tensor, target, dot_precision: str | None = None,

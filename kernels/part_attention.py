@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import torch
 
+from .._math import reduce_heads
 from ..torch_ops.part_attention import unfolded_bwd, unfolded_fwd  # see the module docstring
 from . import targets
-from .common import F32, check, check_dims, check_x, make_plans, xstrides
+from .common import F32, DAttn, check, check_dims, check_x, dattn_operand, make_plans, xstrides
 from .launch import FLOAT_DTYPES, launch
 from .part_attention_bwd import (
     _part_attention_bwd_dg_kernel,
@@ -54,7 +55,7 @@ __all__ = ["folded_fwd", "folded_bwd", "unfolded_fwd", "unfolded_bwd"]
 
 
 def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float,
-               out_dtype: torch.dtype, chunk_mib: float, dot_precision: str = "tf32"):
+               out_dtype: torch.dtype, chunk_mib: float, dot_precision: str = "tf32", head_reduce: str = "mean"):
     """Forward of the folded formulation (``c2f.torch_ops.part_attention.folded_fwd`` has the contract).
 
     ``x [B, C, N]`` any strides, fp32/fp16/bf16, read in place; ``g [h, P, C]``, ``gamma, beta [C]``
@@ -95,7 +96,7 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
         launch(_part_attention_fwd_parts_kernel, plan["parts"], X_ptr=x, Probs_ptr=scores, Gamma_ptr=gamma,
                Beta_ptr=beta, Mean_ptr=mean, Rstd_ptr=rstd, Parts_ptr=parts, C=c, N=n, P=p, D=c // h, H=h, **xs)
     if h > 1:
-        torch.mean(probs, 1, out=attn)
+        reduce_heads(probs, head_reduce, 1, attn)
     return parts, attn, probs, mean, rstd
 
 
@@ -113,7 +114,7 @@ def _fwd_plans(bsz: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, tar
 def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, attn: torch.Tensor,
                probs: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dparts: torch.Tensor | None,
                dattn: torch.Tensor | None, num_heads: int, needs_dx: bool, chunk_mib: float,
-               dot_precision: str = "tf32"):
+               dot_precision: str = "tf32", head_reduce: str = "mean"):
     """Backward of the folded formulation from the forward's saved state (``g`` needed for dx only).
 
     ``dparts [B, P, C]``, ``dattn [B, P, N]`` (any float dtype, either may be None). Returns ``dg [h, P, C]``,
@@ -148,11 +149,12 @@ def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, att
         return dg, zeros, zeros.clone(), torch.empty_like(x) if needs_dx else None
     probs = attn.unsqueeze(1) if h == 1 else probs
     xs = xstrides(x)
+    da = None if dattn is None else dattn_operand(dattn, probs, head_reduce)
     ds = torch.empty(bsz, h, p, n, device=dev, dtype=torch.float32)
     if rows:
-        dgamma_part, dbeta = _rows_ds(x, gamma, mean, rstd, probs, dparts, dattn, ds, plan["rows"], xs)
+        dgamma_part, dbeta = _rows_ds(x, gamma, mean, rstd, probs, dparts, da, ds, plan["rows"], xs)
     else:
-        dgamma_part, dbeta = None, _tiled_ds(x, gamma, mean, rstd, probs, dparts, dattn, ds, plan, xs)
+        dgamma_part, dbeta = None, _tiled_ds(x, gamma, mean, rstd, probs, dparts, da, ds, plan, xs)
     launch(_part_attention_bwd_dg_kernel, plan["dg"], X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, DS_ptr=ds, DG_ptr=dg,
            B=bsz, C=c, N=n, P=p, H=h, **xs)
     if needs_dx or not rows:
@@ -192,7 +194,7 @@ def _bwd_plans(bsz: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, tar
     return out
 
 
-def _rows_ds(x, gamma, mean, rstd, probs, dparts, dattn, ds, plan, xs: dict):
+def _rows_ds(x, gamma, mean, rstd, probs, dparts, da: DAttn | None, ds, plan, xs: dict):
     """dS into ``ds`` with the short-row kernel; returns gamma's partial sums ``[rows, C]`` and dbeta."""
     bsz, h, p, n = ds.shape
     c = x.shape[1]
@@ -203,12 +205,13 @@ def _rows_ds(x, gamma, mean, rstd, probs, dparts, dattn, ds, plan, xs: dict):
     dbeta_part = torch.empty_like(dgamma_part) if dparts is not None else dgamma_part
     launch(_part_attention_bwd_rows_kernel, plan, X_ptr=x, Gamma_ptr=gamma, Mean_ptr=mean, Rstd_ptr=rstd,
            Probs_ptr=probs, DParts_ptr=dparts if dparts is not None else ds,
-           DAttn_ptr=dattn if dattn is not None else ds, DS_ptr=ds, DGammaPart_ptr=dgamma_part,
-           DBetaPart_ptr=dbeta_part, C=c, N=n, P=p, D=c // h, H=h, **xs, inv_h=1.0 / h)
+           DAttn_ptr=ds if da is None else da.tensor, DS_ptr=ds, DGammaPart_ptr=dgamma_part,
+           DBetaPart_ptr=dbeta_part, C=c, N=n, P=p, D=c // h, H=h, **xs, stride_dab=0 if da is None else da.stride_b,
+           stride_dah=0 if da is None else da.stride_h, inv_h=1.0 / h if da is None else da.scale)
     return dgamma_part, dbeta_part.sum(0)
 
 
-def _tiled_ds(x, gamma, mean, rstd, probs, dparts, dattn, ds, plan: dict, xs: dict):
+def _tiled_ds(x, gamma, mean, rstd, probs, dparts, da: DAttn | None, ds, plan: dict, xs: dict):
     """dS into ``ds`` with the tiled kernels (dP, then the softmax backward in place); returns dbeta (gamma's
     partial sums come from the dxhat kernel)."""
     bsz, h, p, n = ds.shape
@@ -220,6 +223,9 @@ def _tiled_ds(x, gamma, mean, rstd, probs, dparts, dattn, ds, plan: dict, xs: di
         launch(_part_attention_bwd_dp_kernel, plan["dp"], X_ptr=x, Gamma_ptr=gamma, Mean_ptr=mean, Rstd_ptr=rstd,
                DParts_ptr=dparts, DP_ptr=ds, C=c, N=n, P=p, D=c // h, H=h, **xs)
         dbeta = dparts.sum((0, 1), dtype=torch.float32)
+    # The kernel reads row (sample r // HP, query r % P) of dattn: per-head rows are r itself (P = HP = h*P).
+    rows_p = h * p if da is not None and da.per_head else p
     launch(_part_attention_bwd_softmax_kernel, plan["softmax"], Probs_ptr=probs,
-           DAttn_ptr=dattn if dattn is not None else ds, DS_ptr=ds, R=bsz * h * p, N=n, P=p, HP=h * p, inv_h=1.0 / h)
+           DAttn_ptr=ds if da is None else da.tensor, DS_ptr=ds, R=bsz * h * p, N=n, P=rows_p, HP=h * p,
+           inv_h=1.0 / h if da is None else da.scale)
     return dbeta

@@ -94,7 +94,7 @@ def _part_attention_bwd_dp_kernel(
 @triton.jit(do_not_specialize=["P", "HP"])
 def _part_attention_bwd_softmax_kernel(
     Probs_ptr,        # [R, N] fp32 (R = B * h * P rows)
-    DAttn_ptr,        # [B, P, N] contiguous, any float dtype (unused without HAS_DATTN)
+    DAttn_ptr,        # [B, P, N] contiguous, any float dtype (unused without HAS_DATTN); per head: P = HP = h*P
     DS_ptr,           # [R, N] fp32: dP in, dS out (in place)
     R, N, P, HP,
     inv_h,
@@ -256,12 +256,13 @@ def _part_attention_bwd_rows_kernel(
     Rstd_ptr,         # [B, N] fp32
     Probs_ptr,        # [B, h, P, N] fp32 contiguous
     DParts_ptr,       # [B, P, C] contiguous, any float dtype (unused without HAS_DPARTS)
-    DAttn_ptr,        # [B, P, N] contiguous, any float dtype (unused without HAS_DATTN)
+    DAttn_ptr,        # dattn of sample b, head j at b * stride_dab + j * stride_dah, [P, N] contiguous (HAS_DATTN)
     DS_ptr,           # [B, h, P, N] fp32 out: gradient of the scores
     DGammaPart_ptr,   # [B * num_qb, C] fp32 out: per-program partial sums of dgamma (with HAS_DPARTS)
     DBetaPart_ptr,    # [B * num_qb, C] fp32 out: per-program partial sums of dbeta (with HAS_DPARTS)
     C, N, P, D, H,
     stride_xb, stride_xc, stride_xn,
+    stride_dab, stride_dah,   # dattn [B, P, N] shared by the heads (P*N, 0), or per head [B, h, P, N]
     inv_h,
     HAS_DPARTS: tl.constexpr, HAS_DATTN: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,   # BLOCK_N >= N: whole rows
@@ -307,7 +308,8 @@ def _part_attention_bwd_rows_kernel(
             tl.store(DBetaPart_ptr + part_row + c, tl.sum(dpar, axis=0), mask=c_mask)
         dp = dp * rstd[None, :]
     if HAS_DATTN:
-        dattn = tl.load(DAttn_ptr + b * P * N + (q[:, None] * N + n[None, :]), mask=qn_mask, other=0.0)
+        dattn = tl.load(DAttn_ptr + b * stride_dab + j * stride_dah + (q[:, None] * N + n[None, :]), mask=qn_mask,
+                        other=0.0)
         dp += dattn.to(tl.float32) * inv_h
     # The softmax backward; the beta term of dP is constant along a row and cancels here.
     probs = tl.load(Probs_ptr + rows, mask=qn_mask, other=0.0)

@@ -294,3 +294,20 @@ def test_eval_and_predict_refuse_what_is_not_a_model_file(run, cache, tmp_path, 
             assert main([command, str(source), "--features", cache]) == 2, (command, source)
             err = capsys.readouterr().err.strip()
             assert len(err.splitlines()) == 1 and expected in err and "internal error" not in err, err
+
+
+def test_head_reduce_flows_from_the_flag_to_the_saved_maps(cache, tmp_path):
+    """--head-reduce max: in config.json, in best.pt's constructor arguments, and in the maps eval saves (each
+    the max over the heads of the model's maps, so each row sums to at least one)."""
+    run_dir = str(tmp_path / "max")
+    assert main(["train", "--features", cache, "--run-dir", run_dir, "--epochs", "1", "--num-heads", "2",
+                 "--head-reduce", "max", *FLAGS]) == 0
+    assert json.load(open(os.path.join(run_dir, "config.json")))["head_reduce"] == "max"
+    from c2f.model_file import load_model
+    model = load_model(os.path.join(run_dir, "best.pt"))
+    assert model.attention.head_reduce == "max" and model.attention.num_heads == 2
+    assert main(["eval", os.path.join(run_dir, "best.pt"), "--features", cache, "--split", "test",
+                 "--out", str(tmp_path / "t.csv"), "--save-attention", "2"]) == 0
+    maps = np.load(str(tmp_path / "t-attention.npy"))
+    assert maps.shape[:2] == (2, 6) and (maps.reshape(2, 6, -1).sum(-1) >= 1 - 1e-5).all()
+    assert (maps.reshape(2, 6, -1).sum(-1) > 1 + 1e-4).any()    # a mean of maps would sum to exactly one

@@ -68,8 +68,11 @@ def test_opcheck_head():
     w = _parameters()
     g = torch.randn(2, 5, 32, requires_grad=True)
     wrg, wcg = torch.randn(5, 32, requires_grad=True), torch.randn(4, 32, requires_grad=True)
-    options = C2FHeadOptions(eps=1e-5, backend="torch", chunk_mib=16.0, dot_precision="tf32")
-    torch.library.opcheck(torch.ops.c2f.c2f_head.default, (x.flatten(2), g, wrg, wcg, None, perm, mask, *options))
+    for head_reduce in ("mean", "max"):
+        options = C2FHeadOptions(eps=1e-5, backend="torch", chunk_mib=16.0, dot_precision="tf32",
+                                 head_reduce=head_reduce)
+        torch.library.opcheck(torch.ops.c2f.c2f_head.default,
+                              (x.flatten(2), g, wrg, wcg, None, perm, mask, *options))
     del w
 
 

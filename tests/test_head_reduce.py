@@ -100,3 +100,63 @@ def test_head_reduce_travels_in_model_files(tmp_path):
     x = torch.randn(2, 16, 2, 2)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).attn, head(x).attn)
+
+
+@pytest.mark.interpreter
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_reduce", ["max", "mean"])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_attention_kernels_match_the_float64_reference(head_reduce, tiled, device, monkeypatch):
+    """The Triton kernels (the interpreter on CPU, compiled where CUDA is), short-row and tiled backward."""
+    if tiled:
+        from c2f.kernels import plans_part_attention
+        monkeypatch.setattr(plans_part_attention, "ROW_TOKENS", 0)
+    torch.manual_seed(3)
+    ref, fused = make_pair(32, 6, 4, backend="triton", formulation="folded", head_reduce=head_reduce)
+    check_parity(ref, fused, torch.randn(2, 32, 3, 3), torch.float32, 1e-5, x_grad=True, device=device)
+
+
+def _head_pair(head_reduce, backend, materialize_parts=False, heads=4):
+    torch.manual_seed(4)
+    ref = reference.C2FHead(32, 6, 5, num_heads=heads, qkv_bias=True, head_reduce=head_reduce)
+    with torch.no_grad():
+        ref.attention.norm.weight.uniform_(0.5, 1.5)
+        ref.attention.queries.normal_(0, 1.0)
+    fused = cn.C2FHead(32, 6, 5, num_heads=heads, qkv_bias=True, head_reduce=head_reduce, backend=backend,
+                       materialize_parts=materialize_parts, dot_precision="ieee")
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def _head_run(module, x, perm, mask, grads):
+    module.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    out = module(x, perm, mask)
+    torch.autograd.backward(tuple(out), tuple(g.to(o.dtype) for g, o in zip(grads, out, strict=True)))
+    res = {"attr_pred": out.attr_pred, "logits": out.logits, "attn": out.attn, "x": x.grad}
+    res.update({n: p.grad for n, p in module.named_parameters() if p.grad is not None})
+    return {k: v.detach().double().cpu() for k, v in res.items()}
+
+
+@pytest.mark.parametrize("path", ["fused-torch", "fused-triton", "materialized-torch"])
+def test_head_matches_the_float64_reference(path, device):
+    """Every output and gradient of C2FHead with head_reduce="max" against the reference in float64."""
+    kind, backend = path.split("-")
+    if backend == "triton":
+        pytest.importorskip("triton")
+    dev = device if backend == "triton" else "cpu"
+    ref, fused = _head_pair("max", backend, materialize_parts=kind == "materialized")
+    x = torch.randn(4, 32, 3, 3)
+    perm = torch.tensor([3, 2, 1, 0])
+    mask = (torch.rand(2, 4, 6) > 0.5).float()
+    truth_out = ref.double()(x.double(), perm, mask)
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in truth_out]
+    truth = _head_run(ref, x.double(), perm, mask, grads)
+    got = _head_run(fused.to(dev), x.to(dev), perm.to(dev), mask.to(dev), [g.to(dev) for g in grads])
+    assert set(got) >= {"attr_pred", "logits", "attn", "x", "attention.queries", "attention.k.weight"}
+    for name, want in truth.items():
+        if name == "attention.k.bias":
+            continue
+        torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item()),
+                                   msg=lambda m, name=name: f"{name}: {m}")

@@ -29,17 +29,18 @@ class C2FHeadOptions(NamedTuple):
     backend: str                # "triton" or "torch", resolved
     chunk_mib: float            # the torch-op path's temporaries per chunk of samples
     dot_precision: str          # the operand precision of the Triton kernels' dots
+    head_reduce: str            # attn: the per-head maps' "mean" or "max"
 
 
 @torch.library.custom_op("c2f::c2f_head", mutates_args=())
 def c2f_head(x: Tensor, g: Tensor, wrg: Tensor, wcg: Tensor, k_bias: Tensor | None, perm: Tensor, mask: Tensor,
-             eps: float, backend: str, chunk_mib: float, dot_precision: str
+             eps: float, backend: str, chunk_mib: float, dot_precision: str, head_reduce: str
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(attn [B, P, N], pred [B, P], logits [K, B, classes], probs, zhat, mean, rstd)`` of ``x [B, C, N]``,
     ``perm [B]`` a permutation and ``mask [K, B, P]`` fp32 (K = 1 and all ones: no mixup)."""
     with no_autocast(x):
         return implementation("c2f_head", backend).c2f_head_fwd(x, g, wrg, wcg, perm, mask, eps, chunk_mib,
-                                                                dot_precision)
+                                                                dot_precision, head_reduce)
 
 
 @c2f_head.register_fake
@@ -57,12 +58,13 @@ def _(x, g, wrg, wcg, k_bias, perm, mask, *options):
 def c2f_head_backward(x: Tensor, g: Tensor, wrg: Tensor, wcg: Tensor, perm: Tensor, mask: Tensor, attn: Tensor,
                       probs: Tensor, zhat: Tensor, mean: Tensor, rstd: Tensor, dattn: Tensor | None,
                       dpred: Tensor | None, dlogits: Tensor | None, needs_dx: bool, eps: float, backend: str,
-                      chunk_mib: float, dot_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      chunk_mib: float, dot_precision: str, head_reduce: str
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx or empty, dg, dwrg, dwcg)``."""
     with no_autocast(x):
         dg, dwrg, dwcg, dx = implementation("c2f_head", backend).c2f_head_bwd(
             x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd, dattn, dpred, dlogits, needs_dx, chunk_mib,
-            dot_precision)
+            dot_precision, head_reduce)
     return empty_if_none(dx, x), dg, dwrg, dwcg
 
 

@@ -29,6 +29,8 @@ from .._math import (
     normalised_tokens,
     operand_dtype,
     pool_matrix,
+    reduce_heads,
+    reduce_heads_grad_,
     softmax_,
     softmax_bwd_,
 )
@@ -55,7 +57,8 @@ def _pooled(coef: torch.Tensor, xhat: torch.Tensor) -> torch.Tensor:
 
 
 def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch.Tensor, perm: torch.Tensor,
-                 mask: torch.Tensor, eps: float, chunk_mib: float, dot_precision: str = "tf32"):
+                 mask: torch.Tensor, eps: float, chunk_mib: float, dot_precision: str = "tf32",
+                 head_reduce: str = "mean"):
     """Forward of the fused head.
 
     ``x [B, C, N]`` (any strides and float dtype); ``g [h, P, C]``, ``wrg [P, C]``, ``wcg [classes, C]``
@@ -98,7 +101,7 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
             attn[s] = pr[0]
         else:
             probs[s] = pr.transpose(0, 1)
-            torch.mean(pr, 0, out=attn[s])
+            reduce_heads(pr, head_reduce, 0, attn[s])
         zhat[s] = z.transpose(0, 1)
         pred[s] = (pr * z).sum((0, 3))
         m = pool_matrix(mask, inv, dt, s)                                               # [b, 2K, P]
@@ -112,7 +115,8 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
 def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch.Tensor, perm: torch.Tensor,
                  mask: torch.Tensor, attn: torch.Tensor, probs: torch.Tensor, zhat: torch.Tensor, mean: torch.Tensor,
                  rstd: torch.Tensor, dattn: torch.Tensor | None, dpred: torch.Tensor | None,
-                 dlogits: torch.Tensor | None, needs_dx: bool, chunk_mib: float, dot_precision: str = "tf32"):
+                 dlogits: torch.Tensor | None, needs_dx: bool, chunk_mib: float, dot_precision: str = "tf32",
+                 head_reduce: str = "mean"):
     """Backward of the fused head from its saved state. Returns ``dg [h, P, C]``, ``dwrg [P, C]``,
     ``dwcg [classes, C]`` (compute dtype) and ``dx [B, C, N]`` in ``x.dtype`` (or None)."""
     b_total, c, n = x.shape
@@ -143,7 +147,7 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
         dp = torch.zeros(h, b, p, n, dtype=dt, device=dev)
         dxhat = torch.zeros(c, b, n, dtype=dt, device=dev) if needs_dx else None
         if dattn is not None:
-            dp.add_(dattn[s].to(dt), alpha=1.0 / h)
+            reduce_heads_grad_(dp, dattn[s].to(dt), pr, head_reduce)
         dsz = torch.zeros(2 * p, b * n, dtype=od, device=dev) if stacked else None   # [dS; dZ]
         if dpred is not None:
             dpb = dpred[s].to(dt)[None, :, :, None]
