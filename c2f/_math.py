@@ -87,6 +87,13 @@ def layernorm_bwd_centred(e: torch.Tensor, xc: torch.Tensor, rstd: torch.Tensor)
     return (e - e.mean(0)).sub_(xc * proj)
 
 
+def head_major(xc: torch.Tensor, h: int) -> torch.Tensor:
+    """A ``[C, b, N]`` channels-first map as ``[h, b, N, d]`` (head j's channels, token-major), copied once so
+    every head's product with it runs in one batched GEMM over (head, sample)."""
+    c, b, n = xc.shape
+    return xc.view(h, c // h, b, n).permute(0, 2, 3, 1).contiguous()
+
+
 def softmax_(s: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim, in place."""
     s.sub_(s.amax(-1, keepdim=True)).exp_()

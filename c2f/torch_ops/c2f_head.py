@@ -22,6 +22,7 @@ from .._math import (
     accumulate_mm_,
     chunk_size,
     chunks,
+    head_major,
     inverse_permutation,
     layernorm_bwd,
     mixed_views,
@@ -44,16 +45,18 @@ def _per_sample_bytes(c: int, n: int, rows: int, views: int, backward: bool) -> 
     return 4 * ((2 if backward else 1) * c * n + (4 if backward else 2) * rows * n + 4 * views * (c + n))
 
 
-def _pooled(coef: torch.Tensor, xhat: torch.Tensor) -> torch.Tensor:
-    """``U [b, 2K, C]``: per head, ``coef_j [b, 2K, N]`` contracted with the head's tokens."""
-    h = coef.shape[0]
-    c, b, _ = xhat.shape
-    d = c // h
-    u = torch.empty(b, coef.shape[2], c, dtype=xhat.dtype, device=xhat.device)
-    for j in range(h):
-        cols = slice(j * d, (j + 1) * d)
-        u[:, :, cols] = torch.bmm(coef[j], xhat[cols].permute(1, 2, 0))
-    return u
+def _coef(m: torch.Tensor, pr: torch.Tensor) -> torch.Tensor:
+    """``coef [h, b, 2K, N] = M @ P_j`` for every head at once: ``m [b, 2K, P]``, ``pr [h, b, P, N]``."""
+    return torch.matmul(m.unsqueeze(0), pr)
+
+
+def _pooled(coef: torch.Tensor, xh: torch.Tensor) -> torch.Tensor:
+    """``U [b, 2K, C]``: per head, ``coef_j [b, 2K, N]`` contracted with the head's tokens ``xh [h, b, N, d]``
+    (``head_major``), all heads in one batched GEMM."""
+    h, b, n, d = xh.shape
+    v = coef.shape[2]
+    u = torch.bmm(coef.reshape(h * b, v, n), xh.view(h * b, n, d)).view(h, b, v, d)
+    return u.permute(1, 2, 0, 3).reshape(b, v, h * d)
 
 
 def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch.Tensor, perm: torch.Tensor,
@@ -105,8 +108,7 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
         zhat[s] = z.transpose(0, 1)
         pred[s] = (pr * z).sum((0, 3))
         m = pool_matrix(mask, inv, dt, s)                                               # [b, 2K, P]
-        coef = torch.stack([torch.bmm(m, pr[j]) for j in range(h)])                   # [h, b, 2K, N]
-        torch.matmul(_pooled(coef, xhat), wcg.T, out=rows[s])
+        torch.matmul(_pooled(_coef(m, pr), head_major(xhat, h)), wcg.T, out=rows[s])
     logits = torch.empty(k, b_total, wcg.shape[0], dtype=dt, device=dev)
     mixed_views(rows, perm, out=logits)
     return attn, pred, logits, probs, zhat, mean, rstd
@@ -161,16 +163,16 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
                 dxhat.view(h, d, b * n).add_(torch.bmm(wrg_h.transpose(1, 2), dz))
         if dlogits is not None:
             m = pool_matrix(mask, inv, dt, s)                                              # [b, 2K, P]
-            coef = torch.stack([torch.bmm(m, pr[j]) for j in range(h)])                  # [h, b, 2K, N]
+            coef = _coef(m, pr)                                                          # [h, b, 2K, N]
+            xh = head_major(xhat, h)                                                     # [h, b, N, d]
             dr = drows[s]                                                                # [b, 2K, classes]
-            dwcg.addmm_(dr.reshape(-1, dr.shape[-1]).T, _pooled(coef, xhat).view(-1, c))
+            dwcg.addmm_(dr.reshape(-1, dr.shape[-1]).T, _pooled(coef, xh).view(-1, c))
             du = torch.matmul(dr, wcg)                                                   # [b, 2K, C]
-            for j in range(h):
-                cols = slice(j * d, (j + 1) * d)
-                dcoef = torch.bmm(du[:, :, cols], xhat[cols].transpose(0, 1))           # [b, 2K, N]
-                dp[j].baddbmm_(m.transpose(1, 2), dcoef)
-                if needs_dx:
-                    dxhat[cols] += torch.bmm(du[:, :, cols].transpose(1, 2), coef[j]).transpose(0, 1)
+            duh = du.view(b, -1, h, d).permute(2, 0, 1, 3)                               # [h, b, 2K, d]
+            dcoef = torch.matmul(duh, xh.transpose(2, 3))                                # [h, b, 2K, N]
+            dp.add_(torch.matmul(m.transpose(1, 2).unsqueeze(0), dcoef))
+            if needs_dx:
+                dxhat.view(h, d, b, n).add_(torch.matmul(duh.transpose(2, 3), coef).transpose(1, 2))
         if stacked:
             dsz[:p] = softmax_bwd_(dp, pr)[0].transpose(0, 1).reshape(p, b * n)
             ds = dsz[:p]

@@ -29,6 +29,7 @@ from .._math import (
     centred_tokens,
     chunk_size,
     chunks,
+    head_major,
     layernorm_bwd,
     layernorm_bwd_centred,
     normalised_tokens,
@@ -70,13 +71,6 @@ def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return out.copy_(torch.bmm(a, b))
 
 
-def _head_major(xo: torch.Tensor, h: int) -> torch.Tensor:
-    """``[C, b, N]`` channels-first map as ``[h, b, N, d]`` (head j's channels, token-major), copied once so
-    all heads' products run as one batched GEMM."""
-    c, b, n = xo.shape
-    return xo.view(h, c // h, b, n).permute(0, 2, 3, 1).contiguous()
-
-
 def _weighted_sum_(parts: torch.Tensor, prr: torch.Tensor, xo: torch.Tensor, gamma: torch.Tensor,
                    beta: torch.Tensor) -> None:
     """``parts [b, P, C] = gamma * (prr_j @ xo_jᵀ) + beta`` per head (head j's channels), ``prr
@@ -90,7 +84,7 @@ def _weighted_sum_(parts: torch.Tensor, prr: torch.Tensor, xo: torch.Tensor, gam
         torch.bmm(prr[0], xo.permute(1, 2, 0), out=parts)
         torch.addcmul(beta, parts, gamma, out=parts)
         return
-    xt = _head_major(xo, h).view(h * b, n, d)
+    xt = head_major(xo, h).view(h * b, n, d)
     value = torch.bmm(prr.reshape(h * b, p, n).to(xo.dtype), xt).view(h, b, p, d).to(gamma.dtype)
     torch.addcmul(beta.view(h, d), value.permute(1, 2, 0, 3), gamma.view(h, d), out=parts.view(b, p, h, d))
 
