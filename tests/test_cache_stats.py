@@ -15,7 +15,7 @@ from c2f.app.data import CacheError, FeatureCache, add_stats, extract, make_load
 from c2f.app.data.cache import sha256_file
 from c2f.app.data.manifest import STATS_VERSION
 from tests.tamper import flip_bytes
-from tests.test_data import EXTRACT, TINY, TinyBackbone, killed_before_shard_1, write_cub
+from tests.test_data import EXTRACT, HOLD, TINY, TinyBackbone, killed_before_shard_1, write_cub
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 
@@ -149,6 +149,9 @@ def test_loader_batches_carry_statistics_aligned_with_their_rows(caches):
     assert sorted(seen) == rows.tolist() and seen != rows.tolist()             # shuffled, every row once
     plain = make_loader(cache, rows, targets, batch_size=8, shuffle=False, num_workers=0, stats=False)
     assert all(set(batch) == BATCH_KEYS for batch in plain)
+    preload = FeatureCache(cache.directory, preload=True)
+    for got, want in zip(preload.read_stats([39, 0, 17]), cache.read_stats([39, 0, 17]), strict=True):
+        assert not isinstance(preload._stats()[0][0], np.memmap) and np.array_equal(got, want)
 
 
 def test_an_old_cache_loads_unchanged_and_gains_its_statistics_with_one_command(caches, tmp_path, capsys):
@@ -265,6 +268,29 @@ def test_cache_stats_bad_input_is_one_line_and_exit_2(caches, tmp_path, monkeypa
     assert code == 2 and len(err.splitlines()) == 1 and expected in err and "Traceback" not in err, err
     assert not os.path.exists(names["missing"]) and not [f for f in os.listdir(partial) if f.startswith("stats")
                                                          and f != "stats-00000.npy"]
+
+
+def test_cache_stats_refuses_a_cache_another_process_writes(caches, tmp_path, capsys):
+    """A cache whose lock another process holds (its writer): ``c2f cache-stats`` exits 2 naming the holder and
+    writes nothing."""
+    import subprocess
+    import sys
+    old = as_old_cache(caches["float16"], str(tmp_path / "old"))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, old], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n", holder.stderr.read()
+        before = sorted(os.listdir(old))
+        capsys.readouterr()
+        assert main(["cache-stats", old, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is in use" in err and f"pid {holder.pid}" in err, err
+        assert sorted(os.listdir(old)) == before and not FeatureCache(old).has_stats
+    finally:
+        holder.kill()
+        holder.wait(30)
+        holder.stdout.close()
+        holder.stderr.close()
 
 
 def test_a_manifest_whose_statistics_break_the_schema_is_refused_in_one_line(caches, tmp_path):

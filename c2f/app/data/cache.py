@@ -283,8 +283,8 @@ class FeatureCache:
 
     ``has_stats``: the cache holds per-token statistics (``c2f.app.data.stats``) for every shard of every view,
     each file matching its sha256 (checked in both modes) and recorded as computed from the shard's sha256 in
-    the manifest; ``read_stats`` reads them. Statistics that fail any of this are refused as a whole, with one
-    warning line, and the cache loads without them (the ops compute their own).
+    the manifest; ``read_stats`` reads them. Statistics that fail any of this are not used at all (one warning
+    line says why), and the cache loads without them (the ops compute their own).
     """
 
     def __init__(self, directory: str, verify: str = "full", preload: bool = False):
@@ -345,16 +345,16 @@ class FeatureCache:
     def _check_stats(self) -> bool:
         """Whether every shard's statistics can stand for it; logs one line saying why not where they cannot."""
         m, fix = self.manifest, f"`c2f cache-stats {self.directory}` writes them"
-        if m["version"] != STATS_VERSION:
-            log.info("%s has no LayerNorm statistics (a version %s cache): the ops compute them; %s",
-                     self.directory, m["version"], fix)
+        if m["version"] != STATS_VERSION:   # debug: an older cache loads as it did, its log included
+            log.debug("%s has no LayerNorm statistics (a version %s cache): the ops compute them; %s",
+                      self.directory, m["version"], fix)
             return False
         problems = [p for shards, stats in zip(shard_groups(m), stats_groups(m), strict=True)
                     for shard, entry in zip(shards, stats, strict=True)
                     if (p := stats_problem(self.directory, shard, entry, self.feature_shape))]
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            log.warning("%s: LayerNorm statistics refused: %s%s; the ops compute them; %s",
+            log.warning("%s: LayerNorm statistics not used: %s%s; the ops compute them; %s",
                         self.directory, problems[0], more, fix)
         return not problems
 
@@ -477,6 +477,9 @@ def add_stats(directory: str, progress: bool = True) -> dict:
     cache = FeatureCache(directory, verify="size")
     if not cache.has_stats:
         raise CacheError(f"{directory}: the statistics just written do not check out (see the warning above)")
-    size = lambda groups: sum(os.path.getsize(os.path.join(directory, s["file"])) for g in groups for s in g)  # noqa: E731
-    return dict(written=written, dropped=dropped, stats_bytes=size(stats_groups(cache.manifest)),
-                feature_bytes=size(shard_groups(cache.manifest)))
+    return dict(written=written, dropped=dropped, stats_bytes=_bytes(directory, stats_groups(cache.manifest)),
+                feature_bytes=_bytes(directory, shard_groups(cache.manifest)))
+
+
+def _bytes(directory: str, groups: list) -> int:
+    return sum(os.path.getsize(os.path.join(directory, s["file"])) for group in groups for s in group)

@@ -59,8 +59,8 @@ SHARD_FIELDS = {
     "count": (_count(1), "an integer >= 1"),
     "sha256": (lambda v: isinstance(v, str), "a sha256 string"),
 }
-# A statistics entry: its own file and sha256, and the sha256 of the feature shard it was computed from.
 VIEW_FIELDS = {"views", "view_images", "view_shards"}   # version 2's, and version 3's with views
+# A statistics entry: its own file and sha256, and the sha256 of the feature shard it was computed from.
 STATS_FIELDS = {**SHARD_FIELDS, "features_sha256": (lambda v: isinstance(v, str), "a sha256 string")}
 
 
