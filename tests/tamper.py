@@ -6,7 +6,8 @@ import shutil
 import numpy as np
 
 from c2f.app.data import FeatureCache
-from c2f.app.data.cache import sha256_file, write_stats
+from c2f.app.data.cache import sha256_file
+from c2f.app.data.stats import write_stats
 
 
 def nan_rows(cache: str, out: str, rows) -> str:

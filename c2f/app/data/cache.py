@@ -11,7 +11,7 @@ Layout of a cache directory::
 Every file is written to a temporary name and moved into place with ``os.replace``, and the manifest is
 rewritten after each shard, so a killed writer leaves a cache that resumes from its last whole shard.
 Writers make version 3 caches: each shard's statistics are written with it. A cache made before (version 1
-or 2) loads as it did, without statistics, and gains them with ``add_stats`` (``c2f cache-stats DIR``),
+or 2) loads as it did, without statistics, and gains them with ``stats.add_stats`` (``c2f cache-stats DIR``),
 or by rerunning the command that made it; reading a cache never writes to it.
 """
 from __future__ import annotations
@@ -20,12 +20,10 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from ...files import DirLock, atomic_write, lock_directory
 from .manifest import (  # noqa: F401 - the schema's names stay importable from c2f.app.data.cache
     CACHE_DTYPES,
     DTYPES,
@@ -40,29 +38,18 @@ from .manifest import (  # noqa: F401 - the schema's names stay importable from 
     CacheError,
     add_stats_section,
     features_manifest,
+    lock_cache,
     manifest_problems,
     read_manifest,
+    save_npy_atomic,
+    sha256_file,
     shard_groups,
     stats_groups,
+    write_json_atomic,
 )
-from .stats import STATS_DTYPE, stats_file, stats_shape, token_stats
+from .stats import STATS_DTYPE, drop_bad_stats, fill_stats, stats_problems, stats_shape, write_stats
 
 log = logging.getLogger(__name__)
-
-
-def sha256_file(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def save_npy_atomic(path: str, array: np.ndarray) -> str:
-    """Writes ``array`` as ``.npy`` via a temporary file and returns its sha256."""
-    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
-    return sha256_file(path)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list:
@@ -82,79 +69,6 @@ def identity(manifest: dict) -> str:
     """A hash of what a finished cache holds (its manifest: settings, shapes, per-file sha256), its statistics
     left out: a cache that gains them is the same cache to a run that trained on it before."""
     return hashlib.sha256(json.dumps(features_manifest(manifest), sort_keys=True).encode()).hexdigest()
-
-
-def lock_cache(directory: str) -> DirLock:
-    """The cache's writer lock (``c2f.files.lock_directory``): one ``extract`` or ``synth`` fills it at a time."""
-    return lock_directory(directory, "feature cache", "wait for it to end, or write another cache directory")
-
-
-# ------------------------------------------------------------------------------- statistics files
-
-def write_stats(directory: str, shard: dict, stored: np.ndarray) -> dict:
-    """Writes the statistics of one feature shard (its manifest entry ``shard`` and its values as stored,
-    ``[count, C, H, W]``) atomically and returns their manifest entry."""
-    name = stats_file(shard["file"])
-    digest = save_npy_atomic(os.path.join(directory, name), token_stats(stored))
-    return dict(file=name, start=shard["start"], count=shard["count"], sha256=digest,
-                features_sha256=shard["sha256"])
-
-
-def stats_problem(directory: str, shard: dict, entry: dict | None, feature_shape) -> str | None:
-    """Why the statistics ``entry`` cannot stand for the feature ``shard`` (None: they can). Always checks
-    their file's sha256 (it is 0.2% of the shard's bytes), never the shard's own."""
-    if entry is None:
-        return f"{stats_file(shard['file'])} is not written"
-    path = os.path.join(directory, entry["file"])
-    if entry["features_sha256"] != shard["sha256"] or (entry["start"], entry["count"]) != (shard["start"],
-                                                                                          shard["count"]):
-        return f"{path} was computed from other features than {shard['file']} holds (their sha256 differs)"
-    if not os.path.isfile(path):
-        return f"{path} is missing"
-    if sha256_file(path) != entry["sha256"]:
-        return f"{path} fails its sha256 checksum"
-    try:
-        arr = np.load(path, mmap_mode="r")
-    except ValueError as e:
-        return f"{path} is not a readable .npy file ({e})"
-    expected = stats_shape(shard["count"], feature_shape)
-    if arr.shape != expected or arr.dtype != STATS_DTYPE:
-        return f"{path} holds {arr.shape} {arr.dtype}, expected {expected} {np.dtype(STATS_DTYPE)}"
-    return None
-
-
-def drop_bad_stats(directory: str, manifest: dict) -> int:
-    """Sets to null the statistics entries of a version 3 ``manifest`` that cannot stand for their shard (the
-    shard not written, or ``stats_problem``); returns how many recorded entries were dropped."""
-    dropped = 0
-    for shards, stats in zip(shard_groups(manifest), stats_groups(manifest), strict=True):
-        for i, (shard, entry) in enumerate(zip(shards, stats, strict=True)):
-            if entry is not None and (shard is None or stats_problem(directory, shard, entry,
-                                                                     manifest["feature_shape"])):
-                stats[i] = None
-                dropped += 1
-    return dropped
-
-
-def fill_stats(directory: str, manifest: dict, save: Callable, progress: bool = True) -> int:
-    """Computes the statistics of every written shard of a version 3 ``manifest`` that has none, each from the
-    shard's file once its sha256 is checked, calling ``save()`` after each; returns how many were written."""
-    todo = [(v, i) for v, (shards, stats) in enumerate(zip(shard_groups(manifest), stats_groups(manifest),
-                                                           strict=True))
-            for i, (shard, entry) in enumerate(zip(shards, stats, strict=True)) if shard is not None and entry is None]
-    bar = tqdm(total=sum(shard_groups(manifest)[v][i]["count"] for v, i in todo), unit="img", desc="statistics",
-               disable=not progress or not todo)
-    for v, i in todo:
-        shard = shard_groups(manifest)[v][i]
-        path = os.path.join(directory, shard["file"])
-        if not os.path.isfile(path) or sha256_file(path) != shard["sha256"]:
-            raise CacheError(f"{path} is missing or fails its sha256 checksum: the cache is corrupted; rerun the "
-                             "command that made it to rewrite bad shards")
-        stats_groups(manifest)[v][i] = write_stats(directory, shard, np.load(path, mmap_mode="r"))
-        save()
-        bar.update(shard["count"])
-    bar.close()
-    return len(todo)
 
 
 class CacheWriter:
@@ -349,9 +263,7 @@ class FeatureCache:
             log.debug("%s has no LayerNorm statistics (a version %s cache): the ops compute them; %s",
                       self.directory, m["version"], fix)
             return False
-        problems = [p for shards, stats in zip(shard_groups(m), stats_groups(m), strict=True)
-                    for shard, entry in zip(shards, stats, strict=True)
-                    if (p := stats_problem(self.directory, shard, entry, self.feature_shape))]
+        problems = stats_problems(self.directory, m)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             log.warning("%s: LayerNorm statistics not used: %s%s; the ops compute them; %s",
@@ -453,33 +365,3 @@ def _gather(starts: np.ndarray, shards: list, positions: np.ndarray, out: np.nda
         local = positions[mine] - starts[s]
         order = np.argsort(local, kind="stable")   # ascending reads are sequential on disk
         out[where[mine[order]]] = shards[s][local[order]]
-
-
-def add_stats(directory: str, progress: bool = True) -> dict:
-    """Gives a finished cache its statistics (``c2f cache-stats DIR``), under the cache's lock: a version 1 or 2
-    cache is brought to version 3, statistics that cannot stand for their shard are dropped, and every shard
-    without statistics gets them (its file's sha256 checked first), the manifest rewritten atomically after
-    each; a killed run resumes where it stopped. The result is then opened as a reader would and must hold
-    statistics. Returns ``written`` and ``dropped`` (shard counts), ``stats_bytes`` and ``feature_bytes``."""
-    read_manifest(directory)   # a directory that is not a cache is refused before its lock is made there
-    with lock_cache(directory):
-        m = read_manifest(directory)
-        groups = shard_groups(m)
-        if not m["complete"] or any(s is None for group in groups for s in group):
-            raise CacheError(f"{directory} is incomplete: finish it with the command that made it, which writes "
-                             "the statistics too")
-        old = m["version"] != STATS_VERSION
-        dropped = drop_bad_stats(directory, add_stats_section(m))
-        path = os.path.join(directory, MANIFEST)
-        if old or dropped:
-            write_json_atomic(path, m)
-        written = fill_stats(directory, m, lambda: write_json_atomic(path, m), progress)
-    cache = FeatureCache(directory, verify="size")
-    if not cache.has_stats:
-        raise CacheError(f"{directory}: the statistics just written do not check out (see the warning above)")
-    return dict(written=written, dropped=dropped, stats_bytes=_bytes(directory, stats_groups(cache.manifest)),
-                feature_bytes=_bytes(directory, shard_groups(cache.manifest)))
-
-
-def _bytes(directory: str, groups: list) -> int:
-    return sum(os.path.getsize(os.path.join(directory, s["file"])) for group in groups for s in group)

@@ -1,9 +1,15 @@
 """The feature cache's manifest: its format and versions, its schema (every field and what it must hold),
-and ``read_manifest``, which checks a cache's ``manifest.json`` against them."""
+``read_manifest``, which checks a cache's ``manifest.json`` against them, and how the files it lists are
+written (atomically, by one process at a time: ``lock_cache``) and checked (sha256)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+
+import numpy as np
+
+from ...files import DirLock, atomic_write, lock_directory
 
 FORMAT = "c2f-feature-cache"
 VERSION = 1         # a cache of one (deterministic) view per image
@@ -18,6 +24,26 @@ CACHE_DTYPES = ("float16", "float32")   # what a cache can be written in (numpy 
 
 class CacheError(RuntimeError):
     """A cache that is incomplete, corrupted, or was made with other settings than the ones asked for."""
+
+
+def sha256_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def save_npy_atomic(path: str, array: np.ndarray) -> str:
+    """Writes ``array`` as ``.npy`` via a temporary file and returns its sha256."""
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+    return sha256_file(path)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def lock_cache(directory: str) -> DirLock:
+    """The cache's writer lock (``c2f.files.lock_directory``): one ``extract`` or ``synth`` fills it at a time."""
+    return lock_directory(directory, "feature cache", "wait for it to end, or write another cache directory")
 
 
 # ------------------------------------------------------------------------------- the manifest's schema
