@@ -7,11 +7,13 @@ import numpy as np
 
 from c2f.app.data import FeatureCache
 from c2f.app.data.cache import sha256_file
+from c2f.app.data.stats import write_stats
 
 
 def nan_rows(cache: str, out: str, rows) -> str:
     """A copy of ``cache`` at ``out`` with the features of ``rows`` set to NaN and the manifest's sha256 of
-    each changed shard updated, so that even a full verification passes: only the values are wrong."""
+    each changed shard updated, its statistics too (a version 3 cache), so that even a full verification
+    passes: only the values are wrong."""
     shutil.copytree(cache, out)
     fc = FeatureCache(out, verify="size")
     manifest_path = os.path.join(out, "manifest.json")
@@ -24,6 +26,8 @@ def nan_rows(cache: str, out: str, rows) -> str:
         data[row - shard["start"]] = np.nan
         np.save(path, data)
         shard["sha256"] = sha256_file(path)
+        if "stats" in manifest:
+            manifest["stats"]["shards"][i] = write_stats(out, shard, data)
     with open(manifest_path, "w") as f:
         json.dump(manifest, f, indent=1)
     return out

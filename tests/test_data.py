@@ -331,7 +331,8 @@ def test_split_flag_other_than_0_or_1_names_file_and_line(tmp_path):
     lines = path.read_text().splitlines()
     lines[3] = "4 9"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(CUBFormatError, match=r"train_test_split.txt:4: is_training_image flag must be one of 0, 1, got 9"):
+    with pytest.raises(CUBFormatError,
+                       match=r"train_test_split.txt:4: is_training_image flag must be one of 0, 1, got 9"):
         read_cub(str(tmp_path))
 
 
@@ -460,7 +461,7 @@ def test_predict_images_through_the_extract_backbone(tmp_path, cub_and_backbone,
     assert [p["sample"] for p in by_image] == images
     assert main(["predict", run, "--features", cache, "--split", "all", "--out", str(tmp_path / "all.json")]) == 0
     by_row = json.load(open(tmp_path / "all.json"))["predictions"]
-    for i, p in zip((0, 3, 8), by_image):
+    for i, p in zip((0, 3, 8), by_image, strict=True):
         assert p["pred"] == by_row[i]["pred"] and p["prob"] == pytest.approx(by_row[i]["prob"], abs=1e-3)
     capsys.readouterr()
     assert main(["predict", run, "--images", str(tmp_path / "missing.png")]) == 2

@@ -13,6 +13,7 @@ from c2f.app.data import FeatureCache, extract, read_cub, read_manifest
 from c2f.app.data.backbones import ImageFolderDataset
 from c2f.app.data.images import CROP_RATIO, Augment, AugmentedView, CenterView, ImageRows, crop_box
 from c2f.app.data.loader import drawn_views
+from c2f.app.data.manifest import features_manifest
 from c2f.model_file import safe_load
 from tests.test_data import SIDE, TinyBackbone, write_cub
 
@@ -184,14 +185,16 @@ EXTRACT = dict(image_size=SIDE, batch_size=3, shard_size=4, num_workers=0, progr
 def test_extract_views_and_train_on_them(tree, tmp_path, capsys):
     cub, bb = str(tree / "cub"), str(tree / "bb.pt")
     plain = FeatureCache(extract(cub, str(tmp_path / "plain"), bb, **EXTRACT))
-    assert read_manifest(plain.directory)["version"] == 1 and plain.views == 1
+    made = read_manifest(plain.directory)   # version 3: the features of version 1 (one view) with statistics
+    assert made["version"] == 3 and features_manifest(made)["version"] == 1 and plain.views == 1
     out = str(tmp_path / "views")
     assert main(["extract", cub, out, "--backbone", bb, "--image-size", str(SIDE), "--views", "2",
                  "--shard-size", "4", "--num-workers", "0", "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["info", out]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["version"] == 2 and info["views"] == 2 and info["view_images"] == int(plain.is_train.sum())
+    assert info["version"] == 3 and info["views"] == 2 and info["view_images"] == int(plain.is_train.sum())
+    assert features_manifest(read_manifest(out))["version"] == 2   # version 2's views, with statistics
     cache = FeatureCache(out)
     rows = np.arange(len(cache))
     train = np.flatnonzero(cache.is_train)

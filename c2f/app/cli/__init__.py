@@ -1,4 +1,5 @@
-"""The ``c2f`` command: ``train``, ``eval``, ``predict``, ``runs``, ``extract``, ``synth`` and ``info``.
+"""The ``c2f`` command: ``train``, ``eval``, ``predict``, ``runs``, ``extract``, ``synth``, ``cache-stats``
+and ``info``.
 
 Results go to stdout; progress and log lines to stderr (``--quiet``, ``--verbose``, ``--log-file``).
 A user error prints one line and exits with code 2 (a traceback only with ``--debug``); a run stopped
@@ -9,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Optional
 
 from ...files import LockedError
 from ...model_file import CheckpointError

@@ -225,7 +225,7 @@ def _run_runs(args) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------ extract, synth, info
+# ------------------------------------------------------------------ extract, synth, cache-stats, info
 
 def _add_extract(p) -> None:
     p.add_argument("cub", help="the CUB_200_2011 directory (holding images.txt)")
@@ -297,13 +297,28 @@ def _run_synth(args) -> int:
     return 0
 
 
+def _add_cache_stats(p) -> None:
+    p.add_argument("cache", help="feature cache directory (finished)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+
+
+def _run_cache_stats(args) -> int:
+    from ..data import add_stats
+    done = add_stats(args.cache, progress=args.progress)
+    share = done["stats_bytes"] / max(done["feature_bytes"], 1)
+    print(f"{args.cache}: statistics of {done['written']} shard(s) written ({done['dropped']} replacing statistics "
+          f"that failed their check); {done['stats_bytes'] / 2 ** 20:.1f} MiB beside "
+          f"{done['feature_bytes'] / 2 ** 20:.1f} MiB of features ({100 * share:.2f}%)")
+    return 0
+
+
 def _add_info(p) -> None:
     p.add_argument("cache", help="feature cache directory")
 
 
 def _run_info(args) -> int:
     from ..data import read_manifest
-    from ..data.cache import shard_groups
+    from ..data.cache import shard_groups, stats_groups
     m = read_manifest(args.cache)
     summary = {k: m[k] for k in ("version", "config", "num_images", "feature_shape", "dtype", "shard_size",
                                  "complete")}
@@ -311,6 +326,8 @@ def _run_info(args) -> int:
     if "view_images" in m:
         summary["view_images"] = m["view_images"]
     summary["shards_done"] = sum(s is not None for group in shard_groups(m) for s in group)
+    # Version 3: shards whose LayerNorm statistics are recorded (not checked here: c2f cache-stats checks them).
+    summary["stats_done"] = sum(s is not None for group in stats_groups(m) for s in group) if "stats" in m else 0
     summary["num_classes"], summary["num_attributes"] = len(m["class_names"]), len(m["attribute_names"])
     json.dump(summary, sys.stdout, indent=1)
     print()
@@ -325,5 +342,7 @@ COMMANDS = {
     "runs": ("list runs with their best metrics", _add_runs, _run_runs),
     "extract": ("cache a frozen backbone's features of CUB images", _add_extract, _run_extract),
     "synth": ("write a synthetic feature cache (learnable classes, attributes, parts)", _add_synth, _run_synth),
+    "cache-stats": ("give a feature cache made before version 3 (or with a damaged statistics file) its "
+                    "per-token LayerNorm statistics", _add_cache_stats, _run_cache_stats),
     "info": ("print a feature cache's manifest summary (JSON)", _add_info, _run_info),
 }

@@ -5,21 +5,25 @@ Layout of a cache directory::
     manifest.json            what made the cache, shapes, dtype, per-file sha256, completion state
     features-00000.npy ...   [count, C, H, W] shards (fp16 by default), read with np.load(mmap_mode="r")
     features-v1-00000.npy .. (version 2, ``views`` V > 1) view v = 1..V-1 of each training image, in row order
+    stats-00000.npy ...      (version 3) each shard's per-token LayerNorm statistics (``c2f.app.data.stats``)
     labels.npy, is_train.npy, attributes.npy, certainty.npy, [class_attributes.npy]
 
 Every file is written to a temporary name and moved into place with ``os.replace``, and the manifest is
 rewritten after each shard, so a killed writer leaves a cache that resumes from its last whole shard.
+Writers make version 3 caches: each shard's statistics are written with it. A cache made before (version 1
+or 2) loads as it did, without statistics, and gains them with ``stats.add_stats`` (``c2f cache-stats DIR``),
+or by rerunning the command that made it; reading a cache never writes to it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
-from ...files import DirLock, atomic_write, lock_directory
 from .manifest import (  # noqa: F401 - the schema's names stay importable from c2f.app.data.cache
     CACHE_DTYPES,
     DTYPES,
@@ -28,28 +32,24 @@ from .manifest import (  # noqa: F401 - the schema's names stay importable from 
     MANIFEST_FIELDS,
     META_FILES,
     SHARD_FIELDS,
+    STATS_VERSION,
     VERSION,
     VIEWS_VERSION,
     CacheError,
+    add_stats_section,
+    features_manifest,
+    lock_cache,
     manifest_problems,
     read_manifest,
+    save_npy_atomic,
+    sha256_file,
     shard_groups,
+    stats_groups,
+    write_json_atomic,
 )
+from .stats import STATS_DTYPE, drop_bad_stats, fill_stats, stats_problems, stats_shape, write_stats
 
-
-def sha256_file(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def save_npy_atomic(path: str, array: np.ndarray) -> str:
-    """Writes ``array`` as ``.npy`` via a temporary file and returns its sha256."""
-    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
-    return sha256_file(path)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+log = logging.getLogger(__name__)
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list:
@@ -66,13 +66,9 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list:
 
 
 def identity(manifest: dict) -> str:
-    """A hash of what a finished cache holds (its manifest: settings, shapes, per-file sha256)."""
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-
-
-def lock_cache(directory: str) -> DirLock:
-    """The cache's writer lock (``c2f.files.lock_directory``): one ``extract`` or ``synth`` fills it at a time."""
-    return lock_directory(directory, "feature cache", "wait for it to end, or write another cache directory")
+    """A hash of what a finished cache holds (its manifest: settings, shapes, per-file sha256), its statistics
+    left out: a cache that gains them is the same cache to a run that trained on it before."""
+    return hashlib.sha256(json.dumps(features_manifest(manifest), sort_keys=True).encode()).hexdigest()
 
 
 class CacheWriter:
@@ -82,7 +78,9 @@ class CacheWriter:
     holds: reopening with a different one raises ``CacheError`` instead of mixing two caches. Hold
     ``lock_cache(directory)`` while writing, so that no other process writes the same cache.
     ``meta`` holds the per-image arrays (``labels`` [n], ``is_train`` [n], ``attributes`` [n, A],
-    ``certainty`` [n, A], optionally ``class_attributes`` [K, A]).
+    ``certainty`` [n, A], optionally ``class_attributes`` [K, A]). Each shard's statistics are written with it
+    (a version 3 manifest); a reopened cache made before them is brought to version 3, and ``fill_stats``
+    computes the statistics of the shards it already holds.
     """
 
     def __init__(self, directory: str, config: dict, feature_shape: Sequence[int], meta: dict,
@@ -116,16 +114,17 @@ class CacheWriter:
                 details = "; ".join(f"{k}: cache has {a!r}, asked for {b!r}" for k, a, b in diffs)
                 raise CacheError(f"{directory} holds a different cache ({details}). "
                                  "Use another directory or pass overwrite=True (--overwrite).")
-            self.manifest = old
+            self.manifest = add_stats_section(old)
             self._verify_done_shards()
         else:
-            self.manifest = dict(format=FORMAT, version=VERSION if views == 1 else VIEWS_VERSION, complete=False,
+            self.manifest = dict(format=FORMAT, version=STATS_VERSION, complete=False,
                                  **identity, attribute_names=list(attribute_names), class_names=list(class_names),
                                  meta={}, shards=[None] * num_shards)
             if views > 1:
                 per_view = -(-len(self.view_rows) // shard_size)
                 self.manifest.update(view_images=len(self.view_rows),
                                      view_shards=[[None] * per_view for _ in range(views - 1)])
+            add_stats_section(self.manifest)
             for name in META_FILES:
                 if meta.get(name) is not None:
                     self.manifest["meta"][name] = save_npy_atomic(os.path.join(directory, f"{name}.npy"),
@@ -133,7 +132,8 @@ class CacheWriter:
             self._save()
 
     def _verify_done_shards(self) -> None:
-        """Drops shards whose file is missing or fails its checksum, so they are written again."""
+        """Drops shards whose file is missing or fails its checksum, so they are written again, and statistics
+        that cannot stand for their shard, so they are computed again."""
         for group in shard_groups(self.manifest):
             for i, entry in enumerate(group):
                 if entry is None:
@@ -141,6 +141,7 @@ class CacheWriter:
                 path = os.path.join(self.directory, entry["file"])
                 if not os.path.isfile(path) or sha256_file(path) != entry["sha256"]:
                     group[i] = None
+        drop_bad_stats(self.directory, self.manifest)
         self.manifest["complete"] = self._all_done()
 
     def _all_done(self) -> bool:
@@ -163,18 +164,25 @@ class CacheWriter:
         return [i for i, s in enumerate(shard_groups(self.manifest)[view]) if s is None]
 
     def write_shard(self, i: int, features: np.ndarray, view: int = 0) -> None:
-        """Writes shard ``i`` of ``view`` (``[len(shard_range(i, view)), C, H, W]``) atomically and records it in
-        the manifest."""
+        """Writes shard ``i`` of ``view`` (``[len(shard_range(i, view)), C, H, W]``) and its statistics (of the
+        values as stored, in the cache dtype) atomically and records both in the manifest."""
         rows = self.shard_range(i, view)
         expected = (len(rows), *self.feature_shape)
         if tuple(features.shape) != expected:
             raise ValueError(f"shard {i} must have shape {expected}, got {tuple(features.shape)}")
         name = f"features-{i:05d}.npy" if view == 0 else f"features-v{view}-{i:05d}.npy"
-        digest = save_npy_atomic(os.path.join(self.directory, name),
-                                 np.ascontiguousarray(features, dtype=self.dtype))
-        shard_groups(self.manifest)[view][i] = dict(file=name, start=rows.start, count=len(rows), sha256=digest)
+        stored = np.ascontiguousarray(features, dtype=self.dtype)
+        entry = dict(file=name, start=rows.start, count=len(rows),
+                     sha256=save_npy_atomic(os.path.join(self.directory, name), stored))
+        shard_groups(self.manifest)[view][i] = entry
+        stats_groups(self.manifest)[view][i] = write_stats(self.directory, entry, stored)
         self.manifest["complete"] = self._all_done()
         self._save()
+
+    def fill_stats(self, progress: bool = True) -> int:
+        """Computes the statistics of the written shards that have none (a cache begun before version 3);
+        returns how many."""
+        return fill_stats(self.directory, self.manifest, self._save, progress)
 
     @property
     def complete(self) -> bool:
@@ -186,6 +194,11 @@ class FeatureCache:
 
     ``verify``: "full" checks every file's sha256 (reads the whole cache once), "size" checks shapes and
     dtypes from the ``.npy`` headers only. Either way an incomplete or mismatched cache raises ``CacheError``.
+
+    ``has_stats``: the cache holds per-token statistics (``c2f.app.data.stats``) for every shard of every view,
+    each file matching its sha256 (checked in both modes) and recorded as computed from the shard's sha256 in
+    the manifest; ``read_stats`` reads them. Statistics that fail any of this are not used at all (one warning
+    line says why), and the cache loads without them (the ops compute their own).
     """
 
     def __init__(self, directory: str, verify: str = "full", preload: bool = False):
@@ -235,9 +248,27 @@ class FeatureCache:
         self.view_starts = [self._check_group(group, n if v == 0 else m["view_images"], verify)
                             for v, group in enumerate(groups)]
         self.starts = self.view_starts[0]
-        self._maps = None
+        self.has_stats = self._check_stats()
+        self._maps = self._stats_maps = None
         if preload:
             self._maps = [[np.load(os.path.join(directory, s["file"])) for s in group] for group in groups]
+            if self.has_stats:
+                self._stats_maps = [[np.load(os.path.join(directory, s["file"])) for s in group]
+                                    for group in stats_groups(m)]
+
+    def _check_stats(self) -> bool:
+        """Whether every shard's statistics can stand for it; logs one line saying why not where they cannot."""
+        m, fix = self.manifest, f"`c2f cache-stats {self.directory}` writes them"
+        if m["version"] != STATS_VERSION:   # debug: an older cache loads as it did, its log included
+            log.debug("%s has no LayerNorm statistics (a version %s cache): the ops compute them; %s",
+                      self.directory, m["version"], fix)
+            return False
+        problems = stats_problems(self.directory, m)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            log.warning("%s: LayerNorm statistics not used: %s%s; the ops compute them; %s",
+                        self.directory, problems[0], more, fix)
+        return not problems
 
     def _check_group(self, shards: list, rows: int, verify: str) -> np.ndarray:
         """The start row of each shard of one view, after checking that they tile ``rows`` rows."""
@@ -271,39 +302,66 @@ class FeatureCache:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        if state["_maps"] is not None and isinstance(state["_maps"][0][0], np.memmap):
-            state["_maps"] = None   # reopened lazily in each worker process
+        for key in ("_maps", "_stats_maps"):
+            if state[key] is not None and isinstance(state[key][0][0], np.memmap):
+                state[key] = None   # reopened lazily in each worker process
         return state
+
+    def _open(self, groups: list) -> list:
+        return [[np.load(os.path.join(self.directory, s["file"]), mmap_mode="r") for s in group] for group in groups]
 
     def _shards(self) -> list:
         if self._maps is None:
-            self._maps = [[np.load(os.path.join(self.directory, s["file"]), mmap_mode="r") for s in group]
-                          for group in shard_groups(self.manifest)]
+            self._maps = self._open(shard_groups(self.manifest))
         return self._maps
 
-    def read(self, indices: Sequence[int] | None, views: Sequence[int] | None = None) -> np.ndarray:
-        """Features of ``indices`` in the order given: ``[len(indices), C, H, W]`` in the cache dtype; ``views``
-        (one per index, default all 0) picks each row's view (only training images have views above 0)."""
-        idx = np.asarray(indices, dtype=np.int64)
+    def _stats(self) -> list:
+        if self._stats_maps is None:
+            self._stats_maps = self._open(stats_groups(self.manifest))
+        return self._stats_maps
+
+    def _by_view(self, idx: np.ndarray, views):
+        """``(view, where, positions)`` for each view among the rows ``idx``: ``where`` indexes ``idx``,
+        ``positions`` the view's shard rows (cache rows for view 0), after checking the rows and views."""
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_images):
             raise IndexError(f"indices must lie in [0, {self.num_images}), got min {idx.min()}, max {idx.max()}")
         views = np.zeros(len(idx), np.int64) if views is None else np.asarray(views, dtype=np.int64)
         if views.size and (views.min() < 0 or views.max() >= self.views
                            or (self.view_position[idx[views > 0]] < 0).any()):
             raise IndexError(f"views must lie in [0, {self.views}) and be 0 for images without extra views")
-        out = np.empty((len(idx), *self.feature_shape), dtype=self.dtype)
         for v in np.unique(views):
             where = np.flatnonzero(views == v)
-            positions = idx[where] if v == 0 else self.view_position[idx[where]]
-            self._read_view(int(v), positions, out, where)
+            yield int(v), where, idx[where] if v == 0 else self.view_position[idx[where]]
+
+    def read(self, indices: Sequence[int] | None, views: Sequence[int] | None = None) -> np.ndarray:
+        """Features of ``indices`` in the order given: ``[len(indices), C, H, W]`` in the cache dtype; ``views``
+        (one per index, default all 0) picks each row's view (only training images have views above 0)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(idx), *self.feature_shape), dtype=self.dtype)
+        for v, where, positions in self._by_view(idx, views):
+            _gather(self.view_starts[v], self._shards()[v], positions, out, where)
         return out
 
-    def _read_view(self, view: int, positions: np.ndarray, out: np.ndarray, where: np.ndarray) -> None:
-        """``out[where] = `` the rows at ``positions`` of ``view``'s shards, read in ascending order per shard."""
-        starts, shards = self.view_starts[view], self._shards()[view]
-        shard_of = np.searchsorted(starts, positions, side="right") - 1
-        for s in np.unique(shard_of):
-            mine = np.flatnonzero(shard_of == s)
-            local = positions[mine] - starts[s]
-            order = np.argsort(local, kind="stable")   # ascending reads are sequential on disk
-            out[where[mine[order]]] = shards[s][local[order]]
+    def read_stats(self, indices: Sequence[int], views: Sequence[int] | None = None):
+        """The statistics of the features ``read(indices, views)`` returns, in the same row order: ``(mean,
+        var)``, each ``[len(indices), H * W]`` float32 and contiguous (two halves of one ``[2, b, H * W]``
+        array), token ``h * W + w``; None when the cache has no usable statistics (``has_stats``)."""
+        if not self.has_stats:
+            return None
+        idx = np.asarray(indices, dtype=np.int64)
+        out = np.empty(stats_shape(len(idx), self.feature_shape), dtype=STATS_DTYPE)
+        for v, where, positions in self._by_view(idx, views):
+            for k in range(2):
+                _gather(self.view_starts[v], [s[k] for s in self._stats()[v]], positions, out[k], where)
+        return out[0], out[1]
+
+
+def _gather(starts: np.ndarray, shards: list, positions: np.ndarray, out: np.ndarray, where: np.ndarray) -> None:
+    """``out[where] = `` the rows at ``positions`` of ``shards`` (shard s holds rows ``starts[s]`` on), read in
+    ascending order per shard."""
+    shard_of = np.searchsorted(starts, positions, side="right") - 1
+    for s in np.unique(shard_of):
+        mine = np.flatnonzero(shard_of == s)
+        local = positions[mine] - starts[s]
+        order = np.argsort(local, kind="stable")   # ascending reads are sequential on disk
+        out[where[mine[order]]] = shards[s][local[order]]

@@ -130,7 +130,8 @@ def read_cub(root: str) -> CUBRecord:
     # image id, attribute id, is_present and certainty id; the line is kept.
     for lineno, fields in _rows(labels_path, 4):
         img, att, pres, cert = (_int(labels_path, lineno, t, w) for t, w in
-                                zip(fields[:4], ("the image id", "the attribute id", "is_present", "the certainty id")))
+                                zip(fields[:4], ("the image id", "the attribute id", "is_present", "the certainty id"),
+                                    strict=True))
         if img not in position:
             raise CUBFormatError(f"{labels_path}:{lineno}: image id {img} is not in images.txt")
         if not 1 <= att <= a:

@@ -117,7 +117,8 @@ def extract(cub: str | CUBRecord, directory: str, backbone: str, image_size: int
     the manifest with the backbone's file hashes). Rerunning the same command after an interruption
     continues from the last whole shard; a different command, or a backbone or weights file replaced
     under the same name, is refused. ``views`` > 1 also stores ``views - 1`` augmented views of each training
-    image (``crop_scale``, ``hflip``, keyed by ``seed``; a version 2 manifest); training draws one per epoch.
+    image (``crop_scale``, ``hflip``, keyed by ``seed``); training draws one per epoch. Each shard's per-token
+    LayerNorm statistics are written with it (``c2f.app.data.stats``), of the values as stored in ``dtype``.
     """
     _check_args(image_size, split, batch_size, dtype, shard_size, num_workers)
     _check_views(views, seed)
@@ -163,7 +164,8 @@ def extract(cub: str | CUBRecord, directory: str, backbone: str, image_size: int
                 out.append(feats.float().cpu().numpy())
                 bar.update(len(images))
             writer.write_shard(i, np.concatenate(out), v)
-    bar.close()
+        bar.close()
+        writer.fill_stats(progress)   # the shards of a cache begun before statistics existed
     if todo:
         done = sum(len(writer.shard_range(i, v)) for v, i in todo)
         log.info("extract: %d images in %.1f s -> %s", done, time.perf_counter() - start, directory)

@@ -185,6 +185,7 @@ class ImageSource:
         made = dict(source="images", **self.backbone_identity, image_size=net.image_size,
                     images=_fingerprint(record.image_paths, record.root))
         self.identity = hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()
+        self.has_stats = False   # features computed at each step: no LayerNorm statistics stored (FeatureCache's)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -22,13 +22,24 @@ class CachedFeatures(torch.utils.data.Dataset):
     ``(epoch, rows)`` (a training plan's items), each row is read in the view drawn for it that epoch.
 
     Items: ``x`` ``[b, C, H, W]`` (the cache dtype), ``labels`` ``[b]`` int64, ``attr_target`` ``[b, A]``
-    float32, ``index`` ``[b]`` int64 (cache rows).
+    float32, ``index`` ``[b]`` int64 (cache rows), and, where the cache holds statistics (``cache.has_stats``)
+    and ``stats`` is on, the LayerNorm statistics of ``x``'s tokens (``c2f.app.data.stats``):
+
+    - ``x_mean`` ``[b, H * W]`` float32: the mean over the C channels of each token of ``x``;
+    - ``x_var`` ``[b, H * W]`` float32: their biased variance (divided by C); the op's ``rstd`` is
+      ``rstd_from_var(x_var, eps)`` = ``rsqrt(x_var + eps)`` in fp32.
+
+    Both contiguous, row ``i`` the statistics of ``x[i]`` (same rows, same views), token ``h * W + w`` (the last
+    axis of ``x.flatten(2)``); computed in float64 from the features as stored, so they describe ``x`` as the
+    batch holds it, or converted exactly (fp16 to fp32), not rounded to another dtype. Absent keys mean no
+    statistics: the consumer computes them.
     """
 
-    def __init__(self, cache: FeatureCache, targets: np.ndarray, seed: int = 0):
+    def __init__(self, cache: FeatureCache, targets: np.ndarray, seed: int = 0, stats: bool = True):
         if targets.shape[0] != len(cache):
             raise ValueError(f"targets must have one row per cached image ({len(cache)}), got {targets.shape}")
         self.cache, self.targets, self.seed = cache, np.asarray(targets, dtype=np.float32), seed
+        self.stats = stats and cache.has_stats
         self._drawn = (None, None)   # (epoch, views): drawn once per epoch in each worker
 
     def __len__(self) -> int:
@@ -42,10 +53,14 @@ class CachedFeatures(torch.utils.data.Dataset):
             if self._drawn[0] != epoch:
                 self._drawn = (epoch, drawn_views(self.cache, self.seed, epoch))
             views = self._drawn[1][rows]
-        return dict(x=torch.from_numpy(self.cache.read(rows, views)),
+        item = dict(x=torch.from_numpy(self.cache.read(rows, views)),
                     labels=torch.from_numpy(self.cache.labels[rows]),
                     attr_target=torch.from_numpy(self.targets[rows]),
                     index=torch.from_numpy(rows))
+        if self.stats:
+            mean, var = self.cache.read_stats(rows, views)
+            item.update(x_mean=torch.from_numpy(mean), x_var=torch.from_numpy(var))
+        return item
 
 
 class BatchPlan(torch.utils.data.Sampler):
@@ -92,12 +107,14 @@ class BatchPlan(torch.utils.data.Sampler):
 
 def make_loader(cache: FeatureCache, rows: Sequence[int], targets: np.ndarray, batch_size: int,
                 shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1, drop_last: bool = False,
-                num_workers: int = 2, pin_memory: bool = False, prefetch: int = 4) -> torch.utils.data.DataLoader:
+                num_workers: int = 2, pin_memory: bool = False, prefetch: int = 4,
+                stats: bool = True) -> torch.utils.data.DataLoader:
     """A DataLoader over ``rows`` of the cache; call ``loader.batch_sampler``'s ``set_epoch`` via ``loader.sampler``.
-    Shuffled (training) over a cache with views, each row is read in its view drawn for the epoch."""
+    Shuffled (training) over a cache with views, each row is read in its view drawn for the epoch. Batches are
+    ``CachedFeatures``' items: with ``stats`` (and a cache that has them) they carry ``x_mean`` and ``x_var``."""
     plan = BatchPlan(rows, batch_size, shuffle, seed, rank, world, drop_last, with_epoch=shuffle and cache.views > 1)
     extra = dict(persistent_workers=True, prefetch_factor=prefetch) if num_workers > 0 else {}
-    return torch.utils.data.DataLoader(CachedFeatures(cache, targets, seed), sampler=plan, batch_size=None,
+    return torch.utils.data.DataLoader(CachedFeatures(cache, targets, seed, stats), sampler=plan, batch_size=None,
                                        num_workers=num_workers, pin_memory=pin_memory, **extra)
 
 

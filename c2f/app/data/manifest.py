@@ -1,13 +1,21 @@
 """The feature cache's manifest: its format and versions, its schema (every field and what it must hold),
-and ``read_manifest``, which checks a cache's ``manifest.json`` against them."""
+``read_manifest``, which checks a cache's ``manifest.json`` against them, and how the files it lists are
+written (atomically, by one process at a time: ``lock_cache``) and checked (sha256)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+
+import numpy as np
+
+from ...files import DirLock, atomic_write, lock_directory
 
 FORMAT = "c2f-feature-cache"
 VERSION = 1         # a cache of one (deterministic) view per image
 VIEWS_VERSION = 2   # adds "views", "view_images" and "view_shards": augmented views of the training images
+STATS_VERSION = 3   # adds "stats": each shard's per-token LayerNorm statistics (c2f.app.data.stats), views or not
+VERSIONS = (VERSION, VIEWS_VERSION, STATS_VERSION)
 MANIFEST = "manifest.json"
 META_FILES = ("labels", "is_train", "attributes", "certainty", "class_attributes", "image_ids")
 DTYPES = ("float16", "bfloat16", "float32")
@@ -16,6 +24,26 @@ CACHE_DTYPES = ("float16", "float32")   # what a cache can be written in (numpy 
 
 class CacheError(RuntimeError):
     """A cache that is incomplete, corrupted, or was made with other settings than the ones asked for."""
+
+
+def sha256_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def save_npy_atomic(path: str, array: np.ndarray) -> str:
+    """Writes ``array`` as ``.npy`` via a temporary file and returns its sha256."""
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+    return sha256_file(path)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def lock_cache(directory: str) -> DirLock:
+    """The cache's writer lock (``c2f.files.lock_directory``): one ``extract`` or ``synth`` fills it at a time."""
+    return lock_directory(directory, "feature cache", "wait for it to end, or write another cache directory")
 
 
 # ------------------------------------------------------------------------------- the manifest's schema
@@ -57,6 +85,9 @@ SHARD_FIELDS = {
     "count": (_count(1), "an integer >= 1"),
     "sha256": (lambda v: isinstance(v, str), "a sha256 string"),
 }
+VIEW_FIELDS = {"views", "view_images", "view_shards"}   # version 2's, and version 3's with views
+# A statistics entry: its own file and sha256, and the sha256 of the feature shard it was computed from.
+STATS_FIELDS = {**SHARD_FIELDS, "features_sha256": (lambda v: isinstance(v, str), "a sha256 string")}
 
 
 def _problems(where: str, entry: dict, fields: dict) -> list:
@@ -82,7 +113,9 @@ def manifest_problems(m: dict) -> list:
     if len(m["shards"]) != expected:
         problems.append(f"shards lists {len(m['shards'])} entries; {m['num_images']} images in shards of "
                         f"{m['shard_size']} need {expected}")
-    return problems + (_view_problems(m) if m.get("version") == VIEWS_VERSION else [])
+    if m.get("version") == VIEWS_VERSION or (m.get("version") == STATS_VERSION and VIEW_FIELDS & set(m)):
+        problems += _view_problems(m)
+    return problems + (_stats_problems(m) if m.get("version") == STATS_VERSION and not problems else [])
 
 
 def _view_problems(m: dict) -> list:
@@ -105,9 +138,62 @@ def _view_problems(m: dict) -> list:
     return problems
 
 
+def _entry_problems(where: str, entries, length: int, fields: dict) -> list:
+    """Problems of a list of ``length`` entries, each null or an object with ``fields``."""
+    if not isinstance(entries, list) or len(entries) != length:
+        return [f"{where} must list {length} entries (null or an object each)"]
+    problems = []
+    for i, entry in enumerate(entries):
+        if entry is not None:
+            problems += (_problems(f"{where}[{i}].", entry, fields) if isinstance(entry, dict)
+                         else [f"{where}[{i}] is {json.dumps(entry)[:60]}, expected null or an object"])
+    return problems
+
+
+def _stats_problems(m: dict) -> list:
+    """Version 3's ``stats``: ``shards`` (and, with views, ``view_shards``) shaped like the feature shards."""
+    stats = m.get("stats")
+    if not isinstance(stats, dict):
+        return [f"stats is {json.dumps(stats)[:60]}, expected an object with the statistics' shard lists"]
+    if ("view_shards" in stats) != ("view_shards" in m):
+        return ["stats.view_shards must be there exactly when view_shards is"]
+    problems = _entry_problems("stats.shards", stats.get("shards"), len(m["shards"]), STATS_FIELDS)
+    if "view_shards" in m:
+        if not isinstance(stats["view_shards"], list) or len(stats["view_shards"]) != len(m["view_shards"]):
+            return problems + [f"stats.view_shards must list {len(m['view_shards'])} views"]
+        for v, (mine, theirs) in enumerate(zip(stats["view_shards"], m["view_shards"], strict=True)):
+            problems += _entry_problems(f"stats.view_shards[{v}]", mine, len(theirs), STATS_FIELDS)
+    return problems
+
+
 def shard_groups(m: dict) -> list:
     """The shard lists of a manifest: view 0's (one entry per shard of rows), then one per extra view."""
     return [m["shards"], *m.get("view_shards", [])]
+
+
+def stats_groups(m: dict) -> list:
+    """The statistics' entry lists of a version 3 manifest, parallel to ``shard_groups``."""
+    return [m["stats"]["shards"], *m["stats"].get("view_shards", [])]
+
+
+def add_stats_section(m: dict) -> dict:
+    """``m`` brought to version 3 in place (an empty ``stats`` section where it has none) and returned."""
+    if "stats" not in m:
+        m["stats"] = dict(shards=[None] * len(m["shards"]))
+        if "view_shards" in m:
+            m["stats"]["view_shards"] = [[None] * len(group) for group in m["view_shards"]]
+    m["version"] = STATS_VERSION
+    return m
+
+
+def features_manifest(m: dict) -> dict:
+    """``m`` without its statistics, at the version it has without them: what the features alone are. A
+    cache's identity hashes this, so that adding statistics to a cache does not make it another cache."""
+    if m.get("version") != STATS_VERSION:
+        return m
+    base = {k: v for k, v in m.items() if k != "stats"}
+    base["version"] = VIEWS_VERSION if "views" in m else VERSION
+    return base
 
 
 def read_manifest(directory: str) -> dict:
@@ -123,9 +209,9 @@ def read_manifest(directory: str) -> dict:
         raise CacheError(f"{path} is not valid JSON ({e}): the cache is corrupted") from None
     if not isinstance(manifest, dict):
         raise CacheError(f"{path} must hold a JSON object, got {type(manifest).__name__}: the cache is corrupted")
-    if manifest.get("format") != FORMAT or manifest.get("version") not in (VERSION, VIEWS_VERSION):
+    if manifest.get("format") != FORMAT or manifest.get("version") not in VERSIONS:
         raise CacheError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
-                         f"expected {FORMAT!r} version {VERSION} or {VIEWS_VERSION}")
+                         f"expected {FORMAT!r} version {', '.join(map(str, VERSIONS))}")
     problems = manifest_problems(manifest)
     if problems:
         raise CacheError(f"{path} does not fit the cache manifest's schema: {'; '.join(problems)}; the cache is "

@@ -82,7 +82,8 @@ def synthesize(directory: str, num_classes: int = 200, images_per_class: int = 6
                overwrite: bool = False, progress: bool = True) -> str:
     """Writes a synthetic cache (same format as ``extract``'s) to ``directory`` and returns it.
 
-    Deterministic in its arguments; a partial cache with the same arguments is completed, not redone.
+    Deterministic in its arguments; a partial cache with the same arguments is completed, not redone. Each
+    shard's per-token statistics are written with it (``c2f.app.data.stats``).
     """
     for name, v in (("num_classes", num_classes), ("images_per_class", images_per_class),
                     ("num_attributes", num_attributes), ("dim", dim), ("grid", grid), ("num_locations", num_locations)):
@@ -117,4 +118,5 @@ def synthesize(directory: str, num_classes: int = 200, images_per_class: int = 6
             writer.write_shard(i, _features(rows, attributes, certainty, sig, dim, grid, noise, seed, i))
             bar.update(len(rows))
         bar.close()
+        writer.fill_stats(progress)   # the shards of a cache begun before statistics existed
     return directory
