@@ -89,7 +89,8 @@ def test_model_files_rebuild_each_module(tmp_path):
             for a, b in zip(module(x), rebuilt(x)):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
     args = model_args(reference.C2FHead(dim=24, num_parts=5, num_classes=3, num_heads=3, qkv_bias=True, qk_scale=0.3))
-    assert args == dict(dim=24, num_parts=5, num_classes=3, num_heads=3, qkv_bias=True, qk_scale=0.3, eps=1e-5)
+    assert args == dict(dim=24, num_parts=5, num_classes=3, num_heads=3, qkv_bias=True, qk_scale=0.3, eps=1e-5,
+                        head_reduce="mean")
 
 
 def test_model_file_errors_are_clear(tmp_path):

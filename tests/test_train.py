@@ -69,7 +69,8 @@ def test_best_model_rebuilds_from_the_file_alone(cache, tmp_path):
     best = str(tmp_path / "run" / "best.pt")
     ckpt = safe_load(best)
     assert ckpt["model_args"] == dict(dim=32, num_parts=12, num_classes=5, num_heads=2, qkv_bias=False,
-                                      qk_scale=pytest.approx(16 ** -0.5), eps=1e-5, materialize_parts=False,
+                                      qk_scale=pytest.approx(16 ** -0.5), eps=1e-5, head_reduce="mean",
+                                      materialize_parts=False,
                                       backend="auto")
     assert ckpt["model_class"] == "c2f.c2f_head.C2FHead" and ckpt["class_names"][0] == "class000"
     for path in (best, str(tmp_path / "run" / "best.safetensors")):
