@@ -107,9 +107,10 @@ def _step_fn(head, att, backend):
     return loss_fn
 
 
-def _modules(backend):
+def _modules(backend, head_reduce="mean"):
     torch.manual_seed(0)
-    return cn.C2FHead(32, 5, 4, 2, backend=backend), cn.PartAttention(32, 5, 2, backend=backend)
+    return (cn.C2FHead(32, 5, 4, 2, backend=backend, head_reduce=head_reduce),
+            cn.PartAttention(32, 5, 2, backend=backend, head_reduce=head_reduce))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -125,11 +126,12 @@ def test_training_step_traces_as_one_graph(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_step_equals_eager(backend):
+@pytest.mark.parametrize("head_reduce", ["mean", "max"])
+def test_compiled_step_equals_eager(backend, head_reduce):
     """fullgraph=True: the forward and the loss compile as one graph and AOTAutograd compiles the
     backward; values and every gradient equal eager."""
     torch._dynamo.reset()
-    head, att = _modules(backend)
+    head, att = _modules(backend, head_reduce)
     loss_fn = _step_fn(head, att, backend)
     params = list(head.parameters()) + list(att.parameters())
     results = []
@@ -158,9 +160,11 @@ def test_inductor_compiles_the_head_step():
     torch.testing.assert_close(compiled(x, perm, mask), eager)
 
 
-def test_export_inference_forward():
+@pytest.mark.parametrize("head_reduce", ["mean", "max"])
+def test_export_inference_forward(head_reduce):
     torch.manual_seed(0)
-    head, att = cn.C2FHead(32, 5, 4, 2).eval(), cn.PartAttention(32, 5, 2).eval()
+    head = cn.C2FHead(32, 5, 4, 2, head_reduce=head_reduce).eval()
+    att = cn.PartAttention(32, 5, 2, head_reduce=head_reduce).eval()
     x, _, _ = _inputs()
     for module in (head, att):
         exported = torch.export.export(module, (x,))
