@@ -34,7 +34,8 @@ def normalised_tokens(x: torch.Tensor, eps: float, dtype: torch.dtype, mean=None
     whole chunk), with the token ``mean, rstd [b, N]`` of ``x [b, C, N]`` (any strides).
 
     Two passes (mean, then the centred sum of squares): exact with a large common offset (x + 1000).
-    Given ``mean`` and ``rstd`` (backward), only the normalisation runs.
+    Given ``mean`` and ``rstd`` (backward, or statistics given with x: ``given_token_stats``), only the
+    normalisation runs.
     """
     xt = x.transpose(0, 1)                                               # [C, b, N], a view
     if mean is None:
@@ -44,6 +45,26 @@ def normalised_tokens(x: torch.Tensor, eps: float, dtype: torch.dtype, mean=None
     if rstd is None:
         rstd = torch.linalg.vector_norm(xhat, dim=0).square_().div_(xhat.shape[0]).add_(eps).rsqrt_()
     return xhat.mul_(rstd), mean, rstd
+
+
+def stats_given(x_mean: torch.Tensor | None, x_var: torch.Tensor | None) -> bool:
+    """Whether the token statistics come with x; raises unless ``x_mean`` and ``x_var`` come together."""
+    if (x_mean is None) != (x_var is None):
+        raise ValueError("x_mean and x_var are given together or not at all, got only "
+                         f"{'x_mean' if x_var is None else 'x_var'}")
+    return x_mean is not None
+
+
+def given_token_stats(x_mean: torch.Tensor | None, x_var: torch.Tensor | None, eps: float, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The token ``mean, rstd [B, N]`` (new contiguous tensors in ``dtype``: an op's outputs never alias its
+    inputs) from statistics given with x, ``x_mean`` and the biased variance ``x_var`` (e.g. cached with
+    frozen features): ``rstd = rsqrt(var + eps)`` with the module's eps. None when neither is given."""
+    if not stats_given(x_mean, x_var):
+        return None
+    mean = torch.empty(x_mean.shape, dtype=dtype, device=x_mean.device).copy_(x_mean)
+    rstd = torch.empty_like(mean).copy_(x_var).add_(eps).rsqrt_()
+    return mean, rstd
 
 
 def scratch(numel: int, like: torch.Tensor, dtype: torch.dtype):
@@ -67,8 +88,8 @@ def centred_tokens(x: torch.Tensor, out: torch.Tensor, mean: torch.Tensor, rstd:
 
     With ``rstd`` given, the token statistics are computed first and written into ``mean`` and ``rstd``
     ``[b, N]``: two passes (the mean, then the centred sum of squares), exact with a large common offset
-    (x + 1000). Without it, ``mean`` holds them already (backward). The rstd is never applied to the
-    ``[C, b, N]`` map: every product scales its ``[P, b, N]``-sized side by it instead.
+    (x + 1000). Without it, ``mean`` holds them already (backward, or statistics given with x). The rstd
+    is never applied to the ``[C, b, N]`` map: every product scales its ``[P, b, N]``-sized side by it instead.
     """
     xt = x.transpose(0, 1)                                                         # [C, b, N], a view
     if rstd is not None:

@@ -89,6 +89,29 @@ def feature_map_as_channels(x: torch.Tensor, dim: int, name: str = "x") -> torch
     return xc
 
 
+def token_stats_args(x_stats, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The ``x_mean, x_var`` arguments of an op from ``x_stats``: ``(x_mean, x_var)``, each ``[B, N]`` float32
+    (or float64 with a float64 x) on x's device, given for ``x [B, C, N]``, or None. ``(None, None)`` without
+    them, and when x requires grad: statistics cached with frozen features do not describe features that
+    train, so the op computes its own (checked all the same)."""
+    if x_stats is None:
+        return None, None
+    if not isinstance(x_stats, (tuple, list)) or len(x_stats) != 2:
+        raise TypeError(f"x_stats must be a pair (x_mean, x_var) or None, got {type(x_stats).__name__}")
+    b, _, n = x.shape
+    dtypes = (torch.float32, torch.float64) if x.dtype == torch.float64 else (torch.float32,)
+    for name, t in zip(("x_mean", "x_var"), x_stats, strict=True):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"x_stats' {name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (b, n) or t.dtype not in dtypes or t.device != x.device:
+            raise ValueError(f"x_stats' {name} must be a [B, N] = [{b}, {n}] {'/'.join(map(str, dtypes))} tensor on "
+                             f"{x.device} (one value per token of x), got {describe(t)}")
+        if t.requires_grad:
+            raise ValueError(f"x_stats' {name} requires grad, but the statistics given with x get no gradient: "
+                             f"pass {name}.detach()")
+    return (None, None) if x.requires_grad else tuple(x_stats)
+
+
 HEAD_REDUCES = ("mean", "max")   # c2f._math.HEAD_REDUCES: how the heads' maps become one
 
 

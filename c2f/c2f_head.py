@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from . import reference
 from ._backend import resolve_backend
 from ._math import AMP_PRECISIONS, DEFAULT_CHUNK_MIB, autocast_dtype, autocast_softmax_dtype, compute_dtype
-from ._validate import check_pairing, check_same_device, feature_map_as_channels
+from ._validate import check_pairing, check_same_device, feature_map_as_channels, token_stats_args
 from .ops.c2f_head import C2FHeadOptions  # (importing it registers torch.ops.c2f.c2f_head)
 from .ops.part_attention import fold_queries
 from .part_attention import check_options, part_attention
@@ -69,10 +69,12 @@ class _RecomputedReadout(torch.autograd.Function):
 class C2FHead(reference.C2FHead):
     """The fused C2F head: same constructor, submodules and ``state_dict`` as ``c2f.reference.C2FHead``.
 
-    ``forward(x, perm=None, mask=None)`` returns ``C2FOutput(attr_pred [B, P], logits, attn [B, P, N])``;
-    logits are ``[B, classes]`` without a mask or with a ``[B, P]`` mask, ``[K, B, classes]`` with a
-    ``[K, B, P]`` mask. ``materialize_parts`` picks the path (module docstring); ``backend`` ("auto":
-    Triton on CUDA, torch ops on CPU; "triton"; "torch") picks the implementation of either path;
+    ``forward(x, perm=None, mask=None, x_stats=None)`` returns ``C2FOutput(attr_pred [B, P], logits, attn [B, P,
+    N])``; logits are ``[B, classes]`` without a mask or with a ``[B, P]`` mask, ``[K, B, classes]`` with a
+    ``[K, B, P]`` mask. ``x_stats = (x_mean, x_var)``, the tokens' LayerNorm statistics cached with frozen
+    features, replaces the statistics pass (``c2f.functional.part_attention``; ignored when x requires grad).
+    ``materialize_parts`` picks the path (module docstring); ``backend`` ("auto": Triton on CUDA, torch ops
+    on CPU; "triton"; "torch") picks the implementation of either path;
     ``chunk_mib``, ``dot_precision`` and ``head_reduce`` (the maps' "mean" or "max" over heads) as in
     ``c2f.nn.PartAttention``.
     """
@@ -94,10 +96,11 @@ class C2FHead(reference.C2FHead):
         from .model_file import load_model
         return load_model(path, cls=cls, map_location=map_location, **overrides)
 
-    def forward(self, x: torch.Tensor, perm: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> C2FOutput:
+    def forward(self, x: torch.Tensor, perm: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                x_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> C2FOutput:
         att = self.attention
         xv = feature_map_as_channels(x, att.dim)
+        stats = token_stats_args(x_stats, xv)
         b, p = xv.shape[0], att.num_parts
         single_view = mask is not None and mask.dim() == 2
         if mask is not None or perm is not None:
@@ -105,26 +108,27 @@ class C2FHead(reference.C2FHead):
             check_same_device(x=x, perm=perm, mask=mask)
             mask = mask.unsqueeze(0) if single_view else mask
         if self.materialize_parts:
-            out = self._forward_materialized(x, perm, mask)
+            out = self._forward_materialized(x, perm, mask, x_stats)
         else:
-            out = self._forward_fused(xv, perm, mask)
+            out = self._forward_fused(xv, perm, mask, stats)
         if single_view:
             out = C2FOutput(out.attr_pred, out.logits[0], out.attn)
         return out
 
-    def _forward_fused(self, xv, perm, mask) -> C2FOutput:
+    def _forward_fused(self, xv, perm, mask, stats) -> C2FOutput:
         cdt = compute_dtype(xv)
         amp = autocast_dtype(xv.device.type)
         with torch.autocast(xv.device.type, enabled=False) if amp is not None else contextlib.nullcontext():
-            out = self._fused_fp32(xv, perm, mask, cdt, AMP_PRECISIONS.get(amp, self.dot_precision))
+            out = self._fused_fp32(xv, perm, mask, stats, cdt, AMP_PRECISIONS.get(amp, self.dot_precision))
         if amp is None:
             return C2FOutput(*(t.to(xv.dtype) for t in out))
         # The reference's dtypes under autocast: attr_pred fp32 (parts times an fp32 weight), logits in the
         # autocast dtype, attn as autocast returns a softmax on this device.
         return C2FOutput(out.attr_pred, out.logits.to(amp), out.attn.to(autocast_softmax_dtype(xv.device.type, amp)))
 
-    def _fused_fp32(self, xv, perm, mask, cdt, precision) -> C2FOutput:
-        """The fused path in the compute dtype (parameters folded with ordinary autograd)."""
+    def _fused_fp32(self, xv, perm, mask, stats, cdt, precision) -> C2FOutput:
+        """The fused path in the compute dtype (parameters folded with ordinary autograd); ``stats``: the op's
+        ``x_mean, x_var`` (``token_stats_args``)."""
         att = self.attention
         h, p = att.num_heads, att.num_parts
         gamma, beta = att.norm.weight.to(cdt), att.norm.bias.to(cdt)
@@ -139,21 +143,21 @@ class C2FHead(reference.C2FHead):
                                  chunk_mib=float(self.chunk_mib), dot_precision=precision,
                                  head_reduce=att.head_reduce)
         attn, pred_raw, logits_raw = torch.ops.c2f.c2f_head(xv, g, wr * gamma, wc * gamma, att.k.bias, perm, mask,
-                                                            *options)[:3]
+                                                            *stats, *options)[:3]
         attr_pred = pred_raw + (wr * beta).sum(-1) + self.regressor.bias.to(cdt)
         logits = logits_raw + F.linear(beta, wc, self.classifier.bias.to(cdt))
         if unmixed:
             logits = logits[0]
         return C2FOutput(attr_pred, logits, attn)
 
-    def _forward_materialized(self, x, perm, mask) -> C2FOutput:
+    def _forward_materialized(self, x, perm, mask, x_stats) -> C2FOutput:
         att = self.attention
         backend = resolve_backend(self.backend, x.device)
 
         def attend():
             return part_attention(x, att.queries, att.k.weight, att.norm.weight, att.norm.bias, att.num_heads,
                                   att.scale, att.eps, backend=backend, k_bias=att.k.bias, chunk_mib=self.chunk_mib,
-                                  dot_precision=self.dot_precision, head_reduce=att.head_reduce)
+                                  dot_precision=self.dot_precision, head_reduce=att.head_reduce, x_stats=x_stats)
 
         parts, attn = attend()
         attr_pred = _RecomputedReadout.apply(parts, self.regressor.weight, lambda: attend()[0])

@@ -23,7 +23,14 @@ import torch
 from . import reference
 from ._backend import check_backend, resolve_backend
 from ._math import AMP_PRECISIONS, DEFAULT_CHUNK_MIB, autocast_dtype, autocast_softmax_dtype
-from ._validate import check_float, check_head_reduce, check_same_device, describe, feature_map_as_channels
+from ._validate import (
+    check_float,
+    check_head_reduce,
+    check_same_device,
+    describe,
+    feature_map_as_channels,
+    token_stats_args,
+)
 from .ops.part_attention import PartAttentionOptions  # (importing it registers torch.ops.c2f.part_attention_*)
 
 FORMULATIONS = ("auto", "folded", "unfolded")
@@ -55,7 +62,8 @@ def check_options(backend: str, formulation: str, chunk_mib: float, dot_precisio
 def part_attention(x: torch.Tensor, queries: torch.Tensor, k_weight: torch.Tensor, norm_weight: torch.Tensor,
                    norm_bias: torch.Tensor, num_heads: int = 1, scale: float | None = None, eps: float = 1e-5,
                    backend: str = "auto", formulation: str = "auto", k_bias: torch.Tensor | None = None,
-                   chunk_mib: float = DEFAULT_CHUNK_MIB, dot_precision: str = "tf32", head_reduce: str = "mean"):
+                   chunk_mib: float = DEFAULT_CHUNK_MIB, dot_precision: str = "tf32", head_reduce: str = "mean",
+                   x_stats: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Fused part attention on a feature map ``[B, C, H, W]`` or tokens ``[B, N, C]``.
 
     Returns ``(parts [B, P, C], attn [B, P, N])`` in ``x.dtype``, computed in fp32. Under
@@ -67,6 +75,9 @@ def part_attention(x: torch.Tensor, queries: torch.Tensor, k_weight: torch.Tenso
     of samples; ``dot_precision`` (``DOT_PRECISIONS``: "tf32", "ieee", "bf16", "fp16") sets the operand
     precision of the Triton kernels' dots on a GPU (autocast picks bf16/fp16 itself). ``head_reduce``:
     ``attn`` is the mean ("mean") or the max ("max") of the heads' maps; with one head both are its map.
+    ``x_stats``: ``(x_mean, x_var)``, the per-token mean and biased variance over channels of x, ``[B, N]``
+    fp32 (the feature cache's): the op uses them (``rstd = rsqrt(x_var + eps)``) instead of computing them;
+    ignored when x requires grad.
     """
     check_options(backend, formulation, chunk_mib, dot_precision)
     check_head_reduce(head_reduce)
@@ -84,6 +95,7 @@ def part_attention(x: torch.Tensor, queries: torch.Tensor, k_weight: torch.Tenso
         raise ValueError(f"k_bias must have shape ({c},), got {describe(k_bias)}")
     check_same_device(x=x, queries=queries, k_weight=k_weight, norm_weight=norm_weight, norm_bias=norm_bias,
                       k_bias=k_bias)
+    x_mean, x_var = token_stats_args(x_stats, xv)
     if num_heads <= 0 or c % num_heads:
         raise ValueError(f"num_heads={num_heads} must be positive and divide C={c}")
     scale = scale or (c // num_heads) ** -0.5
@@ -95,7 +107,7 @@ def part_attention(x: torch.Tensor, queries: torch.Tensor, k_weight: torch.Tenso
     options = PartAttentionOptions(num_heads=num_heads, scale=float(scale), eps=float(eps), out_dtype=amp or x.dtype,
                                    backend=chosen, chunk_mib=float(chunk_mib), dot_precision=precision,
                                    head_reduce=head_reduce)
-    out = op(xv, queries, k_weight, k_bias, norm_weight, norm_bias, *options)
+    out = op(xv, queries, k_weight, k_bias, norm_weight, norm_bias, x_mean, x_var, *options)
     attn_dtype = x.dtype if amp is None else autocast_softmax_dtype(x.device.type, amp)
     return out[0], out[1].to(attn_dtype)
 
@@ -110,6 +122,7 @@ class PartAttention(reference.PartAttention):
     to the machine's GEMM throughput, smaller ones keep the peak low). ``dot_precision``: the operand
     precision of the Triton kernels' dots on a GPU, "tf32" (default), "ieee", "bf16" or "fp16".
     ``head_reduce``: ``attn`` is the mean ("mean", default) or the max ("max") of the heads' maps.
+    ``forward(x, x_stats=None)``: ``x_stats = (x_mean, x_var)`` as in ``part_attention``.
     """
 
     def __init__(self, dim: int, num_parts: int = 312, num_heads: int = 1, qkv_bias: bool = False,
@@ -122,8 +135,8 @@ class PartAttention(reference.PartAttention):
         self.backend, self.formulation = backend, formulation
         self.chunk_mib, self.dot_precision = chunk_mib, dot_precision
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, x_stats: tuple[torch.Tensor, torch.Tensor] | None = None):
         return part_attention(x, self.queries, self.k.weight, self.norm.weight, self.norm.bias,
                               self.num_heads, self.scale, self.eps, backend=self.backend,
                               formulation=self.formulation, k_bias=self.k.bias, chunk_mib=self.chunk_mib,
-                              dot_precision=self.dot_precision, head_reduce=self.head_reduce)
+                              dot_precision=self.dot_precision, head_reduce=self.head_reduce, x_stats=x_stats)

@@ -19,10 +19,12 @@ from ._validate import check_float, check_head_reduce, describe, feature_map_as_
 class PartAttention(nn.Module):
     """Learned part queries attending over LayerNorm-ed tokens.
 
-    ``forward(x)`` takes ``[B, C, H, W]`` or ``[B, N, C]`` and returns ``(parts [B, P, C], attn [B, P, N])``:
+    ``forward(x, x_stats=None)`` takes ``[B, C, H, W]`` or ``[B, N, C]`` and returns ``(parts [B, P, C], attn
+    [B, P, N])``:
     per head j (channels ``j*d:(j+1)*d``), ``P_j = softmax(scale * queries_j @ k(t)_j^T)`` over tokens and
     ``parts_j = P_j @ t_j``, with ``t = LayerNorm(tokens)``; ``attn`` is the mean of ``P_j`` over heads, or
-    with ``head_reduce="max"`` their max.
+    with ``head_reduce="max"`` their max. ``x_stats`` (the tokens' cached LayerNorm statistics, which the fused
+    module may use) is accepted and ignored: the LayerNorm computes its own.
     """
 
     def __init__(self, dim: int, num_parts: int = 312, num_heads: int = 1, qkv_bias: bool = False,
@@ -48,7 +50,7 @@ class PartAttention(nn.Module):
         reduce = f", head_reduce={self.head_reduce!r}" if self.head_reduce != "mean" else ""
         return f"dim={self.dim}, num_parts={self.num_parts}, num_heads={self.num_heads}, scale={self.scale:.4g}{reduce}"
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, x_stats: tuple[torch.Tensor, torch.Tensor] | None = None):
         tokens = feature_map_as_channels(x, self.dim).transpose(1, 2)  # [B, N, C]
         b, n, c = tokens.shape
         h, d, p = self.num_heads, self.head_dim, self.num_parts
@@ -139,8 +141,9 @@ class C2FOutput(NamedTuple):
 class C2FHead(nn.Module):
     """Part attention, attribute regression, part mixup and the fine classifier.
 
-    ``forward(x, perm=None, mask=None)``: attribute predictions on the unmixed parts; logits of the
-    mean over parts, or of ``part_mixup_pool(parts, perm, mask)`` when a mask is given.
+    ``forward(x, perm=None, mask=None, x_stats=None)``: attribute predictions on the unmixed parts; logits of the
+    mean over parts, or of ``part_mixup_pool(parts, perm, mask)`` when a mask is given. ``x_stats`` is ignored
+    (``PartAttention``).
     """
 
     def __init__(self, dim: int = 2048, num_parts: int = 312, num_classes: int = 200, num_heads: int = 1,
@@ -154,8 +157,8 @@ class C2FHead(nn.Module):
         self.classifier = nn.Linear(dim, num_classes, **factory)
 
 
-    def forward(self, x: torch.Tensor, perm: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> C2FOutput:
+    def forward(self, x: torch.Tensor, perm: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                x_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> C2FOutput:
         parts, attn = self.attention(x)
         attr_pred = self.regressor(parts)
         if mask is None:

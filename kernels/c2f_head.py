@@ -4,8 +4,9 @@ implements with torch ops (same functions, same signatures, same saved state).
 docs/design.md, "The algebra" 8: the regression readout and the pooled mixed-view classifier are linear
 in the part features, so ``[B, P, C]`` is never written. Per step, independent of B:
 
-- forward: 3 kernels (token statistics, the fused scores / softmax / readout / pooling coefficients,
-  the pooled rows) and a few small torch ops (pooling matrix, partial sums, ``U @ wcg^T``, logits);
+- forward: 3 kernels (token statistics, unless they come with x; the fused scores / softmax / readout /
+  pooling coefficients; the pooled rows) and a few small torch ops (pooling matrix, partial sums,
+  ``U @ wcg^T``, logits);
 - backward: 3 kernels (pooled rows with their coefficient gradient, dS / dZ, the dG (+ dWrg) reduction;
   one more, dWrg, with several heads; two more, dxhat and dx, when x requires grad) and a few small
   torch ops (``drows``, ``dU = drows @ wcg``, ``coef = M P``, ``dwcg = drows^T U``, partial sums).
@@ -23,7 +24,19 @@ from .._math import inverse_permutation, mixed_views, mixed_views_bwd, pool_matr
 from . import targets
 from .c2f_head_bwd import _c2f_head_bwd_dwrg_kernel, _c2f_head_bwd_dxhat_kernel, _c2f_head_bwd_kernel
 from .c2f_head_fwd import _c2f_head_fwd_kernel, _c2f_head_pool_kernel
-from .common import F32, DAttn, check, check_dims, check_perm, check_x, dattn_operand, make_plans, xstrides
+from .common import (
+    F32,
+    DAttn,
+    check,
+    check_dims,
+    check_perm,
+    check_stats,
+    check_x,
+    dattn_operand,
+    make_plans,
+    token_stats,
+    xstrides,
+)
 from .launch import FLOAT_DTYPES, launch
 from .part_attention_bwd import _part_attention_bwd_dg_kernel, _part_attention_bwd_dx_kernel
 from .part_attention_fwd import _part_attention_stats_kernel
@@ -64,34 +77,34 @@ def _pooled_rows(x, mean, rstd, coef, du, views, plan):
 
 def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch.Tensor, perm: torch.Tensor,
                  mask: torch.Tensor, eps: float, chunk_mib: float, dot_precision: str = "tf32",
-                 head_reduce: str = "mean"):
+                 head_reduce: str = "mean", x_mean: torch.Tensor | None = None, x_var: torch.Tensor | None = None):
     """Forward of the fused head (``c2f.torch_ops.c2f_head.c2f_head_fwd`` has the contract).
 
     ``x [B, C, N]`` any strides, fp32/fp16/bf16, read in place; ``g [h, P, C]``, ``wrg [P, C]``,
     ``wcg [classes, C]`` fp32 contiguous; ``perm [B]`` int64, ``mask [K, B, P]`` fp32. Returns ``attn
     [B, P, N]``, ``pred [B, P]``, ``logits [K, B, classes]`` and the saved state ``probs [B, h, P, N]``
     (empty when h == 1), ``zhat [B, h, P, N]``, ``mean, rstd [B, N]``, all fp32. ``chunk_mib`` is the
-    torch-op path's; the kernels keep no per-chunk temporaries.
+    torch-op path's; the kernels keep no per-chunk temporaries. ``x_mean, x_var [B, N]`` fp32 (both or
+    neither): the token statistics given with x; the statistics kernel does not run.
     """
     bsz, c, n, h, p, k = _check_inputs(x, g, wrg, wcg, perm, mask)
     dev, f32 = x.device, torch.float32
+    has_stats = check_stats(x_mean, x_var, bsz, n, dev)
     target = targets.current(dev)
     views = 2 * k
-    plan = make_plans(lambda: dict(
-        stats=attention_stats(bsz, c, n, x.dtype, target),
-        fwd=head_fwd(bsz, c, n, p, h, views, x.dtype, target, dot_precision),
-        pool=head_pool(bsz, c, n, h, views, x.dtype, target, dot_precision)), OP, x, target, dot_precision)
+    plan = make_plans(lambda: _fwd_plans(bsz, c, n, p, h, views, x.dtype, target, dot_precision, has_stats), OP, x,
+                      target, dot_precision)
     attn = torch.empty(bsz, p, n, device=dev, dtype=f32)
     probs = torch.empty((bsz, h, p, n) if h > 1 else (0,), device=dev, dtype=f32)
     zhat = torch.empty(bsz, h, p, n, device=dev, dtype=f32)
     pred = torch.empty(bsz, p, device=dev, dtype=f32)
-    mean = torch.empty(bsz, n, device=dev, dtype=f32)
-    rstd = torch.empty_like(mean)
+    mean, rstd = token_stats(x_mean, x_var, eps, bsz, n, dev)
     if bsz == 0:
         return attn, pred, torch.empty(k, 0, wcg.shape[0], device=dev, dtype=f32), probs, zhat, mean, rstd
     m = pool_matrix(mask, inverse_permutation(perm), f32)                              # [B, 2K, P]
-    launch(_part_attention_stats_kernel, plan["stats"], X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, C=c, N=n,
-           **xstrides(x), eps=float(eps))
+    if not has_stats:
+        launch(_part_attention_stats_kernel, plan["stats"], X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, C=c, N=n,
+               **xstrides(x), eps=float(eps))
     num_pb = plan["fwd"].grid[0] // (bsz * h)
     coef_part = torch.empty(bsz, h, num_pb, views, n, device=dev, dtype=f32)
     pred_heads = pred if h == 1 else torch.empty(bsz, h, p, device=dev, dtype=f32)
@@ -101,11 +114,22 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
            C=c, N=n, P=p, D=c // h, H=h, V=views, **xstrides(x))
     u, _ = _pooled_rows(x, mean, rstd, coef_part.sum(2), None, views, plan["pool"])
     rows = torch.matmul(u, wcg.T)                                                      # [B, 2K, classes]
-    logits = mixed_views(rows, perm)                                                   # [K, B, classes]
+    # Contiguous, as the op's fake says (mixed_views alone returns the [B, K] order transposed).
+    logits = mixed_views(rows, perm, out=torch.empty(k, bsz, wcg.shape[0], device=dev, dtype=f32))
     if h > 1:
         reduce_heads(probs, head_reduce, 1, attn)
         torch.sum(pred_heads, 1, out=pred)
     return attn, pred, logits, probs, zhat, mean, rstd
+
+
+def _fwd_plans(bsz: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dtype, target, dot_precision: str,
+               has_stats: bool) -> dict:
+    """The forward's plans: the token statistics (without ``has_stats``), the fused kernel, the pooled rows."""
+    plans = dict(fwd=head_fwd(bsz, c, n, p, h, views, dtype, target, dot_precision),
+                 pool=head_pool(bsz, c, n, h, views, dtype, target, dot_precision))
+    if not has_stats:
+        plans["stats"] = attention_stats(bsz, c, n, dtype, target)
+    return plans
 
 
 def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch.Tensor, perm: torch.Tensor,

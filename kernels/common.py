@@ -1,7 +1,8 @@
 """What every launcher shares (``part_attention.py``, ``part_mixup.py``, ``c2f_head.py``): argument checks
 that name the tensor, its shape, strides, dtype and device; the strides of the ``[B, C, N]`` map as kernel
-arguments; making an op's plans before anything is allocated or launched. No launcher imports another's
-names: what two of them need lives here.
+arguments; the token statistics, given with x or left for the statistics kernel; making an op's plans
+before anything is allocated or launched. No launcher imports another's names: what two of them need
+lives here.
 """
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from typing import NamedTuple
 
 import torch
 
-from .._math import reduce_heads_grad_
+from .._math import given_token_stats, reduce_heads_grad_, stats_given
 from .launch import FLOAT_DTYPES
 from .plans import MAX_TOKENS, PlanError
 
-__all__ = ["F32", "describe", "check", "check_dims", "check_x", "check_perm", "xstrides", "make_plans",
-           "DAttn", "dattn_operand"]
+__all__ = ["F32", "describe", "check", "check_dims", "check_x", "check_stats", "check_perm", "xstrides", "token_stats",
+           "make_plans", "DAttn", "dattn_operand"]
 
 F32 = (torch.float32,)
 
@@ -78,6 +79,25 @@ def check_x(x, g, h: int, p: int) -> tuple[int, int, int]:
                          f"{bsz * h * p} rows of the probabilities) spans {span} elements, more than int32 offsets "
                          f"address: x {describe(x)}")
     return bsz, c, n
+
+
+def check_stats(x_mean, x_var, b: int, n: int, device: torch.device) -> bool:
+    """Whether the token statistics come with x (``c2f._math.stats_given``); when they do, ``x_mean`` and
+    ``x_var`` are ``[B, N]`` fp32 on ``device``."""
+    if not stats_given(x_mean, x_var):
+        return False
+    check("x_mean", x_mean, (b, n), F32, device)
+    check("x_var", x_var, (b, n), F32, device)
+    return True
+
+
+def token_stats(x_mean, x_var, eps: float, b: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token ``mean, rstd [B, N]`` fp32 the kernels read: from the statistics given with x
+    (``c2f._math.given_token_stats``), else empty, for the statistics kernel to fill."""
+    given = given_token_stats(x_mean, x_var, eps, torch.float32)
+    if given is not None:
+        return given
+    return torch.empty(b, n, device=device, dtype=torch.float32), torch.empty(b, n, device=device, dtype=torch.float32)
 
 
 def check_perm(perm, b: int, device: torch.device) -> None:

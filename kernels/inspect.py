@@ -5,8 +5,9 @@
 
 No GPU is needed. Every case of the shape grid (``inspect_cases.cases()``: tokens N in {49, 196, 324,
 576, 1024}, heads {1, 3, 16}, fp32/bf16/fp16 maps with TF32 dots and bf16/fp16 maps with bf16/fp16
-operands (the autocast precisions), forward and backward with and without dattn and dx; every mixup
-kernel at K in {1, 4, 32} views, fp32/bf16/fp16; the head likewise at K in {1, 4}) calls the real
+operands (the autocast precisions), forward with and without the token statistics given, backward with
+and without dattn and dx; every mixup kernel at K in {1, 4, 32} views, fp32/bf16/fp16; the head likewise
+at K in {1, 4}) calls the real
 launchers on ``meta`` tensors inside ``launch.recording(target)``: the launches they would make are
 recorded, with their plans for that target, and compiled with ``triton.compile`` exactly as the JIT
 would (the argument types and divisibility come from the same arguments). Launches that compile to the

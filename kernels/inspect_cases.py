@@ -31,6 +31,8 @@ def _attention_case(n: int, h: int, dtype: torch.dtype, dot_precision: str = "tf
         x = _meta(b, c, n, dtype=dtype)             # a [B, C, H, W] map viewed as [B, C, N]
         g, gamma, beta = _meta(h, p, c), _meta(c), _meta(c)
         parts, attn, probs, mean, rstd = pa.folded_fwd(x, g, gamma, beta, 1e-5, dtype, 16.0, dot_precision)
+        # Frozen features with their cached token statistics: the short-row forward reads them (HAS_STATS).
+        pa.folded_fwd(x, g, gamma, beta, 1e-5, dtype, 16.0, dot_precision, "mean", _meta(b, n), _meta(b, n))
         # What backward receives from c2f.ops: dparts in the parts' dtype; dattn in fp32, since the public
         # function returns attn.to(x.dtype), whose backward casts the gradient back to fp32.
         for dattn in (_meta(b, p, n), None):

@@ -19,7 +19,18 @@ import torch
 from .._math import reduce_heads
 from ..torch_ops.part_attention import unfolded_bwd, unfolded_fwd  # see the module docstring
 from . import targets
-from .common import F32, DAttn, check, check_dims, check_x, dattn_operand, make_plans, xstrides
+from .common import (
+    F32,
+    DAttn,
+    check,
+    check_dims,
+    check_stats,
+    check_x,
+    dattn_operand,
+    make_plans,
+    token_stats,
+    xstrides,
+)
 from .launch import FLOAT_DTYPES, launch
 from .part_attention_bwd import (
     _part_attention_bwd_dg_kernel,
@@ -55,27 +66,30 @@ __all__ = ["folded_fwd", "folded_bwd", "unfolded_fwd", "unfolded_bwd"]
 
 
 def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float,
-               out_dtype: torch.dtype, chunk_mib: float, dot_precision: str = "tf32", head_reduce: str = "mean"):
+               out_dtype: torch.dtype, chunk_mib: float, dot_precision: str = "tf32", head_reduce: str = "mean",
+               x_mean: torch.Tensor | None = None, x_var: torch.Tensor | None = None):
     """Forward of the folded formulation (``c2f.torch_ops.part_attention.folded_fwd`` has the contract).
 
     ``x [B, C, N]`` any strides, fp32/fp16/bf16, read in place; ``g [h, P, C]``, ``gamma, beta [C]``
     fp32. Returns ``parts [B, P, C]`` (``out_dtype``), ``attn [B, P, N]``, ``probs [B, h, P, N]``
     (empty when h == 1), ``mean, rstd [B, N]``, all fp32 but parts. ``chunk_mib`` is the torch-op
     path's; the kernels keep no per-chunk temporaries. ``dot_precision``: one of ``plans.DOT_PRECISIONS``.
+    ``x_mean, x_var [B, N]`` fp32 (both or neither): the token statistics given with x; the statistics
+    kernel does not run, and the short-row kernel reads them instead of computing them.
     """
     h, p, _ = check_dims("g", g, "[h, P, C]")
     bsz, c, n = check_x(x, g, h, p)
     dev = x.device
     check("gamma", gamma, (c,), F32, dev, contiguous=True)
     check("beta", beta, (c,), F32, dev, contiguous=True)
+    has_stats = check_stats(x_mean, x_var, bsz, n, dev)
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     target = targets.current(dev)
     rows = short_rows(n, target)
-    plan = make_plans(lambda: _fwd_plans(bsz, c, n, p, h, x.dtype, target, dot_precision, rows), "part attention",
-                      x, target, dot_precision)
-    mean = torch.empty(bsz, n, device=dev, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
+    plan = make_plans(lambda: _fwd_plans(bsz, c, n, p, h, x.dtype, target, dot_precision, rows, has_stats),
+                      "part attention", x, target, dot_precision)
+    mean, rstd = token_stats(x_mean, x_var, eps, bsz, n, dev)
     parts = torch.empty(bsz, p, c, device=dev, dtype=out_dtype)
     attn = torch.empty(bsz, p, n, device=dev, dtype=torch.float32)
     probs = torch.empty((bsz, h, p, n) if h > 1 else (0,), device=dev, dtype=torch.float32)
@@ -88,8 +102,9 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
                Mean_ptr=mean, Rstd_ptr=rstd, Probs_ptr=scores, Parts_ptr=parts, C=c, N=n, P=p, D=c // h, H=h, **xs,
                eps=float(eps))
     else:
-        launch(_part_attention_stats_kernel, plan["stats"], X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, C=c, N=n, **xs,
-               eps=float(eps))
+        if not has_stats:
+            launch(_part_attention_stats_kernel, plan["stats"], X_ptr=x, Mean_ptr=mean, Rstd_ptr=rstd, C=c, N=n,
+                   **xs, eps=float(eps))
         launch(_part_attention_fwd_scores_kernel, plan["scores"], X_ptr=x, G_ptr=g, Mean_ptr=mean, Rstd_ptr=rstd,
                S_ptr=scores, C=c, N=n, HP=h * p, **xs)
         launch(_part_attention_fwd_softmax_kernel, plan["softmax"], S_ptr=scores, R=bsz * h * p, N=n)
@@ -101,14 +116,17 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
 
 
 def _fwd_plans(bsz: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target, dot_precision: str,
-               rows: bool) -> dict:
-    """The forward's plans: the short-row kernel (``short_rows``) or the four tiled ones."""
+               rows: bool, has_stats: bool) -> dict:
+    """The forward's plans: the short-row kernel (``short_rows``) or the tiled ones (the statistics kernel
+    without ``has_stats``, the scores, the softmax, the parts)."""
     if rows:
-        return dict(rows=attention_fwd_rows(bsz, c, n, p, h, dtype, target, dot_precision))
-    return dict(stats=attention_stats(bsz, c, n, dtype, target),
-                scores=attention_scores(bsz, c, n, p, h, dtype, target, dot_precision),
-                softmax=attention_softmax(bsz * h * p, n, target),
-                parts=attention_parts(bsz, c, n, p, h, dtype, target, dot_precision))
+        return dict(rows=attention_fwd_rows(bsz, c, n, p, h, dtype, target, dot_precision, has_stats=has_stats))
+    plans = dict(scores=attention_scores(bsz, c, n, p, h, dtype, target, dot_precision),
+                 softmax=attention_softmax(bsz * h * p, n, target),
+                 parts=attention_parts(bsz, c, n, p, h, dtype, target, dot_precision))
+    if not has_stats:
+        plans["stats"] = attention_stats(bsz, c, n, dtype, target)
+    return plans
 
 
 def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, attn: torch.Tensor,

@@ -20,7 +20,8 @@ every target; only the softmax holds a whole row of N <= ``plans.MAX_TOKENS`` to
 
 - ``_part_attention_fwd_rows_kernel``: short rows (N <= ``ROW_TOKENS``, ``plans_part_attention.short_rows``): all of
   the above in one kernel per (sample, head, query block), the scores never leaving the chip; x_b is read
-  by both of its passes and by every query block of the sample at about the same time (from L2).
+  by both of its passes and by every query block of the sample at about the same time (from L2). With
+  ``HAS_STATS`` (the statistics given with x, e.g. cached with frozen features) it reads them instead.
 """
 import triton
 import triton.language as tl
@@ -190,8 +191,8 @@ def _part_attention_fwd_rows_kernel(
     G_ptr,            # [h, P, C] fp32 contiguous
     Gamma_ptr,        # [C] fp32
     Beta_ptr,         # [C] fp32
-    Mean_ptr,         # [B, N] fp32 out
-    Rstd_ptr,         # [B, N] fp32 out
+    Mean_ptr,         # [B, N] fp32 out (in with HAS_STATS)
+    Rstd_ptr,         # [B, N] fp32 out (in with HAS_STATS)
     Probs_ptr,        # [B, h, P, N] fp32 out
     Parts_ptr,        # [B, P, C] contiguous out
     C, N, P, D, H,
@@ -199,6 +200,7 @@ def _part_attention_fwd_rows_kernel(
     eps,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,   # BLOCK_N >= N: whole rows
     DOT_PRECISION: tl.constexpr,  # dots.mma precision
+    HAS_STATS: tl.constexpr,      # the token statistics come with x: read, not computed
 ):
     # Short rows (N <= plans_part_attention.ROW_TOKENS): one program per (sample, head, query block) keeps its rows of
     # scores on chip from the product to the parts. Pass 1 over all C channels: S and the token
@@ -211,10 +213,15 @@ def _part_attention_fwd_rows_kernel(
     n_mask = n < N
     x_base = X_ptr + b * stride_xb
     g_base = G_ptr + j * P * C
-    # The mean is not known until the pass ends, so the product contracts x - shift (shift = the token's
-    # first channel, as the statistics kernel): G (X - mean) = G (X - shift) - rowsum(G) (mean - shift).
-    # With a large common offset (x + 1000) x - shift is O(std): nothing cancels in the product.
-    shift = tl.load(x_base + n * stride_xn, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_STATS:
+        # Given statistics: the product contracts the centred tokens x - mean themselves.
+        shift = tl.load(Mean_ptr + b * N + n, mask=n_mask, other=0.0)
+        rstd = tl.load(Rstd_ptr + b * N + n, mask=n_mask, other=0.0)
+    else:
+        # The mean is not known until the pass ends, so the product contracts x - shift (shift = the token's
+        # first channel, as the statistics kernel): G (X - mean) = G (X - shift) - rowsum(G) (mean - shift).
+        # With a large common offset (x + 1000) x - shift is O(std): nothing cancels in the product.
+        shift = tl.load(x_base + n * stride_xn, mask=n_mask, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
     g_sum = tl.zeros([BLOCK_Q], dtype=tl.float32)
     mean = tl.zeros([BLOCK_N], dtype=tl.float32)     # of x - shift, merged chunk by chunk (Chan et al.)
@@ -228,22 +235,27 @@ def _part_attention_fwd_rows_kernel(
         x = tl.load(x_base + (c[:, None] * stride_xc + n[None, :] * stride_xn), mask=x_mask, other=0.0)
         xs = tl.where(x_mask, x.to(tl.float32) - shift[None, :], 0.0)
         acc = mma(g, xs, acc, DOT_PRECISION)
-        g_sum += tl.sum(g, axis=1)
-        chunk_count = tl.minimum(C - c0, BLOCK_K).to(tl.float32)
-        chunk_mean = tl.sum(xs, axis=0) / chunk_count
-        centred = tl.where(x_mask, xs - chunk_mean[None, :], 0.0)
-        total = count + chunk_count
-        delta = chunk_mean - mean
-        mean += delta * (chunk_count / total)
-        m2 += tl.sum(centred * centred, axis=0) + delta * delta * (count * chunk_count / total)
-        count = total
-    rstd = 1.0 / tl.sqrt(m2 / C + eps)
-    s = (acc - g_sum[:, None] * mean[None, :]) * rstd[None, :]
-    mean += shift
-    # Every program of the sample computes the same statistics in the same order; one stores them.
-    if (qb == 0) & (j == 0):
-        tl.store(Mean_ptr + b * N + n, mean, mask=n_mask)
-        tl.store(Rstd_ptr + b * N + n, rstd, mask=n_mask)
+        if not HAS_STATS:
+            g_sum += tl.sum(g, axis=1)
+            chunk_count = tl.minimum(C - c0, BLOCK_K).to(tl.float32)
+            chunk_mean = tl.sum(xs, axis=0) / chunk_count
+            centred = tl.where(x_mask, xs - chunk_mean[None, :], 0.0)
+            total = count + chunk_count
+            delta = chunk_mean - mean
+            mean += delta * (chunk_count / total)
+            m2 += tl.sum(centred * centred, axis=0) + delta * delta * (count * chunk_count / total)
+            count = total
+    if HAS_STATS:
+        s = acc * rstd[None, :]
+        mean = shift
+    else:
+        rstd = 1.0 / tl.sqrt(m2 / C + eps)
+        s = (acc - g_sum[:, None] * mean[None, :]) * rstd[None, :]
+        mean += shift
+        # Every program of the sample computes the same statistics in the same order; one stores them.
+        if (qb == 0) & (j == 0):
+            tl.store(Mean_ptr + b * N + n, mean, mask=n_mask)
+            tl.store(Rstd_ptr + b * N + n, rstd, mask=n_mask)
 
     s = tl.where(n_mask[None, :], s, float("-inf"))
     e = tl.exp2((s - tl.max(s, axis=1)[:, None]) * LOG2E)

@@ -175,11 +175,11 @@ def _rows_plan(b: int, c: int, n: int, p: int, h: int, target: Target, dot_preci
 
 
 def attention_fwd_rows(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,
-                       dot_precision: str = "tf32") -> KernelPlan:
-    """Short rows: scores with the token statistics, softmax and parts in one kernel; grid (query block x
-    head x sample)."""
+                       dot_precision: str = "tf32", has_stats: bool = False) -> KernelPlan:
+    """Short rows: scores with the token statistics (read instead with ``has_stats``), softmax and parts in one
+    kernel; grid (query block x head x sample)."""
     return _rows_plan(b, c, n, p, h, target, dot_precision, ROWS_FWD_BLOCK_Q, ROWS_FWD_TILES, ROWS_FWD_BLOCK_K,
-                      ROWS_FWD_STAGES, "forward")
+                      ROWS_FWD_STAGES, "forward", HAS_STATS=has_stats)
 
 
 def attention_bwd_rows(b: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, target: Target,

@@ -35,13 +35,21 @@ def _parameters(c=32, p=5, h=2, dtype=torch.float32):
 
 # ------------------------------------------------------------------------------------------ opcheck
 
-def _attention_args(form, backend, requires_grad, head_reduce="mean"):
+def _token_stats(x):
+    """The token statistics the feature cache stores for ``x [B, C, N]``: float64 mean and biased variance over
+    channels, rounded to fp32."""
+    return x.double().mean(1).float(), x.double().var(1, unbiased=False).float()
+
+
+def _attention_args(form, backend, requires_grad, head_reduce="mean", stats=False):
     x, _, _ = _inputs()
     w = _parameters()
     leaves = [t.requires_grad_(requires_grad) for t in (w["queries"], w["k_weight"], w["norm_weight"], w["norm_bias"])]
     options = PartAttentionOptions(num_heads=2, scale=0.25, eps=1e-5, out_dtype=torch.float32, backend=backend,
                                    chunk_mib=16.0, dot_precision="tf32", head_reduce=head_reduce)
-    return (x.flatten(2), leaves[0], leaves[1], None, leaves[2], leaves[3], *options)
+    x = x.flatten(2)
+    x_mean, x_var = _token_stats(x) if stats else (None, None)
+    return (x, leaves[0], leaves[1], None, leaves[2], leaves[3], x_mean, x_var, *options)
 
 
 @pytest.mark.parametrize("backend, form", [("torch", "folded"), ("torch", "unfolded"), ("triton", "folded")])
@@ -50,6 +58,9 @@ def test_opcheck_attention(backend, form):
     torch.library.opcheck(op, _attention_args(form, backend, requires_grad=True))
     torch.library.opcheck(op, _attention_args(form, backend, requires_grad=False))
     torch.library.opcheck(op, _attention_args(form, backend, requires_grad=True, head_reduce="max"))
+    # With the token statistics given (frozen features, cached): the parameters' gradients as before.
+    torch.library.opcheck(op, _attention_args(form, backend, requires_grad=True, stats=True))
+    torch.library.opcheck(op, _attention_args(form, backend, requires_grad=False, stats=True))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -63,17 +74,18 @@ def test_opcheck_mixup(backend):
                           (grad, perm, mask, torch.float32, backend))
 
 
-def test_opcheck_head():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_head(backend):
     x, perm, mask = _inputs()
-    w = _parameters()
+    x = x.flatten(2)
     g = torch.randn(2, 5, 32, requires_grad=True)
     wrg, wcg = torch.randn(5, 32, requires_grad=True), torch.randn(4, 32, requires_grad=True)
-    for head_reduce in ("mean", "max"):
-        options = C2FHeadOptions(eps=1e-5, backend="torch", chunk_mib=16.0, dot_precision="tf32",
+    for head_reduce, stats in (("mean", False), ("max", False), ("mean", True)):
+        options = C2FHeadOptions(eps=1e-5, backend=backend, chunk_mib=16.0, dot_precision="tf32",
                                  head_reduce=head_reduce)
+        x_mean, x_var = _token_stats(x) if stats else (None, None)
         torch.library.opcheck(torch.ops.c2f.c2f_head.default,
-                              (x.flatten(2), g, wrg, wcg, None, perm, mask, *options))
-    del w
+                              (x, g, wrg, wcg, None, perm, mask, x_mean, x_var, *options))
 
 
 # The schema type of each Python annotation an options field uses.

@@ -19,7 +19,7 @@ from ._common import chain_rule_error, empty_if_none, implementation, no_autocas
 
 class C2FHeadOptions(NamedTuple):
     """The non-tensor arguments of the head's ops, in their schemas' order: ``c2f_head``'s positional tail after
-    its seven tensors, ``c2f_head_backward``'s after ``needs_dx``.
+    its nine tensors, ``c2f_head_backward``'s after ``needs_dx``.
 
     ``torch.ops.c2f.c2f_head(*tensors, *C2FHeadOptions(...))`` makes a call and ``C2FHeadOptions(*tail)`` reads
     one back. A new option is a field here and a parameter at the same place of both ops' signatures
@@ -34,17 +34,19 @@ class C2FHeadOptions(NamedTuple):
 
 @torch.library.custom_op("c2f::c2f_head", mutates_args=())
 def c2f_head(x: Tensor, g: Tensor, wrg: Tensor, wcg: Tensor, k_bias: Tensor | None, perm: Tensor, mask: Tensor,
-             eps: float, backend: str, chunk_mib: float, dot_precision: str, head_reduce: str
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+             x_mean: Tensor | None, x_var: Tensor | None, eps: float, backend: str, chunk_mib: float,
+             dot_precision: str, head_reduce: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(attn [B, P, N], pred [B, P], logits [K, B, classes], probs, zhat, mean, rstd)`` of ``x [B, C, N]``,
-    ``perm [B]`` a permutation and ``mask [K, B, P]`` fp32 (K = 1 and all ones: no mixup)."""
+    ``perm [B]`` a permutation and ``mask [K, B, P]`` fp32 (K = 1 and all ones: no mixup). ``x_mean, x_var
+    [B, N]`` (both or neither): the token mean and biased variance given with x (cached with frozen features),
+    used instead of a statistics pass (``rstd = rsqrt(x_var + eps)``)."""
     with no_autocast(x):
         return implementation("c2f_head", backend).c2f_head_fwd(x, g, wrg, wcg, perm, mask, eps, chunk_mib,
-                                                                dot_precision, head_reduce)
+                                                                dot_precision, head_reduce, x_mean, x_var)
 
 
 @c2f_head.register_fake
-def _(x, g, wrg, wcg, k_bias, perm, mask, *options):
+def _(x, g, wrg, wcg, k_bias, perm, mask, x_mean, x_var, *options):
     b, c, n = x.shape
     h, p, _ = g.shape
     dt = compute_dtype(x)
@@ -75,10 +77,11 @@ def _(x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd, dattn, dpred, d
 
 
 def _setup(ctx, inputs, output):
-    x, g, wrg, wcg, k_bias, perm, mask, *options = inputs
+    x, g, wrg, wcg, k_bias, perm, mask, x_mean, x_var, *options = inputs
     attn, _, _, probs, zhat, mean, rstd = output
     # Saved: x (the caller's), the folded weights, the pairing, the probabilities (attn with one head),
-    # the readout before its weighted sum (zhat), the token statistics: B·P·N, never B·P·C.
+    # the readout before its weighted sum (zhat), the token statistics (computed, or the ones given with x):
+    # B·P·N, never B·P·C.
     ctx.save_for_backward(x, g, wrg, wcg, perm, mask, attn, probs, zhat, mean, rstd)
     ctx.options = C2FHeadOptions(*options)
     ctx.bias_like = None if k_bias is None else (k_bias.shape, k_bias.dtype)
@@ -93,8 +96,8 @@ def _backward(ctx, dattn, dpred, dlogits, dprobs, dzhat, dmean, drstd):
     if ctx.bias_like is not None and ctx.needs_input_grad[4]:
         # The key bias adds a per-query constant to the scores, which the softmax cancels exactly.
         dbias = dg.new_zeros(ctx.bias_like[0], dtype=ctx.bias_like[1])
-    # perm and mask (integer and constant) get no gradient, nor the options.
-    return (dx if needs_dx else None, dg, dwrg, dwcg, dbias, None, None) + (None,) * len(ctx.options)
+    # perm and mask (integer and constant) get no gradient, nor the given statistics, nor the options.
+    return (dx if needs_dx else None, dg, dwrg, dwcg, dbias, None, None, None, None) + (None,) * len(ctx.options)
 
 
 c2f_head.register_autograd(_backward, setup_context=_setup)

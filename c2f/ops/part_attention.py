@@ -29,7 +29,7 @@ QUERY_GRAD_BLOCKS = 2
 
 class PartAttentionOptions(NamedTuple):
     """The non-tensor arguments of the four part-attention ops, in their schemas' order: the forward ops'
-    positional tail after the six tensors, the backward ops' after ``needs_dx``.
+    positional tail after the eight tensors, the backward ops' after ``needs_dx``.
 
     ``op(*tensors, *PartAttentionOptions(...))`` makes a call and ``PartAttentionOptions(*tail)`` reads one
     back. A new option is a field here and a parameter at the same place of the four ops' signatures
@@ -92,7 +92,7 @@ def _column_dot(a: Tensor, b: Tensor, rows: int = EPILOGUE_ROWS) -> Tensor:
 def _forward_fake(state_shapes: Callable[[int, int, int, int, int], list[tuple[int, ...]]]) -> Callable:
     """The fake of a forward op: ``(parts, attn, *state, mean, rstd)``, the formulation's state shaped by
     ``state_shapes(b, c, n, p, h)``."""
-    def fake(x, queries, k_weight, k_bias, norm_weight, norm_bias, *options):
+    def fake(x, queries, k_weight, k_bias, norm_weight, norm_bias, x_mean, x_var, *options):
         opts = PartAttentionOptions(*options)
         (b, c, n), p, dt = x.shape, queries.shape[0], compute_dtype(x)
         state = [x.new_empty(shape, dtype=dt) for shape in state_shapes(b, c, n, p, opts.num_heads)]
@@ -119,10 +119,10 @@ def _parameter_grads(x, queries, k_weight, norm_weight, dx, dq, dwk, dgamma, dbe
 
 def _setup_saving(saved_from: int) -> Callable:
     """The forward's setup_context: saves x (the caller's, not a copy), the three parameters the backward op
-    reads and the outputs from ``saved_from`` on (its state and the token statistics), in the backward op's
-    argument order."""
+    reads and the outputs from ``saved_from`` on (its state and the token statistics: computed, or the ones
+    given with x), in the backward op's argument order."""
     def setup(ctx, inputs, output):
-        x, queries, k_weight, k_bias, norm_weight, norm_bias, *options = inputs
+        x, queries, k_weight, k_bias, norm_weight, norm_bias, x_mean, x_var, *options = inputs
         ctx.save_for_backward(x, queries, k_weight, norm_weight, *output[saved_from:])
         ctx.options = PartAttentionOptions(*options)
         ctx.bias_like = None if k_bias is None else (k_bias.shape, k_bias.dtype)
@@ -132,11 +132,13 @@ def _setup_saving(saved_from: int) -> Callable:
 
 def _backward_formula(backward_op) -> Callable:
     """The forward's autograd formula: ``backward_op`` on the saved state, the gradients of parts and attn (the
-    state's own gradients are ignored: it is saved for backward, not differentiable output) and the options."""
+    state's own gradients are ignored: it is saved for backward, not differentiable output) and the options.
+    The given statistics ``x_mean, x_var`` get no gradient (they are constants of frozen features)."""
     def backward(ctx, dparts, dattn, *state_grads):
         needs_dx = ctx.needs_input_grad[0]
         dx, dq, dwk, dgamma, dbeta = backward_op(*ctx.saved_tensors, dparts, dattn, needs_dx, *ctx.options)
-        return (dx if needs_dx else None, dq, dwk, _bias_grad(ctx, dq), dgamma, dbeta) + (None,) * len(ctx.options)
+        grads = (dx if needs_dx else None, dq, dwk, _bias_grad(ctx, dq), dgamma, dbeta, None, None)
+        return grads + (None,) * len(ctx.options)
     return backward
 
 
@@ -161,17 +163,19 @@ def _register(op, backward_op, state_shapes: Callable, saved_from: int) -> None:
 
 @torch.library.custom_op("c2f::part_attention_folded", mutates_args=())
 def part_attention_folded(x: Tensor, queries: Tensor, k_weight: Tensor, k_bias: Tensor | None, norm_weight: Tensor,
-                          norm_bias: Tensor, num_heads: int, scale: float, eps: float, out_dtype: torch.dtype,
-                          backend: str, chunk_mib: float, dot_precision: str, head_reduce: str
-                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                          norm_bias: Tensor, x_mean: Tensor | None, x_var: Tensor | None, num_heads: int, scale: float,
+                          eps: float, out_dtype: torch.dtype, backend: str, chunk_mib: float, dot_precision: str,
+                          head_reduce: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(parts [B, P, C] in out_dtype, attn [B, P, N], probs [B, h, P, N] or empty, mean [B, N], rstd [B, N])``
-    of ``x [B, C, N]``; ``k_bias`` only receives its (exactly zero) gradient: the softmax cancels it."""
+    of ``x [B, C, N]``; ``k_bias`` only receives its (exactly zero) gradient: the softmax cancels it. ``x_mean,
+    x_var [B, N]`` (both or neither): the token mean and biased variance given with x (cached with frozen
+    features), used instead of a statistics pass (``rstd = rsqrt(x_var + eps)``)."""
     dt = compute_dtype(x)
     with no_autocast(x):
         gamma, beta = norm_weight.to(dt), norm_bias.to(dt)
         g = fold_queries(queries, k_weight, gamma, num_heads, scale)
         return implementation("part_attention", backend).folded_fwd(x, g, gamma, beta, eps, out_dtype, chunk_mib,
-                                                                    dot_precision, head_reduce)
+                                                                    dot_precision, head_reduce, x_mean, x_var)
 
 
 @torch.library.custom_op("c2f::part_attention_folded_backward", mutates_args=())
@@ -219,17 +223,19 @@ def _unfolded_weights(queries: Tensor, k_weight: Tensor, gamma: Tensor, h: int, 
 
 @torch.library.custom_op("c2f::part_attention_unfolded", mutates_args=())
 def part_attention_unfolded(x: Tensor, queries: Tensor, k_weight: Tensor, k_bias: Tensor | None,
-                            norm_weight: Tensor, norm_bias: Tensor, num_heads: int, scale: float, eps: float,
-                            out_dtype: torch.dtype, backend: str, chunk_mib: float, dot_precision: str,
-                            head_reduce: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                            norm_weight: Tensor, norm_bias: Tensor, x_mean: Tensor | None, x_var: Tensor | None,
+                            num_heads: int, scale: float, eps: float, out_dtype: torch.dtype, backend: str,
+                            chunk_mib: float, dot_precision: str, head_reduce: str
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(parts [B, P, C] in out_dtype, attn [B, P, N], keys [C, B, N], lse [B, h, P], mean [B, N],
-    rstd [B, N])``."""
+    rstd [B, N])``; ``x_mean, x_var`` as in ``part_attention_folded``."""
     dt = compute_dtype(x)
     with no_autocast(x):
         gamma, beta = norm_weight.to(dt), norm_bias.to(dt)
         q, wg = _unfolded_weights(queries, k_weight, gamma, num_heads, scale)
         return implementation("part_attention", backend).unfolded_fwd(x, q, wg, gamma, beta, eps, out_dtype,
-                                                                      chunk_mib, dot_precision, head_reduce)
+                                                                      chunk_mib, dot_precision, head_reduce,
+                                                                      x_mean, x_var)
 
 
 @torch.library.custom_op("c2f::part_attention_unfolded_backward", mutates_args=())
@@ -266,7 +272,8 @@ _register(part_attention_unfolded, part_attention_unfolded_backward, _unfolded_s
 # run (2 per multiply-add; elementwise work is not counted, as for aten ops).
 
 @register_flop_formula(torch.ops.c2f.part_attention_folded)
-def _(x, queries, k_weight, k_bias, norm_weight, norm_bias, num_heads, *args, out_shape=None, **kwargs):
+def _(x, queries, k_weight, k_bias, norm_weight, norm_bias, x_mean, x_var, num_heads, *args, out_shape=None,
+      **kwargs):
     (b, c, n), p = x, queries[0]
     return 2 * p * c * c + 2 * num_heads * p * c * b * n + 2 * p * n * c * b
 

@@ -22,6 +22,7 @@ from .._math import (
     accumulate_mm_,
     chunk_size,
     chunks,
+    given_token_stats,
     head_major,
     inverse_permutation,
     layernorm_bwd,
@@ -61,14 +62,15 @@ def _pooled(coef: torch.Tensor, xh: torch.Tensor) -> torch.Tensor:
 
 def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch.Tensor, perm: torch.Tensor,
                  mask: torch.Tensor, eps: float, chunk_mib: float, dot_precision: str = "tf32",
-                 head_reduce: str = "mean"):
+                 head_reduce: str = "mean", x_mean: torch.Tensor | None = None, x_var: torch.Tensor | None = None):
     """Forward of the fused head.
 
     ``x [B, C, N]`` (any strides and float dtype); ``g [h, P, C]``, ``wrg [P, C]``, ``wcg [classes, C]``
     in the compute dtype; ``perm [B]`` a permutation, ``mask [K, B, P]`` (fp32). Returns ``attn [B, P, N]``,
     ``pred [B, P]`` and ``logits [K, B, classes]`` without their constant terms (beta, biases), and the
     saved state ``probs [B, h, P, N]`` (empty when h == 1: ``attn`` is the probabilities), ``zhat
-    [B, h, P, N]``, ``mean, rstd [B, N]``; all in the compute dtype.
+    [B, h, P, N]``, ``mean, rstd [B, N]``; all in the compute dtype. ``x_mean, x_var [B, N]`` (both or neither):
+    the token statistics given with x (``c2f._math.given_token_stats``); no statistics pass runs.
     """
     b_total, c, n = x.shape
     h, p, _ = g.shape
@@ -81,8 +83,8 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     zhat = torch.empty(b_total, h, p, n, dtype=dt, device=dev)
     pred = torch.empty(b_total, p, dtype=dt, device=dev)
     rows = torch.empty(b_total, 2 * k, wcg.shape[0], dtype=dt, device=dev)
-    mean = torch.empty(b_total, n, dtype=dt, device=dev)
-    rstd = torch.empty_like(mean)
+    given = given_token_stats(x_mean, x_var, eps, dt)
+    mean, rstd = given or (torch.empty(b_total, n, dtype=dt, device=dev), torch.empty(b_total, n, dtype=dt, device=dev))
     inv = inverse_permutation(perm)
     od = operand_dtype(dot_precision, dt)
     go, wrg_h = g.view(h * p, c).to(od), wrg.to(od).view(p, h, d).transpose(0, 1)      # [h, P, d]
@@ -90,7 +92,10 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     stacked = torch.cat([go, wrg_h[0]]) if h == 1 else None
     step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, k, False), chunk_mib)
     for s in chunks(b_total, step):
-        xhat, mean[s], rstd[s] = normalised_tokens(x[s], eps, dt)
+        if given:
+            xhat, _, _ = normalised_tokens(x[s], eps, dt, mean[s], rstd[s])
+        else:
+            xhat, mean[s], rstd[s] = normalised_tokens(x[s], eps, dt)
         xo = xhat.to(od)
         b = xhat.shape[1]
         if stacked is not None:

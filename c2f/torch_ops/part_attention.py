@@ -29,6 +29,7 @@ from .._math import (
     centred_tokens,
     chunk_size,
     chunks,
+    given_token_stats,
     head_major,
     layernorm_bwd,
     layernorm_bwd_centred,
@@ -90,13 +91,15 @@ def _weighted_sum_(parts: torch.Tensor, prr: torch.Tensor, xo: torch.Tensor, gam
 
 
 def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float,
-               out_dtype: torch.dtype, chunk_mib: float, dot_precision: str = "tf32", head_reduce: str = "mean"):
+               out_dtype: torch.dtype, chunk_mib: float, dot_precision: str = "tf32", head_reduce: str = "mean",
+               x_mean: torch.Tensor | None = None, x_var: torch.Tensor | None = None):
     """Forward of the folded formulation.
 
     ``x [B, C, N]`` (any strides and float dtype), ``g [h, P, C]``, ``gamma, beta [C]`` in the compute
     dtype. Returns ``parts [B, P, C]`` (``out_dtype``), ``attn [B, P, N]`` (the probabilities' mean or max over
     heads, ``head_reduce``), ``probs [B, h, P, N]`` (empty when h == 1: ``attn`` is the probabilities), and the
-    token ``mean, rstd [B, N]``; all but ``parts`` in the compute dtype.
+    token ``mean, rstd [B, N]``; all but ``parts`` in the compute dtype. ``x_mean, x_var [B, N]`` (both or
+    neither): the token statistics given with x (``c2f._math.given_token_stats``); no statistics pass runs.
 
     Per chunk: the centred map ``xc [C, b, N]`` (one pass over x after the statistics), the scores
     ``rstd * (g @ xc_b)`` as one batched GEMM with g broadcast, the softmax written straight into
@@ -109,7 +112,8 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
     parts = torch.empty(b_total, p, c, dtype=out_dtype, device=x.device)
     attn = torch.empty(b_total, p, n, dtype=dt, device=x.device)
     probs = torch.empty((b_total, h, p, n) if h > 1 else (0,), dtype=dt, device=x.device)
-    mean, rstd = _empty_stats(x, dt)
+    given = given_token_stats(x_mean, x_var, eps, dt)
+    mean, rstd = given or _empty_stats(x, dt)
     od = operand_dtype(dot_precision, dt)
     go = g.view(h * p, c).to(od)
     step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, False), chunk_mib)
@@ -117,7 +121,7 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
     for s in chunks(b_total, step):
         b = s.stop - s.start
         r = rstd[s][:, None, :]                                                        # [b, 1, N]
-        xo = centred_tokens(x[s], view_front(xc_buf, c, b, n), mean[s], rstd[s], eps).to(od)
+        xo = centred_tokens(x[s], view_front(xc_buf, c, b, n), mean[s], None if given else rstd[s], eps).to(od)
         scores = _bmm_into(view_front(s_buf, b, h * p, n), go.expand(b, h * p, c), xo.transpose(0, 1))
         pr = attn[s] if h == 1 else probs[s].view(b, h * p, n)
         torch.softmax(scores.mul_(r), -1, out=pr)
@@ -234,12 +238,12 @@ def _values_and_dp(dparts, probs, xhat, gamma, od):
 
 def unfolded_fwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
                  eps: float, out_dtype: torch.dtype, chunk_mib: float, dot_precision: str = "tf32",
-                 head_reduce: str = "mean"):
+                 head_reduce: str = "mean", x_mean: torch.Tensor | None = None, x_var: torch.Tensor | None = None):
     """Forward of the unfolded formulation: ``q [h, P, d]`` (scaled queries), ``wg [C, C]`` (Wk * gamma).
 
     Returns ``parts [B, P, C]`` (``out_dtype``), ``attn [B, P, N]``, the keys ``[C, B, N]`` and the
     logsumexp ``lse [B, h, P]`` of the scores (backward recomputes the probabilities from them), and
-    ``mean, rstd [B, N]``.
+    ``mean, rstd [B, N]``. ``x_mean, x_var``: as in ``folded_fwd``.
     """
     b_total, c, n = x.shape
     h, p, d = q.shape
@@ -248,12 +252,16 @@ def unfolded_fwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torc
     attn = torch.empty(b_total, p, n, dtype=dt, device=x.device)
     keys = torch.empty(c, b_total, n, dtype=dt, device=x.device)
     lse = torch.empty(b_total, h, p, dtype=dt, device=x.device)
-    mean, rstd = _empty_stats(x, dt)
+    given = given_token_stats(x_mean, x_var, eps, dt)
+    mean, rstd = given or _empty_stats(x, dt)
     od = operand_dtype(dot_precision, dt)
     wgo, qo = wg.to(od), q.to(od)
     step = chunk_size(b_total, _unfolded_per_sample_bytes(c, n, h * p, False), chunk_mib)
     for s in chunks(b_total, step):
-        xhat, mean[s], rstd[s] = normalised_tokens(x[s], eps, dt)
+        if given:
+            xhat, _, _ = normalised_tokens(x[s], eps, dt, mean[s], rstd[s])
+        else:
+            xhat, mean[s], rstd[s] = normalised_tokens(x[s], eps, dt)
         xo = xhat.to(od)
         b = xhat.shape[1]
         k = torch.mm(wgo, xo.view(c, b * n))                                          # [C, b*N]
