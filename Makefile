@@ -17,7 +17,7 @@ COMPAT_TORCH ?= torch==2.11.0
 COMPAT_TRITON ?= triton==3.6.0
 COMPAT_NUMPY ?= numpy<2.4
 
-.PHONY: venv test test-compat test-gpu demo bench inspect clean
+.PHONY: venv test lint test-compat test-gpu demo bench inspect clean
 
 venv: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: venv
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests $(ARGS)
+
+# pyflakes, pycodestyle, isort, bugbear and pyupgrade rules (pyproject.toml [tool.ruff]); .ci/run runs it first.
+lint: venv
+	$(PY) -m ruff check .
 
 # The whole suite on the oldest supported torch and Triton, in a venv of its own.
 test-compat: $(COMPAT_VENV)/.installed

@@ -241,7 +241,8 @@ def _batched_ranges(traced: _Launch, target: _Launch, copies: int) -> list[tuple
     """Storage ranges of the traced launch's tensor arguments that grow with the batch."""
     if copies == 1:
         return [(ptr, ptr + n) for ptr, n in traced.tensors]  # no extrapolation: nothing to relabel
-    return [(ptr, ptr + n) for (ptr, n), (_, big) in zip(traced.tensors, target.tensors) if big > n]
+    return [(ptr, ptr + n) for (ptr, n), (_, big) in zip(traced.tensors, target.tensors, strict=True)
+            if big > n]
 
 
 def measure_launch(fn: Callable[[], Any], *, batch: int = 1,
@@ -267,13 +268,13 @@ def measure_launch(fn: Callable[[], Any], *, batch: int = 1,
     if target_batch != batch:
         with _tracing(execute=False) as dry:
             target_fn()
-        if [l.kernel for l in dry] != [l.kernel for l in traced]:
-            raise ValueError(f"the target launch runs {[l.kernel for l in dry]}, the traced one "
-                             f"{[l.kernel for l in traced]}")
+        dry_kernels, traced_kernels = [d.kernel for d in dry], [t.kernel for t in traced]
+        if dry_kernels != traced_kernels:
+            raise ValueError(f"the target launch runs {dry_kernels}, the traced one {traced_kernels}")
     else:
         dry = traced
     results, loads, stores = [], [], []
-    for launch, target in zip(traced, dry):
+    for launch, target in zip(traced, dry, strict=True):
         occ = ctas_per_sm.get(launch.kernel, 1) if isinstance(ctas_per_sm, dict) else ctas_per_sm
         ranges = _batched_ranges(launch, target, copies)
         wave = sms * max(occ, 1)

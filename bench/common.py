@@ -183,6 +183,24 @@ def record(benchmark, fn: Callable[[], Any], *, name: str, impl: str, device: to
     of the case's minimal algebra (``bench.algebra``), the count behind the report's "GEMM fraction
     (minimal)". ``extra`` adds anything else JSON-serialisable.
     """
+    params = _checked_params(impl, amp, params, sweep)
+    device = torch.device(device) if device is not None else bench_device()
+    setup = setup or (lambda: None)
+    timed, cuda_times = _timer(fn, device)
+    info, yardsticks = _case_info(name=name, impl=impl, device=device, dtype=dtype, amp=amp, shapes=shapes,
+                                  params=params, sweep=sweep, minimal=minimal)
+    info.update(_measure(timed, setup, device, impl=impl, measure=measure, forward=forward))
+    info.update(extra or {})
+    benchmark.extra_info.update(info)
+    benchmark.group = name + "".join(f" {k}={v}" for k, v in params.items())
+    rounds = rounds or default_rounds()
+    if warmup is None:
+        warmup = 0 if quick() and measure else 1
+    _time_rounds(benchmark, timed, setup, cuda_times, device, info, yardsticks, rounds=rounds, warmup=warmup)
+
+
+def _checked_params(impl: str, amp: str, params: dict[str, Any] | None, sweep: str | None) -> dict[str, Any]:
+    """A copy of the case's ``params``, after checking ``impl``, ``amp`` and that ``sweep`` names a param."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if amp not in AMPS:
@@ -190,8 +208,12 @@ def record(benchmark, fn: Callable[[], Any], *, name: str, impl: str, device: to
     params = dict(params or {})
     if sweep is not None and sweep not in params:
         raise ValueError(f"sweep={sweep!r} must name one of params {sorted(params)}")
-    device = torch.device(device) if device is not None else bench_device()
-    setup = setup or (lambda: None)
+    return params
+
+
+def _timer(fn: Callable[[], Any], device: torch.device) -> tuple[Callable[[], None], list[float]]:
+    """``(timed, cuda_times)``: ``timed()`` runs ``fn`` once; on CUDA it also appends the call's seconds,
+    measured with CUDA events, to ``cuda_times`` (on the CPU pytest-benchmark's own clock times it)."""
     cuda_times: list[float] = []
 
     def timed() -> None:
@@ -205,6 +227,14 @@ def record(benchmark, fn: Callable[[], Any], *, name: str, impl: str, device: to
         end.synchronize()
         cuda_times.append(start.elapsed_time(end) / 1e3)
 
+    return timed, cuda_times
+
+
+def _case_info(*, name: str, impl: str, device: torch.device, dtype: Any, amp: str, shapes: dict[str, Any] | None,
+               params: dict[str, Any], sweep: str | None,
+               minimal: tuple[int, str] | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(info, yardsticks)``: the case's identity, its device and the session throughput of its
+    yardstick GEMMs (``yardsticks``: key "gemm", and "gemm_amp" under autocast, to its dtype name)."""
     described = machine.describe(device)
     info: dict[str, Any] = {
         "case": name, "impl": impl, "device": described["label"], "device_kind": described["kind"],
@@ -220,24 +250,19 @@ def record(benchmark, fn: Callable[[], Any], *, name: str, impl: str, device: to
         info["native_bf16"] = machine.native_bf16(device)
     if minimal is not None:
         info["minimal_flops"], info["minimal_formula"] = minimal
+    return info, yardsticks
+
+
+def _measure(timed: Callable[[], None], setup: Callable[[], None], device: torch.device, *, impl: str,
+             measure: bool, forward: Callable[[], Any] | None) -> dict[str, Any]:
+    """The untimed runs of a case: compile time (compiled impls), peak bytes, FLOPs and ops (``measure``),
+    CUDA kernel launches, the device's used bytes and the bytes saved for backward (``forward``)."""
+    info: dict[str, Any] = {}
     if impl in COMPILED_IMPLS:
         setup()
         info.update(_first_compiled_call(timed))
     if measure and impl in COMPILED_IMPLS:
-        # Any TorchDispatchMode (tracker, FLOP counter) makes Dynamo run the code eagerly: measure memory
-        # without one (CUDA allocator, or the profiler's allocator events on CPU), FLOPs in a second run.
-        setup()
-        start = time.perf_counter()
-        if device.type == "cuda":
-            with LiveTensorTracker(device) as tracker:
-                timed()
-            info["peak_bytes"] = tracker.peak_bytes
-        else:
-            info["peak_bytes"] = profiler_peak_bytes(timed)
-        info["first_run_s"] = time.perf_counter() - start
-        info["peak_method"] = "allocator" if device.type == "cuda" else "profiler"
-        setup()
-        info["flops"] = count_flops(timed)
+        info.update(_measure_compiled(timed, setup, device))
     elif measure:
         setup()
         start = time.perf_counter()
@@ -251,17 +276,39 @@ def record(benchmark, fn: Callable[[], Any], *, name: str, impl: str, device: to
     if forward is not None:
         setup()
         info["saved_bytes"] = saved_tensor_bytes(forward)
-    info.update(extra or {})
-    benchmark.extra_info.update(info)
-    benchmark.group = name + "".join(f" {k}={v}" for k, v in params.items())
+    return info
+
+
+def _measure_compiled(timed: Callable[[], None], setup: Callable[[], None], device: torch.device) -> dict[str, Any]:
+    """Peak bytes and FLOPs of a compiled step, in two runs. Any TorchDispatchMode (tracker, FLOP counter)
+    makes Dynamo run the code eagerly: memory is measured without one (the CUDA allocator, or the profiler's
+    allocator events on CPU), FLOPs in a second run."""
+    info: dict[str, Any] = {}
+    setup()
+    start = time.perf_counter()
+    if device.type == "cuda":
+        with LiveTensorTracker(device) as tracker:
+            timed()
+        info["peak_bytes"] = tracker.peak_bytes
+    else:
+        info["peak_bytes"] = profiler_peak_bytes(timed)
+    info["first_run_s"] = time.perf_counter() - start
+    info["peak_method"] = "allocator" if device.type == "cuda" else "profiler"
+    setup()
+    info["flops"] = count_flops(timed)
+    return info
+
+
+def _time_rounds(benchmark, timed: Callable[[], None], setup: Callable[[], None], cuda_times: list[float],
+                 device: torch.device, info: dict[str, Any], yardsticks: dict[str, str], *, rounds: int,
+                 warmup: int) -> None:
+    """Times ``rounds`` rounds after ``warmup`` with ``benchmark.pedantic``, between two timings of the
+    yardstick GEMMs, and stores their throughput (and on CUDA the median of the CUDA-event times)."""
 
     def setup_round():
         setup()
         return (), {}
 
-    rounds = rounds or default_rounds()
-    if warmup is None:
-        warmup = 0 if quick() and measure else 1
     # The yardstick GEMM right before and right after the timed rounds: on a shared machine the load
     # drifts, and the case's GEMM fraction must compare it with what the GEMM did meanwhile.
     gemm_times = {key: _yardstick_times(device, info, key) for key in yardsticks}

@@ -67,7 +67,8 @@ PRECISION = {p.name: p for p in PRECISIONS}
 
 # Relative atol of the parity rule per op family and precision, and where each is documented.
 TOLERANCES = {
-    ("module", "fp32-ieee"): (1e-5, "tests/parity.py rule; tests/test_part_attention.py, tests/test_c2f_head.py fp32 atol"),
+    ("module", "fp32-ieee"): (1e-5, "tests/parity.py rule; tests/test_part_attention.py, "
+                                    "tests/test_c2f_head.py fp32 atol"),
     ("module", "fp32-tf32"): (4 * 2 ** -10, "docs/design.md 'Precision': TF32 normwise bound 4 x 2^-10"),
     ("module", "bf16"): (2e-2, "tests/test_amp.py ATOL[bfloat16] (autocast)"),
     ("mixup", "fp32-ieee"): (1e-5, "tests/test_part_mixup.py DTYPES fp32"),

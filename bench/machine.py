@@ -100,7 +100,8 @@ def describe(device: torch.device | str) -> dict[str, Any]:
     info = {"kind": "cpu", "name": cpu_model(), "isa": isa, "threads": threads, "cores": os.cpu_count()}
     bf16 = "native bf16" if native_bf16(device) else "bf16 emulated"
     plural = "thread" if threads == 1 else "threads"
-    info["label"] = f"CPU {info['name']} ({platform.machine()}, ISA {isa}: {bf16}; {threads} {plural} of {os.cpu_count()} cores)"
+    info["label"] = (f"CPU {info['name']} ({platform.machine()}, ISA {isa}: {bf16}; "
+                     f"{threads} {plural} of {os.cpu_count()} cores)")
     return info
 
 
@@ -143,8 +144,9 @@ def gemm_throughput(device: torch.device | str, dtype: torch.dtype = torch.float
             torch.mm(a, b, out=out)
             times.append(time.perf_counter() - t0)
     median = statistics.median(times)
+    timer = "cuda events" if device.type == "cuda" else "perf_counter"
     return {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "flops_per_s": 2 * m * k * n / median,
-            "median_s": median, "times": times, "rounds": rounds, "timer": "cuda events" if device.type == "cuda" else "perf_counter"}
+            "median_s": median, "times": times, "rounds": rounds, "timer": timer}
 
 
 @functools.cache

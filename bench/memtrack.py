@@ -24,7 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 __all__ = ["LiveTensorTracker", "CustomOpExpander", "OpCounter", "measure_step", "peak_live_bytes",
-           "profiler_peak_bytes", "saved_tensor_bytes", "count_flops", "flop_counter", "cuda_kernel_launches", "device_used_bytes"]
+           "profiler_peak_bytes", "saved_tensor_bytes", "count_flops", "flop_counter", "cuda_kernel_launches",
+           "device_used_bytes"]
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:

@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,8 @@ def inspect_section(static: dict) -> str:
     cut = " **Timed out: no rows; run `make inspect` or `python -m bench.report --skip-bench` with more time.**" \
         if static.get("exit") == "timeout" else ""
     lines = [f"`{static.get('command')}` (exit status {static.get('exit')}; {when}).{cut} Registers and spills from "
-             "ptxas -v (NVIDIA) or the amdgcn metadata (AMD), shared memory (LDS) against the target's per-block limit, "
-             "tensor cores from the SASS (HMMA: mma.sync; HGMMA: wgmma on sm_90) or MFMA, CTAs/SM the occupancy "
+             "ptxas -v (NVIDIA) or the amdgcn metadata (AMD), shared memory (LDS) against the target's per-block "
+             "limit, tensor cores from the SASS (HMMA: mma.sync; HGMMA: wgmma on sm_90) or MFMA, CTAs/SM the occupancy "
              "bound from registers, shared memory and warps. Compiled offline; no GPU ran these kernels.", ""]
     by_target = {}
     for r in reports:
@@ -96,8 +97,8 @@ def bytes_section(out: Path, status: dict) -> str:
     rows = json.loads(path.read_text())
     cut = " **Cut off by the time budget: the cases below are those it finished.**" \
         if status.get("bytes_moved") == "timeout" else ""
-    footprints = ", ".join(f"{l['kernel']} {l['wave_footprint'] / 1e6:.0f} MB" for r in rows if "launches" in r
-                           for l in r["launches"])
+    footprints = ", ".join(f"{launch['kernel']} {launch['wave_footprint'] / 1e6:.0f} MB" for r in rows
+                           if "launches" in r for launch in r["launches"])
     return "\n".join([
         f"`TRITON_INTERPRET=1 python -m bench.bytes_moved` ({status.get('bytes_seconds')} s).{cut} "
         "MB = 1e6 bytes at B=64, fp32; waves of an H100 (132 SMs).", "", markdown(rows), "",
@@ -133,57 +134,86 @@ def _threads(benchmarks: list[dict]) -> str:
     return "/".join(found) or os.environ.get("C2F_BENCH_THREADS") or "default"
 
 
-def write_report(out: Path, merged: dict, static: dict, quick: bool, started: float, load: tuple,
-                 command: str) -> Path:
-    import torch
-    import triton
+@dataclass(frozen=True)
+class _Run:
+    """What the report says about the run as a whole."""
+    benchmarks: list[dict]
+    notes: list[dict]
+    command: str
+    date: str
+    mode: str          # "quick" or "full"
+    device: str
+    cpu: bool
+    threads: str       # "<n> intra-op thread(s)"
+    load: str          # the load average at the start and at the end
+    busy_note: str     # the warning of a busy machine, or ""
 
-    from bench import roofline
-    from bench.plots import sweep_plotter
 
-    benchmarks, notes = merged.get("benchmarks", []), running.read_notes(out)
+def _run_facts(out: Path, merged: dict, quick: bool, load: tuple, command: str) -> _Run:
+    """The run's facts: the device, the mode (as the bench processes recorded it), threads and load."""
+    benchmarks = merged.get("benchmarks", [])
     quick = next((b["extra_info"]["quick"] for b in benchmarks if "quick" in b.get("extra_info", {})), quick)
     device = _device(benchmarks)
-    date = merged.get("datetime") or dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    mode = "quick" if quick else "full"
     threads = _threads(benchmarks)
-    load_end = os.getloadavg()[0]
     cpu = "cuda" not in device.lower() and not device.startswith("GPU")
     busy = load[0] > 1.0 and cpu
     busy_note = ("**The machine was busy (load average above 1 at the start): CPU timings are inflated and "
                  "scattered, the GEMM fractions most of all (the yardstick and the cases did not see the same "
                  "load). Compare impls within one run, via the ratios, and rerun on an idle machine before quoting "
                  "absolute figures.**" if busy else "")
-    bf16 = _bf16_note(benchmarks)
+    return _Run(benchmarks=benchmarks, notes=running.read_notes(out), command=command,
+                date=merged.get("datetime") or dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+                mode="quick" if quick else "full", device=device, cpu=cpu,
+                threads=f"{threads} intra-op thread{'' if threads == '1' else 's'}",
+                load=f"load average {load[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end",
+                busy_note=busy_note)
+
+
+def _readme_table(run: _Run) -> str:
+    """README_TABLE.md: the run's line, the yardstick GEMM, the summary, compile and dtype tables, and
+    the cases that could not run."""
+    import torch
+
+    benchmarks, notes = run.benchmarks, run.notes
     failed = tables.notes_lines(notes)
-    header = (f"Measured {date} on **{device}** with `{command}` ({mode} run; torch {torch.__version__}, "
-              f"{threads} intra-op thread{'' if threads == '1' else 's'}; load average {load[0]:.2f} at the start, {load_end:.2f} at the end).")
-    readme = "\n\n".join(x for x in [
+    header = (f"Measured {run.date} on **{run.device}** with `{run.command}` ({run.mode} run; torch "
+              f"{torch.__version__}, {run.threads}; {run.load}).")
+    return "\n\n".join(x for x in [
         header, f"Yardstick GEMM, same processes and threads, timed around each case: {tables.gemm_line(benchmarks)}. "
         "GEMM fraction (minimal) = the FLOPs of the case's minimal algebra (formulas under the table) / its median "
         "time / that GEMM's throughput; (counted) uses the FLOPs the implementation dispatches (FlopCounterMode); "
-        "memory-bound mixup cases have almost no FLOPs.", busy_note,
+        "memory-bound mixup cases have almost no FLOPs.", run.busy_note,
         tables.readme_table(benchmarks, notes), "torch.compile(c2f) beside eager c2f:",
         tables.compile_table(benchmarks, notes), "bf16 autocast against fp32 (c2f):",
-        tables.dtype_table(benchmarks, notes), bf16,
+        tables.dtype_table(benchmarks, notes), _bf16_note(benchmarks),
         ("Could not run:\n" + "\n".join(failed)) if failed else ""] if x)
-    (out / "README_TABLE.md").write_text(readme + "\n")
 
-    file_lines = ["| file | status | cases | seconds | failures and xfails |", "|---|---|---|---|---|"]
+
+def _files_table(merged: dict) -> str:
+    """One row per bench file: its status, cases, seconds, and its first failures and xfails."""
+    lines = ["| file | status | cases | seconds | failures and xfails |", "|---|---|---|---|---|"]
     for f in merged.get("files", []):
         fails = "<br>".join(f.get("failures", [])[:8]) or "-"
-        file_lines.append(f"| {f['file']} | {f['status']} | {f.get('cases', 0)} | {f['seconds']} | {fails} |")
-    tracker = "CUDA allocator; the driver's view from torch.cuda.device_memory_used beside it" if not cpu else \
-        "CPU live-tensor tracker, bench/memtrack.py, c2f's custom ops expanded"
-    timer = "CUDA events" if not cpu else "perf_counter"
-    text = f"""# c2f performance report
+        lines.append(f"| {f['file']} | {f['status']} | {f.get('cases', 0)} | {f['seconds']} | {fails} |")
+    return "\n".join(lines)
 
-Generated {date} by `{command}` ({mode} run, {time.time() - started:.0f} s in total).
-Device: **{device}**. torch {torch.__version__}, triton {triton.__version__}, Python {platform.python_version()},
-{threads} intra-op thread{'' if threads == '1' else 's'} in the bench processes; load average {load[0]:.2f} at the start, {load_end:.2f} at the end
+
+def _report_preamble(run: _Run, seconds: float) -> str:
+    """REPORT.md's title, the run's line and how the figures were measured."""
+    import torch
+    import triton
+
+    tracker = "CUDA allocator; the driver's view from torch.cuda.device_memory_used beside it" if not run.cpu else \
+        "CPU live-tensor tracker, bench/memtrack.py, c2f's custom ops expanded"
+    timer = "CUDA events" if not run.cpu else "perf_counter"
+    return f"""# c2f performance report
+
+Generated {run.date} by `{run.command}` ({run.mode} run, {seconds:.0f} s in total).
+Device: **{run.device}**. torch {torch.__version__}, triton {triton.__version__}, Python {platform.python_version()},
+{run.threads} in the bench processes; {run.load}
 (other processes on a 2-core machine inflate and scatter CPU timings: compare impls within one run, via the ratios).
 
-{busy_note}
+{run.busy_note}
 
 Times are medians over the timed rounds ({timer}; pytest-benchmark, `benchmark.pedantic`), after a warmup
 (in quick mode the untimed measuring run, which runs the same step, is the warmup);
@@ -196,14 +226,23 @@ math cannot do without, named per case under the README table) over its median t
 yardstick GEMM described next; "GFLOP/s (minimal)" is that rate.
 **GEMM fraction**: the case's FLOPs (FlopCounterMode, inside c2f's custom ops too) over its median time,
 as a fraction of the yardstick GEMM's throughput, timed in the same process with the same threads right
-before and right after the case's rounds ({tables.gemm_line(benchmarks)}). It measures how close a
+before and right after the case's rounds ({tables.gemm_line(run.benchmarks)}). It measures how close a
 GEMM-bound step comes to the machine's GEMMs; the mixup cases are memory-bound and have almost no FLOPs,
 so theirs is not their yardstick. **Aten ops / step**: ops dispatched by one forward + backward
 (a TorchDispatchMode counter below autograd, custom ops expanded; on a GPU each is about one kernel launch).
+"""
 
-## Bench files
 
-{chr(10).join(file_lines)}
+def _report_sections(out: Path, run: _Run, merged: dict, static: dict, readme: str) -> str:
+    """REPORT.md's sections after the preamble: files, summary, cases, sweeps (with their plots written
+    into ``out``), the static check, bytes moved and the roofline."""
+    from bench import roofline
+    from bench.plots import sweep_plotter
+
+    benchmarks = run.benchmarks
+    return f"""## Bench files
+
+{_files_table(merged)}
 
 ## Summary (README table)
 
@@ -233,8 +272,22 @@ Note: the fused attention rows assume the key projection folded into the queries
 at 16 heads that fold multiplies the score FLOPs by h, which is why the projection is only worth it
 below about C / P + 1 = 7 heads.
 """
+
+
+def write_report(out: Path, merged: dict, static: dict, quick: bool, started: float, load: tuple,
+                 command: str) -> Path:
+    """Writes ``<out>/README_TABLE.md``, ``<out>/REPORT.md`` and the sweeps' plots; returns REPORT.md's path.
+
+    ``merged``: the merged benchmark.json (with its per-file statuses); ``static``: the inspect and
+    bytes-moved statuses; ``started``: when the run began (``time.time()``); ``load``: the load averages
+    at the start.
+    """
+    run = _run_facts(out, merged, quick, load, command)
+    readme = _readme_table(run)
+    (out / "README_TABLE.md").write_text(readme + "\n")
     report = out / "REPORT.md"
-    report.write_text(text)
+    report.write_text(_report_preamble(run, time.time() - started) + "\n" + _report_sections(
+        out, run, merged, static, readme))
     return report
 
 

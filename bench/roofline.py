@@ -196,7 +196,7 @@ def reference_head_step(sh: Shape, dtype: str) -> list[OpCost]:
     """c2f.reference.C2FHead, forward and backward: the attention, the per-part regressor on ``[B, P, C]``,
     the part mixup of K views, the mean over parts and the classifier, each op paying its own traffic."""
     s = DTYPE_BYTES[dtype]
-    B, C, P, K = sh.B, sh.C, sh.P, sh.K
+    B, C, P = sh.B, sh.C, sh.P
     parts = B * P * C * s
     regressor = [OpCost("ref: attribute regressor on parts", "reference", dtype, parts + P * C * s, 2 * B * P * C),
                  OpCost("ref bwd: attribute regressor", "reference", dtype, 2 * parts + P * C * s, 4 * B * P * C)]

@@ -14,7 +14,8 @@ IMPL_NAMES = {"fused": "c2f", "fused_compiled": "torch.compile(c2f)", "reference
               "compiled": "torch.compile(reference)"}
 
 __all__ = ["cases", "median_ms", "gemm_fraction", "minimal_gflops", "minimal_fraction", "minimal_formulas",
-           "cases_table", "sweeps", "sweep_tables", "readme_table", "dtype_table", "compile_table", "notes_lines", "gemm_line", "headline", "fmt", "params_text", "case_order", "impl_order"]
+           "cases_table", "sweeps", "sweep_tables", "readme_table", "dtype_table", "compile_table", "notes_lines",
+           "gemm_line", "headline", "fmt", "params_text", "case_order", "impl_order"]
 
 
 def param_key(params: tuple) -> tuple:
@@ -268,8 +269,11 @@ def dtype_table(benchmarks: list[dict], notes: list[dict]) -> str:
 
 
 def notes_lines(notes: list[dict]) -> list[str]:
-    return [f"- {n['case']} ({IMPL_NAMES.get(n['impl'], n['impl'])}, {params_text(tuple((n.get('params') or {}).items()))}): "
-            f"{n['error']}" for n in notes]
+    lines = []
+    for n in notes:
+        params = params_text(tuple((n.get("params") or {}).items()))
+        lines.append(f"- {n['case']} ({IMPL_NAMES.get(n['impl'], n['impl'])}, {params}): {n['error']}")
+    return lines
 
 
 def gemm_line(benchmarks: list[dict]) -> str:

@@ -55,7 +55,7 @@ def _run(module, inputs, grads, autocast_dtype=None, cast_dtype=None):
     with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
         out = module(*inputs)
     out = tuple(out)
-    torch.autograd.backward(out, [g.to(o.dtype) for g, o in zip(grads, out)])
+    torch.autograd.backward(out, [g.to(o.dtype) for g, o in zip(grads, out, strict=True)])
     result = {f"out{i}": o.detach().double() for i, o in enumerate(out)}
     result.update({n: p.grad.detach().double() for n, p in module.named_parameters() if p.grad is not None})
     return result, [o.dtype for o in out]

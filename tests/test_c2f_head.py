@@ -81,7 +81,8 @@ SMALL_TRITON_CASES = [(1, None, "flip"), (1, 1, "general"), (4, 4, "general"), (
 
 
 @pytest.mark.parametrize("backend, heads, views, perm_kind",
-                         [("torch",) + case for case in SMALL_CASES] + [("triton",) + case for case in SMALL_TRITON_CASES])
+                         [("torch",) + case for case in SMALL_CASES]
+                         + [("triton",) + case for case in SMALL_TRITON_CASES])
 def test_fused_small(backend, heads, views, perm_kind):
     ref, fused = make_heads(64, 7, 5, heads, qkv_bias=True, backend=backend)
     x = torch.randn(5, 64, 4, 4) + 3.0

@@ -86,7 +86,7 @@ def test_model_files_rebuild_each_module(tmp_path):
         x = torch.randn(2, module.attention.dim if hasattr(module, "attention") else module.dim, 3, 3)
         module.eval(), rebuilt.eval()
         with torch.no_grad():
-            for a, b in zip(module(x), rebuilt(x)):
+            for a, b in zip(module(x), rebuilt(x), strict=True):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
     args = model_args(reference.C2FHead(dim=24, num_parts=5, num_classes=3, num_heads=3, qkv_bias=True, qk_scale=0.3))
     assert args == dict(dim=24, num_parts=5, num_classes=3, num_heads=3, qkv_bias=True, qk_scale=0.3, eps=1e-5,
@@ -148,7 +148,7 @@ def test_head_rebuilds_from_its_checkpoint(tmp_path):
     again = cn.C2FHead.from_checkpoint(path)
     assert isinstance(again, cn.C2FHead) and again.attention.num_heads == 2 and again.attention.k.bias is not None
     x = torch.randn(2, 32, 3, 3)
-    for got, want in zip(again(x), head(x)):
+    for got, want in zip(again(x), head(x), strict=True):
         torch.testing.assert_close(got, want)
     assert cn.C2FHead.from_checkpoint(path, backend="torch").backend == "torch"
 
@@ -196,7 +196,8 @@ def test_files_written_before_checksums_still_load_and_say_so(tmp_path, caplog):
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
-@pytest.mark.parametrize("old, cls", [("c2f.head.C2FHead", "C2FHead"), ("c2f.attention.PartAttention", "PartAttention")])
+@pytest.mark.parametrize("old, cls", [("c2f.head.C2FHead", "C2FHead"),
+                                      ("c2f.attention.PartAttention", "PartAttention")])
 def test_model_files_naming_modules_renamed_in_0_2_still_load(tmp_path, old, cls):
     """0.1 wrote ``c2f.head.C2FHead``; the class lives in ``c2f.c2f_head`` now, and the file loads without warnings."""
     import warnings

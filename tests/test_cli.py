@@ -311,3 +311,26 @@ def test_head_reduce_flows_from_the_flag_to_the_saved_maps(cache, tmp_path):
     maps = np.load(str(tmp_path / "t-attention.npy"))
     assert maps.shape[:2] == (2, 6) and (maps.reshape(2, 6, -1).sum(-1) >= 1 - 1e-5).all()
     assert (maps.reshape(2, 6, -1).sum(-1) > 1 + 1e-4).any()    # a mean of maps would sum to exactly one
+
+
+def test_training_reads_the_caches_token_statistics(cache, tmp_path, monkeypatch):
+    """The synthetic cache carries the tokens' LayerNorm statistics: training passes them to the fused head (no
+    statistics pass) and learns what it learns without them (--no-cached-stats), to fp32 rounding."""
+    from c2f import c2f_head
+    seen = []
+    real = c2f_head.C2FHead.forward
+
+    def spy(self, x, perm=None, mask=None, x_stats=None):
+        seen.append(x_stats is not None)
+        return real(self, x, perm, mask, x_stats=x_stats)
+    monkeypatch.setattr(c2f_head.C2FHead, "forward", spy)
+    runs = {}
+    for flag in ("--cached-stats", "--no-cached-stats"):
+        seen.clear()
+        run_dir = tmp_path / flag.strip("-")
+        assert main(["train", "--features", cache, "--run-dir", str(run_dir), "--epochs", "1", flag, *FLAGS]) == 0
+        runs[flag] = ([json.loads(ln) for ln in open(run_dir / "metrics.jsonl")], list(seen))
+    (with_stats, used), (without, unused) = runs["--cached-stats"], runs["--no-cached-stats"]
+    assert used and all(used) and not any(unused)
+    for key in ("train_reg", "train_ce", "val_reg", "val_ce"):
+        assert with_stats[0][key] == pytest.approx(without[0][key], rel=1e-5), key

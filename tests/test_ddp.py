@@ -103,7 +103,7 @@ def test_two_gloo_processes_match_one(tmp_path, stage, source):
                       **data, **args))
     ddp, one = records(tmp_path / "ddp"), records(tmp_path / "one")
     assert len(ddp) == len(one) == args["epochs"]
-    for a, b in zip(ddp, one):
+    for a, b in zip(ddp, one, strict=True):
         for key in ("train_reg", "val_reg", "val_attr_map", "val_top1", "val_n"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a[key], b[key])
     wa = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)["model"]

@@ -94,7 +94,8 @@ def test_a_core_only_environment_imports_c2f_nn_and_trains(cache, tmp_path):
     download), with c2f on its path: no optional package is installed (matplotlib included), or imported."""
     env = tmp_path / "core-env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True, timeout=120)
-    site = subprocess.run([str(env / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = subprocess.run([str(env / "bin" / "python"), "-c", purelib],
                           capture_output=True, text=True, check=True).stdout.strip()
     dists, torch_own = set(), set()
     for core in ("torch", "numpy", "tqdm"):
@@ -197,3 +198,27 @@ def test_modules_moved_in_0_2_import_under_their_old_name_with_a_deprecation_war
             f"msgs = [str(x.message) for x in w if x.category is DeprecationWarning]\n"
             f"assert any('{old} is now {new}' in m for m in msgs), msgs\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def _long_functions(limit: int = 80) -> list[str]:
+    """Functions over ``limit`` lines in c2f/, kernels/, bench/ and tests/, Triton kernels (@triton.jit) aside."""
+    found = []
+    for top in ("c2f", "kernels", "bench", "tests"):
+        for root, _, files in os.walk(os.path.join(ROOT, top)):
+            for f in files:
+                if not f.endswith(".py"):
+                    continue
+                path = os.path.join(root, f)
+                for node in ast.walk(ast.parse(open(path).read())):
+                    if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                        continue
+                    if any("triton.jit" in ast.unparse(d) for d in node.decorator_list):
+                        continue
+                    if node.end_lineno - node.lineno + 1 > limit:
+                        found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} {node.name}")
+    return found
+
+
+def test_no_function_over_80_lines_but_triton_kernels():
+    assert _long_functions() == []
+    assert _long_functions(limit=30), "the scan must see long functions"   # the check can fail

@@ -445,7 +445,9 @@ def test_a_run_stopped_before_its_first_epoch_resumes(cache, tmp_path, monkeypat
         train(config(cache, run, epochs=2))
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     timing = ("data_wait_s", "compute_s", "wait_frac", "epoch_s")
-    strip = lambda d: [{k: v for k, v in json.loads(ln).items() if k not in timing} for ln in open(d / "metrics.jsonl")]
+
+    def strip(d):
+        return [{k: v for k, v in json.loads(ln).items() if k not in timing} for ln in open(d / "metrics.jsonl")]
     assert strip(run) == strip(straight)
 
 
@@ -466,7 +468,9 @@ def test_a_run_killed_between_its_first_log_line_and_checkpoint_resumes(cache, t
     assert not (run / "last.pt").exists() and epochs_of(run) == [1]
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     timing = ("data_wait_s", "compute_s", "wait_frac", "epoch_s")
-    strip = lambda d: [{k: v for k, v in json.loads(ln).items() if k not in timing} for ln in open(d / "metrics.jsonl")]
+
+    def strip(d):
+        return [{k: v for k, v in json.loads(ln).items() if k not in timing} for ln in open(d / "metrics.jsonl")]
     assert strip(run) == strip(straight)
     (run / "last.pt").unlink()                       # removed after two epochs: still refused
     with pytest.raises(RunError, match="2 epoch"):

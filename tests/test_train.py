@@ -149,7 +149,7 @@ def test_metrics_helpers():
 def brute_force_ap(scores, positives):
     """sum_k (R_k - R_{k-1}) P_k with one point per distinct threshold, straight from the definition."""
     ap = []
-    for s, y in zip(scores.T, positives.T):
+    for s, y in zip(scores.T, positives.T, strict=True):
         total, prev_recall, value = y.sum(), 0.0, 0.0
         for t in np.unique(s)[::-1]:
             chosen = s >= t

@@ -128,6 +128,9 @@ class TrainConfig:
     skip_nonfinite: bool = opt(False, "skip batches whose loss or gradient is not finite, and validation or test "
                                "rows whose outputs are not finite (counted and logged), instead of stopping; "
                                "checks every step (one host sync a step)", operational=True)
+    cached_stats: bool = opt(True, "the fused head reads the tokens' LayerNorm statistics from the feature cache "
+                             "(written by extract/synth, or c2f cache-stats DIR) instead of computing them each step",
+                             operational=True)
     compile: bool = opt(False, "wrap the head in torch.compile", operational=True)
     compile_backend: str = opt("inductor", "torch.compile backend (aot_eager: no code generation, no C++ "
                                "compiler needed)", operational=True)

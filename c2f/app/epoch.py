@@ -49,14 +49,14 @@ class EpochLoop:
     ``cfg.skip_nonfinite`` every step is checked on the host and a bad batch is skipped instead.
     """
 
-    def _loss(self, x, labels, attr_target, generator):
+    def _loss(self, x, labels, attr_target, generator, x_stats=None):
         cfg = self.cfg
         reg = ce = None
         if cfg.stage == "attention":
-            out = self.model(x)
+            out = self.model(x, x_stats=x_stats)
         else:
             perm, mask = self.mixup.sample(x.shape[0], self.num_parts, self.device, generator)
-            out = self.model(x, perm, mask)
+            out = self.model(x, perm, mask, x_stats=x_stats)
             targets = mix_targets(labels, perm, mask, self.num_classes, smoothing=cfg.label_smoothing)
             ce = losses.soft_cross_entropy(out.logits, targets)
         if cfg.stage != "fine":
@@ -71,8 +71,9 @@ class EpochLoop:
         x = evaluate.model_input(batch["x"], self.head, self.device)
         labels = batch["labels"].to(self.device, non_blocking=True)
         attr_target = batch["attr_target"].to(self.device, non_blocking=True)
+        x_stats = evaluate.model_stats(batch, self.head, self.device, self.cfg.cached_stats)
         with autocast(self.device, self.amp):
-            loss, reg, ce = self._loss(x, labels, attr_target, generator)
+            loss, reg, ce = self._loss(x, labels, attr_target, generator, x_stats)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -161,7 +162,7 @@ class EpochLoop:
         totals["backbone"] = getattr(self.train_loader, "backbone_s", 0.0) - backbone_before
         totals["wait"] -= totals["backbone"]
         keys = ("reg", "ce", "grad_norm", "counted", "skipped", "wait", "backbone", "elapsed")
-        summed = dict(zip(keys, self.dist.sum([float(totals[k]) for k in keys[:-1]] + [elapsed])))
+        summed = dict(zip(keys, self.dist.sum([float(totals[k]) for k in keys[:-1]] + [elapsed]), strict=True))
         counted = max(summed["counted"], 1)
         wait, elapsed = summed["wait"] / self.dist.world, summed["elapsed"] / self.dist.world
         backbone = summed["backbone"] / self.dist.world

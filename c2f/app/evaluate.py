@@ -35,8 +35,18 @@ def model_input(x: torch.Tensor, model: nn.Module, device: torch.device) -> torc
     return x
 
 
+def model_stats(batch: dict, model: nn.Module, device: torch.device, use: bool = True):
+    """The batch's cached token statistics ``(x_mean, x_var)`` on ``device`` for a fused head (the cache's, checked
+    against its shards: ``c2f.app.data.stats``), or None: statistics off, absent (an older cache: ``c2f
+    cache-stats``), or a plain module, which computes its own."""
+    if not use or "x_mean" not in batch or not is_fused(model):
+        return None
+    return batch["x_mean"].to(device, non_blocking=True), batch["x_var"].to(device, non_blocking=True)
+
+
 @torch.inference_mode()
-def collect(model: nn.Module, loader, device: torch.device, amp: str = "off", keep_attention: int = 0) -> dict:
+def collect(model: nn.Module, loader, device: torch.device, amp: str = "off", keep_attention: int = 0,
+            cached_stats: bool = True) -> dict:
     """Runs ``model`` (unmixed) over ``loader``; numpy arrays ``logits [n, classes]``, ``attr_pred [n, A]``,
     ``labels [n]``, ``targets [n, A]``, ``rows [n]`` and ``attn`` (the first ``keep_attention`` maps, or None)."""
     was_training = model.training
@@ -46,7 +56,7 @@ def collect(model: nn.Module, loader, device: torch.device, amp: str = "off", ke
     for batch in loader:
         x = model_input(batch["x"], model, device)
         with autocast(device, amp):
-            res = model(x)
+            res = model(x, x_stats=model_stats(batch, model, device, cached_stats))
         out["logits"].append(res.logits.float().cpu().numpy())
         out["attr_pred"].append(res.attr_pred.float().cpu().numpy())
         out["labels"].append(batch["labels"].numpy())
@@ -152,7 +162,8 @@ def open_model(source: str, device: torch.device) -> tuple:
 def _check_fits(model: nn.Module, cache: FeatureCache) -> None:
     args = model_file.model_args(model)
     c = cache.feature_shape[0]
-    for name, have, want in (("channels", c, args["dim"]), ("attributes", len(cache.attribute_names), args["num_parts"]),
+    for name, have, want in (("channels", c, args["dim"]),
+                             ("attributes", len(cache.attribute_names), args["num_parts"]),
                              ("classes", len(cache.class_names), args["num_classes"])):
         if have != want:
             raise ConfigError("features", f"{cache.directory} has {have} {name}; the model was trained with {want}")

@@ -119,7 +119,7 @@ def format_table(rows: list, columns: list) -> str:
     cells = [[title for _, title, _ in columns]]
     cells += [[_f(r.get(key), fmt) if fmt else str(r.get(key, "-")) for key, _, fmt in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
 
 
 # ----------------------------------------------------------------------------------- writing

@@ -29,7 +29,7 @@ def learning_curves(records: list, path: str) -> None:
               ("accuracy (val)", ("val_top1", "val_top5", "val_mean_class_acc")),
               ("attributes (val)", ("val_attr_map", "val_attr_acc")))
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-    for ax, (title, keys) in zip(axes, panels):
+    for ax, (title, keys) in zip(axes, panels, strict=True):
         for key in keys:
             ys = [r.get(key) for r in records]
             if any(y is not None for y in ys):

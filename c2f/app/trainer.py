@@ -217,7 +217,7 @@ class Trainer(EpochLoop, DataSources):
         self.scheduler.load_state_dict(state["scheduler"])
         # The schedule is rebuilt from this run's epochs: an extended run decays over its new total.
         lrs = [base * self.lr_lambda(self.scheduler.last_epoch) for base in self.scheduler.base_lrs]
-        for group, lr in zip(self.optimizer.param_groups, lrs):
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         self.scheduler._last_lr = lrs
         if self.scaler is not None and state.get("scaler"):
@@ -245,7 +245,8 @@ class Trainer(EpochLoop, DataSources):
 
     def evaluate(self, split: str, keep_attention: int = 0) -> dict:
         """Metrics on ``split`` ("val" or "test") over all processes; ``keep_attention`` maps kept."""
-        local = evaluate.collect(self.head, self.eval_loaders[split], self.device, self.amp, keep_attention)
+        local = evaluate.collect(self.head, self.eval_loaders[split], self.device, self.amp, keep_attention,
+                                 self.cfg.cached_stats)
         outputs = evaluate.concat(self.dist.gather(local))
         m, outputs = evaluate.split_metrics(outputs, split, self.num_classes, self.cfg.attr_loss,
                                             self.cfg.skip_nonfinite)
