@@ -305,3 +305,14 @@ def test_a_manifest_whose_statistics_break_the_schema_is_refused_in_one_line(cac
     with pytest.raises(CacheError, match=r"stats.shards must list 3 entries") as e:
         FeatureCache(out)
     assert len(str(e.value).splitlines()) == 1
+
+
+def test_training_on_a_cache_without_statistics_says_how_to_add_them(caches, tmp_path, caplog):
+    """A cache written before the statistics trains as before (computing them) and says so once, with the command."""
+    from c2f.app import TrainConfig, train
+    old = as_old_cache(caches["float32"], str(tmp_path / "old"))
+    assert not FeatureCache(old).has_stats
+    with caplog.at_level("INFO", logger="c2f"):
+        train(TrainConfig(features=old, run_dir=str(tmp_path / "run"), epochs=1, batch_size=4, num_workers=0,
+                          progress=False, plots=False, val_fraction=0.0, amp="off"))
+    assert caplog.text.count("holds no token statistics") == 1 and f"c2f cache-stats {old}" in caplog.text

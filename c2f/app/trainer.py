@@ -119,6 +119,10 @@ class Trainer(EpochLoop, DataSources):
         cfg = self.cfg
         self.images = self._open_images() if cfg.cub is not None else None
         self.cache = self.images if self.images is not None else self._open_cache()
+        if self.images is None and cfg.cached_stats and cfg.head == "fused" and not self.cache.has_stats \
+                and self.dist.main:
+            log.info("%s holds no token statistics (a cache written before c2f 0.2, or refused): the head computes "
+                     "them each step; `c2f cache-stats %s` adds them once", self.features, self.features)
         trained_on = self.saved_run.get("cache_identity")
         if trained_on and trained_on != self.cache.identity:
             if self.images is not None:
