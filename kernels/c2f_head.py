@@ -161,7 +161,7 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
         m, coef, du, dcoef, dwcg = _pooled_grads(x, wcg, perm, mask, probs, mean, rstd, dlogits, plan["pool"])
     else:
         dwcg = torch.zeros(classes, c, device=dev, dtype=f32)
-    da = None if dattn is None else dattn_operand(dattn, probs, head_reduce)
+    da = dattn_operand(dattn, probs, head_reduce)
     ds, dz, grads = _score_grads(probs, zhat, m, da, dpred, dcoef, 2 * k, stacked, plan["bwd"])
     dg, dwrg = _weight_grads(x, mean, rstd, ds, dz, grads, dpred is not None, plan)
     dx = _input_grad(x, g, wrg, mean, rstd, ds, dz, du, coef, k, plan) if needs_dx else None
@@ -221,7 +221,7 @@ def _pooled_grads(x, wcg, perm, mask, probs, mean, rstd, dlogits, plan):
     return m, coef, du, dcoef, dwcg
 
 
-def _score_grads(probs, zhat, m, da: DAttn | None, dpred, dcoef, views: int, stacked: bool, plan):
+def _score_grads(probs, zhat, m, da: DAttn, dpred, dcoef, views: int, stacked: bool, plan):
     """dS and dZ ``[B, h, P, N]`` (views of one ``[B, 2, P, N]`` buffer, also returned, when ``stacked``),
     dZ aliasing dS without ``dpred``; the kernel needs no pass over x."""
     bsz, h, p, n = zhat.shape
@@ -235,10 +235,9 @@ def _score_grads(probs, zhat, m, da: DAttn | None, dpred, dcoef, views: int, sta
         dz = torch.empty_like(ds) if dpred is not None else ds
     launch(_c2f_head_bwd_kernel, plan,
            Probs_ptr=probs, Zhat_ptr=zhat, M_ptr=m if m is not None else probs,
-           DAttn_ptr=probs if da is None else da.tensor, DPred_ptr=dpred if dpred is not None else probs,
+           DAttn_ptr=da.tensor, DPred_ptr=dpred if dpred is not None else probs,
            DCoef_ptr=dcoef if dcoef is not None else probs, DS_ptr=ds, DZ_ptr=dz, N=n, P=p, H=h,
-           V=views, stride_tb=ds.stride(0), stride_dab=0 if da is None else da.stride_b,
-           stride_dah=0 if da is None else da.stride_h, inv_h=1.0 / h if da is None else da.scale)
+           V=views, stride_tb=ds.stride(0), stride_dab=da.stride_b, stride_dah=da.stride_h, inv_h=da.scale)
     return ds, dz, grads
 
 

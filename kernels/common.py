@@ -117,19 +117,26 @@ class DAttn(NamedTuple):
     stride_b: int
     stride_h: int
     scale: float
-    per_head: bool
+
+    @property
+    def per_head(self) -> bool:
+        """Each head reads its own rows (the max); the mean's heads share one ``[P, N]`` block (stride 0)."""
+        return self.stride_h != 0
 
 
-def dattn_operand(dattn: torch.Tensor, probs: torch.Tensor, head_reduce: str) -> DAttn:
+def dattn_operand(dattn: torch.Tensor | None, probs: torch.Tensor, head_reduce: str) -> DAttn:
     """``dattn [B, P, N]`` for the backward kernels. The mean over heads shares it (stride 0 over heads, scaled
     by 1/h); the max routes it to the heads that reach the max, ties sharing evenly: a per-head ``[B, h, P, N]``
-    fp32 gradient (``c2f._math.reduce_heads_grad_`` from ``probs [B, h, P, N]``), the memory of the probs."""
+    fp32 gradient (``c2f._math.reduce_heads_grad_`` from ``probs [B, h, P, N]``), the memory of the probs.
+    Without ``dattn`` (kernels compiled without HAS_DATTN never read it) ``probs`` stands in for the pointer."""
     b, h, p, n = probs.shape
+    if dattn is None:
+        return DAttn(probs, 0, 0, 1.0 / h)
     if head_reduce != "max" or h == 1:
-        return DAttn(dattn, p * n, 0, 1.0 / h, False)
+        return DAttn(dattn, p * n, 0, 1.0 / h)
     per_head = torch.zeros(b, h, p, n, device=probs.device, dtype=torch.float32)
     reduce_heads_grad_(per_head.transpose(0, 1), dattn.float(), probs.transpose(0, 1), "max")
-    return DAttn(per_head, h * p * n, p * n, 1.0, True)
+    return DAttn(per_head, h * p * n, p * n, 1.0)
 
 
 def make_plans(make: Callable[[], dict], op: str, x: torch.Tensor, target, dot_precision: str | None = None,

@@ -167,7 +167,7 @@ def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, att
         return dg, zeros, zeros.clone(), torch.empty_like(x) if needs_dx else None
     probs = attn.unsqueeze(1) if h == 1 else probs
     xs = xstrides(x)
-    da = None if dattn is None else dattn_operand(dattn, probs, head_reduce)
+    da = dattn_operand(dattn, probs, head_reduce)
     ds = torch.empty(bsz, h, p, n, device=dev, dtype=torch.float32)
     if rows:
         dgamma_part, dbeta = _rows_ds(x, gamma, mean, rstd, probs, dparts, da, ds, plan["rows"], xs)
@@ -212,7 +212,7 @@ def _bwd_plans(bsz: int, c: int, n: int, p: int, h: int, dtype: torch.dtype, tar
     return out
 
 
-def _rows_ds(x, gamma, mean, rstd, probs, dparts, da: DAttn | None, ds, plan, xs: dict):
+def _rows_ds(x, gamma, mean, rstd, probs, dparts, da: DAttn, ds, plan, xs: dict):
     """dS into ``ds`` with the short-row kernel; returns gamma's partial sums ``[rows, C]`` and dbeta."""
     bsz, h, p, n = ds.shape
     c = x.shape[1]
@@ -223,13 +223,12 @@ def _rows_ds(x, gamma, mean, rstd, probs, dparts, da: DAttn | None, ds, plan, xs
     dbeta_part = torch.empty_like(dgamma_part) if dparts is not None else dgamma_part
     launch(_part_attention_bwd_rows_kernel, plan, X_ptr=x, Gamma_ptr=gamma, Mean_ptr=mean, Rstd_ptr=rstd,
            Probs_ptr=probs, DParts_ptr=dparts if dparts is not None else ds,
-           DAttn_ptr=ds if da is None else da.tensor, DS_ptr=ds, DGammaPart_ptr=dgamma_part,
-           DBetaPart_ptr=dbeta_part, C=c, N=n, P=p, D=c // h, H=h, **xs, stride_dab=0 if da is None else da.stride_b,
-           stride_dah=0 if da is None else da.stride_h, inv_h=1.0 / h if da is None else da.scale)
+           DAttn_ptr=da.tensor, DS_ptr=ds, DGammaPart_ptr=dgamma_part, DBetaPart_ptr=dbeta_part, C=c, N=n, P=p,
+           D=c // h, H=h, **xs, stride_dab=da.stride_b, stride_dah=da.stride_h, inv_h=da.scale)
     return dgamma_part, dbeta_part.sum(0)
 
 
-def _tiled_ds(x, gamma, mean, rstd, probs, dparts, da: DAttn | None, ds, plan: dict, xs: dict):
+def _tiled_ds(x, gamma, mean, rstd, probs, dparts, da: DAttn, ds, plan: dict, xs: dict):
     """dS into ``ds`` with the tiled kernels (dP, then the softmax backward in place); returns dbeta (gamma's
     partial sums come from the dxhat kernel)."""
     bsz, h, p, n = ds.shape
@@ -242,8 +241,7 @@ def _tiled_ds(x, gamma, mean, rstd, probs, dparts, da: DAttn | None, ds, plan: d
                DParts_ptr=dparts, DP_ptr=ds, C=c, N=n, P=p, D=c // h, H=h, **xs)
         dbeta = dparts.sum((0, 1), dtype=torch.float32)
     # The kernel reads row (sample r // HP, query r % P) of dattn: per-head rows are r itself (P = HP = h*P).
-    rows_p = h * p if da is not None and da.per_head else p
+    rows_p = h * p if da.per_head else p
     launch(_part_attention_bwd_softmax_kernel, plan["softmax"], Probs_ptr=probs,
-           DAttn_ptr=ds if da is None else da.tensor, DS_ptr=ds, R=bsz * h * p, N=n, P=rows_p, HP=h * p,
-           inv_h=1.0 / h if da is None else da.scale)
+           DAttn_ptr=da.tensor, DS_ptr=ds, R=bsz * h * p, N=n, P=rows_p, HP=h * p, inv_h=da.scale)
     return dbeta
