@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from c2f import model_file
-from c2f.app import NonFiniteError, ResumeConflict, RunError, TrainConfig, Trainer, devices, resume_config, train
+from c2f.app import NonFiniteError, ResumeConflict, RunError, TrainConfig, Trainer, devices, resume_config, runs, train
 from c2f.app.cli import main
 from c2f.app.data import FeatureCache, split_rows, synthesize
 from c2f.files import LockedError
@@ -451,21 +450,54 @@ def test_a_run_stopped_before_its_first_epoch_resumes(cache, tmp_path, monkeypat
     assert strip(run) == strip(straight)
 
 
-def test_a_run_killed_between_its_first_log_line_and_checkpoint_resumes(cache, tmp_path, monkeypatch):
-    """Epoch 1's line is appended to metrics.jsonl just before last.pt is written: a SIGKILL in between left
-    a run that could not be resumed ("1 epoch(s) logged but no last.pt"); it now starts again from epoch 1."""
+def test_a_run_killed_between_its_checkpoint_and_log_line_resumes(cache, tmp_path, monkeypatch):
+    """last.pt is written before the epoch's metrics line, and carries it: a SIGKILL in between leaves a run
+    whose resume restores the line and goes on from epoch 2, as a run never stopped (no epoch lost or repeated)."""
     straight = tmp_path / "straight"
-    train(config(cache, straight, epochs=2))
+    train(config(cache, straight, epochs=3))
     run = tmp_path / "run"
 
     def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the metrics line was written")
+
+    monkeypatch.setattr(runs.MetricsLog, "append", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(cache, run, epochs=3))
+    monkeypatch.undo()
+    assert safe_load(str(run / "last.pt"))["epoch"] == 1 and epochs_of(run) == []
+    assert main(["train", "--resume", str(run), "--stop-after", "1", "--no-progress"]) == 0
+    assert safe_load(str(run / "last.pt"))["epoch"] == 2 and epochs_of(run) == [1, 2]
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    timing = ("data_wait_s", "compute_s", "wait_frac", "epoch_s")
+
+    def strip(d):
+        return [{k: v for k, v in json.loads(ln).items() if k not in timing} for ln in open(d / "metrics.jsonl")]
+    assert strip(run) == strip(straight)
+
+    first = tmp_path / "first"                      # killed between epoch 1's best.pt and its last.pt
+
+    def killed_after_best(self, record=None):
         raise KeyboardInterrupt("killed before last.pt was written")
 
-    monkeypatch.setattr(model_file, "atomic_save", killed)
+    monkeypatch.setattr(Trainer, "_checkpoint", killed_after_best)
     with pytest.raises(KeyboardInterrupt):
-        train(config(cache, run, epochs=2))
+        train(config(cache, first, epochs=3))
     monkeypatch.undo()
-    assert not (run / "last.pt").exists() and epochs_of(run) == [1]
+    assert (first / "best.pt").is_file() and not (first / "last.pt").exists() and epochs_of(first) == []
+    assert main(["train", "--resume", str(first), "--no-progress"]) == 0
+    assert strip(first) == strip(straight)
+
+
+def test_a_logged_first_epoch_without_last_pt_resumes_from_epoch_1(cache, tmp_path):
+    """c2f 0.2.0 and earlier appended epoch 1's line before writing last.pt: a run killed in between starts
+    again from epoch 1; with two epochs logged and no last.pt the resume is refused (the checkpoint was lost)."""
+    straight = tmp_path / "straight"
+    train(config(cache, straight, epochs=2))
+    run = tmp_path / "run"
+    train(config(cache, run, epochs=2, stop_after=1))
+    for name in ("last.pt", "best.pt", "best.safetensors"):   # as 0.2.0 left it: line, then last.pt, then best
+        (run / name).unlink(missing_ok=True)
+    assert epochs_of(run) == [1]
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     timing = ("data_wait_s", "compute_s", "wait_frac", "epoch_s")
 

@@ -88,14 +88,15 @@ def check_resumable(run_dir: str) -> None:
     if os.path.isfile(os.path.join(run_dir, "last.pt")):
         return
     logged = MetricsLog(run_dir).records()
-    # An epoch's line is logged just before its last.pt is written: a run killed in between its first line
-    # and first checkpoint has epoch 1 logged and nothing saved, and starts again from epoch 1 like one
-    # stopped before it (the log is restarted). best.pt comes after last.pt: with it, last.pt was removed.
-    first_checkpoint_lost = [r.get("epoch") for r in logged] == [1]
-    if (logged and not first_checkpoint_lost) or os.path.isfile(os.path.join(run_dir, "best.pt")):
-        what = f"{len(logged)} epoch(s) logged" if logged else "a best.pt"
-        raise RunError(f"{run_dir} has {what} but no last.pt to resume from (was it removed?); restore it, "
-                       "or start a new run")
+    # best.pt, last.pt, then the epoch's line are written in that order: a run killed before its first last.pt
+    # has nothing logged (a best.pt maybe) and starts again from epoch 1, like one stopped before it ended.
+    # c2f 0.2.0 logged the line first and wrote best.pt last: its run killed in between the first line and the
+    # first checkpoint has epoch 1 logged, no best.pt, and starts again from epoch 1 too.
+    legacy_first_checkpoint_lost = [r.get("epoch") for r in logged] == [1] and not os.path.isfile(
+        os.path.join(run_dir, "best.pt"))
+    if logged and not legacy_first_checkpoint_lost:
+        raise RunError(f"{run_dir} has {len(logged)} epoch(s) logged but no last.pt to resume from (was it "
+                       "removed?); restore it, or start a new run")
 
 
 def read_last(run_dir: str, saved: TrainConfig, saved_run: dict) -> dict | None:
@@ -178,9 +179,12 @@ class MetricsLog:
         open(self.jsonl, "w").close()
         self._write_csv([])
 
-    def truncate(self, epoch: int) -> None:
-        """Drops lines of epochs logged after the checkpoint being resumed was taken."""
+    def truncate(self, epoch: int, record: dict | None = None) -> None:
+        """Drops lines of epochs logged after the checkpoint being resumed was taken; restores that epoch's
+        ``record`` (stored in the checkpoint) if a kill came between the checkpoint and its line."""
         kept = [r for r in self.records() if r["epoch"] <= epoch]
+        if record is not None and record.get("epoch") == epoch and (not kept or kept[-1]["epoch"] < epoch):
+            kept.append(record)
         with open(self.jsonl, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         self._write_csv(kept)

@@ -187,8 +187,10 @@ class Trainer(EpochLoop, DataSources):
 
     def _setup_run_dir(self) -> None:
         main = self.dist.main
+        last_record = None
         if self.resume_state is not None:
             self._load(self.resume_state, os.path.join(self.run_dir, "last.pt"))
+            last_record = self.resume_state.get("record")
             self.resume_state = None
         if not self.resuming:
             self._lock(runs.check_new)   # again, under the lock: a run started meanwhile is never joined
@@ -202,14 +204,14 @@ class Trainer(EpochLoop, DataSources):
         self.log = runs.MetricsLog(self.run_dir, tensorboard=self.cfg.tensorboard and main)
         if main:
             if self.epoch:
-                self.log.truncate(self.epoch)
+                self.log.truncate(self.epoch, last_record)
             else:
                 self.log.start()
         self.dist.barrier()
 
     # ------------------------------------------------------------------------------- checkpoints
-    def _checkpoint(self) -> dict:
-        return dict(model=self.head.state_dict(), optimizer=self.optimizer.state_dict(),
+    def _checkpoint(self, record: dict | None = None) -> dict:
+        return dict(record=record, model=self.head.state_dict(), optimizer=self.optimizer.state_dict(),
                     scheduler=self.scheduler.state_dict(), epoch=self.epoch, best=self.best,
                     best_epoch=self.best_epoch, rng=checkpoint.rng_state(), config=self.cfg.to_dict(),
                     cache_identity=self.cache.identity,
@@ -299,10 +301,12 @@ class Trainer(EpochLoop, DataSources):
             if improved:
                 self.best, self.best_epoch = score, self.epoch
             if self.dist.main:
-                self.log.append(record)
-                model_file.atomic_save(self._checkpoint(), os.path.join(self.run_dir, "last.pt"))
+                # best.pt, last.pt, then the metrics line: a kill between any two leaves a run whose resume
+                # neither loses nor repeats an epoch that metrics.jsonl shows (last.pt carries the line).
                 if improved:
                     self._save_best(val)
+                model_file.atomic_save(self._checkpoint(record), os.path.join(self.run_dir, "last.pt"))
+                self.log.append(record)
                 log.info(metrics.format_epoch(record, cfg.epochs))
             self.dist.barrier()
         return self.finish()
