@@ -267,9 +267,15 @@ def unfolded_fwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torc
         k = torch.mm(wgo, xo.view(c, b * n))                                          # [C, b*N]
         keys[:, s] = k.view(c, b, n)
         scores = torch.bmm(qo, k.view(h, d, b * n)).view(h, p, b, n).to(dt)
-        m = torch.logsumexp(scores, -1)                                               # [h, P, b]
-        lse[s] = m.permute(2, 0, 1)
-        pr = scores.sub_(m[..., None]).exp_().transpose(1, 2)                         # [h, b, P, N]
+        # The softmax with one exp over the scores (logsumexp would take another): the row max, the
+        # exponentials in place, their sum; lse = max + log(sum) is what backward recomputes from.
+        top = scores.amax(-1, keepdim=True)                                           # [h, P, b, 1]
+        pr = scores.sub_(top).exp_()
+        total = pr.sum(-1, keepdim=True)
+        pr.div_(total)
+        torch.add(top, total.log_(), out=top)
+        lse[s] = top.squeeze(-1).permute(2, 0, 1)
+        pr = pr.transpose(1, 2)                                                       # [h, b, P, N]
         reduce_heads(pr, head_reduce, 0, attn[s])
         _weighted_sum_(parts[s], pr, xo, gamma, beta)
     return parts, attn, keys, lse, mean, rstd
