@@ -78,15 +78,20 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[int], tuple[Callable[[
             return lambda: pm.part_mixup_pool_fwd(x, perm, mask)
         return build
 
-    def head(backward: bool, stats: bool = False):
+    def head(backward: bool, stats: bool = False, one_pass: bool = False):
         def build(B: int):
             from c2f.kernels import c2f_head as hd
+            from c2f.kernels.plans import plan_flags
             x = torch.randn(B, C, N)
             g, wrg, wcg = torch.randn(1, P, C) * 0.02, torch.randn(P, C) * 0.02, torch.randn(200, C) * 0.02
             perm, mask = torch.arange(B - 1, -1, -1), torch.rand(K, B, P)
             if not backward:
                 given = _cached_stats(B, N) if stats else ()
-                return lambda: hd.c2f_head_fwd(x, g, wrg, wcg, perm, mask, 1e-5, 16.0, "tf32", "mean", *given)
+
+                def forward():
+                    with plan_flags(head_fwd_one_pass=one_pass):
+                        return hd.c2f_head_fwd(x, g, wrg, wcg, perm, mask, 1e-5, 16.0, "tf32", "mean", *given)
+                return forward
             attn = torch.softmax(torch.randn(B, P, N), -1)
             zhat, mean, rstd = torch.randn(B, 1, P, N), torch.randn(B, N), torch.rand(B, N) + 0.5
             dattn, dpred, dlogits = torch.randn(B, P, N), torch.randn(B, P), torch.randn(K, B, 200)
@@ -105,6 +110,7 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[int], tuple[Callable[[
              (f"part_mixup_pool bwd K={K}", "mixup", pool(True)),
              (f"C2F head fwd K={K}", "head fwd", head(False)),
              (f"C2F head fwd K={K} (cached stats)", "head fwd", head(False, stats=True)),
+             (f"C2F head fwd K={K} (cached stats, one pass)", "head fwd", head(False, stats=True, one_pass=True)),
              (f"C2F head bwd K={K} (x frozen)", "head", head(True))]
     if not quick:
         cases.insert(1, ("attention fwd h=16", "attention", attention(16, False)))

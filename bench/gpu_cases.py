@@ -4,7 +4,7 @@ are held to the tests' tolerances.
 A ``Case`` is one op at one configuration (heads, views, options of the fused module); a variant is one
 more line in ``CASES``, e.g. a plan flag of the fused head::
 
-    Case("head", heads=1, views=4, options=(("forward_plan", "single_pass"),), label="single_pass"),
+    Case("head", heads=1, views=4, plan=(("head_fwd_one_pass", True),), label="one_pass"),
 
 Each case runs at every ``Precision``. ``bundle(case, precision, shapes, device)`` builds its inputs once
 (seeded) and gives a ``Step`` per implementation: "truth" (the reference in float64), "reference" (the
@@ -83,12 +83,14 @@ class Case:
     """One op at one configuration. ``op``: "attention", "part_mixup_", "part_mixup_pool" or "head";
     ``views``: K mixed views (pool and head); ``x_grad``: whether the op's input requires a gradient (the
     frozen backbone's features do not; the mixups' parts do); ``options``: keyword arguments of the fused
-    module (a variant of the fused path); ``label`` names the variant."""
+    module, ``plan``: plan flags (``c2f.kernels.plans.PLAN_FLAGS``) the fused path runs under (a variant of
+    the fused path either way); ``label`` names the variant."""
     op: str
     heads: int = 1
     views: int = 1
     x_grad: bool = False
     options: tuple[tuple[str, Any], ...] = ()
+    plan: tuple[tuple[str, bool], ...] = ()
     label: str = ""
 
     @property
@@ -112,6 +114,9 @@ CASES = (
     Case("head", heads=1, views=4),
     Case("head", heads=16, views=4),
     Case("head", heads=1, views=32),
+    # Issue 24's stretch: the head forward in one launch (the plan flag; off by default), run both ways.
+    Case("head", heads=1, views=4, plan=(("head_fwd_one_pass", True),), label="one_pass"),
+    Case("head", heads=16, views=4, plan=(("head_fwd_one_pass", True),), label="one_pass"),
 )
 
 
@@ -169,6 +174,16 @@ def _module_step(module: torch.nn.Module, x: torch.Tensor, extra: tuple, grads: 
         return named
 
     return Step(setup, run, results, lambda: [str(o.dtype).replace("torch.", "") for o in state["out"]])
+
+
+def _with_plan_flags(step: Step, flags: dict[str, bool]) -> Step:
+    """``step`` with its forward + backward run under ``c2f.kernels.plans.plan_flags(**flags)``."""
+    from c2f.kernels.plans import plan_flags
+
+    def run():
+        with plan_flags(**flags):
+            step.run()
+    return Step(step.setup, run, step.results, step.dtypes)
 
 
 def _function_step(fn: Callable, parts: torch.Tensor, grad: torch.Tensor, clone: bool) -> Step:
@@ -282,7 +297,8 @@ class Bundle:
             module = torch.compile(module, backend=self.compile_backend)
         x = self.inputs["x"].double() if truth else self.inputs["x"]
         extra = tuple(a.double() if truth and a.is_floating_point() else a for a in self.extra)
-        return _module_step(module, x, extra, self.grads, self.names, None if truth else self.low, self.case.x_grad)
+        step = _module_step(module, x, extra, self.grads, self.names, None if truth else self.low, self.case.x_grad)
+        return _with_plan_flags(step, dict(self.case.plan)) if impl == "fused" and self.case.plan else step
 
     def _mixup_step(self, impl: str) -> Step:
         from c2f import reference

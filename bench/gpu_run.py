@@ -85,7 +85,7 @@ class Run:
                 entries.append({
                     "id": f"{case.name}/{prec.name}", "case": case.name, "op": case.op, "precision": prec.name,
                     **cm.labels(case, prec), "heads": case.heads, "views": case.views, "x_grad": case.x_grad,
-                    "options": dict(case.options),
+                    "options": dict(case.options), "plan": dict(case.plan),
                     "status": "pending", "passed": None, "error": None, "skipped": None,
                     "max_rel_error": None, "bound_rel": None, "bound_use": None, "worst": None, "atol_rel": atol,
                     "tolerance_source": source,

@@ -5,7 +5,8 @@ docs/design.md, "The algebra" 8: the regression readout and the pooled mixed-vie
 in the part features, so ``[B, P, C]`` is never written. Per step, independent of B:
 
 - forward: 3 kernels (token statistics, unless they come with x; the fused scores / softmax / readout /
-  pooling coefficients; the pooled rows) and a few small torch ops (pooling matrix, partial sums,
+  pooling coefficients; the pooled rows, done by the fused kernel's last query blocks with the plan flag
+  ``head_fwd_one_pass``) and a few small torch ops (pooling matrix, partial sums,
   ``U @ wcg^T``, logits);
 - backward: 3 kernels (pooled rows with their coefficient gradient, dS / dZ, the dG (+ dWrg) reduction;
   one more, dWrg, with several heads; two more, dxhat and dx, when x requires grad) and a few small
@@ -108,11 +109,17 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     num_pb = plan["fwd"].grid[0] // (bsz * h)
     coef_part = torch.empty(bsz, h, num_pb, views, n, device=dev, dtype=f32)
     pred_heads = pred if h == 1 else torch.empty(bsz, h, p, device=dev, dtype=f32)
+    one_pass = plan["fwd"].constexprs["POOL_IN_PASS"]
+    # One pass: a counter per (sample, head) and the pooled rows come out of the forward kernel itself.
+    counter = torch.zeros(bsz, h, device=dev, dtype=torch.int32) if one_pass else None
+    u = torch.empty(bsz, views, c, device=dev, dtype=f32) if one_pass else None
     launch(_c2f_head_fwd_kernel, plan["fwd"],
            X_ptr=x, G_ptr=g, Wrg_ptr=wrg, M_ptr=m, Mean_ptr=mean, Rstd_ptr=rstd,
            Probs_ptr=attn if h == 1 else probs, Zhat_ptr=zhat, Pred_ptr=pred_heads, CoefPart_ptr=coef_part,
+           Counter_ptr=counter if one_pass else pred_heads, U_ptr=u if one_pass else coef_part,
            C=c, N=n, P=p, D=c // h, H=h, V=views, **xstrides(x))
-    u, _ = _pooled_rows(x, mean, rstd, coef_part.sum(2), None, views, plan["pool"])
+    if not one_pass:
+        u, _ = _pooled_rows(x, mean, rstd, coef_part.sum(2), None, views, plan["pool"])
     rows = torch.matmul(u, wcg.T)                                                      # [B, 2K, classes]
     # Contiguous, as the op's fake says (mixed_views alone returns the [B, K] order transposed).
     logits = mixed_views(rows, perm, out=torch.empty(k, bsz, wcg.shape[0], device=dev, dtype=f32))
@@ -124,9 +131,11 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
 
 def _fwd_plans(bsz: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dtype, target, dot_precision: str,
                has_stats: bool) -> dict:
-    """The forward's plans: the token statistics (without ``has_stats``), the fused kernel, the pooled rows."""
-    plans = dict(fwd=head_fwd(bsz, c, n, p, h, views, dtype, target, dot_precision),
-                 pool=head_pool(bsz, c, n, h, views, dtype, target, dot_precision))
+    """The forward's plans: the token statistics (without ``has_stats``), the fused kernel, the pooled rows
+    (unless the fused kernel pools them: the plan flag ``head_fwd_one_pass``)."""
+    plans = dict(fwd=head_fwd(bsz, c, n, p, h, views, dtype, target, dot_precision))
+    if not plans["fwd"].constexprs["POOL_IN_PASS"]:
+        plans["pool"] = head_pool(bsz, c, n, h, views, dtype, target, dot_precision)
     if not has_stats:
         plans["stats"] = attention_stats(bsz, c, n, dtype, target)
     return plans

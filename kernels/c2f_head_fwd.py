@@ -11,7 +11,9 @@ matrix ``M_b [2K, P]`` (``[mask[:, b]; 1 - mask[:, perm^-1 b]] / P``)::
 - ``_c2f_head_fwd_kernel``: per (sample, head, query block): S and Zhat in one pass over the channels,
   the softmax, P (the saved probabilities), Zhat, the head's share of pred and the query block's share
   of coef (partials summed afterwards: deterministic, no atomics). Past one chunk of tokens, two passes
-  over the chunks (an online softmax), so no tile spans all N.
+  over the chunks (an online softmax), so no tile spans all N. With the plan flag ``head_fwd_one_pass``
+  (``POOL_IN_PASS``, off by default) the last query block of each (sample, head), found by an atomic
+  counter, sums the partials in a fixed order and computes the pooled rows itself: no pool launch.
 - ``_c2f_head_pool_kernel``: per (sample, head, channel split): U from coef; in backward also
   ``dcoef = (dU @ Xc_j) * rstd`` over the same channels (per-split partials); tokens in chunks.
 """
@@ -86,6 +88,45 @@ def _emit(probs, zhat, M_ptr, Probs_ptr, part_base, rows, pn_mask, b, p, p_mask,
     return tl.sum(probs * zhat, axis=1)
 
 
+@triton.jit
+def _pooled_rows(x_base, mean_base, rstd_base, coef_base, u_base, v, v_mask, c_start, c_end, C, N, stride_xc,
+                 stride_xn, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """``U[v, c] = (coef[v] * rstd) Xc[c]^T`` on the channels ``[c_start, c_end)``: [BLOCK_V, BLOCK_C] output
+    tiles, the tokens walked in BLOCK_N chunks; ``coef_base`` [V, N], ``u_base`` [V, C]."""
+    for c0 in range(c_start, c_end, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = c < c_end
+        u = tl.zeros([BLOCK_V, BLOCK_C], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = n < N
+            mean = tl.load(mean_base + n, mask=n_mask, other=0.0)
+            rstd = tl.load(rstd_base + n, mask=n_mask, other=0.0)
+            # .cg: in the one-pass forward other programs wrote coef; never from a stale L1 line.
+            coef = tl.load(coef_base + (v[:, None] * N + n[None, :]), mask=v_mask[:, None] & n_mask[None, :],
+                           other=0.0, cache_modifier=".cg")
+            xct = _centred_t(x_base, n, n_mask, c, c_mask, mean, stride_xc, stride_xn)
+            u = mma(coef * rstd[None, :], xct, u, DOT_PRECISION)
+        tl.store(u_base + (v[:, None] * C + c[None, :]), u, mask=v_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def _sum_partials(part_base, num_parts, V, N, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sums ``num_parts`` consecutive ``[V, N]`` partials into the first, in a fixed order (deterministic
+    whichever program runs it); read past L1 (.cg), as other programs wrote them."""
+    for v0 in range(0, V, BLOCK_V):
+        v = v0 + tl.arange(0, BLOCK_V)
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            offs = v[:, None] * N + n[None, :]
+            vn_mask = (v < V)[:, None] & (n < N)[None, :]
+            acc = tl.load(part_base + offs, mask=vn_mask, other=0.0, cache_modifier=".cg")
+            for q in range(1, num_parts):
+                acc += tl.load(part_base + q * V * N + offs, mask=vn_mask, other=0.0, cache_modifier=".cg")
+            tl.store(part_base + offs, acc, mask=vn_mask)
+
+
 @triton.jit(do_not_specialize=["N", "H"])
 def _c2f_head_fwd_kernel(
     X_ptr,            # [B, C, N] any strides
@@ -98,9 +139,12 @@ def _c2f_head_fwd_kernel(
     Zhat_ptr,         # [B, h, P, N] fp32 out
     Pred_ptr,         # [B, h, P] fp32 out: each head's share of pred
     CoefPart_ptr,     # [B, h, num_pb, V, N] fp32 out: each query block's share of coef = M P_j
+    Counter_ptr,      # [B, h] int32, zeros (POOL_IN_PASS): query blocks of (sample, head) done
+    U_ptr,            # [B, V, C] fp32 out (POOL_IN_PASS): the pooled rows
     C, N, P, D, H, V,
     stride_xb, stride_xc, stride_xn,
     SINGLE_PASS: tl.constexpr,    # all tokens in one BLOCK_N chunk; else two passes over the chunks
+    POOL_IN_PASS: tl.constexpr,   # the last query block of (sample, head) also pools its rows (plan flag)
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # dots.mma precision
 ):
@@ -169,6 +213,21 @@ def _c2f_head_fwd_kernel(
             pred += _emit(probs, zhat, M_ptr, Probs_ptr, part_base, rows, pn_mask, b, p, p_mask, n, n_mask, N, P,
                           V, BLOCK_V, BLOCK_N, DOT_PRECISION)
     tl.store(Pred_ptr + (b * H + j) * P + p, pred, mask=p_mask)
+    if POOL_IN_PASS:
+        # The one-pass forward: every program's coef partial is stored (the barrier: by all its threads)
+        # before it counts itself done (release); the program that counts last (acquire) sums the partials
+        # in a fixed order and pools head j's rows, so no second launch re-reads x from HBM.
+        tl.debug_barrier()
+        done = tl.atomic_add(Counter_ptr + b * H + j, 1, sem="acq_rel")
+        if done == num_pb - 1:
+            coef_base = CoefPart_ptr + (b * H + j) * num_pb * V * N
+            _sum_partials(coef_base, num_pb, V, N, BLOCK_V, BLOCK_N)
+            tl.debug_barrier()
+            for v0 in range(0, V, BLOCK_V):
+                v = v0 + tl.arange(0, BLOCK_V)
+                _pooled_rows(x_base, Mean_ptr + b * N, Rstd_ptr + b * N, coef_base, U_ptr + b * V * C, v, v < V,
+                             head_start, head_start + D, C, N, stride_xc, stride_xn, BLOCK_V, BLOCK_N, BLOCK_C,
+                             DOT_PRECISION)
 
 
 @triton.jit(do_not_specialize=["N", "H"])
@@ -200,21 +259,8 @@ def _c2f_head_pool_kernel(
     for v0 in range(0, V, BLOCK_V):
         v = v0 + tl.arange(0, BLOCK_V)
         v_mask = v < V
-        # U = (coef * rstd) Xc^T: [BLOCK_V, BLOCK_C] output tiles, the tokens walked in BLOCK_N chunks.
-        for c0 in range(c_start, c_end, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            c_mask = c < c_end
-            u = tl.zeros([BLOCK_V, BLOCK_C], dtype=tl.float32)
-            for n0 in range(0, N, BLOCK_N):
-                n = n0 + tl.arange(0, BLOCK_N)
-                n_mask = n < N
-                mean = tl.load(Mean_ptr + b * N + n, mask=n_mask, other=0.0)
-                rstd = tl.load(Rstd_ptr + b * N + n, mask=n_mask, other=0.0)
-                coef = tl.load(coef_base + (v[:, None] * N + n[None, :]), mask=v_mask[:, None] & n_mask[None, :],
-                               other=0.0)
-                xct = _centred_t(x_base, n, n_mask, c, c_mask, mean, stride_xc, stride_xn)
-                u = mma(coef * rstd[None, :], xct, u, DOT_PRECISION)
-            tl.store(U_ptr + b * V * C + (v[:, None] * C + c[None, :]), u, mask=v_mask[:, None] & c_mask[None, :])
+        _pooled_rows(x_base, Mean_ptr + b * N, Rstd_ptr + b * N, coef_base, U_ptr + b * V * C, v, v_mask, c_start,
+                     c_end, C, N, stride_xc, stride_xn, BLOCK_V, BLOCK_N, BLOCK_C, DOT_PRECISION)
         if HAS_DU:
             # dcoef = (dU Xc) * rstd: [BLOCK_V, BLOCK_N] output tiles over the same channels (L2-resident)
             # with x in the other orientation: one orientation per loop keeps its tiles in registers.

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from .launch import TL_DTYPES
+from .plans import plan_flags
 
 ATTENTION_TOKENS = (49, 196, 324, 576, 1024)      # 7x7 .. 32x32 maps
 ATTENTION_HEADS = (1, 3, 16)
@@ -68,6 +69,8 @@ def _head_case(n: int, h: int, dtype: torch.dtype, k: int, dot_precision: str = 
         g, wrg, wcg = _meta(h, p, c), _meta(p, c), _meta(classes, c)
         perm, mask = _meta(b, dtype=torch.int64), _meta(k, b, p)
         attn, _, _, probs, zhat, mean, rstd = ch.c2f_head_fwd(x, g, wrg, wcg, perm, mask, 1e-5, 16.0, dot_precision)
+        with plan_flags(head_fwd_one_pass=True):       # the one-pass forward (a plan flag, off by default)
+            ch.c2f_head_fwd(x, g, wrg, wcg, perm, mask, 1e-5, 16.0, dot_precision)
         state = (attn, probs, zhat, mean, rstd)
         dpred, dlogits = _meta(b, p), _meta(k, b, classes)
         # Training (attention maps unused, frozen backbone), then every gradient with dx.

@@ -64,15 +64,55 @@ with ``dots.mma(a, b, acc, DOT_PRECISION)``, never ``tl.dot`` directly. The laun
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .launch import KernelPlan, interpreting, next_pow2
 from .targets import Target
 
-__all__ = ["DOT_PRECISIONS", "MIN_DOT", "FP32_BYTES", "MAX_TOKENS", "SMEM_HEADROOM", "GEMM_LADDER", "GemmTiles",
+__all__ = ["PLAN_FLAGS", "plan_flags", "plan_flag",
+           "DOT_PRECISIONS", "MIN_DOT", "FP32_BYTES", "MAX_TOKENS", "SMEM_HEADROOM", "GEMM_LADDER", "GemmTiles",
            "PlanError", "dot_constexpr", "is_interpreter", "pipeline_stages", "compile_options", "gemm_tiles",
            "fit_tile", "tile_bound", "gemm_plan", "cdiv", "rows_per_block", "shrink_to_fit"]
+
+# Plan flags: plan choices that are off by default until a GPU has measured them, each with the environment
+# variable that turns it on for a process ("1"); ``plan_flags(name=True)`` sets them for a block of code.
+PLAN_FLAGS = {
+    # The head forward in one launch: the last query block of each (sample, head), found by an atomic
+    # counter, pools the rows (kernels/c2f_head_fwd.py, POOL_IN_PASS); off: a second kernel pools them.
+    "head_fwd_one_pass": "C2F_HEAD_FWD_ONE_PASS",
+}
+_PLAN_FLAGS_SET: contextvars.ContextVar[dict | None] = contextvars.ContextVar("c2f_plan_flags", default=None)
+
+
+@contextlib.contextmanager
+def plan_flags(**flags: bool) -> Iterator[None]:
+    """Sets plan flags (``PLAN_FLAGS``' names) for the plans made inside the block."""
+    unknown = sorted(set(flags) - set(PLAN_FLAGS))
+    if unknown:
+        raise ValueError(f"unknown plan flag(s) {unknown}: expected some of {sorted(PLAN_FLAGS)}")
+    token = _PLAN_FLAGS_SET.set({**(_PLAN_FLAGS_SET.get() or {}), **{k: bool(v) for k, v in flags.items()}})
+    try:
+        yield
+    finally:
+        _PLAN_FLAGS_SET.reset(token)
+
+
+def plan_flag(name: str) -> bool:
+    """A plan flag's value: set by ``plan_flags``, else its environment variable ("1" on), else off."""
+    if name not in PLAN_FLAGS:
+        raise ValueError(f"unknown plan flag {name!r}: expected one of {sorted(PLAN_FLAGS)}")
+    value = (_PLAN_FLAGS_SET.get() or {}).get(name)
+    if value is None:
+        env = os.environ.get(PLAN_FLAGS[name], "")
+        if env not in ("", "0", "1"):
+            raise ValueError(f"{PLAN_FLAGS[name]}={env!r}: expected 1 (on) or 0 (off)")
+        value = env == "1"
+    return value
+
 
 DOT_PRECISIONS = ("tf32", "ieee", "bf16", "fp16")
 MIN_DOT = 16            # tl.dot wants M, N >= 16 for tensor cores and K >= 16 for 16-bit operands

@@ -37,6 +37,7 @@ from .plans import (
     fit_tile,
     gemm_plan,
     is_interpreter,
+    plan_flag,
     rows_per_block,
     shrink_to_fit,
     tile_bound,
@@ -88,8 +89,11 @@ def _head_fwd_stages(target: Target, dtype: torch.dtype, dot_precision: str) -> 
 
 
 def head_fwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dtype, target: Target,
-             dot_precision: str = "tf32") -> KernelPlan:
-    """Scores, softmax, readout and pooling coefficients: one program per (sample, head, query block)."""
+             dot_precision: str = "tf32", one_pass: bool | None = None) -> KernelPlan:
+    """Scores, softmax, readout and pooling coefficients: one program per (sample, head, query block).
+    ``one_pass`` (None: the plan flag ``head_fwd_one_pass``): the last query block of each (sample, head)
+    also pools the rows, in ``[BLOCK_V, BLOCK_N] x [BLOCK_N, BLOCK_C]`` products after the loop."""
+    one_pass = plan_flag("head_fwd_one_pass") if one_pass is None else one_pass
     bn = head_block_n(n, target)
     bv = fit_tile(HEAD_VIEWS_BLOCK, views)
     if is_interpreter(target):
@@ -101,12 +105,15 @@ def head_fwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dt
         bc = fit_tile(HEAD_FWD_TWO_PASS_BLOCK_C_SM90 if two_pass_sm90 else HEAD_FWD_BLOCK_C, c)
     # A stage: the g and wrg chunks [BLOCK_P, BLOCK_C] and an x chunk [BLOCK_C, BLOCK_N]; the epilogue
     # M [BLOCK_V, BLOCK_P] x probs [BLOCK_P, BLOCK_N] reuses the same memory.
+    # One pass: the pooled rows' coef [BLOCK_V, BLOCK_N] x x^T [BLOCK_N, BLOCK_C] after the loop, staged once.
+    def fixed(k: int) -> int:
+        return max(tile_bound((bv, bp), (bp, bn)), tile_bound((bv, bn), (bn, k)) if one_pass else 0)
+
     bc, stages, bound = shrink_to_fit(target, bc, _head_fwd_stages(target, dtype, dot_precision) if bn >= n else 1,
-                                       lambda k: (2 * bp * k + k * bn) * FP32_BYTES, "head forward",
-                                       fixed=tile_bound((bv, bp), (bp, bn)))
+                                       lambda k: (2 * bp * k + k * bn) * FP32_BYTES, "head forward", fixed=fixed)
     return KernelPlan(grid=(b * h * cdiv(p, bp),),
-                      constexprs=dict(SINGLE_PASS=bn >= n, BLOCK_P=bp, BLOCK_N=bn, BLOCK_C=bc, BLOCK_V=bv,
-                                      DOT_PRECISION=dot_constexpr(target, dot_precision)),
+                      constexprs=dict(SINGLE_PASS=bn >= n, POOL_IN_PASS=one_pass, BLOCK_P=bp, BLOCK_N=bn,
+                                      BLOCK_C=bc, BLOCK_V=bv, DOT_PRECISION=dot_constexpr(target, dot_precision)),
                       num_warps=4 if is_interpreter(target) else HEAD_WARPS, num_stages=stages, smem_bound=bound,
                       options=compile_options(target))
 

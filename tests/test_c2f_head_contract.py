@@ -9,13 +9,14 @@ over parts and the classifier ``wcg``; differentiated by autograd with x, g, wrg
 leaves. Each case checks the outputs, the saved state and every gradient with one shared upstream
 gradient.
 """
+import contextlib
 import inspect
 
 import pytest
 import torch
 
 from c2f.kernels import c2f_head as triton_impl
-from c2f.kernels import launch, targets
+from c2f.kernels import launch, plans, targets
 from c2f.torch_ops import c2f_head as torch_impl
 from tests.test_part_attention_contract import FP32_TOL, PRECISION_BOUNDS, PRECISION_FLOORS, assert_close
 from tests.tf32 import emulating_tf32
@@ -262,3 +263,53 @@ def test_dot_precision_error_within_bounds(dot_precision):
     assert max(errors.values()) <= bound, f"{dot_precision}: normwise errors {errors} over {bound:.3g}"
     if dot_precision != "ieee":
         assert max(errors.values()) > PRECISION_FLOORS[dot_precision], f"{dot_precision}: no rounding in {errors}"
+
+
+# ------------------------------------------------------------------------------ one-pass forward (plan flag)
+def forward_kernels(x, g, wrg, wcg, perm, mask, target):
+    """Names of the kernels the forward launcher launches for these shapes on ``target`` (meta tensors)."""
+    meta = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in (x, g, wrg, wcg, perm, mask)]
+    with launch.recording(target) as launches:
+        triton_impl.c2f_head_fwd(*meta, EPS, 16.0)
+    return [rec.name for rec in launches]
+
+
+@pytest.mark.parametrize("tiles, shape", [
+    (None, (3, 40, 49, 7, 1, 3)),          # interpreter tiles: one query block per (sample, head)
+    (None, (2, 24, 16, 312, 3, 3)),        # three query blocks of 128 per (sample, head), three heads
+    ("sm_80", (3, 200, 49, 70, 1, 3)),     # GPU tiles: 3 query blocks, several channel chunks and views
+    ("gfx942", (2, 32, 289, 40, 2, 2)),    # 289 tokens on a GPU: the two-pass (online softmax) forward
+])
+def test_one_pass_forward(tiles, shape):
+    """The plan flag ``head_fwd_one_pass``: the last query block of each (sample, head), counted by an atomic,
+    sums the coefficient partials and pools the rows itself, so the forward launches no pool kernel; it keeps
+    the op contract (against float64) and gives the two-launch forward's outputs to fp32 rounding."""
+    bsz, c, n, p, h, k = shape
+    target = targets.TARGETS[tiles] if tiles else targets.current(torch.device("cpu"))
+    x, g, wrg, wcg, perm, mask = make_inputs(bsz, c, n, p, h, k)
+    grads = upstream(bsz, p, n, k, 5)
+    with launch.plan_for(target) if tiles else contextlib.nullcontext():
+        assert "_c2f_head_pool_kernel" in forward_kernels(x, g, wrg, wcg, perm, mask, target)
+        two = triton_impl.c2f_head_fwd(x, g, wrg, wcg, perm, mask, EPS, 16.0)
+        with plans.plan_flags(head_fwd_one_pass=True):
+            assert "_c2f_head_pool_kernel" not in forward_kernels(x, g, wrg, wcg, perm, mask, target)
+            one = triton_impl.c2f_head_fwd(x, g, wrg, wcg, perm, mask, EPS, 16.0)
+            run_and_compare(("triton", 16.0), x, g, wrg, wcg, perm, mask, grads)
+    for name, a, b in zip(OUTPUTS, one, two, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_plan_flags_are_named_and_read_from_the_environment(monkeypatch):
+    """A flag set in a block wins over its environment variable; "1" turns it on, "0" or unset off; anything
+    else, or a flag no plan knows, is refused naming what was expected."""
+    monkeypatch.delenv("C2F_HEAD_FWD_ONE_PASS", raising=False)
+    assert not plans.plan_flag("head_fwd_one_pass")
+    monkeypatch.setenv("C2F_HEAD_FWD_ONE_PASS", "1")
+    assert plans.plan_flag("head_fwd_one_pass")
+    with plans.plan_flags(head_fwd_one_pass=False):
+        assert not plans.plan_flag("head_fwd_one_pass")
+    monkeypatch.setenv("C2F_HEAD_FWD_ONE_PASS", "yes")
+    with pytest.raises(ValueError, match="C2F_HEAD_FWD_ONE_PASS='yes': expected 1"):
+        plans.plan_flag("head_fwd_one_pass")
+    with pytest.raises(ValueError, match="unknown plan flag"), plans.plan_flags(one_pass=True):
+        pass
