@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from c2f.part_attention import pick_formulation
+
 from . import roofline
 
 __all__ = ["Shapes", "PRODUCTION", "SMOKE", "Precision", "PRECISIONS", "Case", "CASES", "Step", "Bundle", "bundle",
@@ -46,7 +48,7 @@ class Shapes:
 
 PRODUCTION = Shapes(B=64, C=2048, H=14, W=14, P=312, classes=200)
 # The interpreter costs about 0.7 ms a program: the smoke run keeps every launch to a few programs. C=64
-# keeps 16 heads folded-or-not as in production (h P >= C + P: unfolded; 1 head: folded).
+# keeps the formulations as in production (pick_formulation on Triton: 1 and 16 heads folded).
 SMOKE = Shapes(B=2, C=64, H=4, W=4, P=7, classes=5)
 
 
@@ -108,6 +110,9 @@ class Case:
 CASES = (
     Case("attention", heads=1),
     Case("attention", heads=16),
+    # 16 heads on the Triton backend run folded (c2f.part_attention.TRITON_FOLDED_FLOPS); unfolded for the
+    # first GPU to compare: chunked torch ops, the FLOP-cheaper formulation.
+    Case("attention", heads=16, options=(("formulation", "unfolded"),), label="unfolded"),
     Case("part_mixup_", x_grad=True),
     Case("part_mixup_pool", views=4, x_grad=True),
     Case("part_mixup_pool", views=32, x_grad=True),
@@ -329,16 +334,19 @@ def model_costs(case: Case, precision: Precision, shapes: Shapes) -> dict[str, A
     per kernel: ``{"fused": [(op, bytes, flops)], "reference": [...], "storage", "note"}``.
 
     Storage is the dtype of what the kernels read and write: fp32 except the bf16 mixups (autocast keeps
-    x and the parameters fp32). At many heads the fused attention runs the unfolded formulation, whose
-    FLOPs are the reference's (the key projection and its gradients); the model's fused rows assume the
-    folded one, so there the reference's FLOPs are taken."""
+    x and the parameters fp32). Where the fused attention runs the unfolded formulation (``pick_formulation``
+    on the Triton backend, or the case's ``formulation`` option), its FLOPs are the reference's (the key
+    projection and its gradients); the model's fused rows assume the folded one, so there the reference's
+    FLOPs are taken."""
     storage = "bf16" if precision.low and case.family == "mixup" else "fp32"
     sh = roofline.Shape(B=shapes.B, C=shapes.C, N=shapes.N, P=shapes.P, h=case.heads, K=case.views)
     note = "bench.roofline: compulsory bytes (inputs read once, outputs written once) and matmul FLOPs"
     if case.op == "attention":
         fused = roofline.attention_fwd(sh, storage) + roofline.attention_bwd(sh, storage, needs_dx=case.x_grad)
         ref = roofline.reference_attention_fwd(sh, storage) + roofline.reference_attention_bwd(sh, storage)
-        if case.heads * shapes.P >= shapes.C + shapes.P:
+        form = pick_formulation(dict(case.options).get("formulation", "auto"), case.heads, shapes.C, shapes.P,
+                                "triton")
+        if form == "unfolded":
             ref_flops = sum(o.flops for o in ref)
             fused = [roofline.OpCost(o.op, o.impl, o.dtype, o.bytes, ref_flops if i == 0 else 0.0)
                      for i, o in enumerate(fused)]

@@ -7,9 +7,11 @@ neither the normalised tokens nor (with few heads) the keys are ever formed::
     S_j[p, n] = rstd[n] * (G_j @ (X - mean))[p, n]         G_j = scale * Q_j @ Wk_j * gamma
     parts_j   = gamma * ((P_j * rstd) @ (X - mean)ᵀ)_j + beta
 
-Two formulations, picked by head count (``formulation="auto"``):
+Two formulations, picked by head count and backend (``formulation="auto"``, ``pick_formulation``):
 - "folded": G = [h, P, C] is formed once per step; scores cost h·P·C·N per sample. Cheapest while
-  h·P < C + P (h < C/P + 1, about 7.6 at C=2048, P=312).
+  h·P < C + P (h < C/P + 1, about 7.6 at C=2048, P=312): the torch backend's rule. The Triton backend
+  keeps it up to twice the unfolded FLOPs (16 heads at C=2048, P=312): its kernels take the heads as a
+  grid axis, where the unfolded formulation is chunked torch ops.
 - "unfolded": keys K' = (Wk * gamma) @ (X - mean) * rstd, C·C·N per sample, then scores P·C·N.
   Cheaper with many heads.
 The op is ``torch.ops.c2f.part_attention_folded`` / ``_unfolded`` (``c2f.ops.part_attention``); its two
@@ -39,12 +41,27 @@ FORMULATIONS = ("auto", "folded", "unfolded")
 DOT_PRECISIONS = ("tf32", "ieee", "bf16", "fp16")
 
 
-def pick_formulation(formulation: str, num_heads: int, dim: int, num_parts: int) -> str:
-    """Folded while h·P < C + P, the FLOP crossover of the two score formulations."""
+# The Triton backend runs the folded formulation with the heads as a grid axis: 1 forward and 2 backward
+# launches whatever the heads and the batch, the scores kept on chip up to 256 tokens. Its unfolded
+# formulation is the torch-op one on the device, chunked by samples: at 16 heads the default budget holds one
+# sample a chunk, about 60 aten ops (each a kernel launch) per sample and pass, thousands a step at B=64. So
+# on the Triton backend "auto" stays folded up to this many times the unfolded formulation's FLOPs (1.9x at 16
+# heads, C=2048, P=312); a guess until a GPU measures it: the GPU verdict runs 16 heads both ways.
+TRITON_FOLDED_FLOPS = 2.0
+
+
+def pick_formulation(formulation: str, num_heads: int, dim: int, num_parts: int, backend: str = "torch") -> str:
+    """"folded" or "unfolded" for ``formulation="auto"``. The torch backend: folded while h·P < C + P, the
+    FLOP crossover of the two score formulations. The Triton backend: folded while its FLOPs (forward and
+    backward, x frozen: (4h + 4) P C N a sample) are at most ``TRITON_FOLDED_FLOPS`` times the unfolded
+    formulation's (4 C^2 N + 10 P C N)."""
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
     if formulation != "auto":
         return formulation
+    if backend == "triton":
+        folded_flops, unfolded_flops = (4 * num_heads + 4) * num_parts, 4 * dim + 10 * num_parts
+        return "folded" if folded_flops <= TRITON_FOLDED_FLOPS * unfolded_flops else "unfolded"
     return "folded" if num_heads * num_parts < dim + num_parts else "unfolded"
 
 
@@ -100,7 +117,7 @@ def part_attention(x: torch.Tensor, queries: torch.Tensor, k_weight: torch.Tenso
         raise ValueError(f"num_heads={num_heads} must be positive and divide C={c}")
     scale = scale or (c // num_heads) ** -0.5
     chosen = resolve_backend(backend, x.device)
-    form = pick_formulation(formulation, num_heads, c, p)
+    form = pick_formulation(formulation, num_heads, c, p, chosen)
     op = torch.ops.c2f.part_attention_folded if form == "folded" else torch.ops.c2f.part_attention_unfolded
     amp = autocast_dtype(x.device.type)
     precision = AMP_PRECISIONS.get(amp, dot_precision)
@@ -117,7 +134,8 @@ class PartAttention(reference.PartAttention):
     ``c2f.reference.PartAttention``, same outputs and gradients.
 
     ``backend``: "auto" (Triton on CUDA, torch ops on CPU), "triton" (on CPU: the interpreter) or
-    "torch". ``formulation``: "auto" (folded below about C/P + 1 heads), "folded" or "unfolded".
+    "torch". ``formulation``: "auto" (``pick_formulation``: on the torch backend folded below about C/P + 1
+    heads, on Triton up to twice the unfolded FLOPs), "folded" or "unfolded".
     ``chunk_mib``: temporaries per chunk of samples on the torch-op path (larger chunks run closer
     to the machine's GEMM throughput, smaller ones keep the peak low). ``dot_precision``: the operand
     precision of the Triton kernels' dots on a GPU, "tf32" (default), "ieee", "bf16" or "fp16".

@@ -146,6 +146,7 @@ def _c2f_head_fwd_kernel(
     SINGLE_PASS: tl.constexpr,    # all tokens in one BLOCK_N chunk; else two passes over the chunks
     POOL_IN_PASS: tl.constexpr,   # the last query block of (sample, head) also pools its rows (plan flag)
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr,
+    POOL_BLOCK_N: tl.constexpr, POOL_BLOCK_C: tl.constexpr,   # the pooled rows' tiles (POOL_IN_PASS)
     DOT_PRECISION: tl.constexpr,  # dots.mma precision
 ):
     # Sample-major order (query block fastest): programs of one sample run together and re-read
@@ -221,13 +222,13 @@ def _c2f_head_fwd_kernel(
         done = tl.atomic_add(Counter_ptr + b * H + j, 1, sem="acq_rel")
         if done == num_pb - 1:
             coef_base = CoefPart_ptr + (b * H + j) * num_pb * V * N
-            _sum_partials(coef_base, num_pb, V, N, BLOCK_V, BLOCK_N)
+            _sum_partials(coef_base, num_pb, V, N, BLOCK_V, POOL_BLOCK_N)
             tl.debug_barrier()
             for v0 in range(0, V, BLOCK_V):
                 v = v0 + tl.arange(0, BLOCK_V)
                 _pooled_rows(x_base, Mean_ptr + b * N, Rstd_ptr + b * N, coef_base, U_ptr + b * V * C, v, v < V,
-                             head_start, head_start + D, C, N, stride_xc, stride_xn, BLOCK_V, BLOCK_N, BLOCK_C,
-                             DOT_PRECISION)
+                             head_start, head_start + D, C, N, stride_xc, stride_xn, BLOCK_V, POOL_BLOCK_N,
+                             POOL_BLOCK_C, DOT_PRECISION)
 
 
 @triton.jit(do_not_specialize=["N", "H"])

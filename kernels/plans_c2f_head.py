@@ -19,6 +19,11 @@ backward; two passes past one chunk). Their rule (the channel chunk and stages a
   conversion); stages, then the channel chunk, shrink until that fits the target's per-block limit
   (``plans.shrink_to_fit``); below ``MIN_DOT`` channels: ``PlanError``.
 - The interpreter takes all tokens in one chunk and large tiles (few Python-level ops).
+
+The one-pass forward (the plan flag ``head_fwd_one_pass``, ``plans.PLAN_FLAGS``) is the forward's plan with
+the pooled rows after the loop, in the pool kernel's own tiles (``POOL_BLOCK_N``, ``POOL_BLOCK_C``: the
+forward's 256-token chunks spilled there on every NVIDIA target and gfx942, 8-728 B); its shared-memory
+bound takes one staged copy of those operands too.
 """
 from __future__ import annotations
 
@@ -105,31 +110,39 @@ def head_fwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dt
         bc = fit_tile(HEAD_FWD_TWO_PASS_BLOCK_C_SM90 if two_pass_sm90 else HEAD_FWD_BLOCK_C, c)
     # A stage: the g and wrg chunks [BLOCK_P, BLOCK_C] and an x chunk [BLOCK_C, BLOCK_N]; the epilogue
     # M [BLOCK_V, BLOCK_P] x probs [BLOCK_P, BLOCK_N] reuses the same memory.
-    # One pass: the pooled rows' coef [BLOCK_V, BLOCK_N] x x^T [BLOCK_N, BLOCK_C] after the loop, staged once.
-    def fixed(k: int) -> int:
-        return max(tile_bound((bv, bp), (bp, bn)), tile_bound((bv, bn), (bn, k)) if one_pass else 0)
+    # One pass: the pooled rows after the loop in the pool kernel's tiles (coef [BLOCK_V, POOL_BLOCK_N] x x^T
+    # [POOL_BLOCK_N, POOL_BLOCK_C]; the forward's [., 256] token chunks spilled there, 8-728 B), staged once.
+    pool_n, pool_c = _pool_tiles(n, c // h, target)
+    fixed = max(tile_bound((bv, bp), (bp, bn)), tile_bound((bv, pool_n), (pool_n, pool_c)) if one_pass else 0)
 
     bc, stages, bound = shrink_to_fit(target, bc, _head_fwd_stages(target, dtype, dot_precision) if bn >= n else 1,
                                        lambda k: (2 * bp * k + k * bn) * FP32_BYTES, "head forward", fixed=fixed)
     return KernelPlan(grid=(b * h * cdiv(p, bp),),
                       constexprs=dict(SINGLE_PASS=bn >= n, POOL_IN_PASS=one_pass, BLOCK_P=bp, BLOCK_N=bn,
-                                      BLOCK_C=bc, BLOCK_V=bv, DOT_PRECISION=dot_constexpr(target, dot_precision)),
+                                      BLOCK_C=bc, BLOCK_V=bv, POOL_BLOCK_N=pool_n, POOL_BLOCK_C=pool_c,
+                                      DOT_PRECISION=dot_constexpr(target, dot_precision)),
                       num_warps=4 if is_interpreter(target) else HEAD_WARPS, num_stages=stages, smem_bound=bound,
                       options=compile_options(target))
+
+
+def _pool_tiles(n: int, split: int, target: Target) -> tuple[int, int]:
+    """(token chunk, channel chunk) of the pooled rows over ``split`` channels a program."""
+    bn = head_block_n(n, target) if is_interpreter(target) else fit_tile(HEAD_POOL_BLOCK_N, n)
+    bc = INTERPRETER_POOL[1] if is_interpreter(target) else \
+        (HEAD_POOL_BLOCK_C_HIP if target.backend == "hip" else HEAD_POOL_BLOCK_C)
+    return bn, fit_tile(bc, split)
 
 
 def head_pool(b: int, c: int, n: int, h: int, views: int, dtype: torch.dtype, target: Target,
               dot_precision: str = "tf32", has_du: bool = False) -> KernelPlan:
     """Pooled rows (and in backward the coefficient gradient): one program per (sample, head, split)."""
     d = c // h
-    bn = head_block_n(n, target) if is_interpreter(target) else fit_tile(HEAD_POOL_BLOCK_N, n)
     bv = fit_tile(HEAD_VIEWS_BLOCK, views)
-    split_cap, bc = INTERPRETER_POOL if is_interpreter(target) else \
-        (HEAD_POOL_SPLIT, HEAD_POOL_BLOCK_C_HIP if target.backend == "hip" else HEAD_POOL_BLOCK_C)
-    split = min(split_cap, d)
+    split = min(INTERPRETER_POOL[0] if is_interpreter(target) else HEAD_POOL_SPLIT, d)
+    bn, bc = _pool_tiles(n, split, target)
     # One product at a time: coef [BLOCK_V, BLOCK_N] x x^T [BLOCK_N, BLOCK_C], then dU [BLOCK_V, BLOCK_C]
     # x x [BLOCK_C, BLOCK_N].
-    bc, stages, bound = shrink_to_fit(target, fit_tile(bc, split), HEAD_POOL_STAGES,
+    bc, stages, bound = shrink_to_fit(target, bc, HEAD_POOL_STAGES,
                                        lambda k: (bv * bn + bn * k) * FP32_BYTES, "head pooled-row")
     return KernelPlan(grid=(b * h, cdiv(d, split)),
                       constexprs=dict(HAS_DU=has_du, BLOCK_V=bv, BLOCK_N=bn, BLOCK_C=bc,

@@ -163,6 +163,11 @@ def test_formulation_choice():
     assert pick_formulation("auto", 7, 2048, 312) == "folded"
     assert pick_formulation("auto", 8, 2048, 312) == "unfolded"
     assert pick_formulation("auto", 16, 2048, 312) == "unfolded"
+    # Triton: heads are a grid axis of the folded kernels; folded up to twice the unfolded FLOPs.
+    assert pick_formulation("auto", 16, 2048, 312, "triton") == "folded"      # 1.9x
+    assert pick_formulation("auto", 18, 2048, 312, "triton") == "unfolded"    # 2.1x
+    assert pick_formulation("auto", 32, 2048, 312, "triton") == "unfolded"
+    assert pick_formulation("unfolded", 1, 2048, 312, "triton") == "unfolded"
     with pytest.raises(ValueError, match="formulation"):
         pick_formulation("bogus", 1, 2048, 312)
 

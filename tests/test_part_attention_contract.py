@@ -375,3 +375,22 @@ def test_tiled_path_at_short_rows(tiled_only, bsz, c, n, p, num_heads, dtype, at
     names = launched_kernels(inputs[0], inputs[1], num_heads, True, targets.current(torch.device(device)))
     assert TILED_KERNELS <= names and not ROWS_KERNELS & names, names
     run_and_compare(("triton", 16.0), *inputs, num_heads, atol, rtol)
+
+
+def test_launches_per_step_depend_on_neither_heads_nor_batch():
+    """Triton launches per forward + backward (short rows, x frozen, N = 196, sm_90's plans): 1 + 2 at 1 head
+    and at 16, at B = 2 and 64; the heads are a grid axis, never a loop of launches."""
+    from c2f.kernels.launch import recording
+
+    def names(bsz, h):
+        meta = dict(device="meta")
+        x, g, gamma = torch.empty(bsz, 2048, 196, **meta), torch.empty(h, 312, 2048, **meta), torch.empty(2048, **meta)
+        with recording(targets.TARGETS["sm_90"]) as launches:
+            _, attn, probs, mean, rstd = triton_impl.folded_fwd(x, g, gamma, gamma, EPS, x.dtype, 16.0)
+            triton_impl.folded_bwd(x, g, gamma, attn, probs, mean, rstd, torch.empty(bsz, 312, 2048, **meta),
+                                   torch.empty(bsz, 312, 196, **meta), h, False, 16.0)
+        return [launch.name for launch in launches]
+    one = names(2, 1)
+    assert len(one) == 3, one
+    for bsz, h in ((64, 1), (2, 16), (64, 16)):
+        assert names(bsz, h) == one
