@@ -62,6 +62,9 @@ HEAD_FWD_TWO_PASS_TILES = 3  # past one token chunk the forward also holds the r
                              # spilled 300 B with fp32 x, sm_90)
 HEAD_FWD_TWO_PASS_BLOCK_C_SM90 = 16  # ... and on sm_90 a 16-channel chunk: at 32 Triton 3.6 used 255 registers
                                      # and spilled 8 B (fp32 x, N = 324); at 16, 204-214 on Triton 3.6 and 3.9
+HEAD_FWD_ONE_PASS_NARROW = ("sm_80", "sm_86", "sm_89")  # the one-pass forward at N <= 256 holds 16 rows there,
+                            # as past one chunk: at 32 it spilled 8-68 B (Triton 3.9; 48 B with 32-channel pool
+                            # tiles), where sm_90, sm_100, sm_120 and AMD compile 32 rows without spills
 HEAD_POOL_SPLIT = 256       # pooled rows: channels per program (a head's channels split over grid axis 1)
 HEAD_POOL_BLOCK_C = 64      # ... U in [2K, 64] output tiles reducing over 64-token chunks, dcoef in
 HEAD_POOL_BLOCK_N = 64      # [2K, 64] tiles reducing over the channels ([., 256] token chunks spilled)
@@ -104,7 +107,8 @@ def head_fwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dt
     if is_interpreter(target):
         bp, bc = fit_tile(INTERPRETER_FWD[0], p), fit_tile(INTERPRETER_FWD[1], c)
     else:
-        bp = rows_per_block(HEAD_FWD_BLOCK_P, p, 2 if bn >= n else HEAD_FWD_TWO_PASS_TILES, bn, target,
+        narrow = bn < n or (one_pass and target.name in HEAD_FWD_ONE_PASS_NARROW)
+        bp = rows_per_block(HEAD_FWD_BLOCK_P, p, HEAD_FWD_TWO_PASS_TILES if narrow else 2, bn, target,
                             HEAD_ROW_VALUES, HEAD_WARPS)
         two_pass_sm90 = bn < n and target.name == "sm_90"
         bc = fit_tile(HEAD_FWD_TWO_PASS_BLOCK_C_SM90 if two_pass_sm90 else HEAD_FWD_BLOCK_C, c)
