@@ -85,13 +85,15 @@ def head_block_n(n: int, target: Target) -> int:
     return max(MIN_DOT, min(next_pow2(n), MAX_TOKENS if is_interpreter(target) else HEAD_BLOCK_N))
 
 
-def _head_fwd_stages(target: Target, dtype: torch.dtype, dot_precision: str) -> int:
+def _head_fwd_stages(target: Target, dtype: torch.dtype, dot_precision: str, one_pass: bool = False) -> int:
     """Pipeline stages of the one-pass forward. Measured (``kernels.inspect``, N = 196, 32 x 256 rows):
     AMD takes 1 (gfx950, where the LDS allows 2: 274-284 VGPRs, no 8-wave workgroup fits a CU; 1 stage:
     149-185), and so does sm_100 with 16-bit x under fp32 dots (x widened in registers: 254 registers and
     12 B of spills at 2 stages, 239 and none at 1); sm_80 to sm_90 and sm_120 keep 2 without spills."""
     widened = dtype.itemsize == 2 and dot_precision in ("tf32", "ieee")
     if target.backend == "hip" or (target.name == "sm_100" and widened):
+        return 1
+    if one_pass and target.name == "sm_90" and widened:   # the one-pass forward: 8 B of spills at 2 (Triton 3.6)
         return 1
     return HEAD_FWD_STAGES
 
@@ -119,7 +121,8 @@ def head_fwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dt
     pool_n, pool_c = _pool_tiles(n, c // h, target)
     fixed = max(tile_bound((bv, bp), (bp, bn)), tile_bound((bv, pool_n), (pool_n, pool_c)) if one_pass else 0)
 
-    bc, stages, bound = shrink_to_fit(target, bc, _head_fwd_stages(target, dtype, dot_precision) if bn >= n else 1,
+    stages = _head_fwd_stages(target, dtype, dot_precision, one_pass) if bn >= n else 1
+    bc, stages, bound = shrink_to_fit(target, bc, stages,
                                        lambda k: (2 * bp * k + k * bn) * FP32_BYTES, "head forward", fixed=fixed)
     return KernelPlan(grid=(b * h * cdiv(p, bp),),
                       constexprs=dict(SINGLE_PASS=bn >= n, POOL_IN_PASS=one_pass, BLOCK_P=bp, BLOCK_N=bn,
