@@ -18,6 +18,8 @@ from .bytes_trace import H100_SMS, L2_BYTES, SECTOR_BYTES, _require_interpreter,
 
 __all__ = ["measure_launch", "H100_SMS", "L2_BYTES", "SECTOR_BYTES", "run_cases", "markdown", "main"]
 
+SHAPES = (2048, 196, 312, 4)    # C, N, P, K
+
 # HBM estimate / compulsory (issues 6 and 11; issue 24: attention forward and backward <= 1.4x with the short rows
 # on chip; the head forward's floor without an inter-program dependency is 1.70x, x read by the fused kernel and the
 # pooled rows, so its goal is 1.75x with cached statistics).
@@ -30,6 +32,33 @@ def _cached_stats(b: int, n: int) -> tuple:
     return torch.randn(b, n), torch.rand(b, n) + 0.5
 
 
+def _head(backward: bool, stats: bool = False, one_pass: bool = False):
+    """The fused head's forward (with ``stats`` the cached token statistics; ``one_pass`` the plan flag
+    ``head_fwd_one_pass``) or backward (x frozen), at the report's shapes."""
+    import torch
+    C, N, P, K = SHAPES
+
+    def build(B: int):
+        from c2f.kernels import c2f_head as hd
+        from c2f.kernels.plans import plan_flags
+        x = torch.randn(B, C, N)
+        g, wrg, wcg = torch.randn(1, P, C) * 0.02, torch.randn(P, C) * 0.02, torch.randn(200, C) * 0.02
+        perm, mask = torch.arange(B - 1, -1, -1), torch.rand(K, B, P)
+        if not backward:
+            given = _cached_stats(B, N) if stats else ()
+
+            def forward():
+                with plan_flags(head_fwd_one_pass=one_pass):
+                    return hd.c2f_head_fwd(x, g, wrg, wcg, perm, mask, 1e-5, 16.0, "tf32", "mean", *given)
+            return forward
+        attn = torch.softmax(torch.randn(B, P, N), -1)
+        zhat, mean, rstd = torch.randn(B, 1, P, N), torch.randn(B, N), torch.rand(B, N) + 0.5
+        dattn, dpred, dlogits = torch.randn(B, P, N), torch.randn(B, P), torch.randn(K, B, 200)
+        return lambda: hd.c2f_head_bwd(x, g, wrg, wcg, perm, mask, attn, torch.empty(0), zhat, mean, rstd,
+                                       dattn, dpred, dlogits, False, 16.0)
+    return build
+
+
 def _cases(quick: bool) -> list[tuple[str, str, Callable[[int], tuple[Callable[[], Any], list]]]]:
     """(name, goal key, builder): ``builder(B)`` makes inputs at batch B and returns the launch closure.
 
@@ -38,7 +67,7 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[int], tuple[Callable[[
     """
     import torch
 
-    C, N, P, K = 2048, 196, 312, 4
+    C, N, P, K = SHAPES
 
     def attention(h: int, backward: bool, dtype=torch.float32, stats: bool = False):
         # 16-bit cases: x, parts and dparts in that dtype (a bf16 feature map under autocast); the saved
@@ -78,27 +107,6 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[int], tuple[Callable[[
             return lambda: pm.part_mixup_pool_fwd(x, perm, mask)
         return build
 
-    def head(backward: bool, stats: bool = False, one_pass: bool = False):
-        def build(B: int):
-            from c2f.kernels import c2f_head as hd
-            from c2f.kernels.plans import plan_flags
-            x = torch.randn(B, C, N)
-            g, wrg, wcg = torch.randn(1, P, C) * 0.02, torch.randn(P, C) * 0.02, torch.randn(200, C) * 0.02
-            perm, mask = torch.arange(B - 1, -1, -1), torch.rand(K, B, P)
-            if not backward:
-                given = _cached_stats(B, N) if stats else ()
-
-                def forward():
-                    with plan_flags(head_fwd_one_pass=one_pass):
-                        return hd.c2f_head_fwd(x, g, wrg, wcg, perm, mask, 1e-5, 16.0, "tf32", "mean", *given)
-                return forward
-            attn = torch.softmax(torch.randn(B, P, N), -1)
-            zhat, mean, rstd = torch.randn(B, 1, P, N), torch.randn(B, N), torch.rand(B, N) + 0.5
-            dattn, dpred, dlogits = torch.randn(B, P, N), torch.randn(B, P), torch.randn(K, B, 200)
-            return lambda: hd.c2f_head_bwd(x, g, wrg, wcg, perm, mask, attn, torch.empty(0), zhat, mean, rstd,
-                                           dattn, dpred, dlogits, False, 16.0)
-        return build
-
     cases = [("attention fwd h=1", "attention", attention(1, False)),
              ("attention fwd h=1 (cached stats)", "attention", attention(1, False, stats=True)),
              ("attention bwd h=1 (x frozen)", "attention", attention(1, True)),
@@ -108,10 +116,10 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[int], tuple[Callable[[
              ("part_mixup_ bwd", "mixup", mixup(True)),
              (f"part_mixup_pool fwd K={K}", "mixup", pool(False)),
              (f"part_mixup_pool bwd K={K}", "mixup", pool(True)),
-             (f"C2F head fwd K={K}", "head fwd", head(False)),
-             (f"C2F head fwd K={K} (cached stats)", "head fwd", head(False, stats=True)),
-             (f"C2F head fwd K={K} (cached stats, one pass)", "head fwd", head(False, stats=True, one_pass=True)),
-             (f"C2F head bwd K={K} (x frozen)", "head", head(True))]
+             (f"C2F head fwd K={K}", "head fwd", _head(False)),
+             (f"C2F head fwd K={K} (cached stats)", "head fwd", _head(False, stats=True)),
+             (f"C2F head fwd K={K} (cached stats, one pass)", "head fwd", _head(False, stats=True, one_pass=True)),
+             (f"C2F head bwd K={K} (x frozen)", "head", _head(True))]
     if not quick:
         cases.insert(1, ("attention fwd h=16", "attention", attention(16, False)))
     return cases

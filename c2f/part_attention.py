@@ -44,7 +44,7 @@ DOT_PRECISIONS = ("tf32", "ieee", "bf16", "fp16")
 # The Triton backend runs the folded formulation with the heads as a grid axis: 1 forward and 2 backward
 # launches whatever the heads and the batch, the scores kept on chip up to 256 tokens. Its unfolded
 # formulation is the torch-op one on the device, chunked by samples: at 16 heads the default budget holds one
-# sample a chunk, about 60 aten ops (each a kernel launch) per sample and pass, thousands a step at B=64. So
+# sample a chunk, about 60 aten ops (most of them kernel launches) per sample and pass: thousands at B=64. So
 # on the Triton backend "auto" stays folded up to this many times the unfolded formulation's FLOPs (1.9x at 16
 # heads, C=2048, P=312); a guess until a GPU measures it: the GPU verdict runs 16 heads both ways.
 TRITON_FOLDED_FLOPS = 2.0
