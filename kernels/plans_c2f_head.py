@@ -86,8 +86,9 @@ def head_block_n(n: int, target: Target) -> int:
 
 
 def _head_fwd_stages(target: Target, dtype: torch.dtype, dot_precision: str, one_pass: bool = False) -> int:
-    """Pipeline stages of the one-pass forward. Measured (``kernels.inspect``, N = 196, 32 x 256 rows):
-    AMD takes 1 (gfx950, where the LDS allows 2: 274-284 VGPRs, no 8-wave workgroup fits a CU; 1 stage:
+    """Pipeline stages of the forward with all tokens in one chunk (``SINGLE_PASS``; ``one_pass``: with the
+    plan flag ``head_fwd_one_pass``, which pools in the same launch). Measured (``kernels.inspect``, N = 196,
+    32 x 256 rows): AMD takes 1 (gfx950, where the LDS allows 2: 274-284 VGPRs, no 8-wave workgroup fits a CU; 1 stage:
     149-185), and so does sm_100 with 16-bit x under fp32 dots (x widened in registers: 254 registers and
     12 B of spills at 2 stages, 239 and none at 1); sm_80 to sm_90 and sm_120 keep 2 without spills."""
     widened = dtype.itemsize == 2 and dot_precision in ("tf32", "ieee")
@@ -102,7 +103,7 @@ def head_fwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dt
              dot_precision: str = "tf32", one_pass: bool | None = None) -> KernelPlan:
     """Scores, softmax, readout and pooling coefficients: one program per (sample, head, query block).
     ``one_pass`` (None: the plan flag ``head_fwd_one_pass``): the last query block of each (sample, head)
-    also pools the rows, in ``[BLOCK_V, BLOCK_N] x [BLOCK_N, BLOCK_C]`` products after the loop."""
+    also pools the rows, in ``[BLOCK_V, POOL_BLOCK_N] x [POOL_BLOCK_N, POOL_BLOCK_C]`` products after the loop."""
     one_pass = plan_flag("head_fwd_one_pass") if one_pass is None else one_pass
     bn = head_block_n(n, target)
     bv = fit_tile(HEAD_VIEWS_BLOCK, views)
@@ -120,7 +121,6 @@ def head_fwd(b: int, c: int, n: int, p: int, h: int, views: int, dtype: torch.dt
     # [POOL_BLOCK_N, POOL_BLOCK_C]; the forward's [., 256] token chunks spilled there, 8-728 B), staged once.
     pool_n, pool_c = _pool_tiles(n, c // h, target)
     fixed = max(tile_bound((bv, bp), (bp, bn)), tile_bound((bv, pool_n), (pool_n, pool_c)) if one_pass else 0)
-
     stages = _head_fwd_stages(target, dtype, dot_precision, one_pass) if bn >= n else 1
     bc, stages, bound = shrink_to_fit(target, bc, stages,
                                        lambda k: (2 * bp * k + k * bn) * FP32_BYTES, "head forward", fixed=fixed)
