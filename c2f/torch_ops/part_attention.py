@@ -133,8 +133,11 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
 
 
 def _dparts_head_major(df: torch.Tensor, h: int, od: torch.dtype) -> torch.Tensor:
-    """``dparts [b, P, C]`` as ``[h, b, P, d]`` in the operand dtype: one copy, shared by dP and the values."""
+    """``dparts [b, P, C]`` as ``[h, b, P, d]`` in the operand dtype: one copy, shared by dP and the values;
+    with one head it is already head-major (no copy when the dtypes agree: 17 MiB of peak at B=16)."""
     b, p, c = df.shape
+    if h == 1:
+        return df.to(od).unsqueeze(0)
     out = torch.empty(h, b, p, c // h, dtype=od, device=df.device)
     return out.copy_(df.view(b, p, h, c // h).permute(2, 0, 1, 3))
 
