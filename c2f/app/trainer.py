@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import logging
 import math
 import os
@@ -190,7 +191,8 @@ class Trainer(EpochLoop, DataSources):
         last_record = None
         if self.resume_state is not None:
             self._load(self.resume_state, os.path.join(self.run_dir, "last.pt"))
-            last_record = self.resume_state.get("record")
+            line = self.resume_state.get("record")
+            last_record = json.loads(line) if line else None
             self.resume_state = None
         if not self.resuming:
             self._lock(runs.check_new)   # again, under the lock: a run started meanwhile is never joined
@@ -211,7 +213,9 @@ class Trainer(EpochLoop, DataSources):
 
     # ------------------------------------------------------------------------------- checkpoints
     def _checkpoint(self, record: dict | None = None) -> dict:
-        return dict(record=record, model=self.head.state_dict(), optimizer=self.optimizer.state_dict(),
+        # The epoch's metrics line as JSON text: what metrics.jsonl holds, and plain data for a safe load.
+        return dict(record=None if record is None else json.dumps(record),
+                    model=self.head.state_dict(), optimizer=self.optimizer.state_dict(),
                     scheduler=self.scheduler.state_dict(), epoch=self.epoch, best=self.best,
                     best_epoch=self.best_epoch, rng=checkpoint.rng_state(), config=self.cfg.to_dict(),
                     cache_identity=self.cache.identity,
