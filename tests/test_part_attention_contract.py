@@ -297,6 +297,11 @@ TILED_KERNELS = {"_part_attention_stats_kernel", "_part_attention_fwd_scores_ker
 
 def launched_kernels(x, g, num_heads, needs_dx, target, with_dattn=True, with_dparts=True):
     """Names of the kernels the launchers launch for these shapes on ``target`` (recorded on meta tensors)."""
+    return set(launch_sequence(x, g, num_heads, needs_dx, target, with_dattn, with_dparts))
+
+
+def launch_sequence(x, g, num_heads, needs_dx, target, with_dattn=True, with_dparts=True):
+    """``launched_kernels`` in launch order, one name a launch (forward, then backward)."""
     from c2f.kernels.launch import recording
     bsz, c, n = x.shape
     p = g.shape[1]
@@ -308,7 +313,7 @@ def launched_kernels(x, g, num_heads, needs_dx, target, with_dattn=True, with_dp
         triton_impl.folded_bwd(xm, gm, torch.empty(c, **meta), attn, probs, mean, rstd,
                                torch.empty(bsz, p, c, **meta) if with_dparts else None,
                                torch.empty(bsz, p, n, **meta) if with_dattn else None, num_heads, needs_dx, 16.0)
-    return {launch.name for launch in launches}
+    return [launch.name for launch in launches]
 
 
 SHORT_ROW_TILES = [pytest.param(None, id="interpreter-tiles"), pytest.param("sm_86", id="sm_86-tiles"),
@@ -380,16 +385,9 @@ def test_tiled_path_at_short_rows(tiled_only, bsz, c, n, p, num_heads, dtype, at
 def test_launches_per_step_depend_on_neither_heads_nor_batch():
     """Triton launches per forward + backward (short rows, x frozen, N = 196, sm_90's plans): 1 + 2 at 1 head
     and at 16, at B = 2 and 64; the heads are a grid axis, never a loop of launches."""
-    from c2f.kernels.launch import recording
-
     def names(bsz, h):
-        meta = dict(device="meta")
-        x, g, gamma = torch.empty(bsz, 2048, 196, **meta), torch.empty(h, 312, 2048, **meta), torch.empty(2048, **meta)
-        with recording(targets.TARGETS["sm_90"]) as launches:
-            _, attn, probs, mean, rstd = triton_impl.folded_fwd(x, g, gamma, gamma, EPS, x.dtype, 16.0)
-            triton_impl.folded_bwd(x, g, gamma, attn, probs, mean, rstd, torch.empty(bsz, 312, 2048, **meta),
-                                   torch.empty(bsz, 312, 196, **meta), h, False, 16.0)
-        return [launch.name for launch in launches]
+        x, g = torch.empty(bsz, 2048, 196, device="meta"), torch.empty(h, 312, 2048, device="meta")
+        return launch_sequence(x, g, h, False, targets.TARGETS["sm_90"])
     one = names(2, 1)
     assert len(one) == 3, one
     for bsz, h in ((64, 1), (2, 16), (64, 16)):
