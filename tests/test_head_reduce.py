@@ -21,12 +21,18 @@ def test_attention_matches_the_float64_reference(formulation, head_reduce):
     check_parity(ref, fused, torch.randn(3, 32, 3, 3), torch.float32, 1e-5, x_grad=True)
 
 
+def max_and_mean(dim, parts, heads, formulation):
+    """Two fused modules with the same weights, one reducing the heads' maps by their max, one by their mean."""
+    _, fused_max = make_pair(dim, parts, heads, formulation=formulation, head_reduce="max")
+    fused_mean = cn.PartAttention(dim, parts, heads, qkv_bias=True, backend="torch", formulation=formulation)
+    fused_mean.load_state_dict(fused_max.state_dict())
+    return fused_max, fused_mean
+
+
 @pytest.mark.parametrize("formulation", FORMS)
 def test_the_max_differs_from_the_mean_and_bounds_every_head(formulation):
     torch.manual_seed(1)
-    _, fused_max = make_pair(32, 6, 4, formulation=formulation, head_reduce="max")
-    fused_mean = cn.PartAttention(32, 6, 4, qkv_bias=True, backend="torch", formulation=formulation)
-    fused_mean.load_state_dict(fused_max.state_dict())
+    fused_max, fused_mean = max_and_mean(32, 6, 4, formulation)
     x = torch.randn(2, 32, 3, 3)
     with torch.no_grad():
         amax, amean = fused_max(x)[1], fused_mean(x)[1]
@@ -76,9 +82,7 @@ def test_the_max_gradient_is_amaxs_with_ties():
 @pytest.mark.parametrize("formulation", FORMS)
 def test_one_head_max_is_the_mean(formulation):
     torch.manual_seed(2)
-    _, fused_max = make_pair(16, 4, 1, formulation=formulation, head_reduce="max")
-    fused_mean = cn.PartAttention(16, 4, 1, qkv_bias=True, backend="torch", formulation=formulation)
-    fused_mean.load_state_dict(fused_max.state_dict())
+    fused_max, fused_mean = max_and_mean(16, 4, 1, formulation)
     x = torch.randn(2, 16, 3, 3)
     assert torch.equal(fused_max(x)[1], fused_mean(x)[1])
 
