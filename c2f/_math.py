@@ -101,17 +101,20 @@ def centred_tokens(x: torch.Tensor, out: torch.Tensor, mean: torch.Tensor, rstd:
     return out
 
 
-def layernorm_bwd_centred(e: torch.Tensor, xc: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+def layernorm_bwd_centred_(e: torch.Tensor, xc: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     """dx ``[C, ...]`` from ``e = rstd * dxhat`` and the centred tokens ``xc`` (``xhat = rstd * xc``):
-    ``e - mean_c(e) - xc rstd^2 mean_c(e xc)``, ``layernorm_bwd`` without forming ``xhat``."""
+    ``e - mean_c(e) - xc rstd^2 mean_c(e xc)``, ``layernorm_bwd_`` without forming ``xhat``; written over
+    ``e`` (one map-sized temporary, ``e * xc``, lives for one op)."""
     proj = (e * xc).mean(0).mul_(rstd.square())
-    return (e - e.mean(0)).sub_(xc * proj)
+    return e.sub_(e.mean(0)).addcmul_(xc, proj, value=-1)
 
 
 def head_major(xc: torch.Tensor, h: int) -> torch.Tensor:
     """A ``[C, b, N]`` channels-first map as ``[h, b, N, d]`` (head j's channels, token-major), copied once so
     every head's product with it runs in one batched GEMM over (head, sample)."""
     c, b, n = xc.shape
+    if h == 1:  # one head: a view (every [N, C] matrix of it is a transposed one, which GEMMs take as it is)
+        return xc.permute(1, 2, 0).unsqueeze(0)
     return xc.view(h, c // h, b, n).permute(0, 2, 3, 1).contiguous()
 
 
@@ -146,16 +149,24 @@ def reduce_heads_grad_(dp: torch.Tensor, dattn: torch.Tensor, probs: torch.Tenso
     return dp.addcmul_(share, dattn)
 
 
-def layernorm_bwd(dxhat: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """dx from the gradient of the normalised tokens, reducing over dim 0 (channels): ``[C, ...]``."""
-    return (dxhat - dxhat.mean(0) - xhat * (dxhat * xhat).mean(0)).mul_(rstd)
+def layernorm_bwd_(dxhat: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """dx from the gradient of the normalised tokens, reducing over dim 0 (channels): ``[C, ...]``, written
+    over ``dxhat`` (one map-sized temporary, ``dxhat * xhat``, lives for one op)."""
+    proj = (dxhat * xhat).mean(0)
+    return dxhat.sub_(dxhat.mean(0)).addcmul_(xhat, proj, value=-1).mul_(rstd)
 
 
-def accumulate_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``out += a @ b``, the product taken with the operands in their own dtype (16-bit operands under
-    autocast), accumulated into ``out`` in its dtype."""
+def accumulate_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool = False) -> None:
+    """``out += a @ b`` (``out = a @ b`` when ``first``: the first chunk writes ``out``, which then needs no
+    zero fill), the product taken with the operands in their own dtype (16-bit operands under autocast),
+    accumulated into ``out`` in its dtype."""
     if a.dtype == out.dtype:
-        out.addmm_(a, b)
+        if first:
+            torch.mm(a, b, out=out)
+        else:
+            out.addmm_(a, b)
+    elif first:
+        out.copy_(torch.mm(a, b))
     else:
         out += torch.mm(a, b)
 

@@ -216,9 +216,11 @@ _register(part_attention_folded, part_attention_folded_backward, _folded_state, 
 
 # ------------------------------------------------------------------------------------- unfolded
 
-def _unfolded_weights(queries: Tensor, k_weight: Tensor, gamma: Tensor, h: int, scale: float):
-    """``q = scale * Q_j [h, P, d]`` and ``wg = Wk * gamma [C, C]``, in gamma's dtype."""
-    return head_queries(queries, h, gamma.dtype) * scale, k_weight.to(gamma.dtype) * gamma
+def _unfolded_weights(queries: Tensor, k_weight: Tensor, gamma: Tensor, h: int, scale: float, with_wg: bool = True):
+    """``q = scale * Q_j [h, P, d]`` and ``wg = Wk * gamma [C, C]`` (None unless ``with_wg``: the backward
+    needs it for dx only, and it is as large as Wk), in gamma's dtype."""
+    wg = k_weight.to(gamma.dtype) * gamma if with_wg else None
+    return head_queries(queries, h, gamma.dtype) * scale, wg
 
 
 @torch.library.custom_op("c2f::part_attention_unfolded", mutates_args=())
@@ -248,7 +250,7 @@ def part_attention_unfolded_backward(
     with no_autocast(x):
         dt = compute_dtype(x)
         gamma = norm_weight.to(dt)
-        q, wg = _unfolded_weights(queries, k_weight, gamma, num_heads, scale)
+        q, wg = _unfolded_weights(queries, k_weight, gamma, num_heads, scale, with_wg=needs_dx)
         dq, dwg, dgamma, dbeta, dx = implementation("part_attention", backend).unfolded_bwd(
             x, q, wg, gamma, keys, lse, mean, rstd, dparts, dattn, needs_dx, chunk_mib, dot_precision, head_reduce)
         # wg = Wk * gamma: dWk = dwg * gamma, and gamma's gradient through the keys is colsum(Wk * dwg).

@@ -25,7 +25,7 @@ from .._math import (
     given_token_stats,
     head_major,
     inverse_permutation,
-    layernorm_bwd,
+    layernorm_bwd_,
     mixed_views,
     mixed_views_bwd,
     normalised_tokens,
@@ -40,10 +40,17 @@ from .._math import (
 __all__ = ["c2f_head_fwd", "c2f_head_bwd"]
 
 
-def _per_sample_bytes(c: int, n: int, rows: int, views: int, backward: bool) -> int:
-    """fp32 temporaries of one sample: xhat (twice in backward: dxhat), scores and readout
-    (and their gradients), the pooled rows."""
-    return 4 * ((2 if backward else 1) * c * n + (4 if backward else 2) * rows * n + 4 * views * (c + n))
+def _per_sample_bytes(c: int, n: int, p: int, h: int, views: int, backward: bool, needs_dx: bool = False) -> int:
+    """fp32 temporaries of one sample (every one a chunk holds: tests/test_chunk_budget.py measures them):
+    xhat and with h > 1 its head-major copy; forward: the scores, the readout and their product; backward:
+    dP, dZ and its ``[h, P, b*N]`` copy, the mixed views' pull-back to dP, softmax backward's product and dS,
+    the ``[h, P, d]`` products, and for dx dxhat, a head's product and LayerNorm's; the pooled rows."""
+    maps = 1 if h == 1 else 2
+    rows = h * p
+    if not backward:
+        return 4 * (maps * c * n + 3 * rows * n + 4 * views * (c + n))
+    return 4 * ((maps + (3 if needs_dx else 0)) * c * n + 6 * rows * n + (0 if h == 1 else p * c)
+                + 4 * views * (c + n))
 
 
 def _coef(m: torch.Tensor, pr: torch.Tensor) -> torch.Tensor:
@@ -90,7 +97,7 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     go, wrg_h = g.view(h * p, c).to(od), wrg.to(od).view(p, h, d).transpose(0, 1)      # [h, P, d]
     # One head: the scores and the readout both contract the whole map, so one [2P, C] GEMM does both.
     stacked = torch.cat([go, wrg_h[0]]) if h == 1 else None
-    step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, k, False), chunk_mib)
+    step = chunk_size(b_total, _per_sample_bytes(c, n, p, h, k, False), chunk_mib)
     for s in chunks(b_total, step):
         if given:
             xhat, _, _ = normalised_tokens(x[s], eps, dt, mean[s], rstd[s])
@@ -144,7 +151,7 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     wrg_h = wrg.to(od).view(p, h, d).transpose(0, 1)
     if dlogits is not None:   # rows of sample b: its own views, then the views it was mixed into
         drows = mixed_views_bwd(dlogits, inv, dt)                                    # [B, 2K, classes]
-    step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, k, True), chunk_mib)
+    step = chunk_size(b_total, _per_sample_bytes(c, n, p, h, k, True, needs_dx), chunk_mib)
     for s in chunks(b_total, step):
         xhat, _, _ = normalised_tokens(x[s], 0.0, dt, mean[s], rstd[s])
         xo = xhat.to(od)
@@ -187,6 +194,6 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
             accumulate_mm_(dg, ds, xo.view(c, b * n).T)
         if needs_dx:
             accumulate_mm_(dxhat.view(c, b * n), g.view(h * p, c).T.to(od), ds)
-            dx[s] = layernorm_bwd(dxhat, xhat, rstd[s]).transpose(0, 1)
+            dx[s] = layernorm_bwd_(dxhat, xhat, rstd[s]).transpose(0, 1)
     # Custom-op outputs must not share storage: one head's dG and dWrg are halves of one buffer.
     return dg.clone().view(h, p, c) if stacked else dg.view(h, p, c), dwrg, dwcg, dx

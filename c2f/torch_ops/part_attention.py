@@ -31,8 +31,8 @@ from .._math import (
     chunks,
     given_token_stats,
     head_major,
-    layernorm_bwd,
-    layernorm_bwd_centred,
+    layernorm_bwd_,
+    layernorm_bwd_centred_,
     normalised_tokens,
     operand_dtype,
     reduce_heads,
@@ -45,18 +45,29 @@ from .._math import (
 __all__ = ["folded_fwd", "folded_bwd", "unfolded_fwd", "unfolded_bwd"]
 
 
-def _per_sample_bytes(c: int, n: int, rows: int, backward: bool, needs_dx: bool = False) -> int:
-    """fp32 temporaries of one sample in the folded formulation: the centred map (and in backward
-    gamma * map, then the values, in one buffer; dxhat and a product with it for dx), the scores or
-    probabilities, and in backward dP, probs * rstd and dS."""
-    maps = (2 + (2 if needs_dx else 0)) if backward else 1
-    return 4 * (maps * c * n + (3 if backward else 1) * rows * n)
+# The chunk planners' byte counts: every temporary a sample adds to a chunk, so that ``chunk_mib`` bounds
+# what the chunk really holds (tests/test_chunk_budget.py measures each path against its count).
+
+def _per_sample_bytes(c: int, n: int, p: int, h: int, backward: bool, needs_dx: bool = False) -> int:
+    """fp32 temporaries of one sample in the folded formulation. Forward: the centred map, the scores (then
+    probs * rstd, head-major), and with h > 1 the map's head-major copy and the values ``[h, P, d]``.
+    Backward: the centred map, gamma * map then the values (one buffer), dP and dS, the head-major dparts
+    (h > 1), the rows' sums, and for dx its ``[C, N]`` gradient and the LayerNorm backward's product."""
+    if not backward:
+        return 4 * ((1 if h == 1 else 2) * c * n + h * p * n + (0 if h == 1 else p * c))
+    return 4 * ((4 if needs_dx else 2) * c * n + 2 * h * p * n + (0 if h == 1 else p * c) + h * p)
 
 
-def _unfolded_per_sample_bytes(c: int, n: int, rows: int, backward: bool) -> int:
-    """fp32 temporaries of one sample in the unfolded formulation: xhat (and xhat * gamma and the
-    values in backward), the scores or their gradient, the keys."""
-    return 4 * ((3 if backward else 1) * c * n + 2 * rows * n + c * n)
+def _unfolded_per_sample_bytes(c: int, n: int, p: int, h: int, backward: bool, needs_dx: bool = False) -> int:
+    """fp32 temporaries of one sample in the unfolded formulation. Forward: xhat, the scores and their
+    ``[h, b, P, N]`` copy, the head-major xhat, the values ``[h, P, d]``, the heads' mean's own two
+    ``[P, N]`` and the rows' maxima and sums. Backward: xhat, gamma * xhat
+    (head-major), the values, a product with xhat; the probabilities, their ``[h, b, P, N]`` copy, dP and
+    softmax backward's product; the head-major dparts; for dx the values again, dxhat and LayerNorm's
+    product (dkeys outlives the softmax's temporaries)."""
+    if not backward:
+        return 4 * (2 * c * n + 2 * h * p * n + p * c + 2 * p * n + 2 * h * p)
+    return 4 * ((6 if needs_dx else 4) * c * n + 4 * h * p * n + p * c)
 
 
 def _empty_stats(x: torch.Tensor, dt: torch.dtype):
@@ -116,7 +127,7 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
     mean, rstd = given or _empty_stats(x, dt)
     od = operand_dtype(dot_precision, dt)
     go = g.view(h * p, c).to(od)
-    step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, False), chunk_mib)
+    step = chunk_size(b_total, _per_sample_bytes(c, n, p, h, False), chunk_mib)
     xc_buf, s_buf = scratch(step * c * n, x, dt), scratch(step * h * p * n, x, dt)
     for s in chunks(b_total, step):
         b = s.stop - s.start
@@ -127,7 +138,10 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
         torch.softmax(scores.mul_(r), -1, out=pr)
         if h > 1:
             reduce_heads(probs[s], head_reduce, 1, attn[s])
-        prr = torch.mul(pr, r, out=scores).view(b, h, p, n).transpose(0, 1)            # [h, b, P, N]
+        if h == 1:
+            prr = torch.mul(pr, r, out=scores).unsqueeze(0)                            # [1, b, P, N]
+        else:  # written head-major, so the values' batched GEMM reads it without a copy
+            prr = torch.mul(pr.view(b, h, p, n).transpose(0, 1), r, out=view_front(s_buf, h, b, p, n))
         _weighted_sum_(parts[s], prr, xo, gamma, beta)
     return parts, attn, probs, mean, rstd
 
@@ -142,36 +156,47 @@ def _dparts_head_major(df: torch.Tensor, h: int, od: torch.dtype) -> torch.Tenso
     return out.copy_(df.view(b, p, h, c // h).permute(2, 0, 1, 3))
 
 
+def _dparts_sample_major(df: torch.Tensor, h: int, od: torch.dtype) -> torch.Tensor:
+    """``dparts [b, P, C]`` as ``[b, h, P, d]`` in the operand dtype (the folded backward batches its GEMMs
+    over (sample, head), the saved probabilities' order): one copy; none with one head when the dtypes agree."""
+    b, p, c = df.shape
+    if h == 1:
+        return df.to(od).unsqueeze(1)
+    out = torch.empty(b, h, p, c // h, dtype=od, device=df.device)
+    return out.copy_(df.view(b, p, h, c // h).transpose(1, 2))
+
+
 def _dprobs(dfh: torch.Tensor | None, dattn: torch.Tensor | None, pr: torch.Tensor, xc: torch.Tensor,
             gamma: torch.Tensor, r: torch.Tensor, xg_buf: torch.Tensor, od: torch.dtype, head_reduce: str
             ) -> torch.Tensor:
-    """``dP [h, b, P, N] = rstd * ((dparts_j * gamma_j) @ xc_j) + d(attn)/dP_j dattn`` (``reduce_heads_grad_``:
-    ``dattn / h`` for the mean), ``pr [h, b, P, N]`` the probabilities, ``dfh`` the head-major
-    dparts (``_dparts_head_major``); gamma scales the map's channels (written head-major into ``xg_buf``),
+    """``dP [b, h, P, N] = rstd * ((dparts_j * gamma_j) @ xc_j) + d(attn)/dP_j dattn`` (``reduce_heads_grad_``:
+    ``dattn / h`` for the mean), ``pr [b, h, P, N]`` the probabilities, ``dfh`` the sample-major dparts
+    (``_dparts_sample_major``); gamma scales the map's channels (written sample-major into ``xg_buf``),
     not ``dparts``, which is larger. All heads in one batched GEMM."""
     c, b, n = xc.shape
-    h = pr.shape[0]
+    _, h, p, _ = pr.shape
     d = c // h
-    p = (dfh.shape[2] if dfh is not None else dattn.shape[1])
-    dp = (torch.zeros if dfh is None else torch.empty)(h, b, p, n, dtype=xc.dtype, device=xc.device)
+    dp = (torch.zeros if dfh is None else torch.empty)(b, h, p, n, dtype=xc.dtype, device=xc.device)
     if dfh is not None:
-        xg = view_front(xg_buf, h, b, d, n)
-        torch.mul(xc.view(h, d, b, n).transpose(1, 2), gamma.view(h, 1, d, 1), out=xg)
-        _bmm_into(dp.view(h * b, p, n), dfh.view(h * b, p, d), xg.view(h * b, d, n).to(od))
+        xg = view_front(xg_buf, b, h, d, n)
+        torch.mul(xc.view(h, d, b, n).permute(2, 0, 1, 3), gamma.view(h, d, 1), out=xg)
+        _bmm_into(dp.view(b * h, p, n), dfh.reshape(b * h, p, d), xg.view(b * h, d, n).to(od))
         dp.mul_(r)
     if dattn is not None:
-        reduce_heads_grad_(dp, dattn.to(xc.dtype), pr, head_reduce)
+        reduce_heads_grad_(dp.transpose(0, 1), dattn.to(xc.dtype), pr.transpose(0, 1), head_reduce)
     return dp
 
 
-def _values(dfh: torch.Tensor, prr: torch.Tensor, out: torch.Tensor, od: torch.dtype) -> torch.Tensor:
-    """``V [h, b, d, N] = dparts_jᵀ @ (probs_j * rstd)`` per head (head j's channels) into ``out``, as one
-    batched GEMM: with ``xc`` it gives gamma's gradient through the parts, and a term of dxhat."""
-    h, b, p, n = prr.shape
+def _values(dfh: torch.Tensor, pr: torch.Tensor, r: torch.Tensor, out: torch.Tensor, od: torch.dtype
+            ) -> torch.Tensor:
+    """``V [b, h, d, N] = dparts_jᵀ @ (probs_j * rstd)`` per head (head j's channels) into ``out``, as one
+    batched GEMM of the probabilities (rstd scales V's token columns after it): with ``xc`` it gives gamma's
+    gradient through the parts, and a term of dxhat."""
+    b, h, p, n = pr.shape
     d = dfh.shape[3]
-    v = view_front(out, h, b, d, n)
-    _bmm_into(v.view(h * b, d, n), dfh.view(h * b, p, d).transpose(1, 2), prr.reshape(h * b, p, n).to(od))
-    return v
+    v = view_front(out, b, h, d, n)
+    _bmm_into(v.view(b * h, d, n), dfh.reshape(b * h, p, d).transpose(1, 2), pr.reshape(b * h, p, n).to(od))
+    return v.mul_(r)
 
 
 def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, attn: torch.Tensor,
@@ -185,58 +210,66 @@ def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, att
     ``dbeta [C]`` in the compute dtype, and ``dx`` in ``x.dtype`` with x's strides when x is dense
     (``torch.empty_like``), or None.
 
-    Per chunk, with ``xc`` the centred map and ``prr = probs * rstd``: ``dP = rstd * ((dparts * gamma)
-    @ xc)``, ``dS * rstd`` (softmax backward, written as ``[hP, b*N]``), ``dG += (dS * rstd) @ xcᵀ`` as
-    one GEMM over the chunk's tokens, ``V = dpartsᵀ @ prr`` and ``dgamma += sum(V * xc)``.
+    Per chunk, with ``xc`` the centred map: ``dP = rstd * ((dparts * gamma) @ xc)``, ``dS * rstd``
+    (softmax backward, written as ``[hP, b*N]``), ``dG += (dS * rstd) @ xcᵀ`` as one GEMM over the chunk's
+    tokens, ``V = dpartsᵀ @ (probs * rstd)`` and ``dgamma += sum(V * xc)``; the per-head products batch
+    over (sample, head), the order of the saved probabilities, so none of them is copied.
     """
     b_total, c, n = x.shape
     h, p = num_heads, attn.shape[1]
+    d = c // h
     dt = gamma.dtype
-    dg = torch.zeros(h * p, c, dtype=dt, device=x.device)
+    dg = (torch.empty if b_total else torch.zeros)(h * p, c, dtype=dt, device=x.device)  # the first chunk writes it
     dgamma = torch.zeros(c, dtype=dt, device=x.device)
-    dbeta = torch.zeros(c, dtype=dt, device=x.device)
+    dbeta = (torch.zeros(c, dtype=dt, device=x.device) if dparts is None
+             else torch.sum(dparts, (0, 1), dtype=dt))
     dx = torch.empty_like(x) if needs_dx else None
     od = operand_dtype(dot_precision, dt)
-    step = chunk_size(b_total, _per_sample_bytes(c, n, h * p, True, needs_dx), chunk_mib)
+    step = chunk_size(b_total, _per_sample_bytes(c, n, p, h, True, needs_dx), chunk_mib)
     xc_buf, v_buf, ds_buf = (scratch(k, x, dt) for k in (step * c * n, step * c * n, step * h * p * n))
     for s in chunks(b_total, step):
         b = s.stop - s.start
         xc = centred_tokens(x[s], view_front(xc_buf, c, b, n), mean[s])
-        r = rstd[s][None, :, None, :]                                                  # [1, b, 1, N]
-        pr = (attn[s][None] if h == 1 else probs[s].transpose(0, 1))                  # [h, b, P, N]
-        prr = pr * r
-        df = None if dparts is None else dparts[s].to(dt)
-        dfh = None if df is None else _dparts_head_major(df, h, od)
+        r = rstd[s][:, None, None, :]                                                  # [b, 1, 1, N]
+        pr = attn[s][:, None] if h == 1 else probs[s]                                 # [b, h, P, N]
+        dfh = None if dparts is None else _dparts_sample_major(dparts[s], h, od)
         dp = _dprobs(dfh, None if dattn is None else dattn[s], pr, xc, gamma, r, v_buf, od, head_reduce)
-        v = None if df is None else _values(dfh, prr, v_buf, od)
+        v = None if dfh is None else _values(dfh, pr, r, v_buf, od)
         ds = view_front(ds_buf, h, p, b, n)                                            # dS * rstd
-        torch.mul(dp.sub_(torch.linalg.vecdot(pr, dp)[..., None]), prr, out=ds.transpose(1, 2))
+        dsb = ds.permute(2, 0, 1, 3)                                                   # [b, h, P, N], a view
+        rowsum = torch.mul(pr, dp, out=dsb).sum(-1, keepdim=True)
+        torch.mul(dp.sub_(rowsum), pr, out=dsb).mul_(r)
+        del dp
         xo = xc.to(od)
-        accumulate_mm_(dg, ds.view(h * p, b * n).to(od), xo.view(c, b * n).T)
+        accumulate_mm_(dg, ds.view(h * p, b * n).to(od), xo.view(c, b * n).T, first=s.start == 0)
         if needs_dx:
             e = torch.mm(g.view(h * p, c).T.to(od), ds.view(h * p, b * n).to(od)).to(dt).view(c, b, n)
             if v is not None:
-                e.view(h, c // h, b, n).addcmul_(v.transpose(1, 2), gamma.view(h, c // h, 1, 1))
-            dx[s] = layernorm_bwd_centred(e, xc, rstd[s]).transpose(0, 1)
-        if df is not None:
-            dbeta += df.sum((0, 1))
-            dgamma += v.mul_(xc.view(h, c // h, b, n).transpose(1, 2)).sum((1, 3)).view(c)
+                e.view(h, d, b, n).addcmul_(v.permute(1, 2, 0, 3), gamma.view(h, d, 1, 1))
+            dx[s] = layernorm_bwd_centred_(e, xc, rstd[s]).transpose(0, 1)
+        if v is not None:
+            dgamma += v.mul_(xc.view(h, d, b, n).permute(2, 0, 1, 3)).sum((0, 3)).view(c)
     return dg.view(h, p, c), dgamma, dbeta, dx
 
 
-def _values_and_dp(dparts, probs, xhat, gamma, od):
-    """Unfolded formulation, for one chunk: ``dP [h, b, P, N] = (dparts_j * gamma_j) @ xhat_j`` and the values
-    ``dparts_jᵀ @ probs_j`` as ``[C, b, N]`` (gamma's gradient through the values, and dxhat); GEMM
-    operands in ``od``, results in xhat's dtype. Each product is one batched GEMM over (head, sample)."""
+def _dp_and_values(dparts, probs, xhat, gamma, od, with_values: bool):
+    """Unfolded formulation, for one chunk: ``dP [h, b, P, N] = (dparts_j * gamma_j) @ xhat_j``, gamma's gradient
+    through the values ``sum_{b,n} V * xhat [C]`` with ``V_j = dparts_jᵀ @ probs_j``, and (``with_values``: dx
+    needs them) the values as ``[C, b, N]``; GEMM operands in ``od``, results in xhat's dtype. Each product is
+    one batched GEMM over (head, sample)."""
     h, b, p, n = probs.shape
     c = xhat.shape[0]
     d = c // h
-    xg = torch.mul(xhat.view(h, d, b, n).transpose(1, 2), gamma.view(h, 1, d, 1)).to(od)     # [h, b, d, N]
+    xh = xhat.view(h, d, b, n).transpose(1, 2)                                               # [h, b, d, N]
+    xg = torch.empty(h, b, d, n, dtype=xhat.dtype, device=xhat.device)  # contiguous: mul keeps xh's strides
+    torch.mul(xh, gamma.view(h, 1, d, 1), out=xg)
+    xg = xg.to(od)
     dfh = _dparts_head_major(dparts, h, od)                                                  # [h, b, P, d]
-    dp = torch.bmm(dfh.view(h * b, p, d), xg.reshape(h * b, d, n)).view(h, b, p, n).to(xhat.dtype)
+    dp = torch.bmm(dfh.view(h * b, p, d), xg.view(h * b, d, n)).view(h, b, p, n).to(xhat.dtype)
     v = torch.bmm(dfh.view(h * b, p, d).transpose(1, 2), probs.reshape(h * b, p, n).to(od))  # [h*b, d, N]
-    values = v.view(h, b, d, n).transpose(1, 2).reshape(c, b, n).to(xhat.dtype)
-    return dp, values
+    v = v.view(h, b, d, n).to(xhat.dtype)
+    dgamma = torch.linalg.vecdot(v, xh).sum(1).view(c)
+    return dp, dgamma, (v.transpose(1, 2).reshape(c, b, n) if with_values else None)
 
 
 def unfolded_fwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
@@ -259,7 +292,7 @@ def unfolded_fwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torc
     mean, rstd = given or _empty_stats(x, dt)
     od = operand_dtype(dot_precision, dt)
     wgo, qo = wg.to(od), q.to(od)
-    step = chunk_size(b_total, _unfolded_per_sample_bytes(c, n, h * p, False), chunk_mib)
+    step = chunk_size(b_total, _unfolded_per_sample_bytes(c, n, p, h, False), chunk_mib)
     for s in chunks(b_total, step):
         if given:
             xhat, _, _ = normalised_tokens(x[s], eps, dt, mean[s], rstd[s])
@@ -267,9 +300,12 @@ def unfolded_fwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torc
             xhat, mean[s], rstd[s] = normalised_tokens(x[s], eps, dt)
         xo = xhat.to(od)
         b = xhat.shape[1]
-        k = torch.mm(wgo, xo.view(c, b * n))                                          # [C, b*N]
-        keys[:, s] = k.view(c, b, n)
-        scores = torch.bmm(qo, k.view(h, d, b * n)).view(h, p, b, n).to(dt)
+        k = keys[:, s].view(c, b * n)                                                 # [C, b*N], strided
+        if od == dt:
+            torch.mm(wgo, xo.view(c, b * n), out=k)
+        else:
+            k.copy_(torch.mm(wgo, xo.view(c, b * n)))
+        scores = torch.bmm(qo, k.view(h, d, b * n).to(od)).view(h, p, b, n).to(dt)
         # The softmax with one exp over the scores (logsumexp would take another): the row max, the
         # exponentials in place, their sum; lse = max + log(sum) is what backward recomputes from.
         top = scores.amax(-1, keepdim=True)                                           # [h, P, b, 1]
@@ -284,45 +320,50 @@ def unfolded_fwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torc
     return parts, attn, keys, lse, mean, rstd
 
 
-def unfolded_bwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torch.Tensor, keys: torch.Tensor,
+def unfolded_bwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor | None, gamma: torch.Tensor, keys: torch.Tensor,
                  lse: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dparts: torch.Tensor | None,
                  dattn: torch.Tensor | None, needs_dx: bool, chunk_mib: float, dot_precision: str = "tf32",
                  head_reduce: str = "mean"):
     """Backward of the unfolded formulation. Returns ``dq [h, P, d]``, ``dwg [C, C]``, ``dgamma``
-    (through the values only), ``dbeta [C]`` and ``dx [B, C, N]`` (or None)."""
+    (through the values only), ``dbeta [C]`` and ``dx [B, C, N]`` (or None). ``wg`` is read for dx only
+    (None otherwise)."""
     b_total, c, n = x.shape
     h, p, d = q.shape
     dt = q.dtype
     dq = torch.zeros_like(q)
-    dwg = torch.zeros(c, c, dtype=dt, device=x.device)
+    dwg = (torch.empty if b_total else torch.zeros)(c, c, dtype=dt, device=x.device)  # the first chunk writes it
     dgamma = torch.zeros(c, dtype=dt, device=x.device)
-    dbeta = torch.zeros(c, dtype=dt, device=x.device)
+    dbeta = (torch.zeros(c, dtype=dt, device=x.device) if dparts is None
+             else torch.sum(dparts, (0, 1), dtype=dt))
     dx = torch.empty_like(x) if needs_dx else None
     od = operand_dtype(dot_precision, dt)
     qo = q.to(od)
-    step = chunk_size(b_total, _unfolded_per_sample_bytes(c, n, h * p, True), chunk_mib)
+    step = chunk_size(b_total, _unfolded_per_sample_bytes(c, n, p, h, True, needs_dx), chunk_mib)
     for s in chunks(b_total, step):
         xhat, _, _ = normalised_tokens(x[s], 0.0, dt, mean[s], rstd[s])
         b = xhat.shape[1]
         k = keys[:, s].reshape(h, d, b * n).to(od)
         scores = torch.bmm(qo, k).view(h, p, b, n).to(dt)
         pr = scores.sub_(lse[s].permute(1, 2, 0)[..., None]).exp_().transpose(1, 2)  # [h, b, P, N]
+        values = None
         if dparts is not None:
-            df = dparts[s].to(dt)
-            dbeta += df.sum((0, 1))
-            dp, values = _values_and_dp(df, pr, xhat, gamma, od)
-            dgamma += (values * xhat).sum((1, 2))
+            dp, dgamma_values, values = _dp_and_values(dparts[s], pr, xhat, gamma, od, needs_dx)
+            dgamma += dgamma_values
         else:
-            dp, values = torch.zeros(h, b, p, n, dtype=dt, device=x.device), None
+            dp = torch.zeros(h, b, p, n, dtype=dt, device=x.device)
         if dattn is not None:
             reduce_heads_grad_(dp, dattn[s].to(dt), pr, head_reduce)
         ds = softmax_bwd_(dp, pr).transpose(1, 2).reshape(h, p, b * n).to(od)        # [h, P, b*N]
-        dq += torch.bmm(ds, k.transpose(1, 2))
+        if od == dt:
+            dq.baddbmm_(ds, k.transpose(1, 2))
+        else:
+            dq += torch.bmm(ds, k.transpose(1, 2))
         dk = torch.bmm(qo.transpose(1, 2), ds).view(c, b * n)                        # dkeys [C, b*N]
-        accumulate_mm_(dwg, dk, xhat.view(c, b * n).T.to(od))
+        accumulate_mm_(dwg, dk, xhat.view(c, b * n).T.to(od), first=s.start == 0)
+        del scores, pr, dp, ds  # the [h, P, N]-sized temporaries are dead before dx's map-sized ones
         if needs_dx:
             dxhat = torch.mm(wg.T.to(od), dk).view(c, b, n).to(dt)
             if values is not None:
                 dxhat.addcmul_(values, gamma[:, None, None])
-            dx[s] = layernorm_bwd(dxhat, xhat, rstd[s]).transpose(0, 1)
+            dx[s] = layernorm_bwd_(dxhat, xhat, rstd[s]).transpose(0, 1)
     return dq, dwg, dgamma, dbeta, dx
