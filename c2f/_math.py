@@ -207,6 +207,12 @@ def operand_dtype(dot_precision: str, dtype: torch.dtype) -> torch.dtype:
 # sample b's parts and 1 - mask[k, b] of sample perm[b]'s. Per sample j that is 2K rows over its own
 # parts: its own views (k), and the views of the sample inv[j] it was mixed into (K + k).
 
+def operand_bytes(od: torch.dtype, dt: torch.dtype) -> int:
+    """What a chunk planner counts per GEMM-operand element beyond the compute dtype's temporaries: 2 when the
+    operands are rounded to bf16/fp16 (their copies and the GEMMs' 16-bit results exist too), else 4 (none)."""
+    return od.itemsize if od.itemsize < dt.itemsize else 4
+
+
 def pool_matrix(mask: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype,
                 samples: slice = slice(None)) -> torch.Tensor:
     """``M [b, 2K, P]`` (contiguous) for the ``samples`` of ``mask [K, B, P]``: row k weighs sample j's

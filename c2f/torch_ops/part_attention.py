@@ -34,6 +34,7 @@ from .._math import (
     layernorm_bwd_,
     layernorm_bwd_centred_,
     normalised_tokens,
+    operand_bytes,
     operand_dtype,
     reduce_heads,
     reduce_heads_grad_,
@@ -46,28 +47,40 @@ __all__ = ["folded_fwd", "folded_bwd", "unfolded_fwd", "unfolded_bwd"]
 
 
 # The chunk planners' byte counts: every temporary a sample adds to a chunk, so that ``chunk_mib`` bounds
-# what the chunk really holds (tests/test_chunk_budget.py measures each path against its count).
+# what the chunk really holds (tests/test_chunk_budget.py measures each path against its count, in fp32
+# and with 16-bit GEMM operands). ``ob``: the bytes of a GEMM operand element, 2 when the operands are
+# rounded to bf16/fp16 (their copies and the GEMMs' 16-bit results are temporaries too), 4 otherwise.
 
-def _per_sample_bytes(c: int, n: int, p: int, h: int, backward: bool, needs_dx: bool = False) -> int:
+def _per_sample_bytes(c: int, n: int, p: int, h: int, backward: bool, needs_dx: bool = False, ob: int = 4) -> int:
     """fp32 temporaries of one sample in the folded formulation. Forward: the centred map, the scores (then
     probs * rstd, head-major), and with h > 1 the map's head-major copy and the values ``[h, P, d]``.
     Backward: the centred map, gamma * map then the values (one buffer), dP and dS, the head-major dparts
-    (h > 1), the rows' sums, and for dx its ``[C, N]`` gradient and the LayerNorm backward's product."""
+    (h > 1), the rows' sums, and for dx its ``[C, N]`` gradient and the LayerNorm backward's product.
+    16-bit operands add the map's, the scores' and the probabilities' operand copies and the values' (and
+    with one head the values in fp32); in backward also dS's, dP's and the values' GEMM results."""
+    rows = h * p
     if not backward:
-        return 4 * ((1 if h == 1 else 2) * c * n + h * p * n + (0 if h == 1 else p * c))
-    return 4 * ((4 if needs_dx else 2) * c * n + 2 * h * p * n + (0 if h == 1 else p * c) + h * p)
+        low = 0 if ob == 4 else ob * (c * n + 2 * rows * n + p * c) + 4 * p * c
+        return 4 * ((1 if h == 1 else 2) * c * n + rows * n + (0 if h == 1 else p * c)) + low
+    low = 0 if ob == 4 else ob * (p * c + (4 if needs_dx else 3) * (c * n + rows * n))
+    return 4 * ((4 if needs_dx else 2) * c * n + 2 * rows * n + (0 if h == 1 else p * c) + rows) + low
 
 
-def _unfolded_per_sample_bytes(c: int, n: int, p: int, h: int, backward: bool, needs_dx: bool = False) -> int:
+def _unfolded_per_sample_bytes(c: int, n: int, p: int, h: int, backward: bool, needs_dx: bool = False,
+                               ob: int = 4) -> int:
     """fp32 temporaries of one sample in the unfolded formulation. Forward: xhat, the scores and their
     ``[h, b, P, N]`` copy, the head-major xhat, the values ``[h, P, d]``, the heads' mean's own two
-    ``[P, N]`` and the rows' maxima and sums. Backward: xhat, gamma * xhat
-    (head-major), the values, a product with xhat; the probabilities, their ``[h, b, P, N]`` copy, dP and
-    softmax backward's product; the head-major dparts; for dx the values again, dxhat and LayerNorm's
-    product (dkeys outlives the softmax's temporaries)."""
+    ``[P, N]`` and the rows' maxima and sums. Backward: xhat, gamma * xhat (head-major), the values, a
+    product with xhat; the probabilities, their ``[h, b, P, N]`` copy, dP and softmax backward's product;
+    the head-major dparts; for dx the values again, dxhat and LayerNorm's product (dkeys outlives the
+    softmax's temporaries). 16-bit operands add the operand copies of xhat, the keys, the probabilities
+    and dS, and the GEMMs' 16-bit results (keys, scores, values, dP, dkeys, dq)."""
+    rows = h * p
     if not backward:
-        return 4 * (2 * c * n + 2 * h * p * n + p * c + 2 * p * n + 2 * h * p)
-    return 4 * ((6 if needs_dx else 4) * c * n + 4 * h * p * n + p * c)
+        low = 0 if ob == 4 else ob * (3 * c * n + 2 * rows * n + p * c)
+        return 4 * (2 * c * n + 2 * rows * n + p * c + 2 * p * n + 2 * rows) + low
+    low = 0 if ob == 4 else ob * ((5 if needs_dx else 4) * c * n + 4 * rows * n + p * c)
+    return 4 * ((6 if needs_dx else 4) * c * n + 4 * rows * n + p * c) + low
 
 
 def _empty_stats(x: torch.Tensor, dt: torch.dtype):
@@ -127,7 +140,7 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
     mean, rstd = given or _empty_stats(x, dt)
     od = operand_dtype(dot_precision, dt)
     go = g.view(h * p, c).to(od)
-    step = chunk_size(b_total, _per_sample_bytes(c, n, p, h, False), chunk_mib)
+    step = chunk_size(b_total, _per_sample_bytes(c, n, p, h, False, ob=operand_bytes(od, dt)), chunk_mib)
     xc_buf, s_buf = scratch(step * c * n, x, dt), scratch(step * h * p * n, x, dt)
     for s in chunks(b_total, step):
         b = s.stop - s.start
@@ -225,7 +238,7 @@ def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, att
              else torch.sum(dparts, (0, 1), dtype=dt))
     dx = torch.empty_like(x) if needs_dx else None
     od = operand_dtype(dot_precision, dt)
-    step = chunk_size(b_total, _per_sample_bytes(c, n, p, h, True, needs_dx), chunk_mib)
+    step = chunk_size(b_total, _per_sample_bytes(c, n, p, h, True, needs_dx, operand_bytes(od, dt)), chunk_mib)
     xc_buf, v_buf, ds_buf = (scratch(k, x, dt) for k in (step * c * n, step * c * n, step * h * p * n))
     for s in chunks(b_total, step):
         b = s.stop - s.start
@@ -292,7 +305,7 @@ def unfolded_fwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torc
     mean, rstd = given or _empty_stats(x, dt)
     od = operand_dtype(dot_precision, dt)
     wgo, qo = wg.to(od), q.to(od)
-    step = chunk_size(b_total, _unfolded_per_sample_bytes(c, n, p, h, False), chunk_mib)
+    step = chunk_size(b_total, _unfolded_per_sample_bytes(c, n, p, h, False, ob=operand_bytes(od, dt)), chunk_mib)
     for s in chunks(b_total, step):
         if given:
             xhat, _, _ = normalised_tokens(x[s], eps, dt, mean[s], rstd[s])
@@ -338,7 +351,8 @@ def unfolded_bwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor | None, gamm
     dx = torch.empty_like(x) if needs_dx else None
     od = operand_dtype(dot_precision, dt)
     qo = q.to(od)
-    step = chunk_size(b_total, _unfolded_per_sample_bytes(c, n, p, h, True, needs_dx), chunk_mib)
+    step = chunk_size(b_total, _unfolded_per_sample_bytes(c, n, p, h, True, needs_dx, operand_bytes(od, dt)),
+                      chunk_mib)
     for s in chunks(b_total, step):
         xhat, _, _ = normalised_tokens(x[s], 0.0, dt, mean[s], rstd[s])
         b = xhat.shape[1]
