@@ -368,10 +368,7 @@ def unfolded_bwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor | None, gamm
         if dattn is not None:
             reduce_heads_grad_(dp, dattn[s].to(dt), pr, head_reduce)
         ds = softmax_bwd_(dp, pr).transpose(1, 2).reshape(h, p, b * n).to(od)        # [h, P, b*N]
-        if od == dt:
-            dq.baddbmm_(ds, k.transpose(1, 2))
-        else:
-            dq += torch.bmm(ds, k.transpose(1, 2))
+        dq += torch.bmm(ds, k.transpose(1, 2))  # (baddbmm_ runs a GEMM per head on the CPU: slower)
         dk = torch.bmm(qo.transpose(1, 2), ds).view(c, b * n)                        # dkeys [C, b*N]
         accumulate_mm_(dwg, dk, xhat.view(c, b * n).T.to(od), first=s.start == 0)
         del scores, pr, dp, ds  # the [h, P, N]-sized temporaries are dead before dx's map-sized ones
