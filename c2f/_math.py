@@ -111,7 +111,7 @@ def layernorm_bwd_centred_(e: torch.Tensor, xc: torch.Tensor, rstd: torch.Tensor
 
 def head_major(xc: torch.Tensor, h: int) -> torch.Tensor:
     """A ``[C, b, N]`` channels-first map as ``[h, b, N, d]`` (head j's channels, token-major), copied once so
-    every head's product with it runs in one batched GEMM over (head, sample)."""
+    every head's product with it runs in one batched GEMM over (head, sample); with one head a view."""
     c, b, n = xc.shape
     if h == 1:  # one head: a view (every [N, C] matrix of it is a transposed one, which GEMMs take as it is)
         return xc.permute(1, 2, 0).unsqueeze(0)
@@ -202,16 +202,16 @@ def operand_dtype(dot_precision: str, dtype: torch.dtype) -> torch.dtype:
     return LOW_PRECISION_DOTS.get(dot_precision, dtype)
 
 
-# ------------------------------------------------------------------------------------ pooled mixed views
-# K mixed views pool over parts (docs/design.md, "The algebra" 7 and 8): view k of sample b takes mask[k, b] of
-# sample b's parts and 1 - mask[k, b] of sample perm[b]'s. Per sample j that is 2K rows over its own
-# parts: its own views (k), and the views of the sample inv[j] it was mixed into (K + k).
-
 def operand_bytes(od: torch.dtype, dt: torch.dtype) -> int:
     """What a chunk planner counts per GEMM-operand element beyond the compute dtype's temporaries: 2 when the
     operands are rounded to bf16/fp16 (their copies and the GEMMs' 16-bit results exist too), else 4 (none)."""
     return od.itemsize if od.itemsize < dt.itemsize else 4
 
+
+# ------------------------------------------------------------------------------------ pooled mixed views
+# K mixed views pool over parts (docs/design.md, "The algebra" 7 and 8): view k of sample b takes mask[k, b] of
+# sample b's parts and 1 - mask[k, b] of sample perm[b]'s. Per sample j that is 2K rows over its own
+# parts: its own views (k), and the views of the sample inv[j] it was mixed into (K + k).
 
 def pool_matrix(mask: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype,
                 samples: slice = slice(None)) -> torch.Tensor:
