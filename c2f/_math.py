@@ -202,10 +202,11 @@ def operand_dtype(dot_precision: str, dtype: torch.dtype) -> torch.dtype:
     return LOW_PRECISION_DOTS.get(dot_precision, dtype)
 
 
-def operand_bytes(od: torch.dtype, dt: torch.dtype) -> int:
-    """What a chunk planner counts per GEMM-operand element beyond the compute dtype's temporaries: 2 when the
-    operands are rounded to bf16/fp16 (their copies and the GEMMs' 16-bit results exist too), else 4 (none)."""
-    return od.itemsize if od.itemsize < dt.itemsize else 4
+def element_bytes(dt: torch.dtype, od: torch.dtype) -> tuple[int, int]:
+    """``(eb, ob)`` for a chunk planner: the bytes of a temporary's element in the compute dtype ``dt``, and of
+    a GEMM operand's copy when the operands are rounded to a narrower ``od`` (bf16/fp16: their copies and the
+    GEMMs' 16-bit results are temporaries too); ``ob`` is 0 when the operands keep the compute dtype."""
+    return dt.itemsize, (od.itemsize if od.itemsize < dt.itemsize else 0)
 
 
 # ------------------------------------------------------------------------------------ pooled mixed views

@@ -22,6 +22,7 @@ from .._math import (
     accumulate_mm_,
     chunk_size,
     chunks,
+    element_bytes,
     given_token_stats,
     head_major,
     inverse_permutation,
@@ -29,7 +30,6 @@ from .._math import (
     mixed_views,
     mixed_views_bwd,
     normalised_tokens,
-    operand_bytes,
     operand_dtype,
     pool_matrix,
     reduce_heads,
@@ -42,20 +42,20 @@ __all__ = ["c2f_head_fwd", "c2f_head_bwd"]
 
 
 def _per_sample_bytes(c: int, n: int, p: int, h: int, views: int, backward: bool, needs_dx: bool = False,
-                      ob: int = 4) -> int:
-    """fp32 temporaries of one sample (every one a chunk holds: tests/test_chunk_budget.py measures them):
+                      eb: int = 4, ob: int = 0) -> int:
+    """Temporaries of one sample (every one a chunk holds: tests/test_chunk_budget.py measures them):
     xhat and with h > 1 its head-major copy; forward: the scores, the readout and their product; backward:
     dP, dZ and its ``[h, P, b*N]`` copy, the mixed views' pull-back to dP, softmax backward's product and dS,
     the ``[h, P, d]`` products, and for dx dxhat, a head's product and LayerNorm's; the pooled rows.
-    ``ob``: a GEMM operand's bytes (2 with bf16/fp16 operands: xhat's operand copy and the scores' and
+    ``eb``, ``ob``: ``c2f._math.element_bytes`` (16-bit operands add xhat's operand copy and the scores' and
     readout's 16-bit results; in backward dS's and dZ's copies, the ``[h, P, d]`` products and dx's product)."""
     maps = 1 if h == 1 else 2
     rows = h * p
     if not backward:
-        return 4 * (maps * c * n + 3 * rows * n + 4 * views * (c + n)) + (0 if ob == 4 else ob * (c * n + 2 * rows * n))
-    low = 0 if ob == 4 else ob * ((2 if needs_dx else 1) * c * n + 2 * rows * n + p * c)
-    return 4 * ((maps + (3 if needs_dx else 0)) * c * n + 6 * rows * n + (0 if h == 1 else p * c)
-                + 4 * views * (c + n)) + low
+        return eb * (maps * c * n + 3 * rows * n + 4 * views * (c + n)) + ob * (c * n + 2 * rows * n)
+    return (eb * ((maps + (3 if needs_dx else 0)) * c * n + 6 * rows * n + (0 if h == 1 else p * c)
+                  + 4 * views * (c + n))
+            + ob * ((2 if needs_dx else 1) * c * n + 2 * rows * n + p * c))
 
 
 def _coef(m: torch.Tensor, pr: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,7 @@ def c2f_head_fwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     go, wrg_h = g.view(h * p, c).to(od), wrg.to(od).view(p, h, d).transpose(0, 1)      # [h, P, d]
     # One head: the scores and the readout both contract the whole map, so one [2P, C] GEMM does both.
     stacked = torch.cat([go, wrg_h[0]]) if h == 1 else None
-    step = chunk_size(b_total, _per_sample_bytes(c, n, p, h, k, False, ob=operand_bytes(od, dt)), chunk_mib)
+    step = chunk_size(b_total, _per_sample_bytes(c, n, p, h, k, False, False, *element_bytes(dt, od)), chunk_mib)
     for s in chunks(b_total, step):
         if given:
             xhat, _, _ = normalised_tokens(x[s], eps, dt, mean[s], rstd[s])
@@ -156,7 +156,7 @@ def c2f_head_bwd(x: torch.Tensor, g: torch.Tensor, wrg: torch.Tensor, wcg: torch
     wrg_h = wrg.to(od).view(p, h, d).transpose(0, 1)
     if dlogits is not None:   # rows of sample b: its own views, then the views it was mixed into
         drows = mixed_views_bwd(dlogits, inv, dt)                                    # [B, 2K, classes]
-    step = chunk_size(b_total, _per_sample_bytes(c, n, p, h, k, True, needs_dx, operand_bytes(od, dt)), chunk_mib)
+    step = chunk_size(b_total, _per_sample_bytes(c, n, p, h, k, True, needs_dx, *element_bytes(dt, od)), chunk_mib)
     for s in chunks(b_total, step):
         xhat, _, _ = normalised_tokens(x[s], 0.0, dt, mean[s], rstd[s])
         xo = xhat.to(od)

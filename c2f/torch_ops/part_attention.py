@@ -29,12 +29,12 @@ from .._math import (
     centred_tokens,
     chunk_size,
     chunks,
+    element_bytes,
     given_token_stats,
     head_major,
     layernorm_bwd_,
     layernorm_bwd_centred_,
     normalised_tokens,
-    operand_bytes,
     operand_dtype,
     reduce_heads,
     reduce_heads_grad_,
@@ -47,28 +47,29 @@ __all__ = ["folded_fwd", "folded_bwd", "unfolded_fwd", "unfolded_bwd"]
 
 
 # The chunk planners' byte counts: every temporary a sample adds to a chunk, so that ``chunk_mib`` bounds
-# what the chunk really holds (tests/test_chunk_budget.py measures each path against its count, in fp32
-# and with 16-bit GEMM operands). ``ob``: the bytes of a GEMM operand element, 2 when the operands are
-# rounded to bf16/fp16 (their copies and the GEMMs' 16-bit results are temporaries too), 4 otherwise.
+# what the chunk really holds (tests/test_chunk_budget.py measures each path against its count: fp32, bf16
+# autocast, bf16-stored features, float64). ``eb``, ``ob``: ``c2f._math.element_bytes``.
 
-def _per_sample_bytes(c: int, n: int, p: int, h: int, backward: bool, needs_dx: bool = False, ob: int = 4) -> int:
-    """fp32 temporaries of one sample in the folded formulation. Forward: the centred map, the scores (then
-    probs * rstd, head-major), and with h > 1 the map's head-major copy and the values ``[h, P, d]``.
-    Backward: the centred map, gamma * map then the values (one buffer), dP and dS, the head-major dparts
-    (h > 1), the rows' sums, and for dx its ``[C, N]`` gradient and the LayerNorm backward's product.
-    16-bit operands add the map's, the scores' and the probabilities' operand copies and the values' (and
-    with one head the values in fp32); in backward also dS's, dP's and the values' GEMM results."""
+def _per_sample_bytes(c: int, n: int, p: int, h: int, backward: bool, needs_dx: bool = False, eb: int = 4,
+                      ob: int = 0, mixed: bool = False) -> int:
+    """Temporaries of one sample in the folded formulation. Forward: the centred map, the scores (then
+    probs * rstd, head-major), and with h > 1 (or ``mixed``: parts not in the compute dtype, or 16-bit
+    operands) the values ``[h, P, d]``, with h > 1 the map's head-major copy. Backward: the centred map,
+    gamma * map then the values (one buffer), dP and dS, the sample-major dparts (h > 1, or ``mixed``:
+    dparts not in the operand dtype), the rows' sums, and for dx its ``[C, N]`` gradient and the LayerNorm
+    backward's product. 16-bit operands add the map's, the scores' and the probabilities' operand copies and
+    the values'; in backward also dS's, dP's and the values' GEMM results."""
     rows = h * p
+    values = p * c if h > 1 or mixed else 0
     if not backward:
-        low = 0 if ob == 4 else ob * (c * n + 2 * rows * n + p * c) + 4 * p * c
-        return 4 * ((1 if h == 1 else 2) * c * n + rows * n + (0 if h == 1 else p * c)) + low
-    low = 0 if ob == 4 else ob * (p * c + (4 if needs_dx else 3) * (c * n + rows * n))
-    return 4 * ((4 if needs_dx else 2) * c * n + 2 * rows * n + (0 if h == 1 else p * c) + rows) + low
+        return eb * ((1 if h == 1 else 2) * c * n + rows * n + values) + ob * (c * n + 2 * rows * n + p * c)
+    return (eb * ((4 if needs_dx else 2) * c * n + 2 * rows * n + values + rows)
+            + ob * (p * c + (4 if needs_dx else 3) * (c * n + rows * n)))
 
 
 def _unfolded_per_sample_bytes(c: int, n: int, p: int, h: int, backward: bool, needs_dx: bool = False,
-                               ob: int = 4) -> int:
-    """fp32 temporaries of one sample in the unfolded formulation. Forward: xhat, the scores and their
+                               eb: int = 4, ob: int = 0) -> int:
+    """Temporaries of one sample in the unfolded formulation. Forward: xhat, the scores and their
     ``[h, b, P, N]`` copy, the head-major xhat, the values ``[h, P, d]``, the heads' mean's own two
     ``[P, N]`` and the rows' maxima and sums. Backward: xhat, gamma * xhat (head-major), the values, a
     product with xhat; the probabilities, their ``[h, b, P, N]`` copy, dP and softmax backward's product;
@@ -77,10 +78,10 @@ def _unfolded_per_sample_bytes(c: int, n: int, p: int, h: int, backward: bool, n
     and dS, and the GEMMs' 16-bit results (keys, scores, values, dP, dkeys, dq)."""
     rows = h * p
     if not backward:
-        low = 0 if ob == 4 else ob * (3 * c * n + 2 * rows * n + p * c)
-        return 4 * (2 * c * n + 2 * rows * n + p * c + 2 * p * n + 2 * rows) + low
-    low = 0 if ob == 4 else ob * ((5 if needs_dx else 4) * c * n + 4 * rows * n + p * c)
-    return 4 * ((6 if needs_dx else 4) * c * n + 4 * rows * n + p * c) + low
+        return (eb * (2 * c * n + 2 * rows * n + p * c + 2 * p * n + 2 * rows)
+                + ob * (3 * c * n + 2 * rows * n + p * c))
+    return (eb * ((6 if needs_dx else 4) * c * n + 4 * rows * n + p * c)
+            + ob * ((5 if needs_dx else 4) * c * n + 4 * rows * n + p * c))
 
 
 def _empty_stats(x: torch.Tensor, dt: torch.dtype):
@@ -140,7 +141,9 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
     mean, rstd = given or _empty_stats(x, dt)
     od = operand_dtype(dot_precision, dt)
     go = g.view(h * p, c).to(od)
-    step = chunk_size(b_total, _per_sample_bytes(c, n, p, h, False, ob=operand_bytes(od, dt)), chunk_mib)
+    mixed = out_dtype != dt or od != dt  # one head: the values then take a GEMM result and a cast
+    step = chunk_size(b_total, _per_sample_bytes(c, n, p, h, False, False, *element_bytes(dt, od), mixed),
+                      chunk_mib)
     xc_buf, s_buf = scratch(step * c * n, x, dt), scratch(step * h * p * n, x, dt)
     for s in chunks(b_total, step):
         b = s.stop - s.start
@@ -226,7 +229,8 @@ def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, att
     Per chunk, with ``xc`` the centred map: ``dP = rstd * ((dparts * gamma) @ xc)``, ``dS * rstd``
     (softmax backward, written as ``[hP, b*N]``), ``dG += (dS * rstd) @ xcᵀ`` as one GEMM over the chunk's
     tokens, ``V = dpartsᵀ @ (probs * rstd)`` and ``dgamma += sum(V * xc)``; the per-head products batch
-    over (sample, head), the order of the saved probabilities, so none of them is copied.
+    over (sample, head), the order of the saved probabilities, which they read as they are (with fp32
+    operands; dparts is copied sample-major with more than one head).
     """
     b_total, c, n = x.shape
     h, p = num_heads, attn.shape[1]
@@ -238,7 +242,9 @@ def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, att
              else torch.sum(dparts, (0, 1), dtype=dt))
     dx = torch.empty_like(x) if needs_dx else None
     od = operand_dtype(dot_precision, dt)
-    step = chunk_size(b_total, _per_sample_bytes(c, n, p, h, True, needs_dx, operand_bytes(od, dt)), chunk_mib)
+    mixed = dparts is not None and dparts.dtype != od  # one head: dparts then needs an operand copy
+    step = chunk_size(b_total, _per_sample_bytes(c, n, p, h, True, needs_dx, *element_bytes(dt, od), mixed),
+                      chunk_mib)
     xc_buf, v_buf, ds_buf = (scratch(k, x, dt) for k in (step * c * n, step * c * n, step * h * p * n))
     for s in chunks(b_total, step):
         b = s.stop - s.start
@@ -305,7 +311,7 @@ def unfolded_fwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torc
     mean, rstd = given or _empty_stats(x, dt)
     od = operand_dtype(dot_precision, dt)
     wgo, qo = wg.to(od), q.to(od)
-    step = chunk_size(b_total, _unfolded_per_sample_bytes(c, n, p, h, False, ob=operand_bytes(od, dt)), chunk_mib)
+    step = chunk_size(b_total, _unfolded_per_sample_bytes(c, n, p, h, False, False, *element_bytes(dt, od)), chunk_mib)
     for s in chunks(b_total, step):
         if given:
             xhat, _, _ = normalised_tokens(x[s], eps, dt, mean[s], rstd[s])
@@ -351,7 +357,7 @@ def unfolded_bwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor | None, gamm
     dx = torch.empty_like(x) if needs_dx else None
     od = operand_dtype(dot_precision, dt)
     qo = q.to(od)
-    step = chunk_size(b_total, _unfolded_per_sample_bytes(c, n, p, h, True, needs_dx, operand_bytes(od, dt)),
+    step = chunk_size(b_total, _unfolded_per_sample_bytes(c, n, p, h, True, needs_dx, *element_bytes(dt, od)),
                       chunk_mib)
     for s in chunks(b_total, step):
         xhat, _, _ = normalised_tokens(x[s], 0.0, dt, mean[s], rstd[s])
