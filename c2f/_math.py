@@ -156,17 +156,23 @@ def layernorm_bwd_(dxhat: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor) 
     return dxhat.sub_(dxhat.mean(0)).addcmul_(xhat, proj, value=-1).mul_(rstd)
 
 
+def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out = a @ b`` (``mm`` or ``bmm`` by rank), written straight into ``out`` when the operands have its
+    dtype (fp32 dots), else taken in the operands' dtype (16-bit operands) and rounded once into ``out``."""
+    mm = torch.bmm if a.dim() == 3 else torch.mm
+    if a.dtype == out.dtype:
+        return mm(a, b, out=out)
+    return out.copy_(mm(a, b))
+
+
 def accumulate_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool = False) -> None:
     """``out += a @ b`` (``out = a @ b`` when ``first``: the first chunk writes ``out``, which then needs no
     zero fill), the product taken with the operands in their own dtype (16-bit operands under autocast),
     accumulated into ``out`` in its dtype."""
-    if a.dtype == out.dtype:
-        if first:
-            torch.mm(a, b, out=out)
-        else:
-            out.addmm_(a, b)
-    elif first:
-        out.copy_(torch.mm(a, b))
+    if first:
+        matmul_into(out, a, b)
+    elif a.dtype == out.dtype:
+        out.addmm_(a, b)
     else:
         out += torch.mm(a, b)
 

@@ -165,13 +165,17 @@ def test_formulations_agree(formulation):
 
 
 def test_one_head_dparts_are_not_copied():
-    """The folded backward reads dparts head-major; with one head it already is, and a copy of the chunk's
-    dparts cost 17 MiB of peak at B=16 (0.336 -> 0.429 of the reference's, bench_part_attention h=1)."""
-    from c2f.torch_ops.part_attention import _dparts_head_major
+    """The backwards read dparts split by head (the folded one sample-major, the unfolded one head-major);
+    with one head it already is, and a copy of the chunk's dparts cost 17 MiB of peak at B=16 (0.336 ->
+    0.429 of the reference's, bench_part_attention h=1)."""
+    from c2f.torch_ops.part_attention import _dparts_by_head
     df = torch.randn(3, 7, 12)
-    assert _dparts_head_major(df, 1, df.dtype).data_ptr() == df.data_ptr()
-    heads = _dparts_head_major(df, 4, df.dtype)                    # [h, b, P, d], head j's channels
+    for sample_major in (True, False):
+        assert _dparts_by_head(df, 1, df.dtype, sample_major).data_ptr() == df.data_ptr()
+    heads = _dparts_by_head(df, 4, df.dtype, sample_major=False)    # [h, b, P, d], head j's channels
     assert torch.equal(heads[2], df[:, :, 6:9])
+    samples = _dparts_by_head(df, 4, df.dtype, sample_major=True)   # [b, h, P, d]
+    assert torch.equal(samples[:, 2], df[:, :, 6:9])
 
 
 def test_formulation_choice():

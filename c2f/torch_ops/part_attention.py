@@ -34,6 +34,7 @@ from .._math import (
     head_major,
     layernorm_bwd_,
     layernorm_bwd_centred_,
+    matmul_into,
     normalised_tokens,
     operand_dtype,
     reduce_heads,
@@ -89,14 +90,6 @@ def _empty_stats(x: torch.Tensor, dt: torch.dtype):
     return torch.empty(b, n, dtype=dt, device=x.device), torch.empty(b, n, dtype=dt, device=x.device)
 
 
-def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``out = a @ b`` (batched), written straight into ``out`` when the operands have its dtype (fp32
-    dots), else taken in the operands' dtype (16-bit operands) and rounded once into ``out``."""
-    if a.dtype == out.dtype:
-        return torch.bmm(a, b, out=out)
-    return out.copy_(torch.bmm(a, b))
-
-
 def _weighted_sum_(parts: torch.Tensor, prr: torch.Tensor, xo: torch.Tensor, gamma: torch.Tensor,
                    beta: torch.Tensor) -> None:
     """``parts [b, P, C] = gamma * (prr_j @ xo_jᵀ) + beta`` per head (head j's channels), ``prr
@@ -149,7 +142,7 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
         b = s.stop - s.start
         r = rstd[s][:, None, :]                                                        # [b, 1, N]
         xo = centred_tokens(x[s], view_front(xc_buf, c, b, n), mean[s], None if given else rstd[s], eps).to(od)
-        scores = _bmm_into(view_front(s_buf, b, h * p, n), go.expand(b, h * p, c), xo.transpose(0, 1))
+        scores = matmul_into(view_front(s_buf, b, h * p, n), go.expand(b, h * p, c), xo.transpose(0, 1))
         pr = attn[s] if h == 1 else probs[s].view(b, h * p, n)
         torch.softmax(scores.mul_(r), -1, out=pr)
         if h > 1:
@@ -162,24 +155,17 @@ def folded_fwd(x: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, beta: torc
     return parts, attn, probs, mean, rstd
 
 
-def _dparts_head_major(df: torch.Tensor, h: int, od: torch.dtype) -> torch.Tensor:
-    """``dparts [b, P, C]`` as ``[h, b, P, d]`` in the operand dtype: one copy, shared by dP and the values;
-    with one head it is already head-major (no copy when the dtypes agree: 17 MiB of peak at B=16)."""
+def _dparts_by_head(df: torch.Tensor, h: int, od: torch.dtype, sample_major: bool) -> torch.Tensor:
+    """``dparts [b, P, C]`` split by head in the operand dtype, one copy shared by dP and the values:
+    ``[b, h, P, d]`` (``sample_major``: the folded backward batches over (sample, head), the saved
+    probabilities' order) or ``[h, b, P, d]`` (the unfolded one, over (head, sample)). With one head it is
+    already in either order: no copy when the dtypes agree (17 MiB of peak at B=16)."""
     b, p, c = df.shape
     if h == 1:
-        return df.to(od).unsqueeze(0)
-    out = torch.empty(h, b, p, c // h, dtype=od, device=df.device)
-    return out.copy_(df.view(b, p, h, c // h).permute(2, 0, 1, 3))
-
-
-def _dparts_sample_major(df: torch.Tensor, h: int, od: torch.dtype) -> torch.Tensor:
-    """``dparts [b, P, C]`` as ``[b, h, P, d]`` in the operand dtype (the folded backward batches its GEMMs
-    over (sample, head), the saved probabilities' order): one copy; none with one head when the dtypes agree."""
-    b, p, c = df.shape
-    if h == 1:
-        return df.to(od).unsqueeze(1)
-    out = torch.empty(b, h, p, c // h, dtype=od, device=df.device)
-    return out.copy_(df.view(b, p, h, c // h).transpose(1, 2))
+        return df.to(od).unsqueeze(1 if sample_major else 0)
+    split = df.view(b, p, h, c // h)
+    split = split.transpose(1, 2) if sample_major else split.permute(2, 0, 1, 3)
+    return torch.empty(split.shape, dtype=od, device=df.device).copy_(split)
 
 
 def _dprobs(dfh: torch.Tensor | None, dattn: torch.Tensor | None, pr: torch.Tensor, xc: torch.Tensor,
@@ -187,7 +173,7 @@ def _dprobs(dfh: torch.Tensor | None, dattn: torch.Tensor | None, pr: torch.Tens
             ) -> torch.Tensor:
     """``dP [b, h, P, N] = rstd * ((dparts_j * gamma_j) @ xc_j) + d(attn)/dP_j dattn`` (``reduce_heads_grad_``:
     ``dattn / h`` for the mean), ``pr [b, h, P, N]`` the probabilities, ``dfh`` the sample-major dparts
-    (``_dparts_sample_major``); gamma scales the map's channels (written sample-major into ``xg_buf``),
+    (``_dparts_by_head``); gamma scales the map's channels (written sample-major into ``xg_buf``),
     not ``dparts``, which is larger. All heads in one batched GEMM."""
     c, b, n = xc.shape
     _, h, p, _ = pr.shape
@@ -196,7 +182,7 @@ def _dprobs(dfh: torch.Tensor | None, dattn: torch.Tensor | None, pr: torch.Tens
     if dfh is not None:
         xg = view_front(xg_buf, b, h, d, n)
         torch.mul(xc.view(h, d, b, n).permute(2, 0, 1, 3), gamma.view(h, d, 1), out=xg)
-        _bmm_into(dp.view(b * h, p, n), dfh.reshape(b * h, p, d), xg.view(b * h, d, n).to(od))
+        matmul_into(dp.view(b * h, p, n), dfh.reshape(b * h, p, d), xg.view(b * h, d, n).to(od))
         dp.mul_(r)
     if dattn is not None:
         reduce_heads_grad_(dp.transpose(0, 1), dattn.to(xc.dtype), pr.transpose(0, 1), head_reduce)
@@ -211,7 +197,7 @@ def _values(dfh: torch.Tensor, pr: torch.Tensor, r: torch.Tensor, out: torch.Ten
     b, h, p, n = pr.shape
     d = dfh.shape[3]
     v = view_front(out, b, h, d, n)
-    _bmm_into(v.view(b * h, d, n), dfh.reshape(b * h, p, d).transpose(1, 2), pr.reshape(b * h, p, n).to(od))
+    matmul_into(v.view(b * h, d, n), dfh.reshape(b * h, p, d).transpose(1, 2), pr.reshape(b * h, p, n).to(od))
     return v.mul_(r)
 
 
@@ -251,7 +237,7 @@ def folded_bwd(x: torch.Tensor, g: torch.Tensor | None, gamma: torch.Tensor, att
         xc = centred_tokens(x[s], view_front(xc_buf, c, b, n), mean[s])
         r = rstd[s][:, None, None, :]                                                  # [b, 1, 1, N]
         pr = attn[s][:, None] if h == 1 else probs[s]                                 # [b, h, P, N]
-        dfh = None if dparts is None else _dparts_sample_major(dparts[s], h, od)
+        dfh = None if dparts is None else _dparts_by_head(dparts[s], h, od, sample_major=True)
         dp = _dprobs(dfh, None if dattn is None else dattn[s], pr, xc, gamma, r, v_buf, od, head_reduce)
         v = None if dfh is None else _values(dfh, pr, r, v_buf, od)
         ds = view_front(ds_buf, h, p, b, n)                                            # dS * rstd
@@ -283,7 +269,7 @@ def _dp_and_values(dparts, probs, xhat, gamma, od, with_values: bool):
     xg = torch.empty(h, b, d, n, dtype=xhat.dtype, device=xhat.device)  # contiguous: mul keeps xh's strides
     torch.mul(xh, gamma.view(h, 1, d, 1), out=xg)
     xg = xg.to(od)
-    dfh = _dparts_head_major(dparts, h, od)                                                  # [h, b, P, d]
+    dfh = _dparts_by_head(dparts, h, od, sample_major=False)                               # [h, b, P, d]
     dp = torch.bmm(dfh.view(h * b, p, d), xg.view(h * b, d, n)).view(h, b, p, n).to(xhat.dtype)
     v = torch.bmm(dfh.view(h * b, p, d).transpose(1, 2), probs.reshape(h * b, p, n).to(od))  # [h*b, d, N]
     v = v.view(h, b, d, n).to(xhat.dtype)
@@ -320,10 +306,7 @@ def unfolded_fwd(x: torch.Tensor, q: torch.Tensor, wg: torch.Tensor, gamma: torc
         xo = xhat.to(od)
         b = xhat.shape[1]
         k = keys[:, s].view(c, b * n)                                                 # [C, b*N], strided
-        if od == dt:
-            torch.mm(wgo, xo.view(c, b * n), out=k)
-        else:
-            k.copy_(torch.mm(wgo, xo.view(c, b * n)))
+        matmul_into(k, wgo, xo.view(c, b * n))
         scores = torch.bmm(qo, k.view(h, d, b * n).to(od)).view(h, p, b, n).to(dt)
         # The softmax with one exp over the scores (logsumexp would take another): the row max, the
         # exponentials in place, their sum; lse = max + log(sum) is what backward recomputes from.
